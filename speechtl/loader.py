@@ -1,0 +1,225 @@
+"""Dataset, duration-bucketed dynamic batch sampler and collate function.
+
+Batches are capped by *padded* seconds (``max(duration) * batch_size``), so a batch of
+short clips holds many and a batch of long clips holds few, and sorting by duration
+keeps padding small. Waveforms travel as ``(values, lengths)``: ``values`` is
+``(batch, max_samples)`` float32 zero-padded, ``lengths`` is ``(batch,)`` int64
+samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .audio import SAMPLE_RATE, load_audio
+from .manifest import Utterance
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """A padded batch. Shapes: waveforms (B, S) samples; targets (B, L) token ids."""
+
+    waveforms: torch.Tensor
+    lengths: torch.Tensor  # (B,) valid samples per clip
+    targets: torch.Tensor  # (B, L) zero-padded token ids (empty if no tokenizer)
+    target_lengths: torch.Tensor  # (B,)
+    ids: list[str]
+    texts: list[str]
+    durations: list[float]
+
+    def pin_memory(self) -> "Batch":
+        self.waveforms = self.waveforms.pin_memory()
+        self.lengths = self.lengths.pin_memory()
+        self.targets = self.targets.pin_memory()
+        self.target_lengths = self.target_lengths.pin_memory()
+        return self
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            self.waveforms.to(device, non_blocking=non_blocking),
+            self.lengths.to(device, non_blocking=non_blocking),
+            self.targets.to(device, non_blocking=non_blocking),
+            self.target_lengths.to(device, non_blocking=non_blocking),
+            self.ids,
+            self.texts,
+            self.durations,
+        )
+
+
+class AudioDataset(Dataset):
+    """Utterances as ``dict(wav, ids, id, text, duration)``; audio decoded on access.
+
+    ``normalize`` maps transcripts to training text; ``encode`` maps that text to ids.
+    """
+
+    def __init__(
+        self,
+        utterances: Sequence[Utterance],
+        normalize: Callable[[str], str] | None = None,
+        encode: Callable[[str], list[int]] | None = None,
+        sample_rate: int = SAMPLE_RATE,
+    ):
+        self.utterances = list(utterances)
+        self.normalize = normalize or (lambda s: s)
+        self.encode = encode
+        self.sample_rate = sample_rate
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    @property
+    def durations(self) -> list[float]:
+        return [u.duration for u in self.utterances]
+
+    def __getitem__(self, i: int) -> dict:
+        u = self.utterances[i]
+        wav = torch.from_numpy(load_audio(u.audio, self.sample_rate))
+        text = self.normalize(u.text)
+        ids = self.encode(text) if self.encode else []
+        return {"wav": wav, "ids": torch.tensor(ids, dtype=torch.long), "id": u.id, "text": text, "duration": u.duration}
+
+
+def collate(items: Sequence[dict]) -> Batch:
+    """Zero-pad waveforms and targets; lengths ride alongside."""
+    lengths = torch.tensor([it["wav"].numel() for it in items], dtype=torch.long)
+    waveforms = torch.zeros(len(items), int(lengths.max()) if len(items) else 0)
+    for k, it in enumerate(items):
+        waveforms[k, : lengths[k]] = it["wav"]
+    tlens = torch.tensor([it["ids"].numel() for it in items], dtype=torch.long)
+    targets = torch.zeros(len(items), int(tlens.max()) if len(items) else 0, dtype=torch.long)
+    for k, it in enumerate(items):
+        targets[k, : tlens[k]] = it["ids"]
+    return Batch(
+        waveforms, lengths, targets, tlens, [it["id"] for it in items], [it["text"] for it in items], [it["duration"] for it in items]
+    )
+
+
+class DynamicBucketSampler(Sampler[list[int]]):
+    """Yields lists of indices whose padded duration stays under ``max_batch_seconds``.
+
+    Clips are sorted by duration (ties broken by a seeded shuffle), cut greedily into
+    batches, and the batch order is shuffled per epoch. With ``world_size > 1`` the
+    batch list is padded by repetition to a multiple of ``world_size`` and dealt out
+    round-robin, so every rank runs the same number of steps.
+
+    Deterministic given ``seed`` and the epoch set by :meth:`set_epoch`.
+    """
+
+    def __init__(
+        self,
+        durations: Sequence[float],
+        max_batch_seconds: float,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        max_batch_size: int | None = None,
+        drop_last: bool = False,
+    ):
+        if max_batch_seconds <= 0:
+            raise ValueError("max_batch_seconds must be positive")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.durations = [float(d) for d in durations]
+        self.max_batch_seconds = float(max_batch_seconds)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.max_batch_size = max_batch_size
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.skip = 0  # batches of the current epoch already consumed (for resume)
+        too_long = sum(d > max_batch_seconds for d in self.durations)
+        if too_long:
+            logger.warning("%d clip(s) exceed max_batch_seconds=%.1f and form batches of one", too_long, max_batch_seconds)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.durations)))
+        if self.shuffle:
+            rng.shuffle(order)
+        order.sort(key=lambda i: self.durations[i])  # stable: shuffled ties
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        cur_max = 0.0
+        for i in order:
+            d = self.durations[i]
+            new_max = max(cur_max, d)
+            full = self.max_batch_size is not None and len(cur) >= self.max_batch_size
+            if cur and (new_max * (len(cur) + 1) > self.max_batch_seconds or full):
+                batches.append(cur)
+                cur, new_max = [], d
+            cur.append(i)
+            cur_max = new_max
+        if cur:
+            batches.append(cur)
+        if self.shuffle:
+            rng.shuffle(batches)
+        if self.world_size > 1 and batches:
+            if self.drop_last:
+                batches = batches[: len(batches) - len(batches) % self.world_size]
+            else:
+                pad = (-len(batches)) % self.world_size
+                batches = batches + batches[:pad]
+        return batches
+
+    def batches(self) -> list[list[int]]:
+        """This rank's batches for the current epoch, in order."""
+        return self._all_batches()[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        mine = self.batches()
+        skip, self.skip = self.skip, 0
+        yield from mine[skip:]
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "seed": self.seed}
+
+    def padding_overhead(self) -> float:
+        """Fraction of padded batch seconds that is padding, over one epoch (all ranks)."""
+        padded = real = 0.0
+        for b in self._all_batches():
+            ds = [self.durations[i] for i in b]
+            padded += max(ds) * len(ds)
+            real += sum(ds)
+        return 0.0 if padded == 0 else 1.0 - real / padded
+
+
+def random_batches(durations: Sequence[float], max_batch_seconds: float, seed: int = 0) -> list[list[int]]:
+    """Batches of shuffled clips capped by padded seconds (the unsorted baseline)."""
+    rng = random.Random(seed)
+    order = list(range(len(durations)))
+    rng.shuffle(order)
+    batches, cur, cur_max = [], [], 0.0
+    for i in order:
+        new_max = max(cur_max, durations[i])
+        if cur and new_max * (len(cur) + 1) > max_batch_seconds:
+            batches.append(cur)
+            cur, new_max = [], durations[i]
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def padding_overhead(batches: Sequence[Sequence[int]], durations: Sequence[float]) -> float:
+    padded = sum(max(durations[i] for i in b) * len(b) for b in batches)
+    real = sum(durations[i] for b in batches for i in b)
+    return 0.0 if padded == 0 else 1.0 - real / padded
+
