@@ -91,7 +91,7 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> list[Utt
             if uid in seen:
                 raise ManifestError(f"{where}: duplicate id {uid!r} (first on line {seen[uid]})")
             seen[uid] = lineno
-            audio_path = Path(audio) if os.path.isabs(audio) else base / audio
+            audio_path = Path(audio) if os.path.isabs(audio) else Path(os.path.normpath(base / audio))
             if check_files and not audio_path.is_file():
                 raise ManifestError(f"{where}: audio file not found: {audio_path}")
             lang = obj.pop("lang", None)
@@ -120,7 +120,7 @@ def write_manifest(path: str | os.PathLike, utterances: Iterable[Utterance], abs
             if u.id in seen:
                 raise ManifestError(f"{path}: duplicate id {u.id!r}")
             seen.add(u.id)
-            audio = u.audio if absolute else str(Path(u.audio).resolve())
+            audio = str(Path(u.audio).absolute()) if absolute else str(Path(u.audio).resolve())
             f.write(json.dumps(Utterance(**{**asdict(u), "audio": audio}).to_json(base), ensure_ascii=False) + "\n")
     return path
 

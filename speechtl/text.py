@@ -47,7 +47,7 @@ class Normalizer:
         c = self.config
         text = unicodedata.normalize(c.form, text)
         if c.lowercase:
-            text = text.lower()
+            text = unicodedata.normalize(c.form, text.lower())
         if c.strip_punctuation:
             out = []
             for ch in text:
@@ -121,14 +121,17 @@ class Vocabulary:
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Ids (already CTC-collapsed, blanks removed) to text."""
+        """Ids (already CTC-collapsed, blanks removed) to text.
+
+        Matches ``Wav2Vec2CTCTokenizer.decode``: ``|`` becomes a space and the ends are
+        stripped (inner runs of spaces are kept, so exported models agree exactly)."""
         out = []
         for i in ids:
             i = int(i)
             if i == self.pad_id:
                 continue
             out.append(" " if i == self.delimiter_id else self.tokens[i])
-        return " ".join("".join(out).split())
+        return "".join(out).strip()
 
     def oov_report(self, texts: Iterable[str]) -> Counter:
         """Count characters in ``texts`` that the vocabulary lacks."""

@@ -1,0 +1,226 @@
+"""The ``speechtl`` command. The only module that parses arguments or exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+logger = logging.getLogger("speechtl")
+
+
+class NotYetAvailable(Exception):
+    pass
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars; warnings and errors only")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def cmd_prepare(args) -> int:
+    from .importers import PrepareOptions, prepare, write_prepared
+
+    opts = PrepareOptions(
+        format=args.format, audio_column=args.audio_column, text_column=args.text_column,
+        speaker_column=args.speaker_column, id_column=args.id_column, min_duration=args.min_duration,
+        max_duration=args.max_duration, on_bad_audio=args.on_bad_audio, dev_fraction=args.dev_fraction,
+        dev_by_speaker=args.dev_by_speaker, seed=args.seed, lang=args.lang, absolute_paths=args.absolute_paths,
+    )
+    result = prepare(args.source, opts)
+    written = write_prepared(result, args.out, dev_out=args.dev_out, skip_report=args.skip_report)
+    hours = sum(u.duration for u in result.utterances) / 3600
+    print(f"wrote {len(result.utterances)} utterances ({hours:.3f} h) to {args.out}")
+    if result.dev:
+        print(f"wrote {len(result.dev)} dev utterances to {args.dev_out or written}")
+    if result.dropped_duration:
+        print(f"dropped {result.dropped_duration} clip(s) outside the duration limits")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} bad audio file(s); see the report in {written[-1]}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .synth import SynthConfig, synthesize
+
+    extra = {"workers": args.workers} if args.workers else {}
+    cfg = SynthConfig(lang=args.lang, minutes=args.minutes, out_dir=args.out, seed=args.seed, text_file=args.text_file,
+                      noise_snr_db=args.noise_snr_db, prefix=args.prefix, n_speakers=args.speakers, **extra)
+    utts = synthesize(cfg, progress=not args.quiet)
+    print(f"synthesised {len(utts)} utterances, {sum(u.duration for u in utts) / 60:.2f} min, in {Path(args.out) / 'manifest.jsonl'}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import load_train_config
+    from .train import train
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config, *overrides]  # no YAML: everything is key=value
+    cfg = load_train_config(config, overrides)
+    summary = train(cfg, progress=not args.quiet)
+    best = "" if summary["best_dev_cer"] is None else f", best dev WER {summary['best_dev_wer']:.3f} CER {summary['best_dev_cer']:.3f} at step {summary['best_step']}"
+    print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.0f} s{best}; model in {summary['model_dir']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .inference import Recognizer
+    from .manifest import read_manifest
+
+    rec = Recognizer.load(args.model_dir, device=args.device)
+    utts = read_manifest(args.manifest)
+    out_dir = Path(args.out_dir) if args.out_dir else (Path(args.json).parent if args.json else Path(args.model_dir) / "eval")
+    summary = rec.evaluate(utts, out_dir=out_dir, progress=not args.quiet)
+    if args.json:
+        from ._io import write_json
+
+        write_json(args.json, summary)
+    print(json.dumps({k: summary[k] for k in ("wer", "cer", "utterances", "audio_seconds")}))
+    return 0
+
+
+def cmd_transcribe(args) -> int:
+    from .audio import AUDIO_EXTENSIONS, AudioError
+    from .inference import Recognizer
+
+    rec = Recognizer.load(args.model_dir, device=args.device)
+    paths: list[Path] = []
+    for p in map(Path, args.paths):
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in AUDIO_EXTENSIONS)
+        else:
+            paths.append(p)
+    failed = 0
+    results = []
+    for p in paths:  # one at a time so a bad file fails alone
+        try:
+            results.append((p, rec.transcribe(p)))
+        except AudioError as e:
+            failed += 1
+            logger.error("%s", e)
+    for p, text in results:
+        if args.format == "json":
+            print(json.dumps({"audio": str(p), "text": text}, ensure_ascii=False))
+        else:
+            print(f"{p}\t{text}" if len(paths) > 1 else text)
+    if failed:
+        print(f"{failed} of {len(paths)} file(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_hf
+
+    out = export_hf(args.model_dir, args.out)
+    print(f"exported a transformers model and processor to {out}")
+    return 0
+
+
+def cmd_not_yet(args) -> int:
+    raise NotYetAvailable(f"'speechtl {args.command}' is not implemented in this release yet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="speechtl", description="Adapt pretrained speech encoders to new languages and vocabularies, evaluate and transcribe.")
+    p.add_argument("--version", action="version", version=f"speechtl {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("prepare", help="import a corpus into a JSONL manifest", description="Import a corpus into a JSONL manifest (id, audio, text, duration, lang, speaker).")
+    s.add_argument("source", help="corpus folder, CSV/TSV file, LibriSpeech root, Common Voice TSV or folder, or a manifest (jsonl)")
+    s.add_argument("--format", required=True, choices=["folder", "csv", "tsv", "librispeech", "commonvoice", "jsonl"])
+    s.add_argument("--out", required=True, help="manifest to write")
+    s.add_argument("--audio-column", default="path", help="csv/tsv: column with audio paths (default: path)")
+    s.add_argument("--text-column", default="text", help="csv/tsv: column with transcripts (default: text)")
+    s.add_argument("--speaker-column", help="csv/tsv: column with speaker ids")
+    s.add_argument("--id-column", help="csv/tsv: column with utterance ids (default: file stem)")
+    s.add_argument("--min-duration", type=float, help="drop clips shorter than this (seconds)")
+    s.add_argument("--max-duration", type=float, help="drop clips longer than this (seconds)")
+    s.add_argument("--on-bad-audio", choices=["error", "skip"], default="error", help="stop at an unreadable file (default) or skip it and write a report")
+    s.add_argument("--skip-report", help="where to write the list of skipped files (default: OUT.skipped.tsv)")
+    s.add_argument("--dev-fraction", type=float, default=0.0, help="fraction of utterances to split off as a dev set")
+    s.add_argument("--dev-by-speaker", action="store_true", help="split whole speakers into the dev set")
+    s.add_argument("--dev-out", help="dev manifest path (default: OUT with .dev.jsonl)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--lang", help="language code to record on every utterance")
+    s.add_argument("--absolute-paths", action="store_true", help="write absolute audio paths")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("synth", help="synthesise a labelled corpus with espeak-ng", description="Synthesise a labelled corpus with espeak-ng: 16 kHz wavs plus manifest.jsonl.")
+    s.add_argument("--lang", required=True, help="espeak-ng voice, e.g. cs, it, pl, sw, nl, tr, en-us")
+    s.add_argument("--minutes", type=float, required=True, help="total audio to synthesise")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--text-file", help="sentences to speak, one per line (default: random word sequences from wordfreq)")
+    s.add_argument("--speakers", type=int, default=12, help="number of speaker profiles (voice variant, rate, pitch)")
+    s.add_argument("--noise-snr-db", type=float, help="add white noise at this SNR")
+    s.add_argument("--prefix", default="", help="prefix for utterance ids")
+    s.add_argument("--workers", type=int, default=None, help="parallel espeak-ng processes (default: CPU count)")
+    s.set_defaults(func=cmd_synth)
+
+    from .config import config_help
+
+    s = sub.add_parser("train", help="adapt an encoder: frozen | finetune | scratch", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a CTC recogniser. Keys from CONFIG.yaml, overridden by key=value arguments:\n\n" + config_help())
+    s.add_argument("config", nargs="?", help="YAML config (optional if every key is given as key=value)")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. mode=finetune max_steps=500")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("extract", help="cache encoder features for frozen-mode training (not yet available)")
+    s.add_argument("--encoder"), s.add_argument("--manifest"), s.add_argument("--out")
+    s.set_defaults(func=cmd_not_yet)
+
+    s = sub.add_parser("evaluate", help="WER/CER of a model on a manifest", description="Greedy-decode a manifest and write hyps.jsonl, errs.txt and summary.json.")
+    s.add_argument("model_dir")
+    s.add_argument("manifest")
+    s.add_argument("--json", help="write the summary JSON here (wer, cer, utterances, audio_seconds, ...)")
+    s.add_argument("--out-dir", help="folder for hyps.jsonl/errs.txt/summary.json (default: beside --json, or MODEL_DIR/eval)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("transcribe", help="transcribe audio files or folders", description="Transcribe audio files (folders are searched recursively).")
+    s.add_argument("model_dir")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("--format", choices=["txt", "json"], default="txt")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_transcribe)
+
+    s = sub.add_parser("export", help="export a finetune/scratch model as a transformers model directory",
+                       description="Write a standard *ForCTC model plus Wav2Vec2Processor that transformers.pipeline('automatic-speech-recognition') loads.")
+    s.add_argument("model_dir")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_export)
+
+    for name, sp in sub.choices.items():
+        _add_common(sp)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "urllib3", "numba", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except NotYetAvailable as e:
+        print(f"speechtl: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("speechtl: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        if args.verbose:
+            raise
+        print(f"speechtl {args.command}: error: {e}", file=sys.stderr)
+        return 1

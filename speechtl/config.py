@@ -1,0 +1,152 @@
+"""Training configuration: one frozen dataclass, read from YAML plus ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default: Any, help: str):
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    encoder: str = _f("default", "encoder: local HF directory, hub id, or 'default' (the bundled encoder)")
+    mode: str = _f("frozen", "frozen | finetune | scratch")
+    train: str = _f("", "training manifest (JSONL)")
+    dev: str | None = _f(None, "dev manifest for WER/CER, best-checkpoint selection and early stopping")
+    out: str = _f("exp/run", "output directory (checkpoints, metrics.csv, model/)")
+    max_steps: int = _f(1000, "optimiser updates to run")
+    max_minutes: float | None = _f(None, "wall-clock budget in minutes, summed over resumed runs")
+    seed: int = _f(0, "random seed (weights, data order, dropout, masking)")
+    # head
+    head: str = _f("linear", "head type: linear | bilstm (bilstm: frozen mode only)")
+    head_dropout: float = _f(0.1, "dropout in the head")
+    bilstm_hidden: int = _f(256, "BiLSTM units per direction")
+    bilstm_layers: int = _f(2, "BiLSTM layers")
+    # optimisation
+    lr: float = _f(1e-3, "peak learning rate of the head (and layer weights)")
+    encoder_lr: float = _f(5e-5, "peak learning rate of the encoder (finetune/scratch)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    schedule: str = _f("tristage", "tristage (warm-up, hold, exponential decay) | linear | constant")
+    warmup: float = _f(0.1, "warm-up: steps, or a fraction of max_steps if < 1")
+    hold: float = _f(0.4, "tristage hold: steps, or a fraction of max_steps if < 1")
+    freeze_encoder_steps: int = _f(0, "finetune: keep the transformer frozen for this many updates")
+    max_batch_seconds: float = _f(60.0, "cap on padded audio seconds per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimiser update")
+    clip_norm: float = _f(1.0, "gradient norm clipping (0 = off)")
+    amp: str = _f("auto", "mixed precision on CUDA: auto | bf16 | fp16 | none (CPU runs float32)")
+    # encoder training-time options (finetune/scratch)
+    mask_time_prob: float = _f(0.05, "SpecAugment-style time masking probability")
+    mask_time_length: int = _f(10, "frames per time mask")
+    mask_feature_prob: float = _f(0.0, "channel masking probability")
+    mask_feature_length: int = _f(10, "channels per channel mask")
+    layerdrop: float = _f(0.0, "probability of skipping a transformer layer")
+    # evaluation and checkpoints
+    eval_every: int = _f(200, "updates between dev evaluations and checkpoints")
+    best_metric: str = _f("cer", "dev metric that selects the best checkpoint: cer | wer")
+    patience: int = _f(0, "stop after this many evaluations without improvement (0 = never)")
+    resume: bool = _f(False, "continue from out/checkpoints/last.pt if it exists")
+    # data
+    vocab: str | None = _f(None, "vocab.json to use instead of building one from the training text")
+    normalizer: dict = _f({}, "NormalizerConfig fields, e.g. {lowercase: true, mappings: {'ß': 'ss'}}")
+    num_workers: int = _f(2, "DataLoader worker processes for audio decoding")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    log_every: int = _f(10, "updates between rows of metrics.csv")
+    trust_remote_code: bool = _f(False, "allow custom model code from the hub (off by default)")
+
+    def resolve_paths(self, base: Path) -> "TrainConfig":
+        """Make manifest/vocab paths given in a YAML file relative to that file."""
+        changes = {}
+        for k in ("train", "dev", "vocab"):
+            v = getattr(self, k)
+            if v and not os.path.isabs(v) and not Path(v).exists() and (base / v).exists():
+                changes[k] = str(base / v)
+        return dataclasses.replace(self, **changes)
+
+
+def config_help() -> str:
+    return "\n".join(f"  {f.name:22s} {f.metadata.get('help', '')} (default: {_default(f)})" for f in fields(TrainConfig))
+
+
+def _default(f) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()
+
+
+def _coerce(key: str, v: Any, t: type) -> Any:
+    if v is None or t is type(None):
+        return v
+    if isinstance(v, str) and t in (int, float, bool):
+        v = parse_value(v)
+    if t is bool and isinstance(v, bool) or t is str and isinstance(v, str) or t is dict and isinstance(v, dict):
+        return v
+    if t is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if t is int and isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer():
+        return int(v)
+    if t is str and isinstance(v, (int, float)):
+        return str(v)
+    raise ValueError(f"config key {key!r}: expected {t.__name__}, got {v!r}")
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ValueError(f"override {p!r} is not key=value")
+        k, v = p.split("=", 1)
+        out[k.strip()] = parse_value(v)
+    return out
+
+
+def parse_value(v: str) -> Any:
+    """``3e-4`` -> float (YAML 1.1 would read a string), ``none``/empty -> None, else YAML."""
+    v = v.strip()
+    if not v or v.lower() in ("none", "null", "~"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return yaml.safe_load(v)
+
+
+def load_train_config(path: str | os.PathLike | None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """YAML (may be None) then overrides; unknown keys are an error that lists the valid ones."""
+    data: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of key: value")
+        base = path.resolve().parent
+    over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    data.update(over)
+    valid = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+    for k, v in list(data.items()):
+        data[k] = _coerce(k, v, type(_default(valid[k])))
+    cfg = TrainConfig(**data)
+    # paths in the YAML are relative to it; paths from the command line to the cwd
+    yaml_only = {k for k in data if k not in over}
+    if path is not None and yaml_only & {"train", "dev", "vocab"}:
+        cfg = cfg.resolve_paths(base)
+    if cfg.mode not in ("frozen", "finetune", "scratch"):
+        raise ValueError(f"mode must be frozen, finetune or scratch (got {cfg.mode!r})")
+    if not cfg.train:
+        raise ValueError("no training manifest: set train=PATH")
+    return cfg

@@ -1,0 +1,329 @@
+"""Loading pretrained speech encoders, and running them on padded batches.
+
+Every call into ``transformers`` model classes goes through :func:`load_encoder`.
+It accepts a local directory, a hub id (for users who have the hub), or
+``"default"`` for the encoder bundled with speechtl. Any ``transformers`` audio
+encoder that returns hidden states works: wav2vec2 (XLS-R, MMS), HuBERT, WavLM,
+data2vec-audio, wav2vec2-conformer.
+
+:class:`SpeechEncoder` takes ``(waveforms, lengths)`` and returns every layer's
+output plus the frame lengths. Encoders whose first convolution uses group norm
+(wav2vec2-base style) normalise over the whole time axis, so zero padding would
+change the features of the shorter clips in a batch; for those the convolutional
+feature encoder runs clip by clip (the transformer still runs batched, with an
+attention mask), which makes a batch give the same features as single clips.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_DIR = Path(__file__).parent / "pretrained"
+DEFAULT_ENCODER = "default"
+PADDING_SENSITIVE = ("data2vec-audio", "wav2vec2-conformer")
+
+# config keys that only matter during training; callers may override them at load time
+TRAINING_CONFIG_KEYS = (
+    "mask_time_prob",
+    "mask_time_length",
+    "mask_feature_prob",
+    "mask_feature_length",
+    "layerdrop",
+    "hidden_dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "feat_proj_dropout",
+    "final_dropout",
+)
+
+
+def resolve_encoder(name: str) -> str:
+    """Map ``"default"`` (or a bundled name) to its folder; other names pass through."""
+    if name == DEFAULT_ENCODER or (BUNDLED_DIR / name / "config.json").is_file():
+        path = BUNDLED_DIR / name
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the bundled encoder {name!r} is not installed at {path}; pass encoder=<local dir or hub id>"
+            )
+        return str(path)
+    return name
+
+
+@dataclass
+class EncoderOutput:
+    """hidden_states: layer outputs, each (B, T, D), index 0 = input to the transformer;
+    lengths: (B,) valid frames per clip."""
+
+    hidden_states: tuple[torch.Tensor, ...]
+    lengths: torch.Tensor
+
+
+class SpeechEncoder(nn.Module):
+    """A transformers audio encoder with a ``(waveforms, lengths)`` interface.
+
+    Args:
+        model: a ``transformers`` base model (``Wav2Vec2Model``, ``HubertModel``, ...).
+        normalize_waveform: zero-mean/unit-variance per clip over its valid samples,
+            as ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does.
+        source: where the model came from (recorded in model directories).
+    """
+
+    def __init__(self, model: nn.Module, normalize_waveform: bool = True, source: str = ""):
+        super().__init__()
+        self.model = model
+        self.normalize_waveform = normalize_waveform
+        self.source = source
+        cfg = model.config
+        self.kernels = list(cfg.conv_kernel)
+        self.strides = list(cfg.conv_stride)
+        self.per_clip_cnn = getattr(cfg, "feat_extract_norm", "layer") == "group"
+        # their convolutions after the feature encoder (data2vec's stacked positional
+        # convs, the conformer conv module) read padded frames, so they run unpadded
+        self.per_clip_model = getattr(cfg, "model_type", "") in PADDING_SENSITIVE
+        self._clip_lengths: list[int] | None = None
+        if self.per_clip_cnn:
+            self._patch_feature_encoder()
+
+    # -- geometry ---------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        """Number of hidden states returned: transformer layers + 1 (its input)."""
+        return self.model.config.num_hidden_layers + 1
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def receptive_field(self) -> int:
+        """Samples needed for one output frame."""
+        r = 1
+        for k, s in reversed(list(zip(self.kernels, self.strides))):
+            r = (r - 1) * s + k
+        return r
+
+    @property
+    def frame_rate(self) -> float:
+        """Output frames per second at 16 kHz."""
+        hop = 1
+        for s in self.strides:
+            hop *= s
+        return 16_000 / hop
+
+    def frame_lengths(self, lengths: torch.Tensor | int) -> torch.Tensor | int:
+        """Frames produced for ``lengths`` samples (the conv stack's output length)."""
+        if isinstance(lengths, int):
+            n = lengths
+            for k, s in zip(self.kernels, self.strides):
+                n = max((n - k) // s + 1, 0)
+            return n
+        n = lengths
+        for k, s in zip(self.kernels, self.strides):
+            n = torch.div(n - k, s, rounding_mode="floor").add(1).clamp(min=0)
+        return n
+
+    # -- forward ----------------------------------------------------------------
+    def _patch_feature_encoder(self) -> None:
+        fe = self.model.feature_extractor
+        inner = fe.forward
+
+        def per_clip_forward(input_values: torch.Tensor) -> torch.Tensor:
+            lens = self._clip_lengths
+            if lens is None or input_values.shape[0] == 1:
+                return inner(input_values)
+            total = self.frame_lengths(int(input_values.shape[1]))
+            outs = []
+            for i, n in enumerate(lens):
+                o = inner(input_values[i : i + 1, :n])
+                outs.append(F.pad(o, (0, total - o.shape[-1])))
+            return torch.cat(outs, dim=0)
+
+        # instance attribute: state_dict keys and the module tree stay untouched
+        fe.forward = per_clip_forward
+
+    def _prepare(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.receptive_field
+        lengths = lengths.clamp(min=r)  # a clip shorter than one frame is zero-padded to one
+        if waveforms.shape[1] < r:
+            waveforms = F.pad(waveforms, (0, r - waveforms.shape[1]))
+        mask = torch.arange(waveforms.shape[1], device=waveforms.device)[None, :] < lengths[:, None]
+        x = waveforms * mask
+        if self.normalize_waveform:
+            n = lengths[:, None].to(x.dtype)
+            mean = x.sum(1, keepdim=True) / n
+            var = ((x - mean) * mask).pow(2).sum(1, keepdim=True) / n
+            x = (x - mean) / torch.sqrt(var + 1e-7) * mask
+        return x, lengths
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor, all_layers: bool = True) -> EncoderOutput:
+        """Args: waveforms (B, S) float at 16 kHz, zero-padded; lengths (B,) samples.
+
+        Returns every hidden state (``all_layers``) or only the last one.
+        """
+        if self.per_clip_model and waveforms.shape[0] > 1 and bool((lengths != lengths.max()).any()):
+            return self._forward_per_clip(waveforms, lengths, all_layers)
+        x, lengths = self._prepare(waveforms, lengths)
+        mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).long()
+        self._clip_lengths = lengths.tolist() if self.per_clip_cnn else None
+        try:
+            out = self.model(x, attention_mask=mask, output_hidden_states=all_layers, return_dict=True)
+        finally:
+            self._clip_lengths = None
+        hs = tuple(out.hidden_states) if all_layers else (out.last_hidden_state,)
+        frames = self.frame_lengths(lengths).clamp(max=hs[-1].shape[1])
+        return EncoderOutput(hs, frames)
+
+
+    def _forward_per_clip(self, waveforms: torch.Tensor, lengths: torch.Tensor, all_layers: bool) -> EncoderOutput:
+        outs = [self.forward(waveforms[i : i + 1, : int(n)], lengths[i : i + 1], all_layers) for i, n in enumerate(lengths)]
+        frames = torch.cat([o.lengths for o in outs])
+        total = int(max(o.hidden_states[0].shape[1] for o in outs))
+        hs = tuple(
+            torch.cat([F.pad(o.hidden_states[k], (0, 0, 0, total - o.hidden_states[k].shape[1])) for o in outs])
+            for k in range(len(outs[0].hidden_states))
+        )
+        return EncoderOutput(hs, frames)
+
+
+def _read_do_normalize(source: str) -> bool:
+    """``do_normalize`` from the encoder's preprocessor config; True when absent."""
+    path = Path(source) / "preprocessor_config.json"
+    if path.is_file():
+        import json
+
+        return bool(json.loads(path.read_text()).get("do_normalize", True))
+    if not os.path.isdir(source):
+        try:
+            from transformers import AutoFeatureExtractor
+
+            return bool(getattr(AutoFeatureExtractor.from_pretrained(source), "do_normalize", True))
+        except Exception:  # no preprocessor config published: wav2vec2 default
+            return True
+    return True
+
+
+def load_encoder(
+    name_or_path: str,
+    random_init: bool = False,
+    seed: int = 0,
+    config_overrides: dict | None = None,
+    trust_remote_code: bool = False,
+) -> SpeechEncoder:
+    """Load an encoder by local directory, hub id, or ``"default"``.
+
+    Args:
+        random_init: build the same architecture with fresh random weights (the
+            ``scratch`` baseline); only the config is read.
+        config_overrides: training-time config keys (``mask_time_prob``,
+            ``layerdrop``, ...), applied before the model is built.
+        trust_remote_code: passed to transformers; off unless the user turns it on.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    source = resolve_encoder(name_or_path)
+    overrides = dict(config_overrides or {})
+    unknown = set(overrides) - set(TRAINING_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"cannot override encoder config keys {sorted(unknown)}")
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **overrides)
+    if not hasattr(config, "conv_kernel"):
+        raise ValueError(f"{source}: {type(config).__name__} is not a wav2vec2-style audio encoder (no conv feature encoder)")
+    if random_init:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModel.from_pretrained(source, config=config, trust_remote_code=trust_remote_code)
+    return SpeechEncoder(model, normalize_waveform=_read_do_normalize(source), source=str(name_or_path))
+
+
+def encoder_from_config(config, normalize_waveform: bool = True, seed: int = 0) -> SpeechEncoder:
+    """A random-weight encoder from a ``transformers`` config object (tests, pretraining)."""
+    from transformers import AutoModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModel.from_config(config)
+    return SpeechEncoder(model, normalize_waveform=normalize_waveform, source="config")
+
+
+def save_encoder(encoder: SpeechEncoder, out_dir: str | os.PathLike) -> None:
+    """Save as a standard HF model directory (config + safetensors + preprocessor config)."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    encoder.model.save_pretrained(str(out_dir), safe_serialization=True)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1,
+        sampling_rate=16_000,
+        padding_value=0.0,
+        do_normalize=encoder.normalize_waveform,
+        return_attention_mask=not encoder.per_clip_cnn,
+    ).save_pretrained(str(out_dir))
+
+
+def parameter_groups(encoder: SpeechEncoder) -> dict[str, list[nn.Parameter]]:
+    """Split encoder parameters into the CNN feature encoder and the rest."""
+    cnn = {id(p) for p in encoder.model.feature_extractor.parameters()}
+    groups: dict[str, list[nn.Parameter]] = {"feature_encoder": [], "transformer": []}
+    for p in encoder.model.parameters():
+        groups["feature_encoder" if id(p) in cnn else "transformer"].append(p)
+    return groups
+
+
+def tiny_config(family: str = "wav2vec2", **kw):
+    """A tiny random-init config of a supported family, for tests and smoke runs."""
+    import transformers
+
+    classes = {
+        "wav2vec2": transformers.Wav2Vec2Config,
+        "hubert": transformers.HubertConfig,
+        "wavlm": transformers.WavLMConfig,
+        "data2vec-audio": transformers.Data2VecAudioConfig,
+        "wav2vec2-conformer": transformers.Wav2Vec2ConformerConfig,
+    }
+    base = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(32, 32, 32),
+        conv_kernel=(10, 3, 3),
+        conv_stride=(5, 2, 2),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=False,
+        mask_time_prob=0.0,
+        vocab_size=8,
+    )
+    if family == "data2vec-audio":
+        base["num_conv_pos_embeddings"] = 5  # data2vec uses a stack of small pos convs
+    base.update(kw)
+    return classes[family](**base)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def batch_lengths(waves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad a list of 1-D waveforms into ``(values (B, S), lengths (B,))``."""
+    lengths = torch.tensor([w.numel() for w in waves], dtype=torch.long)
+    out = torch.zeros(len(waves), int(lengths.max()))
+    for i, w in enumerate(waves):
+        out[i, : w.numel()] = w
+    return out, lengths

@@ -1,0 +1,128 @@
+"""Running a trained model: batched transcription and evaluation on a manifest."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .audio import SAMPLE_RATE, load_audio
+from .decode import greedy_ids
+from .loader import AudioDataset, Batch, DynamicBucketSampler, collate
+from .manifest import Utterance
+from .metrics import ScoreReport, UtteranceResult, score, write_results
+from .model import CTCModel, load_model_dir
+from .text import Normalizer, Vocabulary
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.inference_mode()
+def decode_batch(model: CTCModel, vocab: Vocabulary, waveforms: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+    logits, frames = model(waveforms, lengths)
+    return [vocab.decode(ids) for ids in greedy_ids(logits, frames)]
+
+
+def decode_utterances(
+    model: CTCModel,
+    vocab: Vocabulary,
+    normalizer: Normalizer,
+    utterances: Sequence[Utterance],
+    device: torch.device | str = "cpu",
+    max_batch_seconds: float = 120.0,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> ScoreReport:
+    """Greedy-decode ``utterances`` in duration-sorted batches and score them."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    ds = AudioDataset(utterances, normalize=normalizer)
+    sampler = DynamicBucketSampler(ds.durations, max_batch_seconds, shuffle=False)
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, pin_memory=device.type == "cuda")
+    hyps: dict[str, str] = {}
+    bar = tqdm(total=len(utterances), desc="decode", unit="utt", disable=not progress, leave=False)
+    for batch in loader:
+        b: Batch = batch.to(device, non_blocking=True)
+        for uid, text in zip(b.ids, decode_batch(model, vocab, b.waveforms, b.lengths)):
+            hyps[uid] = text
+        bar.update(len(b.ids))
+    bar.close()
+    model.train(was_training)
+    results = [UtteranceResult(u.id, u.text, hyps[u.id], u.duration) for u in utterances]
+    return score(results, normalize=normalizer)
+
+
+class Recognizer:
+    """A loaded speechtl model. ``Recognizer.load(dir).transcribe(paths_or_arrays)``."""
+
+    def __init__(self, model: CTCModel, vocab: Vocabulary, normalizer: Normalizer, meta: dict | None = None, device: str | None = None):
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.vocab = vocab
+        self.normalizer = normalizer
+        self.meta = meta or {}
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, device: str | None = None) -> "Recognizer":
+        model, vocab, normalizer, meta = load_model_dir(model_dir)
+        return cls(model, vocab, normalizer, meta, device)
+
+    def transcribe(
+        self,
+        inputs: str | os.PathLike | np.ndarray | Iterable[str | os.PathLike | np.ndarray],
+        max_batch_seconds: float = 120.0,
+        progress: bool = False,
+    ) -> str | list[str]:
+        """Transcribe files (any format the audio layer reads) or 16 kHz float arrays.
+
+        A single input gives a string; a list gives a list in the same order.
+        """
+        single = isinstance(inputs, (str, os.PathLike, np.ndarray))
+        items = [inputs] if single else list(inputs)
+        waves = [
+            torch.from_numpy(np.asarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else torch.from_numpy(load_audio(x))
+            for x in items
+        ]
+        order = sorted(range(len(waves)), key=lambda i: waves[i].numel())
+        out: list[str] = [""] * len(waves)
+        batch: list[int] = []
+        bar = tqdm(total=len(waves), desc="transcribe", unit="file", disable=not progress, leave=False)
+
+        def flush():
+            if not batch:
+                return
+            values = collate([{"wav": waves[i], "ids": torch.zeros(0, dtype=torch.long), "id": str(i), "text": "", "duration": 0.0} for i in batch])
+            texts = decode_batch(self.model, self.vocab, values.waveforms.to(self.device), values.lengths.to(self.device))
+            for i, t in zip(batch, texts):
+                out[i] = t
+            bar.update(len(batch))
+            batch.clear()
+
+        for i in order:
+            longest = waves[i].numel() / SAMPLE_RATE
+            if batch and longest * (len(batch) + 1) > max_batch_seconds:
+                flush()
+            batch.append(i)
+        flush()
+        bar.close()
+        return out[0] if single else out
+
+    def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False) -> dict:
+        """Score on a manifest; with ``out_dir`` write hyps.jsonl, errs.txt, summary.json."""
+        report = decode_utterances(self.model, self.vocab, self.normalizer, utterances, self.device, progress=progress)
+        if out_dir is not None:
+            return write_results(report, Path(out_dir))
+        return report.summary()

@@ -1,0 +1,197 @@
+"""The CTC recogniser: an encoder and a head joined by a thin wrapper, and its model directory.
+
+The three training modes differ only in what is trainable:
+
+- ``frozen``: encoder fixed and in eval mode; a weighted sum of all its layers feeds
+  a ``linear`` or ``bilstm`` head.
+- ``finetune``: pretrained encoder + linear head on the last layer (the
+  ``Wav2Vec2ForCTC`` shape); the CNN feature encoder stays frozen.
+- ``scratch``: ``finetune``'s architecture with random encoder weights.
+
+A model directory holds ``speechtl.json`` (mode, head, encoder record),
+``encoder/`` (a standard HF model directory), ``head.safetensors``, ``vocab.json``
+and ``normalizer.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from ._io import atomic_dir, write_json
+from .encoder import SpeechEncoder, load_encoder, parameter_groups, save_encoder
+from .heads import WeightedLayerSum, build_head
+from .text import Normalizer, Vocabulary, load_normalizer, save_normalizer
+
+MODES = ("frozen", "finetune", "scratch")
+MODEL_FILE = "speechtl.json"
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    kind: str = "linear"  # linear | bilstm (bilstm: frozen mode only)
+    dropout: float = 0.1  # dropout before (and inside) the head
+    hidden_size: int = 256  # BiLSTM hidden units per direction
+    num_layers: int = 2  # BiLSTM layers
+
+
+class CTCModel(nn.Module):
+    """Encoder + head. ``forward(waveforms (B,S), lengths (B,))`` gives
+    ``(logits (B,T,V), frame_lengths (B,))``."""
+
+    def __init__(self, encoder: SpeechEncoder | None, vocab_size: int, mode: str, head: HeadConfig, num_layers: int, hidden_size: int):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode != "frozen" and head.kind != "linear":
+            raise ValueError(f"{mode} mode uses a linear head (got {head.kind!r}); bilstm is for frozen mode")
+        self.mode = mode
+        self.head_config = head
+        self.encoder = encoder
+        self.layer_sum = WeightedLayerSum(num_layers) if mode == "frozen" else None
+        self.head = build_head(head.kind, hidden_size, vocab_size, head.dropout, head.hidden_size, head.num_layers)
+        self.encoder_trainable = mode != "frozen"  # finetune's freeze period switches this off
+        if encoder is not None:
+            self.apply_freezing()
+
+    def apply_freezing(self) -> None:
+        """The freezing policy: which encoder parameters get gradients."""
+        groups = parameter_groups(self.encoder)
+        for p in groups["feature_encoder"]:
+            p.requires_grad_(False)
+        for p in groups["transformer"]:
+            p.requires_grad_(self.mode != "frozen")
+        if self.mode == "frozen":
+            self.encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.mode == "frozen" and self.encoder is not None:
+            self.encoder.eval()  # no dropout, masking or layerdrop in a fixed encoder
+        return self
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        params = list(self.head.parameters())
+        if self.layer_sum is not None:
+            params += list(self.layer_sum.parameters())
+        return params
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        if self.encoder is None:
+            return []
+        return [p for p in self.encoder.parameters() if p.requires_grad]
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.encoder is None:
+            raise RuntimeError("this model was built without an encoder; use forward_features")
+        grad = self.encoder_trainable and torch.is_grad_enabled()
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            out = self.encoder(waveforms, lengths, all_layers=self.mode == "frozen")
+        return self.forward_features(out.hidden_states, out.lengths)
+
+    def forward_features(self, hidden_states, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head on precomputed encoder output: all layers (frozen) or the last one."""
+        if self.layer_sum is not None:
+            x = self.layer_sum(hidden_states)
+        else:
+            x = hidden_states[-1]
+        return self.head(x, frame_lengths), frame_lengths
+
+    def frame_lengths(self, samples):
+        return self.encoder.frame_lengths(samples)
+
+
+def ctc_loss(logits: torch.Tensor, frame_lengths: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
+    """Mean CTC loss per target token, blank id 0; infeasible clips contribute zero."""
+    log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (T, B, V)
+    return F.ctc_loss(log_probs, targets, frame_lengths, target_lengths, blank=0, reduction="mean", zero_infinity=True)
+
+
+def build_model(
+    encoder_name: str,
+    mode: str,
+    vocab_size: int,
+    head: HeadConfig = HeadConfig(),
+    seed: int = 0,
+    config_overrides: dict | None = None,
+    trust_remote_code: bool = False,
+) -> CTCModel:
+    """Load the encoder for ``mode`` and attach a fresh head (seeded)."""
+    overrides = dict(config_overrides or {})
+    if mode == "frozen":
+        overrides = {}  # training-time encoder options don't apply to a fixed encoder
+    encoder = load_encoder(
+        encoder_name, random_init=mode == "scratch", seed=seed, config_overrides=overrides, trust_remote_code=trust_remote_code
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return CTCModel(encoder, vocab_size, mode, head, encoder.num_layers, encoder.hidden_size)
+
+
+def save_model_dir(
+    model: CTCModel,
+    vocab: Vocabulary,
+    normalizer: Normalizer,
+    out_dir: str | os.PathLike,
+    encoder_record: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a complete, reloadable model directory atomically."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_encoder(model.encoder, tmp / "encoder")
+        head_state = {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+        if model.layer_sum is not None:
+            head_state.update({f"layer_sum.{k}": v.detach().cpu().contiguous() for k, v in model.layer_sum.state_dict().items()})
+        save_file(head_state, str(tmp / "head.safetensors"))
+        vocab.save(tmp / "vocab.json")
+        save_normalizer(tmp / "normalizer.json", normalizer)
+        meta = {
+            "speechtl_version": __version__,
+            "mode": model.mode,
+            "head": asdict(model.head_config),
+            "vocab_size": len(vocab),
+            "sample_rate": 16_000,
+            "encoder": {
+                "source": model.encoder.source,
+                "model_type": model.encoder.config.model_type,
+                "num_layers": model.encoder.num_layers,
+                "hidden_size": model.encoder.hidden_size,
+                **(encoder_record or {}),
+            },
+        }
+        if model.layer_sum is not None:
+            meta["layer_weights"] = [round(float(w), 4) for w in torch.softmax(model.layer_sum.weights.detach(), 0)]
+        if extra:
+            meta.update(extra)
+        write_json(tmp / MODEL_FILE, meta)
+    return out_dir
+
+
+def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CTCModel, Vocabulary, Normalizer, dict]:
+    """Load what :func:`save_model_dir` wrote; the model comes back in eval mode."""
+    model_dir = Path(model_dir)
+    meta_path = model_dir / MODEL_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{model_dir}: not a speechtl model directory (no {MODEL_FILE})")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    vocab = Vocabulary.load(model_dir / "vocab.json")
+    normalizer = load_normalizer(model_dir / "normalizer.json")
+    encoder = load_encoder(str(model_dir / "encoder"))
+    encoder.source = meta["encoder"].get("source", encoder.source)
+    head = HeadConfig(**meta["head"])
+    model = CTCModel(encoder, len(vocab), meta["mode"], head, encoder.num_layers, encoder.hidden_size)
+    state = load_file(str(model_dir / "head.safetensors"))
+    model.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+    if model.layer_sum is not None:
+        model.layer_sum.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("layer_sum.")})
+    return model.to(device).eval(), vocab, normalizer, meta

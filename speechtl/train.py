@@ -1,0 +1,336 @@
+"""The training loop shared by all three modes.
+
+One loop, one code path: ``frozen``, ``finetune`` and ``scratch`` differ only in the
+freezing policy of :class:`speechtl.model.CTCModel` and in which parameter groups
+the optimiser sees.
+
+Outputs in ``cfg.out``: ``checkpoints/last.pt`` (full training state, for
+``resume``), ``model/`` (best model by dev error, or the last one without a dev set),
+``metrics.csv``, ``dev/`` scoring artefacts of the best checkpoint, and
+``train_summary.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ._io import atomic_path, write_json
+from .config import TrainConfig
+from .inference import decode_utterances, pick_device
+from .loader import AudioDataset, DynamicBucketSampler, collate
+from .manifest import Utterance, read_manifest
+from .metrics import write_results
+from .model import CTCModel, HeadConfig, build_model, ctc_loss, save_model_dir
+from .text import Normalizer, NormalizerConfig, Vocabulary, describe_oov
+
+logger = logging.getLogger(__name__)
+
+CSV_FIELDS = ["step", "epoch", "loss", "lr_head", "lr_encoder", "audio_hours", "elapsed_s", "dev_wer", "dev_cer"]
+
+
+class TrainingInterrupted(Exception):
+    """Raised by a ``should_stop`` callback to end training early (after a checkpoint)."""
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at a given update."""
+    total = max(cfg.max_steps, 1)
+    warm = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
+    hold = int(cfg.hold * total) if cfg.hold < 1 else int(cfg.hold)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return 0.01 + 0.99 * step / max(warm, 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        if cfg.schedule == "linear":
+            return max(0.0, (total - step) / max(total - warm, 1))
+        if cfg.schedule == "tristage":
+            if step < warm + hold:
+                return 1.0
+            decay = max(total - warm - hold, 1)
+            return math.exp(math.log(0.05) * min(step - warm - hold, decay) / decay)
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+    return f
+
+
+def min_ctc_frames(ids: list[int]) -> int:
+    """Frames CTC needs for a target: one per token plus a blank between repeats."""
+    return len(ids) + sum(1 for a, b in zip(ids, ids[1:]) if a == b)
+
+
+def filter_trainable(utts: list[Utterance], texts: list[str], vocab: Vocabulary, frames_for: Callable[[int], int]) -> tuple[list[Utterance], dict]:
+    """Drop clips CTC cannot train on: empty transcripts and transcripts longer than the clip's frames."""
+    keep, empty, too_short = [], 0, 0
+    for u, t in zip(utts, texts):
+        if not t:
+            empty += 1
+            continue
+        if min_ctc_frames(vocab.encode(t)) > frames_for(int(u.duration * 16_000)):
+            too_short += 1
+            continue
+        keep.append(u)
+    vocab.oov.clear()
+    return keep, {"empty_transcript": empty, "too_short_for_transcript": too_short}
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    random.setstate(_tuplify(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _trainable_state(model: CTCModel) -> dict:
+    # a frozen encoder never changes and is reloaded from its source on resume
+    return {k: v for k, v in model.state_dict().items() if model.mode != "frozen" or not k.startswith("encoder.")}
+
+
+def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], bool] | None = None) -> dict:
+    """Train per ``cfg``; returns the training summary (also written to train_summary.json).
+
+    ``should_stop(step)`` is called after every update; returning True saves a
+    checkpoint and raises :class:`TrainingInterrupted` (used to test resume).
+    """
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    normalizer = Normalizer(NormalizerConfig(**cfg.normalizer))
+
+    train_utts = read_manifest(cfg.train)
+    dev_utts = read_manifest(cfg.dev) if cfg.dev else []
+    train_texts = [normalizer(u.text) for u in train_utts]
+    if cfg.vocab:
+        vocab = Vocabulary.load(cfg.vocab)
+    elif cfg.resume and ckpt_path.is_file():
+        vocab = Vocabulary(torch.load(ckpt_path, map_location="cpu", weights_only=True)["vocab"])
+    else:
+        vocab = Vocabulary.build(train_texts)
+    for name, texts in (("train", train_texts), ("dev", [normalizer(u.text) for u in dev_utts])):
+        oov = vocab.oov_report(texts)
+        if oov:
+            logger.warning("%s set: %s (mapped to [UNK])", name, describe_oov(oov))
+
+    head = HeadConfig(cfg.head, cfg.head_dropout, cfg.bilstm_hidden, cfg.bilstm_layers)
+    overrides = {k: getattr(cfg, k) for k in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop")}
+    model = build_model(cfg.encoder, cfg.mode, len(vocab), head, cfg.seed, overrides, cfg.trust_remote_code)
+    train_utts, dropped = filter_trainable(train_utts, train_texts, vocab, model.frame_lengths)
+    if any(dropped.values()):
+        logger.warning("dropped from training: %d with empty transcript, %d too short for their transcript under CTC",
+                       dropped["empty_transcript"], dropped["too_short_for_transcript"])
+    if not train_utts:
+        raise ValueError(f"{cfg.train}: no trainable utterances left after filtering ({dropped})")
+    model.to(device)
+
+    groups = [{"params": model.head_parameters(), "lr": cfg.lr, "name": "head"}]
+    if cfg.mode != "frozen":
+        groups.append({"params": model.encoder_parameters(), "lr": cfg.encoder_lr, "name": "encoder"})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    amp_dtype = None
+    if device.type == "cuda" and cfg.amp != "none":
+        amp_dtype = torch.bfloat16 if cfg.amp in ("auto", "bf16") and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    dataset = AudioDataset(train_utts, normalize=normalizer, encode=vocab.encode)
+    sampler = DynamicBucketSampler(dataset.durations, cfg.max_batch_seconds, shuffle=True, seed=cfg.seed)
+    loader_gen = torch.Generator()  # keeps worker seeding off the global RNG, so resume is exact
+    loader_gen.manual_seed(cfg.seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", generator=loader_gen, persistent_workers=False)
+
+    st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "audio_seconds": 0.0, "elapsed": 0.0,
+          "best": None, "best_step": None, "bad_evals": 0, "loss": None}
+    if cfg.resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(ck["model"], strict=False)
+        if unexpected or any(not k.startswith("encoder.") for k in missing):
+            raise RuntimeError(f"{ckpt_path}: checkpoint does not match the model ({unexpected or missing})")
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        st.update(ck["state"])
+        _set_rng_state(ck["rng"])
+        loader_gen.set_state(ck["loader_rng"])
+        logger.info("resumed from %s at step %d", ckpt_path, st["step"])
+    elif cfg.resume:
+        logger.warning("resume: no checkpoint at %s, starting fresh", ckpt_path)
+    metrics_path = out / "metrics.csv"
+    _trim_metrics(metrics_path, st["step"])
+
+    def save_checkpoint() -> None:
+        ck = {"model": _trainable_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+              "scaler": scaler.state_dict(), "state": dict(st), "rng": _rng_state(), "loader_rng": loader_gen.get_state(),
+              "vocab": vocab.tokens, "config": asdict(cfg)}
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(ck, tmp)
+
+    def evaluate_and_keep() -> dict:
+        row = {}
+        if dev_utts:
+            report = decode_utterances(model, vocab, normalizer, dev_utts, device, max_batch_seconds=max(cfg.max_batch_seconds, 60.0))
+            row = {"dev_wer": report.wer, "dev_cer": report.cer}
+            metric = report.cer if cfg.best_metric == "cer" else report.wer
+            if st["best"] is None or metric < st["best"]["metric"]:
+                st["best"] = {"metric": metric, "wer": report.wer, "cer": report.cer}
+                st["best_step"] = st["step"]
+                st["bad_evals"] = 0
+                save_model_dir(model, vocab, normalizer, out / "model", extra={"step": st["step"], "train_config": asdict(cfg)})
+                write_results(report, out / "dev")
+            else:
+                st["bad_evals"] += 1
+        else:
+            save_model_dir(model, vocab, normalizer, out / "model", extra={"step": st["step"], "train_config": asdict(cfg)})
+        return row
+
+    start = time.monotonic() - st["elapsed"]
+    budget = None if cfg.max_minutes is None else cfg.max_minutes * 60
+    bar = tqdm(total=cfg.max_steps, initial=st["step"], desc=f"train[{cfg.mode}]", unit="step", disable=not progress)
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    micro, stop_reason, loss_acc = 0, None, 0.0
+    while stop_reason is None:
+        sampler.set_epoch(st["epoch"])
+        sampler.skip = st["batch_in_epoch"]
+        for batch in loader:
+            st["batch_in_epoch"] += 1
+            model.encoder_trainable = cfg.mode != "frozen" and st["step"] >= cfg.freeze_encoder_steps
+            b = batch.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits, frames = model(b.waveforms, b.lengths)
+            loss = ctc_loss(logits, frames, b.targets, b.target_lengths) / cfg.grad_accum
+            scaler.scale(loss).backward()
+            loss_acc += loss.item()
+            st["audio_seconds"] += float(sum(b.durations))
+            micro += 1
+            if micro < cfg.grad_accum:
+                continue
+            scaler.unscale_(optimizer)
+            if cfg.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            st["step"] += 1
+            st["loss"], micro, loss_acc = loss_acc, 0, 0.0
+            st["elapsed"] = time.monotonic() - start
+            bar.update(1)
+            bar.set_postfix(loss=f"{st['loss']:.3f}")
+            row = None
+            if st["step"] % cfg.eval_every == 0 or st["step"] >= cfg.max_steps:
+                row = evaluate_and_keep()
+                save_checkpoint()
+            elif st["step"] % cfg.log_every == 0:
+                row = {}
+            if row is not None:
+                _append_metrics(metrics_path, st, optimizer, row)
+            if st["step"] >= cfg.max_steps:
+                stop_reason = "max_steps"
+            elif budget is not None and st["elapsed"] >= budget:
+                stop_reason = "max_minutes"
+            elif cfg.patience and st["bad_evals"] >= cfg.patience:
+                stop_reason = "early_stopping"
+            elif should_stop is not None and should_stop(st["step"]):
+                save_checkpoint()
+                bar.close()
+                raise TrainingInterrupted(f"stopped at step {st['step']}")
+            if stop_reason:
+                break
+        else:
+            st["epoch"] += 1
+            st["batch_in_epoch"] = 0
+    if st["step"] % cfg.eval_every != 0 and st["step"] < cfg.max_steps:
+        _append_metrics(metrics_path, st, optimizer, evaluate_and_keep())
+        save_checkpoint()
+    bar.close()
+
+    summary = {
+        "mode": cfg.mode,
+        "encoder": cfg.encoder,
+        "steps": st["step"],
+        "epochs": st["epoch"] + st["batch_in_epoch"] / max(len(sampler), 1),
+        "stop_reason": stop_reason,
+        "wall_time_s": round(time.monotonic() - start, 2),
+        "audio_hours_seen": st["audio_seconds"] / 3600,
+        "train_utterances": len(train_utts),
+        "train_hours": sum(u.duration for u in train_utts) / 3600,
+        "dropped": dropped,
+        "final_train_loss": st["loss"],
+        "best_step": st["best_step"],
+        "best_dev_wer": st["best"]["wer"] if st["best"] else None,
+        "best_dev_cer": st["best"]["cer"] if st["best"] else None,
+        "trainable_parameters": sum(p.numel() for g in groups for p in g["params"]),
+        "device": str(device),
+        "amp": str(amp_dtype) if amp_dtype else "none",
+        "model_dir": str(out / "model"),
+        "config": {k: v for k, v in asdict(cfg).items()},
+    }
+    write_json(out / "train_summary.json", summary)
+    return summary
+
+
+def _append_metrics(path: Path, st: dict, optimizer, row: dict) -> None:
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow({"step": st["step"], "epoch": st["epoch"], "loss": st["loss"], "lr_head": lrs.get("head"),
+                    "lr_encoder": lrs.get("encoder", ""), "audio_hours": round(st["audio_seconds"] / 3600, 5),
+                    "elapsed_s": round(st["elapsed"], 2), "dev_wer": row.get("dev_wer", ""), "dev_cer": row.get("dev_cer", "")})
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, forget rows logged after the checkpoint (they will be redone)."""
+    if not path.exists():
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+__all__ = ["TrainConfig", "TrainingInterrupted", "lr_lambda", "min_ctc_frames", "train"]
