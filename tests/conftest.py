@@ -83,3 +83,59 @@ def wav_factory(tmp_path):
 def make_wav_fixture():
     """The :func:`make_wav` function, for tests that prefer fixtures to imports."""
     return make_wav
+
+
+# --- corpora and encoders shared by the model tests -------------------------------
+
+def tiny_encoder_dir(root: Path, family: str = "wav2vec2", **kw) -> Path:
+    """Save a tiny random encoder of ``family`` as a HF model directory under ``root``."""
+    from speechtl.encoder import encoder_from_config, save_encoder, tiny_config
+
+    out = root / f"enc-{family}-{'-'.join(f'{k}{v}' for k, v in sorted(kw.items()))}"
+    if not (out / "config.json").exists():
+        save_encoder(encoder_from_config(tiny_config(family, **kw)), out)
+    return out
+
+
+def tone_corpus(root: Path, n: int = 8, seed: int = 0) -> Path:
+    """A manifest of short synthetic clips with letter transcripts (no espeak needed)."""
+    from speechtl.manifest import Utterance, write_manifest
+
+    rng = np.random.default_rng(seed)
+    words = ["ab", "ba", "cab", "abc", "cc", "bad"]
+    utts = []
+    for i in range(n):
+        seconds = float(rng.uniform(0.8, 2.0))
+        path = make_wav(root / "wavs" / f"u{i}.wav", seconds, freq=200 + 50 * i, seed=i)
+        text = " ".join(rng.choice(words, size=2))
+        utts.append(Utterance(f"u{i}", str(path), text, seconds))
+    return write_manifest(root / "manifest.jsonl", utts)
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("shared")
+
+
+@pytest.fixture(scope="session")
+def tones(session_dir) -> Path:
+    return tone_corpus(session_dir / "tones")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(session_dir) -> Path:
+    return tiny_encoder_dir(session_dir)
+
+
+@pytest.fixture(scope="session")
+def speech_corpus(session_dir) -> Path:
+    """About 20 espeak-ng utterances (skips the test when espeak-ng is missing)."""
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (tools/setup.sh installs it)")
+    from speechtl.synth import SynthConfig, synthesize
+
+    out = session_dir / "speech"
+    synthesize(SynthConfig(lang="en-us", minutes=0.6, out_dir=str(out), seed=11, min_words=2, max_words=4, workers=2), progress=False)
+    return out / "manifest.jsonl"

@@ -1,0 +1,150 @@
+"""Encoder loading, batch/single consistency, heads, model directories."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_encoder_dir
+from speechtl.encoder import batch_lengths, load_encoder, resolve_encoder
+from speechtl.heads import BiLSTMHead, WeightedLayerSum
+from speechtl.model import CTCModel, HeadConfig, build_model, ctc_loss, load_model_dir, save_model_dir
+from speechtl.text import Normalizer, Vocabulary
+
+FAMILIES = ["wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-conformer"]
+
+
+def _waves(seed=0, lengths=(16000, 9100, 4003)):
+    g = torch.Generator().manual_seed(seed)
+    return [0.1 * torch.randn(n, generator=g) for n in lengths]
+
+
+@pytest.mark.parametrize("family,norm", [(f, "layer") for f in FAMILIES] + [("wav2vec2", "group"), ("hubert", "group")])
+def test_batch_matches_single_clips(tmp_path, family, norm):
+    kw = {} if family == "data2vec-audio" else {"feat_extract_norm": norm}
+    enc = load_encoder(str(tiny_encoder_dir(tmp_path, family, **kw))).eval()
+    waves = _waves()
+    x, lengths = batch_lengths(waves)
+    with torch.no_grad():
+        batched = enc(x, lengths)
+        assert len(batched.hidden_states) == enc.num_layers
+        for i, w in enumerate(waves):
+            single = enc(w[None], torch.tensor([w.numel()]))
+            n = int(single.lengths[0])
+            assert int(batched.lengths[i]) == n == single.hidden_states[-1].shape[1]
+            for a, b in zip(batched.hidden_states, single.hidden_states):
+                torch.testing.assert_close(a[i, :n], b[0], atol=1e-4, rtol=1e-4)
+
+
+def test_group_norm_padding_would_change_features_without_per_clip_cnn(tmp_path):
+    """The guard above is needed: naive zero padding changes group-norm features."""
+    enc = load_encoder(str(tiny_encoder_dir(tmp_path, "wav2vec2", feat_extract_norm="group"))).eval()
+    waves = _waves()
+    x, lengths = batch_lengths(waves)
+    with torch.no_grad():
+        naive = enc.model.feature_extractor.forward.__closure__  # patched: per-clip
+        assert naive is not None
+        enc._clip_lengths = None
+        padded = enc.model.feature_extractor(x)
+        short = enc.model.feature_extractor(waves[2][None])
+    n = short.shape[-1]
+    assert not torch.allclose(padded[2, :, :n], short[0], atol=1e-3)
+
+
+def test_frame_lengths_formula(tiny_encoder):
+    enc = load_encoder(str(tiny_encoder))
+    for n in (400, 401, 16000, 12345):
+        with torch.no_grad():
+            out = enc(torch.zeros(1, n), torch.tensor([n]))
+        assert out.hidden_states[-1].shape[1] == enc.frame_lengths(n) == int(out.lengths[0])
+    assert enc.frame_rate == pytest.approx(50.0)
+
+
+def test_very_short_clip_gives_one_frame(tiny_encoder):
+    enc = load_encoder(str(tiny_encoder)).eval()
+    with torch.no_grad():
+        out = enc(torch.zeros(2, 200), torch.tensor([200, 100]))
+    assert out.lengths.tolist() == [1, 1]
+
+
+def test_default_encoder_name_resolves_or_explains():
+    try:
+        path = resolve_encoder("default")
+    except FileNotFoundError as e:
+        assert "bundled encoder" in str(e)
+    else:
+        assert (path + "/config.json") and json.load(open(path + "/config.json"))
+
+
+def test_weighted_layer_sum_is_softmax_weighted():
+    ws = WeightedLayerSum(3, layer_norm=False)
+    with torch.no_grad():
+        ws.weights.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    layers = [torch.full((1, 2, 4), float(v)) for v in (1, 2, 3)]
+    w = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0)
+    assert torch.allclose(ws(layers), torch.full((1, 2, 4), float((w * torch.tensor([1.0, 2, 3])).sum())))
+
+
+def test_bilstm_head_ignores_padding():
+    torch.manual_seed(0)
+    head = BiLSTMHead(8, 5, hidden_size=6).eval()
+    x = torch.randn(2, 10, 8)
+    full = head(x, torch.tensor([10, 6]))
+    alone = head(x[1:2, :6], torch.tensor([6]))
+    torch.testing.assert_close(full[1, :6], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES[:4])
+@pytest.mark.parametrize("mode", ["frozen", "finetune"])
+def test_each_family_trains_one_step(tmp_path, family, mode):
+    enc_dir = tiny_encoder_dir(tmp_path, family)
+    model = build_model(str(enc_dir), mode, vocab_size=6)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x, lengths = batch_lengths(_waves(lengths=(8000, 6000)))
+    targets = torch.tensor([[3, 4, 5], [4, 5, 0]])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logits, frames = model(x, lengths)
+    loss = ctc_loss(logits, frames, targets, torch.tensor([3, 2]))
+    assert torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("head.") for k in changed)
+    enc_changed = {k for k in changed if k.startswith("encoder.")}
+    if mode == "frozen":
+        assert not enc_changed
+    else:
+        assert enc_changed and not any("feature_extractor" in k for k in enc_changed)
+
+
+@pytest.mark.parametrize("mode,head", [("frozen", "bilstm"), ("finetune", "linear")])
+def test_model_dir_round_trip(tmp_path, tiny_encoder, mode, head):
+    vocab = Vocabulary.build(["abc cab"])
+    model = build_model(str(tiny_encoder), mode, len(vocab), HeadConfig(kind=head, hidden_size=8)).eval()
+    save_model_dir(model, vocab, Normalizer(), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "speechtl.json").read_text())
+    assert meta["mode"] == mode and meta["encoder"]["source"] == str(tiny_encoder)
+    assert (tmp_path / "m" / "encoder" / "model.safetensors").is_file()
+    loaded, vocab2, _, _ = load_model_dir(tmp_path / "m")
+    assert vocab2.tokens == vocab.tokens
+    x, lengths = batch_lengths(_waves(lengths=(8000, 5000)))
+    with torch.no_grad():
+        a, _ = model(x, lengths)
+        b, _ = loaded(x, lengths)
+    torch.testing.assert_close(a, b)
+
+
+def test_bilstm_head_refused_outside_frozen_mode(tiny_encoder):
+    with pytest.raises(ValueError, match="linear head"):
+        build_model(str(tiny_encoder), "finetune", 5, HeadConfig(kind="bilstm"))
+
+
+def test_scratch_mode_has_random_weights(tiny_encoder):
+    pre = build_model(str(tiny_encoder), "finetune", 5, seed=1)
+    scratch = build_model(str(tiny_encoder), "scratch", 5, seed=1)
+    k = "encoder.model.encoder.layers.0.attention.q_proj.weight"
+    assert not torch.equal(pre.state_dict()[k], scratch.state_dict()[k])
+    assert np.isclose(float(scratch.state_dict()[k].std()), float(pre.state_dict()[k].std()), rtol=0.5)

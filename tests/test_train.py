@@ -1,0 +1,131 @@
+"""The training loop: freezing policies, resume, outputs, and that it learns."""
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from speechtl.config import load_train_config
+from speechtl.train import TrainingInterrupted, lr_lambda, min_ctc_frames, train
+
+
+def _cfg(tmp_path, corpus, encoder, **kw):
+    base = dict(encoder=str(encoder), train=str(corpus), out=str(tmp_path / "out"), max_steps=4, eval_every=2,
+                num_workers=0, max_batch_seconds=4.0, lr=3e-3, encoder_lr=1e-3, seed=0)
+    base.update(kw)
+    return load_train_config(None, base)
+
+
+def _encoder_weights(model_dir):
+    return load_file(str(model_dir / "encoder" / "model.safetensors"))
+
+
+def test_frozen_encoder_is_bit_identical_after_training(tmp_path, tones, tiny_encoder):
+    summary = train(_cfg(tmp_path, tones, tiny_encoder, mode="frozen", head="bilstm", bilstm_hidden=8), progress=False)
+    assert summary["steps"] == 4
+    src = load_file(str(tiny_encoder / "model.safetensors"))
+    out = _encoder_weights(tmp_path / "out" / "model")
+    assert src.keys() == out.keys()
+    assert all(torch.equal(src[k], out[k]) for k in src)
+    head = load_file(str(tmp_path / "out" / "model" / "head.safetensors"))
+    assert "layer_sum.weights" in head and not torch.all(head["layer_sum.weights"] == 0)
+
+
+def test_finetune_freeze_period(tmp_path, tones, tiny_encoder):
+    src = load_file(str(tiny_encoder / "model.safetensors"))
+
+    def run(steps, sub):
+        train(_cfg(tmp_path / sub, tones, tiny_encoder, mode="finetune", max_steps=steps, eval_every=steps,
+                   freeze_encoder_steps=3, mask_time_prob=0.0), progress=False)
+        return _encoder_weights(tmp_path / sub / "out" / "model")
+
+    at_n, after_n = run(3, "a"), run(4, "b")
+    transformer = [k for k in src if not k.startswith("feature_extractor.")]
+    cnn = [k for k in src if k.startswith("feature_extractor.")]
+    assert all(torch.equal(src[k], at_n[k]) for k in src), "encoder changed during the freeze period"
+    assert any(not torch.equal(src[k], after_n[k]) for k in transformer), "transformer never trained after the freeze"
+    assert all(torch.equal(src[k], after_n[k]) for k in cnn), "the CNN feature encoder must stay frozen"
+
+
+@pytest.mark.parametrize("mode", ["finetune", "frozen"])
+def test_resume_gives_the_same_weights(tmp_path, tones, tiny_encoder, mode):
+    kw = dict(mode=mode, max_steps=6, eval_every=2, mask_time_prob=0.2, mask_time_length=2)
+    train(_cfg(tmp_path / "straight", tones, tiny_encoder, **kw), progress=False)
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tmp_path / "broken", tones, tiny_encoder, **kw), progress=False, should_stop=lambda step: step == 3)
+    summary = train(_cfg(tmp_path / "broken", tones, tiny_encoder, resume=True, **kw), progress=False)
+    assert summary["steps"] == 6
+    for name in ("head.safetensors", "encoder/model.safetensors"):
+        a = load_file(str(tmp_path / "straight" / "out" / "model" / name))
+        b = load_file(str(tmp_path / "broken" / "out" / "model" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    rows = list(csv.DictReader(open(tmp_path / "broken" / "out" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == sorted({int(r["step"]) for r in rows})
+
+
+def test_outputs_summary_metrics_and_dev_scoring(tmp_path, tones, tiny_encoder):
+    summary = train(_cfg(tmp_path, tones, tiny_encoder, mode="frozen", dev=str(tones), log_every=1), progress=False)
+    out = tmp_path / "out"
+    saved = json.loads((out / "train_summary.json").read_text())
+    for key in ("steps", "wall_time_s", "audio_hours_seen", "best_dev_wer", "best_dev_cer"):
+        assert key in saved and saved[key] is not None
+    assert saved == json.loads(json.dumps(summary))
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert rows[1]["dev_cer"] != "" and rows[0]["dev_cer"] == ""
+    for f in ("hyps.jsonl", "errs.txt", "summary.json"):
+        assert (out / "dev" / f).is_file()
+    vocab = json.loads((out / "model" / "vocab.json").read_text())
+    assert list(vocab)[:3] == ["<pad>", "[UNK]", "|"]
+
+
+def test_infeasible_clips_are_dropped_with_a_count(tmp_path, tiny_encoder):
+    from conftest import make_wav
+    from speechtl.manifest import Utterance, write_manifest
+
+    ok = make_wav(tmp_path / "ok.wav", 1.0)
+    short = make_wav(tmp_path / "short.wav", 0.1)  # 4 frames at 50 Hz
+    manifest = write_manifest(tmp_path / "m.jsonl", [
+        Utterance("ok", str(ok), "ab", 1.0), Utterance("short", str(short), "a very long transcript", 0.1),
+        Utterance("empty", str(ok), "", 1.0)])
+    summary = train(_cfg(tmp_path, manifest, tiny_encoder, mode="frozen", max_steps=1), progress=False)
+    assert summary["dropped"] == {"empty_transcript": 1, "too_short_for_transcript": 1}
+    assert summary["train_utterances"] == 1
+
+
+def test_min_ctc_frames_counts_repeats():
+    assert min_ctc_frames([1, 2, 3]) == 3
+    assert min_ctc_frames([1, 1, 2, 2]) == 6
+
+
+def test_schedules():
+    cfg = load_train_config(None, {"train": "x", "max_steps": 100, "warmup": 0.1, "hold": 0.4})
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.01) and f(10) == 1.0 and f(49) == 1.0
+    assert f(100) == pytest.approx(0.05) and f(60) < 1.0
+    lin = lr_lambda(load_train_config(None, {"train": "x", "max_steps": 100, "warmup": 10, "schedule": "linear"}))
+    assert lin(10) == 1.0 and lin(55) == pytest.approx(0.5) and lin(100) == 0.0
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    (tmp_path / "m.jsonl").write_text("")
+    (tmp_path / "c.yaml").write_text("mode: finetune\ntrain: m.jsonl\nlr: 3e-4\nmax_steps: 10\n")
+    cfg = load_train_config(tmp_path / "c.yaml", ["max_steps=20", "encoder_lr=1e-5", "dev=none"])
+    assert cfg.mode == "finetune" and cfg.max_steps == 20 and cfg.lr == 3e-4 and cfg.encoder_lr == 1e-5
+    assert cfg.train == str(tmp_path / "m.jsonl") and cfg.dev is None
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_train_config(tmp_path / "c.yaml", ["max_stepz=3"])
+    with pytest.raises(ValueError, match="expected int"):
+        load_train_config(tmp_path / "c.yaml", ["max_steps=many"])
+
+
+def test_training_learns_to_transcribe_speech(tmp_path, speech_corpus, session_dir):
+    """~20 synthesised utterances: training-set CER must fall below 0.3."""
+    from conftest import tiny_encoder_dir
+
+    enc = tiny_encoder_dir(session_dir, "wav2vec2", hidden_size=64, intermediate_size=128, num_attention_heads=4, conv_dim=(64,) * 7)
+    summary = train(_cfg(tmp_path, speech_corpus, enc, mode="scratch", dev=str(speech_corpus), max_steps=300, eval_every=100,
+                         lr=3e-3, encoder_lr=3e-3, max_batch_seconds=20, mask_time_prob=0.0), progress=False)
+    assert summary["best_dev_cer"] < 0.3, summary
