@@ -49,7 +49,8 @@ def cmd_synth(args) -> int:
 
     extra = {"workers": args.workers} if args.workers else {}
     cfg = SynthConfig(lang=args.lang, minutes=args.minutes, out_dir=args.out, seed=args.seed, text_file=args.text_file,
-                      noise_snr_db=args.noise_snr_db, prefix=args.prefix, n_speakers=args.speakers, **extra)
+                      noise_snr_db=args.noise_snr_db, prefix=args.prefix, n_speakers=args.speakers,
+                      min_words=args.min_words, max_words=args.max_words, **extra)
     utts = synthesize(cfg, progress=not args.quiet)
     print(f"synthesised {len(utts)} utterances, {sum(u.duration for u in utts) / 60:.2f} min, in {Path(args.out) / 'manifest.jsonl'}")
     return 0
@@ -103,7 +104,7 @@ def cmd_transcribe(args) -> int:
             results.append((p, rec.transcribe(p)))
         except AudioError as e:
             failed += 1
-            logger.error("%s", e)
+            print(f"speechtl transcribe: error: {e}", file=sys.stderr)
     for p, text in results:
         if args.format == "json":
             print(json.dumps({"audio": str(p), "text": text}, ensure_ascii=False))
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--text-file", help="sentences to speak, one per line (default: random word sequences from wordfreq)")
+    s.add_argument("--min-words", type=int, default=2, help="fewest words per utterance (wordfreq text)")
+    s.add_argument("--max-words", type=int, default=10, help="most words per utterance (wordfreq text)")
     s.add_argument("--speakers", type=int, default=12, help="number of speaker profiles (voice variant, rate, pitch)")
     s.add_argument("--noise-snr-db", type=float, help="add white noise at this SNR")
     s.add_argument("--prefix", default="", help="prefix for utterance ids")
@@ -202,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .audio import AudioError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -211,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "urllib3", "numba", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:  # transformers' own load/save progress bars are noise next to ours
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     try:
         return args.func(args)
     except NotYetAvailable as e:
@@ -219,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("speechtl: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, AudioError) as e:
         if args.verbose:
             raise
         print(f"speechtl {args.command}: error: {e}", file=sys.stderr)

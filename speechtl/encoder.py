@@ -239,15 +239,27 @@ def load_encoder(
     unknown = set(overrides) - set(TRAINING_CONFIG_KEYS)
     if unknown:
         raise ValueError(f"cannot override encoder config keys {sorted(unknown)}")
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **overrides)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     if not hasattr(config, "conv_kernel"):
         raise ValueError(f"{source}: {type(config).__name__} is not a wav2vec2-style audio encoder (no conv feature encoder)")
+    # the checkpoint holds a learned mask embedding only if its config masks; build the
+    # model with the checkpoint's masking so its weights load cleanly, then apply ours
+    # (masking is read from the config at forward time)
+    saved_masking = {k: getattr(config, k, 0.0) for k in ("mask_time_prob", "mask_feature_prob")}
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    build_masking = saved_masking if any(saved_masking.values()) and not random_init else {}
+    final_masking = {k: getattr(config, k, 0.0) for k in saved_masking}
+    for k, v in build_masking.items():
+        setattr(config, k, v)
     if random_init:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
     else:
         model = AutoModel.from_pretrained(source, config=config, trust_remote_code=trust_remote_code)
+    for k, v in final_masking.items():
+        setattr(model.config, k, v)
     return SpeechEncoder(model, normalize_waveform=_read_do_normalize(source), source=str(name_or_path))
 
 

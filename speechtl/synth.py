@@ -220,7 +220,7 @@ def _synth_one(spec: UttSpec, lang: str, wav_dir: Path, tmp_dir: Path, noise_snr
     s = spec.speaker
     tmp = tmp_dir / f"{spec.id}.wav"
     cmd = [check_espeak(), "-b", "1", "-v", f"{lang}+{s.variant}", "-s", str(s.rate), "-p", str(s.pitch),
-           "-w", str(tmp), "--stdin"]  # fmt: skip
+           "--ipa", "-w", str(tmp), "--stdin"]  # fmt: skip
     # text on stdin: a leading "-" can never be taken for an option
     proc = subprocess.run(cmd, input=spec.text.encode("utf-8"), capture_output=True, timeout=300)
     if proc.returncode != 0 or not tmp.is_file():
@@ -243,7 +243,10 @@ def _synth_one(spec: UttSpec, lang: str, wav_dir: Path, tmp_dir: Path, noise_snr
     part = wav_dir / f"{spec.id}.part.wav"
     write_wav(part, wav, SAMPLE_RATE)
     os.replace(part, out)
-    return Utterance(spec.id, str(out.resolve()), spec.text, round(wav.size / SAMPLE_RATE, 4), lang, s.name(lang))
+    # espeak prints the IPA phonemes it spoke: language-universal pretraining targets
+    phonemes = " ".join(proc.stdout.decode("utf-8", "replace").split())
+    return Utterance(spec.id, str(out.resolve()), spec.text, round(wav.size / SAMPLE_RATE, 4), lang, s.name(lang),
+                     extra={"phonemes": phonemes})
 
 
 def synth_utterances(

@@ -11,6 +11,7 @@ from speechtl.encoder import encoder_from_config, save_encoder, tiny_config
 
 SIZES = {
     "tiny": {},
+    "mini": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, conv_dim=(64,) * 7),
     "small": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024,
                   conv_dim=(256,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
                   num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16),

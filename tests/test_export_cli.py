@@ -1,0 +1,99 @@
+"""Export to transformers, the CLI contract, and evaluation outputs."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from speechtl.cli import main
+from speechtl.config import load_train_config
+from speechtl.manifest import read_manifest
+from speechtl.train import train
+
+SUBCOMMANDS = ["prepare", "synth", "train", "extract", "evaluate", "transcribe", "export"]
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, tones, tiny_encoder):
+    out = tmp_path_factory.mktemp("ft")
+    cfg = load_train_config(None, dict(encoder=str(tiny_encoder), mode="finetune", train=str(tones), out=str(out),
+                                       max_steps=30, eval_every=30, num_workers=0, max_batch_seconds=4, lr=1e-2, encoder_lr=1e-3))
+    train(cfg, progress=False)
+    return out / "model"
+
+
+def test_help_lists_the_contract():
+    r = subprocess.run([sys.executable, "-m", "speechtl", "--help"], capture_output=True, text=True, check=True)
+    for name in SUBCOMMANDS:
+        assert name in r.stdout
+    for name in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+
+
+def test_unfinished_subcommand_says_so(capsys):
+    assert main(["extract", "--encoder", "x", "--manifest", "m", "--out", "o"]) == 2
+    assert "not implemented" in capsys.readouterr().err
+
+
+def test_evaluate_writes_summary_json(tmp_path, finetuned, tones, capsys):
+    assert main(["evaluate", str(finetuned), str(tones), "--json", str(tmp_path / "r.json"), "-q"]) == 0
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert {"wer", "cer", "utterances", "audio_seconds"} <= set(summary)
+    assert summary["utterances"] == len(read_manifest(tones))
+    assert 0 <= summary["cer"] and summary["audio_seconds"] > 0
+    for name in ("hyps.jsonl", "errs.txt"):
+        assert (tmp_path / name).is_file()
+
+
+def test_export_matches_transformers_pipeline(tmp_path, finetuned, tones):
+    from transformers import pipeline
+
+    import speechtl
+    from speechtl.audio import load_audio
+
+    assert main(["export", str(finetuned), "--out", str(tmp_path / "hf"), "-q"]) == 0
+    pipe = pipeline("automatic-speech-recognition", model=str(tmp_path / "hf"), device="cpu")
+    rec = speechtl.load(finetuned, device="cpu")
+    utts = read_manifest(tones)
+    ours = rec.transcribe([u.audio for u in utts])
+    # the pipeline decodes file names with ffmpeg; give it the same decoded samples instead
+    theirs = [pipe({"raw": load_audio(u.audio), "sampling_rate": 16000})["text"] for u in utts]
+    assert ours == theirs
+    hyps = {json.loads(line)["id"]: json.loads(line)["hyp"] for line in open(finetuned.parent / "dev" / "hyps.jsonl")} if (finetuned.parent / "dev").exists() else None
+    if hyps:
+        assert [hyps[u.id] for u in utts] == ours
+
+
+def test_frozen_export_is_refused_with_a_reason(tmp_path, tones, tiny_encoder, capsys):
+    cfg = load_train_config(None, dict(encoder=str(tiny_encoder), mode="frozen", train=str(tones), out=str(tmp_path / "fr"),
+                                       max_steps=1, num_workers=0))
+    train(cfg, progress=False)
+    assert main(["export", str(tmp_path / "fr" / "model"), "--out", str(tmp_path / "hf")]) == 1
+    assert "frozen-mode models" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_transcribe_arrays_and_bad_file(tmp_path, finetuned, capsys):
+    import speechtl
+
+    rec = speechtl.load(finetuned)
+    texts = rec.transcribe([np.zeros(16000, dtype=np.float32), np.zeros(8000, dtype=np.float32)])
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    bad = tmp_path / "bad.wav"
+    bad.write_text("not audio")
+    good = tmp_path / "good.wav"
+    import soundfile as sf
+
+    sf.write(good, np.zeros(16000, dtype=np.float32), 16000)
+    assert main(["transcribe", str(finetuned), str(good), str(bad), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "bad.wav" in err and "1 of 2" in err
+
+
+def test_train_cli_rejects_unknown_key(tmp_path, capsys):
+    assert main(["train", "train=x.jsonl", "bogus=1"]) == 1
+    assert "unknown config key" in capsys.readouterr().err
