@@ -40,6 +40,7 @@ class TrainConfig:
     warmup: float = _f(0.1, "warm-up: steps, or a fraction of max_steps if < 1")
     hold: float = _f(0.4, "tristage hold: steps, or a fraction of max_steps if < 1")
     freeze_encoder_steps: int = _f(0, "finetune: keep the transformer frozen for this many updates")
+    freeze_feature_encoder: bool | None = _f(None, "freeze the CNN feature encoder (default: yes for finetune, no for scratch)")
     max_batch_seconds: float = _f(60.0, "cap on padded audio seconds per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimiser update")
     clip_norm: float = _f(1.0, "gradient norm clipping (0 = off)")

@@ -48,7 +48,8 @@ class CTCModel(nn.Module):
     """Encoder + head. ``forward(waveforms (B,S), lengths (B,))`` gives
     ``(logits (B,T,V), frame_lengths (B,))``."""
 
-    def __init__(self, encoder: SpeechEncoder | None, vocab_size: int, mode: str, head: HeadConfig, num_layers: int, hidden_size: int):
+    def __init__(self, encoder: SpeechEncoder | None, vocab_size: int, mode: str, head: HeadConfig, num_layers: int, hidden_size: int,
+                 freeze_feature_encoder: bool | None = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -60,6 +61,8 @@ class CTCModel(nn.Module):
         self.layer_sum = WeightedLayerSum(num_layers) if mode == "frozen" else None
         self.head = build_head(head.kind, hidden_size, vocab_size, head.dropout, head.hidden_size, head.num_layers)
         self.encoder_trainable = mode != "frozen"  # finetune's freeze period switches this off
+        # a pretrained CNN is kept as it is (as Wav2Vec2ForCTC does); a random one must learn
+        self.freeze_feature_encoder = mode == "finetune" if freeze_feature_encoder is None else freeze_feature_encoder
         if encoder is not None:
             self.apply_freezing()
 
@@ -67,7 +70,7 @@ class CTCModel(nn.Module):
         """The freezing policy: which encoder parameters get gradients."""
         groups = parameter_groups(self.encoder)
         for p in groups["feature_encoder"]:
-            p.requires_grad_(False)
+            p.requires_grad_(self.mode != "frozen" and not self.freeze_feature_encoder)
         for p in groups["transformer"]:
             p.requires_grad_(self.mode != "frozen")
         if self.mode == "frozen":
@@ -124,6 +127,7 @@ def build_model(
     seed: int = 0,
     config_overrides: dict | None = None,
     trust_remote_code: bool = False,
+    freeze_feature_encoder: bool | None = None,
 ) -> CTCModel:
     """Load the encoder for ``mode`` and attach a fresh head (seeded)."""
     overrides = dict(config_overrides or {})
@@ -134,7 +138,7 @@ def build_model(
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return CTCModel(encoder, vocab_size, mode, head, encoder.num_layers, encoder.hidden_size)
+        return CTCModel(encoder, vocab_size, mode, head, encoder.num_layers, encoder.hidden_size, freeze_feature_encoder)
 
 
 def save_model_dir(

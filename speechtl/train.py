@@ -152,7 +152,7 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
 
     head = HeadConfig(cfg.head, cfg.head_dropout, cfg.bilstm_hidden, cfg.bilstm_layers)
     overrides = {k: getattr(cfg, k) for k in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop")}
-    model = build_model(cfg.encoder, cfg.mode, len(vocab), head, cfg.seed, overrides, cfg.trust_remote_code)
+    model = build_model(cfg.encoder, cfg.mode, len(vocab), head, cfg.seed, overrides, cfg.trust_remote_code, cfg.freeze_feature_encoder)
     train_utts, dropped = filter_trainable(train_utts, train_texts, vocab, model.frame_lengths)
     if any(dropped.values()):
         logger.warning("dropped from training: %d with empty transcript, %d too short for their transcript under CTC",

@@ -126,6 +126,6 @@ def test_training_learns_to_transcribe_speech(tmp_path, speech_corpus, session_d
     from conftest import tiny_encoder_dir
 
     enc = tiny_encoder_dir(session_dir, "wav2vec2", hidden_size=64, intermediate_size=128, num_attention_heads=4, conv_dim=(64,) * 7)
-    summary = train(_cfg(tmp_path, speech_corpus, enc, mode="scratch", dev=str(speech_corpus), max_steps=300, eval_every=100,
+    summary = train(_cfg(tmp_path, speech_corpus, enc, mode="scratch", dev=str(speech_corpus), max_steps=200, eval_every=50,
                          lr=3e-3, encoder_lr=3e-3, max_batch_seconds=20, mask_time_prob=0.0), progress=False)
     assert summary["best_dev_cer"] < 0.3, summary
