@@ -59,6 +59,8 @@ class TrainConfig:
     # data
     vocab: str | None = _f(None, "vocab.json to use instead of building one from the training text")
     normalizer: dict = _f({}, "NormalizerConfig fields, e.g. {lowercase: true, mappings: {'ß': 'ss'}}")
+    cache_features: bool = _f(True, "frozen mode: run the encoder once and train the head on its stored outputs")
+    cache_max_gb: float = _f(4.0, "largest in-memory feature cache; bigger sets recompute the encoder each step")
     num_workers: int = _f(2, "DataLoader worker processes for audio decoding")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     log_every: int = _f(10, "updates between rows of metrics.csv")

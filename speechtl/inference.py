@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from .audio import SAMPLE_RATE, load_audio
 from .decode import greedy_ids
-from .loader import AudioDataset, Batch, DynamicBucketSampler, collate
+from .features import FeatureDataset, collate_features
+from .loader import AudioDataset, DynamicBucketSampler, collate
 from .manifest import Utterance
 from .metrics import ScoreReport, UtteranceResult, score, write_results
 from .model import CTCModel, load_model_dir
@@ -44,19 +45,35 @@ def decode_utterances(
     max_batch_seconds: float = 120.0,
     num_workers: int = 0,
     progress: bool = False,
+    features: dict[str, torch.Tensor] | None = None,
 ) -> ScoreReport:
-    """Greedy-decode ``utterances`` in duration-sorted batches and score them."""
+    """Greedy-decode ``utterances`` in duration-sorted batches and score them.
+
+    ``features`` (frozen models): precomputed encoder outputs by utterance id, used
+    instead of running the encoder.
+    """
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    ds = AudioDataset(utterances, normalize=normalizer)
+    if features is not None:
+        ds = FeatureDataset(utterances, features)
+        collate_fn, workers = collate_features, 0
+    else:
+        ds = AudioDataset(utterances, normalize=normalizer)
+        collate_fn, workers = collate, num_workers
     sampler = DynamicBucketSampler(ds.durations, max_batch_seconds, shuffle=False)
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers, pin_memory=device.type == "cuda")
     hyps: dict[str, str] = {}
     bar = tqdm(total=len(utterances), desc="decode", unit="utt", disable=not progress, leave=False)
     for batch in loader:
-        b: Batch = batch.to(device, non_blocking=True)
-        for uid, text in zip(b.ids, decode_batch(model, vocab, b.waveforms, b.lengths)):
+        b = batch.to(device, non_blocking=True)
+        if features is not None:
+            with torch.inference_mode():
+                logits, frames = model.forward_features(b.hidden, b.frame_lengths)
+            texts = [vocab.decode(ids) for ids in greedy_ids(logits, frames)]
+        else:
+            texts = decode_batch(model, vocab, b.waveforms, b.lengths)
+        for uid, text in zip(b.ids, texts):
             hyps[uid] = text
         bar.update(len(b.ids))
     bar.close()

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ._io import atomic_path, write_json
 from .config import TrainConfig
+from .features import FeatureDataset, collate_features, estimate_bytes, extract_in_memory
 from .inference import decode_utterances, pick_device
 from .loader import AudioDataset, DynamicBucketSampler, collate
 from .manifest import Utterance, read_manifest
@@ -171,12 +172,26 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
         amp_dtype = torch.bfloat16 if cfg.amp in ("auto", "bf16") and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-    dataset = AudioDataset(train_utts, normalize=normalizer, encode=vocab.encode)
-    sampler = DynamicBucketSampler(dataset.durations, cfg.max_batch_seconds, shuffle=True, seed=cfg.seed)
+    features = None
+    if cfg.mode == "frozen" and cfg.cache_features:
+        need = estimate_bytes(model.encoder, train_utts + dev_utts)
+        if need <= cfg.cache_max_gb * 1e9:
+            logger.info("computing frozen encoder features once (%.2f GB)", need / 1e9)
+            features = extract_in_memory(model.encoder, train_utts + dev_utts, device, max(cfg.max_batch_seconds, 60.0),
+                                         cfg.num_workers, progress)
+        else:
+            logger.warning("features need %.1f GB > cache_max_gb=%.1f: running the encoder every step", need / 1e9, cfg.cache_max_gb)
     loader_gen = torch.Generator()  # keeps worker seeding off the global RNG, so resume is exact
     loader_gen.manual_seed(cfg.seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", generator=loader_gen, persistent_workers=False)
+    if features is not None:
+        dataset = FeatureDataset(train_utts, features, normalize=normalizer, encode=vocab.encode)
+        sampler = DynamicBucketSampler(dataset.durations, cfg.max_batch_seconds, shuffle=True, seed=cfg.seed)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_features, num_workers=0, generator=loader_gen)
+    else:
+        dataset = AudioDataset(train_utts, normalize=normalizer, encode=vocab.encode)
+        sampler = DynamicBucketSampler(dataset.durations, cfg.max_batch_seconds, shuffle=True, seed=cfg.seed)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                            pin_memory=device.type == "cuda", generator=loader_gen, persistent_workers=False)
 
     st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "audio_seconds": 0.0, "elapsed": 0.0,
           "best": None, "best_step": None, "bad_evals": 0, "loss": None}
@@ -207,7 +222,8 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
     def evaluate_and_keep() -> dict:
         row = {}
         if dev_utts:
-            report = decode_utterances(model, vocab, normalizer, dev_utts, device, max_batch_seconds=max(cfg.max_batch_seconds, 60.0))
+            report = decode_utterances(model, vocab, normalizer, dev_utts, device, max_batch_seconds=max(cfg.max_batch_seconds, 60.0),
+                                       features=features)
             row = {"dev_wer": report.wer, "dev_cer": report.cer}
             metric = report.cer if cfg.best_metric == "cer" else report.wer
             if st["best"] is None or metric < st["best"]["metric"]:
@@ -236,7 +252,10 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
             model.encoder_trainable = cfg.mode != "frozen" and st["step"] >= cfg.freeze_encoder_steps
             b = batch.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits, frames = model(b.waveforms, b.lengths)
+                if features is not None:
+                    logits, frames = model.forward_features(b.hidden, b.frame_lengths)
+                else:
+                    logits, frames = model(b.waveforms, b.lengths)
             loss = ctc_loss(logits, frames, b.targets, b.target_lengths) / cfg.grad_accum
             scaler.scale(loss).backward()
             loss_acc += loss.item()
