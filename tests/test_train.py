@@ -121,13 +121,18 @@ def test_config_yaml_and_overrides(tmp_path):
         load_train_config(tmp_path / "c.yaml", ["max_steps=many"])
 
 
-def test_training_learns_to_transcribe_speech(tmp_path, speech_corpus, session_dir):
-    """~20 synthesised utterances: training-set CER must fall below 0.3."""
-    from conftest import tiny_encoder_dir
+def test_training_learns_to_transcribe_speech(tmp_path, speech_corpus):
+    """~20 synthesised utterances: a frozen-encoder head on the bundled encoder must
+    drive training-set CER below 0.3."""
+    from speechtl.encoder import BUNDLED_DIR
 
-    enc = tiny_encoder_dir(session_dir, "wav2vec2", hidden_size=64, intermediate_size=128, num_attention_heads=4, conv_dim=(64,) * 7)
-    summary = train(_cfg(tmp_path, speech_corpus, enc, mode="scratch", dev=str(speech_corpus), max_steps=200, eval_every=50,
-                         lr=3e-3, encoder_lr=3e-3, max_batch_seconds=20, mask_time_prob=0.0), progress=False)
+    if not (BUNDLED_DIR / "default" / "model.safetensors").is_file():
+        pytest.skip("no bundled encoder in this checkout")
+    summary = train(_cfg(tmp_path, speech_corpus, "default", mode="frozen", head="bilstm", bilstm_hidden=96, bilstm_layers=1,
+                         dev=str(speech_corpus), max_steps=160, eval_every=40, lr=6e-3, max_batch_seconds=20), progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))
+    losses = [float(r["loss"]) for r in rows]
+    assert losses[-1] < losses[0] / 3, losses
     assert summary["best_dev_cer"] < 0.3, summary
 
 

@@ -4,7 +4,8 @@
 #   1. synthesise a small Czech corpus with espeak-ng (train, and a test set spoken by
 #      voice variants that are not in the training data)
 #   2. adapt the default encoder with a frozen-encoder BiLSTM CTC head
-#   3. train the same-size model from scratch, with the same updates
+#   3. train the same architecture from scratch for the same updates, capped at
+#      SCRATCH_MINUTES (default 3) of wall time so the demo stays short
 #   4. print test CER/WER for both, then transcribe one file
 # Usage: recipes/transfer/demo.sh [--out DIR] [--lang LANG] [--minutes M] [--steps N]
 set -euo pipefail
@@ -34,14 +35,14 @@ synthesize(SynthConfig(lang=lang, minutes=1.0, out_dir=out, seed=9, speakers=("m
 PYEOF
 common=(train="$out/train/manifest.jsonl" dev="$out/test/manifest.jsonl" max_steps="$steps" eval_every="$steps" seed=0 num_workers=1 -q)
 st train "$here/conf/frozen.yaml" encoder=default out="$out/frozen" "${common[@]}"
-st train "$here/conf/scratch.yaml" encoder=default out="$out/scratch" "${common[@]}"
+st train "$here/conf/scratch.yaml" encoder=default out="$out/scratch" max_minutes="${SCRATCH_MINUTES:-3}" "${common[@]}"
 "$PY" - "$out" <<'PYEOF'
 import json, sys
 out = sys.argv[1]
-print(f"\n{'model':28s} {'train s':>8s} {'test CER':>9s} {'test WER':>9s}")
+print(f"\n{'model':28s} {'steps':>6s} {'train s':>8s} {'test CER':>9s} {'test WER':>9s}")
 for name, label in (("frozen", "default encoder, frozen"), ("scratch", "same model from scratch")):
     s = json.load(open(f"{out}/{name}/train_summary.json"))
-    print(f"{label:28s} {s['wall_time_s']:8.0f} {s['best_dev_cer']:9.3f} {s['best_dev_wer']:9.3f}")
+    print(f"{label:28s} {s['steps']:6d} {s['wall_time_s']:8.0f} {s['best_dev_cer']:9.3f} {s['best_dev_wer']:9.3f}")
 PYEOF
 wav=$(ls "$out"/test/wavs/*.wav | head -1)
 echo; echo "reference:  $(grep -h "\"$(basename "$wav" .wav)\"" "$out/test/manifest.jsonl" | "$PY" -c 'import json,sys; print(json.loads(sys.stdin.readline())["text"])')"
