@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .encoder import SpeechEncoder
-from .loader import AudioDataset, DynamicBucketSampler, collate
+from .loader import AudioDataset, DynamicBucketSampler, UtteranceDataset, collate, pad_targets
 from .manifest import Utterance
 
 logger = logging.getLogger(__name__)
@@ -76,28 +76,17 @@ class FeatureBatch:
                             self.targets.to(device), self.target_lengths.to(device), self.ids, self.texts, self.durations)
 
 
-class FeatureDataset(Dataset):
+class FeatureDataset(UtteranceDataset):
     """Cached features of ``utterances`` with their (normalised, encoded) transcripts."""
 
     def __init__(self, utterances: Sequence[Utterance], features: dict[str, torch.Tensor],
                  normalize: Callable[[str], str] | None = None, encode: Callable[[str], list[int]] | None = None):
-        self.utterances = list(utterances)
+        super().__init__(utterances, normalize, encode)
         self.features = features
-        self.normalize = normalize or (lambda s: s)
-        self.encode = encode
-
-    def __len__(self) -> int:
-        return len(self.utterances)
-
-    @property
-    def durations(self) -> list[float]:
-        return [u.duration for u in self.utterances]
 
     def __getitem__(self, i: int) -> dict:
         u = self.utterances[i]
-        text = self.normalize(u.text)
-        ids = self.encode(text) if self.encode else []
-        return {"feats": self.features[u.id], "ids": torch.tensor(ids, dtype=torch.long), "id": u.id, "text": text, "duration": u.duration}
+        return {"feats": self.features[u.id], **self.labels(u)}
 
 
 def collate_features(items: Sequence[dict]) -> FeatureBatch:
@@ -106,9 +95,6 @@ def collate_features(items: Sequence[dict]) -> FeatureBatch:
     hidden = torch.zeros(L, len(items), int(lengths.max()), D)
     for k, it in enumerate(items):
         hidden[:, k, : lengths[k]] = it["feats"].float()
-    tlens = torch.tensor([it["ids"].numel() for it in items], dtype=torch.long)
-    targets = torch.zeros(len(items), int(tlens.max()) if items else 0, dtype=torch.long)
-    for k, it in enumerate(items):
-        targets[k, : tlens[k]] = it["ids"]
+    targets, tlens = pad_targets(items)
     return FeatureBatch(hidden, lengths, targets, tlens, [it["id"] for it in items], [it["text"] for it in items],
                         [it["duration"] for it in items])

@@ -344,12 +344,7 @@ def _import_delimited(path: Path, options: PrepareOptions, delimiter: str) -> It
     spk_i = None if options.speaker_column is None else _column(header, options.speaker_column, "speaker", path)
     id_i = None if options.id_column is None else _column(header, options.id_column, "id", path)
     needed = max(i for i in (audio_i, text_i, spk_i, id_i) if i is not None)
-    for lineno, row in rows:
-        if not any(cell.strip() for cell in row):
-            continue
-        where = f"{path}:{lineno}"
-        if len(row) <= needed:
-            raise PrepareError(f"{where}: expected at least {needed + 1} field(s), found {len(row)}")
+    for where, row in _data_rows(rows, path, needed):
         audio_rel = row[audio_i].strip()
         if not audio_rel:
             raise PrepareError(f"{where}: empty audio path")
@@ -410,12 +405,7 @@ def _import_commonvoice(source: Path, options: PrepareOptions, skipped: list) ->
     path_i = _column(header, "path", "audio", tsv)
     text_i = _column(header, "sentence", "text", tsv)
     needed = max(spk_i, path_i, text_i)
-    for lineno, row in rows:
-        if not any(cell.strip() for cell in row):
-            continue
-        where = f"{tsv}:{lineno}"
-        if len(row) <= needed:
-            raise PrepareError(f"{where}: expected at least {needed + 1} field(s), found {len(row)}")
+    for where, row in _data_rows(rows, tsv, needed):
         name = row[path_i].strip()
         if not name:
             raise PrepareError(f"{where}: empty path")
@@ -470,6 +460,17 @@ def _read_table(path: Path, delimiter: str):
     except UnicodeDecodeError as e:
         raise PrepareError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
+
+
+def _data_rows(rows, path, needed: int):
+    """Non-blank rows as ``("file:line", row)``; a row too short for column ``needed`` is an error."""
+    for lineno, row in rows:
+        if not any(cell.strip() for cell in row):
+            continue
+        where = f"{path}:{lineno}"
+        if len(row) <= needed:
+            raise PrepareError(f"{where}: expected at least {needed + 1} field(s), found {len(row)}")
+        yield where, row
 
 def _column(header: list[str], col: str | int, what: str, path: Path) -> int:
     names = [h.strip() for h in header]

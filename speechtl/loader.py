@@ -54,8 +54,8 @@ class Batch:
         )
 
 
-class AudioDataset(Dataset):
-    """Utterances as ``dict(wav, ids, id, text, duration)``; audio decoded on access.
+class UtteranceDataset(Dataset):
+    """Utterances with their training labels; subclasses add the model input.
 
     ``normalize`` maps transcripts to training text; ``encode`` maps that text to ids.
     """
@@ -65,12 +65,10 @@ class AudioDataset(Dataset):
         utterances: Sequence[Utterance],
         normalize: Callable[[str], str] | None = None,
         encode: Callable[[str], list[int]] | None = None,
-        sample_rate: int = SAMPLE_RATE,
     ):
         self.utterances = list(utterances)
         self.normalize = normalize or (lambda s: s)
         self.encode = encode
-        self.sample_rate = sample_rate
 
     def __len__(self) -> int:
         return len(self.utterances)
@@ -79,12 +77,31 @@ class AudioDataset(Dataset):
     def durations(self) -> list[float]:
         return [u.duration for u in self.utterances]
 
-    def __getitem__(self, i: int) -> dict:
-        u = self.utterances[i]
-        wav = torch.from_numpy(load_audio(u.audio, self.sample_rate))
+    def labels(self, u: Utterance) -> dict:
         text = self.normalize(u.text)
         ids = self.encode(text) if self.encode else []
-        return {"wav": wav, "ids": torch.tensor(ids, dtype=torch.long), "id": u.id, "text": text, "duration": u.duration}
+        return {"ids": torch.tensor(ids, dtype=torch.long), "id": u.id, "text": text, "duration": u.duration}
+
+
+class AudioDataset(UtteranceDataset):
+    """Items are ``dict(wav, ids, id, text, duration)``; audio is decoded on access."""
+
+    def __init__(self, utterances, normalize=None, encode=None, sample_rate: int = SAMPLE_RATE):
+        super().__init__(utterances, normalize, encode)
+        self.sample_rate = sample_rate
+
+    def __getitem__(self, i: int) -> dict:
+        u = self.utterances[i]
+        return {"wav": torch.from_numpy(load_audio(u.audio, self.sample_rate)), **self.labels(u)}
+
+
+def pad_targets(items: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-padded ``(targets (B, L), target_lengths (B,))`` from items' ``ids``."""
+    tlens = torch.tensor([it["ids"].numel() for it in items], dtype=torch.long)
+    targets = torch.zeros(len(items), int(tlens.max()) if len(items) else 0, dtype=torch.long)
+    for k, it in enumerate(items):
+        targets[k, : tlens[k]] = it["ids"]
+    return targets, tlens
 
 
 def collate(items: Sequence[dict]) -> Batch:
@@ -93,10 +110,7 @@ def collate(items: Sequence[dict]) -> Batch:
     waveforms = torch.zeros(len(items), int(lengths.max()) if len(items) else 0)
     for k, it in enumerate(items):
         waveforms[k, : lengths[k]] = it["wav"]
-    tlens = torch.tensor([it["ids"].numel() for it in items], dtype=torch.long)
-    targets = torch.zeros(len(items), int(tlens.max()) if len(items) else 0, dtype=torch.long)
-    for k, it in enumerate(items):
-        targets[k, : tlens[k]] = it["ids"]
+    targets, tlens = pad_targets(items)
     return Batch(
         waveforms, lengths, targets, tlens, [it["id"] for it in items], [it["text"] for it in items], [it["duration"] for it in items]
     )
