@@ -249,6 +249,9 @@ def load_encoder(
     for k, v in overrides.items():
         setattr(config, k, v)
     build_masking = saved_masking if any(saved_masking.values()) and not random_init else {}
+    if not random_init and not build_masking and _has_mask_embedding(source):
+        build_masking = {"mask_time_prob": 0.05}  # saved with masking off, but the weights are there
+
     final_masking = {k: getattr(config, k, 0.0) for k in saved_masking}
     for k, v in build_masking.items():
         setattr(config, k, v)
@@ -261,6 +264,16 @@ def load_encoder(
     for k, v in final_masking.items():
         setattr(model.config, k, v)
     return SpeechEncoder(model, normalize_waveform=_read_do_normalize(source), source=str(name_or_path))
+
+
+def _has_mask_embedding(source: str) -> bool:
+    path = Path(source) / "model.safetensors"
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.endswith("masked_spec_embed") for k in f.keys())
 
 
 def encoder_from_config(config, normalize_waveform: bool = True, seed: int = 0) -> SpeechEncoder:

@@ -19,7 +19,8 @@ SUBCOMMANDS = ["prepare", "synth", "train", "extract", "evaluate", "transcribe",
 def finetuned(tmp_path_factory, tones, tiny_encoder):
     out = tmp_path_factory.mktemp("ft")
     cfg = load_train_config(None, dict(encoder=str(tiny_encoder), mode="finetune", train=str(tones), out=str(out),
-                                       max_steps=30, eval_every=30, num_workers=0, max_batch_seconds=4, lr=1e-2, encoder_lr=1e-3))
+                                       max_steps=30, eval_every=30, num_workers=0, max_batch_seconds=4, lr=1e-2, encoder_lr=1e-3,
+                                       mask_time_prob=0.0))  # exercises export of a model saved with masking off
     train(cfg, progress=False)
     return out / "model"
 

@@ -147,3 +147,11 @@ def test_cached_frozen_training_matches_on_the_fly(tmp_path, tones, tiny_encoder
     # features are cached in float16: the loss curves agree to that precision
     assert losses[0] == pytest.approx(losses[1], rel=1e-2)
     assert a["best_dev_cer"] == pytest.approx(b["best_dev_cer"], abs=0.02)
+
+
+def test_early_stopping_when_dev_error_stops_improving(tmp_path, tones, tiny_encoder):
+    # lr=0: the dev error cannot improve after the first evaluation
+    summary = train(_cfg(tmp_path, tones, tiny_encoder, mode="frozen", dev=str(tones), lr=0.0, max_steps=50, eval_every=1,
+                         patience=2), progress=False)
+    assert summary["stop_reason"] == "early_stopping"
+    assert summary["steps"] == 3 and summary["best_step"] == 1
