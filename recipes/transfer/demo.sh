@@ -5,13 +5,13 @@
 #      voice variants that are not in the training data)
 #   2. adapt the default encoder with a frozen-encoder BiLSTM CTC head
 #   3. train the same architecture from scratch for the same updates, capped at
-#      SCRATCH_MINUTES (default 3) of wall time so the demo stays short
+#      SCRATCH_MINUTES (default 2) of wall time so the demo stays short
 #   4. print test CER/WER for both, then transcribe one file
 # Usage: recipes/transfer/demo.sh [--out DIR] [--lang LANG] [--minutes M] [--steps N]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-out=$root/exp/demo; lang=cs; minutes=5; steps=250
+out=$root/exp/demo; lang=cs; minutes=5; steps=200
 while [ $# -gt 0 ]; do
     case $1 in
         --out) out=$2; shift 2;;
@@ -35,7 +35,7 @@ synthesize(SynthConfig(lang=lang, minutes=1.0, out_dir=out, seed=9, speakers=("m
 PYEOF
 common=(train="$out/train/manifest.jsonl" dev="$out/test/manifest.jsonl" max_steps="$steps" eval_every="$steps" seed=0 num_workers=1 -q)
 st train "$here/conf/frozen.yaml" encoder=default out="$out/frozen" "${common[@]}"
-st train "$here/conf/scratch.yaml" encoder=default out="$out/scratch" max_minutes="${SCRATCH_MINUTES:-3}" "${common[@]}"
+st train "$here/conf/scratch.yaml" encoder=default out="$out/scratch" max_minutes="${SCRATCH_MINUTES:-2}" "${common[@]}"
 "$PY" - "$out" <<'PYEOF'
 import json, sys
 out = sys.argv[1]
