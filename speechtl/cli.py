@@ -36,7 +36,7 @@ def cmd_prepare(args) -> int:
     hours = sum(u.duration for u in result.utterances) / 3600
     print(f"wrote {len(result.utterances)} utterances ({hours:.3f} h) to {args.out}")
     if result.dev:
-        print(f"wrote {len(result.dev)} dev utterances to {args.dev_out or written}")
+        print(f"wrote {len(result.dev)} dev utterances to {written[1]}")
     if result.dropped_duration:
         print(f"dropped {result.dropped_duration} clip(s) outside the duration limits")
     if result.skipped:
