@@ -47,7 +47,13 @@ def cmd_prepare(args) -> int:
 def cmd_synth(args) -> int:
     from .synth import SynthConfig, synthesize
 
+    from .synth import DEFAULT_VARIANTS
+
     extra = {"workers": args.workers} if args.workers else {}
+    variants = tuple(args.variants.split(",")) if args.variants else DEFAULT_VARIANTS
+    if args.exclude_variants:
+        variants = tuple(v for v in variants if v not in args.exclude_variants.split(","))
+    extra["variants"] = variants
     cfg = SynthConfig(lang=args.lang, minutes=args.minutes, out_dir=args.out, seed=args.seed, text_file=args.text_file,
                       noise_snr_db=args.noise_snr_db, prefix=args.prefix, n_speakers=args.speakers,
                       min_words=args.min_words, max_words=args.max_words, **extra)
@@ -161,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-words", type=int, default=2, help="fewest words per utterance (wordfreq text)")
     s.add_argument("--max-words", type=int, default=10, help="most words per utterance (wordfreq text)")
     s.add_argument("--speakers", type=int, default=12, help="number of speaker profiles (voice variant, rate, pitch)")
+    s.add_argument("--variants", help="comma-separated espeak-ng voice variants to draw speakers from (default: 17 variants)")
+    s.add_argument("--exclude-variants", help="comma-separated variants never to use (e.g. those held out for a test set)")
     s.add_argument("--noise-snr-db", type=float, help="add white noise at this SNR")
     s.add_argument("--prefix", default="", help="prefix for utterance ids")
     s.add_argument("--workers", type=int, default=None, help="parallel espeak-ng processes (default: CPU count)")

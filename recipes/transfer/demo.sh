@@ -25,14 +25,9 @@ done
 PY=${PYTHON:-$root/.venv/bin/python}
 st() { "$PY" -m speechtl "$@"; }
 mkdir -p "$out"
-st synth --lang "$lang" --minutes "$minutes" --out "$out/train" --seed 1 -q
-# test voices: variants that the training speakers never use
-"$PY" - "$lang" "$out/test" <<'PYEOF'
-import sys
-from speechtl.synth import SynthConfig, synthesize
-lang, out = sys.argv[1], sys.argv[2]
-synthesize(SynthConfig(lang=lang, minutes=1.0, out_dir=out, seed=9, speakers=("m7", "f5", "klatt3")), progress=False)
-PYEOF
+held_out=m7,f5,klatt3  # test voices: variants the training speakers never use
+st synth --lang "$lang" --minutes "$minutes" --out "$out/train" --seed 1 --exclude-variants "$held_out" -q
+st synth --lang "$lang" --minutes 1 --out "$out/test" --seed 9 --variants "$held_out" --speakers 6 -q
 common=(train="$out/train/manifest.jsonl" dev="$out/test/manifest.jsonl" max_steps="$steps" eval_every="$steps" seed=0 num_workers=1 -q)
 st train "$here/conf/frozen.yaml" encoder=default out="$out/frozen" "${common[@]}"
 st train "$here/conf/scratch.yaml" encoder=default out="$out/scratch" max_minutes="${SCRATCH_MINUTES:-2}" "${common[@]}"
