@@ -94,3 +94,13 @@ def test_errors(tmp_path):
     spec = UttSpec(0, "bad-000000", "hello", Speaker("m1", 150, 50))
     with pytest.raises(RuntimeError, match="bad-000000"):
         synth_utterances([spec], tmp_path / "e", lang="xx-nolang")
+
+
+def test_cli_variant_selection(tmp_path):
+    from speechtl.cli import main
+    from speechtl.manifest import read_manifest
+
+    assert main(["synth", "--lang", "en-us", "--minutes", "0.1", "--out", str(tmp_path / "a"), "--variants", "m3,f2,klatt",
+                 "--exclude-variants", "klatt", "--workers", "2", "-q"]) == 0
+    variants = {u.speaker.split("-")[2] for u in read_manifest(tmp_path / "a" / "manifest.jsonl")}
+    assert variants and variants <= {"m3", "f2"}
