@@ -11,17 +11,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 stage=0; stop_stage=4; out=${PRETRAIN_OUT:-$root/exp/pretrain}; minutes=${PRETRAIN_MINUTES:-15}
-overrides=()
-while [ $# -gt 0 ]; do
-    case $1 in
-        --stage) stage=$2; shift 2;;
-        --stop-stage) stop_stage=$2; shift 2;;
-        --out) out=$2; shift 2;;
-        -h|--help) sed -n 2,10p "$0"; exit 0;;
-        *=*) overrides+=("$1"); shift;;
-        *) echo "unknown option $1" >&2; exit 1;;
-    esac
-done
+. "$here/../parse_options.sh"
 PY=${PYTHON:-$root/.venv/bin/python}
 st() { "$PY" -m speechtl "$@"; }
 # Reserved for transfer evaluation, never pretrained on: cs it pl sw nl tr

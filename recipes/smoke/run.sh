@@ -10,15 +10,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 stage=0; stop_stage=4; out=${SMOKE_OUT:-$root/exp/smoke}; lang=${SMOKE_LANG:-cs}
-while [ $# -gt 0 ]; do
-    case $1 in
-        --stage) stage=$2; shift 2;;
-        --stop-stage) stop_stage=$2; shift 2;;
-        --out) out=$2; shift 2;;
-        -h|--help) sed -n 2,9p "$0"; exit 0;;
-        *) echo "unknown option $1" >&2; exit 1;;
-    esac
-done
+. "$here/../parse_options.sh"
 PY=${PYTHON:-$root/.venv/bin/python}
 st() { "$PY" -m speechtl "$@"; }
 mkdir -p "$out"

@@ -12,16 +12,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 out=$root/exp/demo; lang=cs; minutes=5; steps=200
-while [ $# -gt 0 ]; do
-    case $1 in
-        --out) out=$2; shift 2;;
-        --lang) lang=$2; shift 2;;
-        --minutes) minutes=$2; shift 2;;
-        --steps) steps=$2; shift 2;;
-        -h|--help) sed -n 2,9p "$0"; exit 0;;
-        *) echo "unknown option $1" >&2; exit 1;;
-    esac
-done
+. "$here/../parse_options.sh"
 PY=${PYTHON:-$root/.venv/bin/python}
 st() { "$PY" -m speechtl "$@"; }
 mkdir -p "$out"
