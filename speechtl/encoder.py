@@ -20,7 +20,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -339,16 +338,3 @@ def tiny_config(family: str = "wav2vec2", **kw):
         base["num_conv_pos_embeddings"] = 5  # data2vec uses a stack of small pos convs
     base.update(kw)
     return classes[family](**base)
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def batch_lengths(waves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad a list of 1-D waveforms into ``(values (B, S), lengths (B,))``."""
-    lengths = torch.tensor([w.numel() for w in waves], dtype=torch.long)
-    out = torch.zeros(len(waves), int(lengths.max()))
-    for i, w in enumerate(waves):
-        out[i, : w.numel()] = w
-    return out, lengths

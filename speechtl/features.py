@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .encoder import SpeechEncoder
-from .loader import AudioDataset, DynamicBucketSampler, UtteranceDataset, collate, pad_targets
+from .loader import AudioDataset, UtteranceDataset, collate, pad_targets, sorted_loader
 from .manifest import Utterance
 
 logger = logging.getLogger(__name__)
@@ -43,8 +42,7 @@ def extract_in_memory(
     was_training = encoder.training
     encoder.eval()
     ds = AudioDataset(utterances)
-    sampler = DynamicBucketSampler(ds.durations, max_batch_seconds, shuffle=False)
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, pin_memory=device.type == "cuda")
+    loader = sorted_loader(ds, max_batch_seconds, collate, num_workers, device)
     out: dict[str, torch.Tensor] = {}
     bar = tqdm(total=round(sum(ds.durations)), desc="encode", unit="s", disable=not progress, leave=False)
     for batch in loader:

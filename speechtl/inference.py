@@ -9,13 +9,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .audio import SAMPLE_RATE, load_audio
 from .decode import greedy_ids
 from .features import FeatureDataset, collate_features
-from .loader import AudioDataset, DynamicBucketSampler, collate
+from .loader import AudioDataset, collate, pad_waveforms, sorted_loader
 from .manifest import Utterance
 from .metrics import ScoreReport, UtteranceResult, score, write_results
 from .model import CTCModel, load_model_dir
@@ -61,8 +60,7 @@ def decode_utterances(
     else:
         ds = AudioDataset(utterances, normalize=normalizer)
         collate_fn, workers = collate, num_workers
-    sampler = DynamicBucketSampler(ds.durations, max_batch_seconds, shuffle=False)
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers, pin_memory=device.type == "cuda")
+    loader = sorted_loader(ds, max_batch_seconds, collate_fn, workers, device)
     hyps: dict[str, str] = {}
     bar = tqdm(total=len(utterances), desc="decode", unit="utt", disable=not progress, leave=False)
     for batch in loader:
@@ -121,8 +119,8 @@ class Recognizer:
         def flush():
             if not batch:
                 return
-            values = collate([{"wav": waves[i], "ids": torch.zeros(0, dtype=torch.long), "id": str(i), "text": "", "duration": 0.0} for i in batch])
-            texts = decode_batch(self.model, self.vocab, values.waveforms.to(self.device), values.lengths.to(self.device))
+            values, lengths = pad_waveforms([waves[i] for i in batch])
+            texts = decode_batch(self.model, self.vocab, values.to(self.device), lengths.to(self.device))
             for i, t in zip(batch, texts):
                 out[i] = t
             bar.update(len(batch))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .audio import SAMPLE_RATE, load_audio
 from .manifest import Utterance
@@ -104,12 +104,18 @@ def pad_targets(items: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return targets, tlens
 
 
+def pad_waveforms(waves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad 1-D waveforms into ``(values (B, S), lengths (B,))``."""
+    lengths = torch.tensor([w.numel() for w in waves], dtype=torch.long)
+    values = torch.zeros(len(waves), int(lengths.max()) if len(waves) else 0)
+    for k, w in enumerate(waves):
+        values[k, : w.numel()] = w
+    return values, lengths
+
+
 def collate(items: Sequence[dict]) -> Batch:
     """Zero-pad waveforms and targets; lengths ride alongside."""
-    lengths = torch.tensor([it["wav"].numel() for it in items], dtype=torch.long)
-    waveforms = torch.zeros(len(items), int(lengths.max()) if len(items) else 0)
-    for k, it in enumerate(items):
-        waveforms[k, : lengths[k]] = it["wav"]
+    waveforms, lengths = pad_waveforms([it["wav"] for it in items])
     targets, tlens = pad_targets(items)
     return Batch(
         waveforms, lengths, targets, tlens, [it["id"] for it in items], [it["text"] for it in items], [it["duration"] for it in items]
@@ -165,20 +171,7 @@ class DynamicBucketSampler(Sampler[list[int]]):
         if self.shuffle:
             rng.shuffle(order)
         order.sort(key=lambda i: self.durations[i])  # stable: shuffled ties
-        batches: list[list[int]] = []
-        cur: list[int] = []
-        cur_max = 0.0
-        for i in order:
-            d = self.durations[i]
-            new_max = max(cur_max, d)
-            full = self.max_batch_size is not None and len(cur) >= self.max_batch_size
-            if cur and (new_max * (len(cur) + 1) > self.max_batch_seconds or full):
-                batches.append(cur)
-                cur, new_max = [], d
-            cur.append(i)
-            cur_max = new_max
-        if cur:
-            batches.append(cur)
+        batches = cut_batches(order, self.durations, self.max_batch_seconds, self.max_batch_size)
         if self.shuffle:
             rng.shuffle(batches)
         if self.world_size > 1 and batches:
@@ -201,9 +194,6 @@ class DynamicBucketSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self.batches())
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "seed": self.seed}
-
     def padding_overhead(self) -> float:
         """Fraction of padded batch seconds that is padding, over one epoch (all ranks)."""
         padded = real = 0.0
@@ -214,15 +204,16 @@ class DynamicBucketSampler(Sampler[list[int]]):
         return 0.0 if padded == 0 else 1.0 - real / padded
 
 
-def random_batches(durations: Sequence[float], max_batch_seconds: float, seed: int = 0) -> list[list[int]]:
-    """Batches of shuffled clips capped by padded seconds (the unsorted baseline)."""
-    rng = random.Random(seed)
-    order = list(range(len(durations)))
-    rng.shuffle(order)
-    batches, cur, cur_max = [], [], 0.0
+def cut_batches(order: Sequence[int], durations: Sequence[float], max_batch_seconds: float,
+                max_batch_size: int | None = None) -> list[list[int]]:
+    """Cut ``order`` greedily into batches whose padded seconds stay under the cap."""
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = 0.0
     for i in order:
         new_max = max(cur_max, durations[i])
-        if cur and new_max * (len(cur) + 1) > max_batch_seconds:
+        full = max_batch_size is not None and len(cur) >= max_batch_size
+        if cur and (new_max * (len(cur) + 1) > max_batch_seconds or full):
             batches.append(cur)
             cur, new_max = [], durations[i]
         cur.append(i)
@@ -230,6 +221,20 @@ def random_batches(durations: Sequence[float], max_batch_seconds: float, seed: i
     if cur:
         batches.append(cur)
     return batches
+
+
+def random_batches(durations: Sequence[float], max_batch_seconds: float, seed: int = 0) -> list[list[int]]:
+    """Batches of shuffled clips capped by padded seconds (the unsorted baseline)."""
+    order = list(range(len(durations)))
+    random.Random(seed).shuffle(order)
+    return cut_batches(order, durations, max_batch_seconds)
+
+
+def sorted_loader(dataset, max_batch_seconds: float, collate_fn, num_workers: int = 0, device=None) -> DataLoader:
+    """Duration-sorted, unshuffled batches for inference and feature extraction."""
+    sampler = DynamicBucketSampler(dataset.durations, max_batch_seconds, shuffle=False)
+    pin = device is not None and torch.device(device).type == "cuda"
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin)
 
 
 def padding_overhead(batches: Sequence[Sequence[int]], durations: Sequence[float]) -> float:

@@ -140,10 +140,11 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
     train_utts = read_manifest(cfg.train)
     dev_utts = read_manifest(cfg.dev) if cfg.dev else []
     train_texts = [normalizer(u.text) for u in train_utts]
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) if cfg.resume and ckpt_path.is_file() else None
     if cfg.vocab:
         vocab = Vocabulary.load(cfg.vocab)
-    elif cfg.resume and ckpt_path.is_file():
-        vocab = Vocabulary(torch.load(ckpt_path, map_location="cpu", weights_only=True)["vocab"])
+    elif ck is not None:
+        vocab = Vocabulary(ck["vocab"])
     else:
         vocab = Vocabulary.build(train_texts)
     for name, texts in (("train", train_texts), ("dev", [normalizer(u.text) for u in dev_utts])):
@@ -195,8 +196,7 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
 
     st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "audio_seconds": 0.0, "elapsed": 0.0,
           "best": None, "best_step": None, "bad_evals": 0, "loss": None}
-    if cfg.resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if ck is not None:
         missing, unexpected = model.load_state_dict(ck["model"], strict=False)
         if unexpected or any(not k.startswith("encoder.") for k in missing):
             raise RuntimeError(f"{ckpt_path}: checkpoint does not match the model ({unexpected or missing})")

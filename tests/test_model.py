@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import tiny_encoder_dir
-from speechtl.encoder import batch_lengths, load_encoder, resolve_encoder
+from speechtl.encoder import load_encoder, resolve_encoder
+from speechtl.loader import pad_waveforms
 from speechtl.heads import BiLSTMHead, WeightedLayerSum
-from speechtl.model import CTCModel, HeadConfig, build_model, ctc_loss, load_model_dir, save_model_dir
+from speechtl.model import HeadConfig, build_model, ctc_loss, load_model_dir, save_model_dir
 from speechtl.text import Normalizer, Vocabulary
 
 FAMILIES = ["wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-conformer"]
@@ -25,7 +26,7 @@ def test_batch_matches_single_clips(tmp_path, family, norm):
     kw = {} if family == "data2vec-audio" else {"feat_extract_norm": norm}
     enc = load_encoder(str(tiny_encoder_dir(tmp_path, family, **kw))).eval()
     waves = _waves()
-    x, lengths = batch_lengths(waves)
+    x, lengths = pad_waveforms(waves)
     with torch.no_grad():
         batched = enc(x, lengths)
         assert len(batched.hidden_states) == enc.num_layers
@@ -41,7 +42,7 @@ def test_group_norm_padding_would_change_features_without_per_clip_cnn(tmp_path)
     """The guard above is needed: naive zero padding changes group-norm features."""
     enc = load_encoder(str(tiny_encoder_dir(tmp_path, "wav2vec2", feat_extract_norm="group"))).eval()
     waves = _waves()
-    x, lengths = batch_lengths(waves)
+    x, lengths = pad_waveforms(waves)
     with torch.no_grad():
         naive = enc.model.feature_extractor.forward.__closure__  # patched: per-clip
         assert naive is not None
@@ -102,7 +103,7 @@ def test_each_family_trains_one_step(tmp_path, family, mode):
     model = build_model(str(enc_dir), mode, vocab_size=6)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    x, lengths = batch_lengths(_waves(lengths=(8000, 6000)))
+    x, lengths = pad_waveforms(_waves(lengths=(8000, 6000)))
     targets = torch.tensor([[3, 4, 5], [4, 5, 0]])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     logits, frames = model(x, lengths)
@@ -130,7 +131,7 @@ def test_model_dir_round_trip(tmp_path, tiny_encoder, mode, head):
     assert (tmp_path / "m" / "encoder" / "model.safetensors").is_file()
     loaded, vocab2, _, _ = load_model_dir(tmp_path / "m")
     assert vocab2.tokens == vocab.tokens
-    x, lengths = batch_lengths(_waves(lengths=(8000, 5000)))
+    x, lengths = pad_waveforms(_waves(lengths=(8000, 5000)))
     with torch.no_grad():
         a, _ = model(x, lengths)
         b, _ = loaded(x, lengths)
