@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ._io import atomic_path, write_json
+from .audio import AudioError, audio_info
 from .config import TrainConfig
 from .features import FeatureDataset, collate_features, estimate_bytes, extract_in_memory
 from .inference import decode_utterances, pick_device
@@ -88,6 +89,21 @@ def filter_trainable(utts: list[Utterance], texts: list[str], vocab: Vocabulary,
     return keep, {"empty_transcript": empty, "too_short_for_transcript": too_short}
 
 
+def check_audio(utts: list[Utterance]) -> None:
+    """Read every file's header before training, so a broken file stops the run at
+    step 0 with all the bad files named, rather than crashing it half-way."""
+    bad = []
+    for u in utts:
+        try:
+            audio_info(u.audio)
+        except AudioError as e:
+            bad.append(f"{u.id}: {e}")
+    if bad:
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise ValueError(f"{len(bad)} unreadable audio file(s); fix them or re-run `speechtl prepare --on-bad-audio skip`:\n  "
+                         + "\n  ".join(bad[:10]) + more)
+
+
 def _rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
@@ -139,6 +155,7 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
 
     train_utts = read_manifest(cfg.train)
     dev_utts = read_manifest(cfg.dev) if cfg.dev else []
+    check_audio(train_utts + dev_utts)
     train_texts = [normalizer(u.text) for u in train_utts]
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) if cfg.resume and ckpt_path.is_file() else None
     if cfg.vocab:

@@ -155,3 +155,15 @@ def test_early_stopping_when_dev_error_stops_improving(tmp_path, tones, tiny_enc
                          patience=2), progress=False)
     assert summary["stop_reason"] == "early_stopping"
     assert summary["steps"] == 3 and summary["best_step"] == 1
+
+
+def test_unreadable_audio_stops_training_before_it_starts(tmp_path, tiny_encoder):
+    from conftest import make_corrupt, make_wav
+    from speechtl.manifest import Utterance, write_manifest
+
+    ok = make_wav(tmp_path / "ok.wav", 1.0)
+    bad = make_corrupt(tmp_path / "bad.wav")
+    manifest = write_manifest(tmp_path / "m.jsonl", [Utterance("ok", str(ok), "ab", 1.0), Utterance("bad", str(bad), "ab", 1.0)])
+    with pytest.raises(ValueError, match="bad.wav"):
+        train(_cfg(tmp_path, manifest, tiny_encoder, mode="frozen", max_steps=1), progress=False)
+    assert not (tmp_path / "out" / "checkpoints").exists()
