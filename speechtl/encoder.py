@@ -248,8 +248,6 @@ def load_encoder(
     for k, v in overrides.items():
         setattr(config, k, v)
     build_masking = saved_masking if any(saved_masking.values()) and not random_init else {}
-    if not random_init and not build_masking and _has_mask_embedding(source):
-        build_masking = {"mask_time_prob": 0.05}  # saved with masking off, but the weights are there
 
     final_masking = {k: getattr(config, k, 0.0) for k in saved_masking}
     for k, v in build_masking.items():
@@ -263,16 +261,6 @@ def load_encoder(
     for k, v in final_masking.items():
         setattr(model.config, k, v)
     return SpeechEncoder(model, normalize_waveform=_read_do_normalize(source), source=str(name_or_path))
-
-
-def _has_mask_embedding(source: str) -> bool:
-    path = Path(source) / "model.safetensors"
-    if not path.is_file():
-        return False
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return any(k.endswith("masked_spec_embed") for k in f.keys())
 
 
 def encoder_from_config(config, normalize_waveform: bool = True, seed: int = 0) -> SpeechEncoder:
@@ -289,7 +277,13 @@ def save_encoder(encoder: SpeechEncoder, out_dir: str | os.PathLike) -> None:
     """Save as a standard HF model directory (config + safetensors + preprocessor config)."""
     from transformers import Wav2Vec2FeatureExtractor
 
-    encoder.model.save_pretrained(str(out_dir), safe_serialization=True)
+    # a model built from this config has a mask embedding only if the config masks;
+    # keep the saved weights consistent with the saved config
+    state = encoder.model.state_dict()
+    cfg = encoder.model.config
+    if not (getattr(cfg, "mask_time_prob", 0) > 0 or getattr(cfg, "mask_feature_prob", 0) > 0):
+        state.pop("masked_spec_embed", None)
+    encoder.model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
     Wav2Vec2FeatureExtractor(
         feature_size=1,
         sampling_rate=16_000,

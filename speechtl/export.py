@@ -44,10 +44,7 @@ def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     config.architectures = None
     ctc = AutoModelForCTC.from_config(config)
     base = getattr(ctc, ctc.base_model_prefix)
-    state = enc.model.state_dict()
-    if "masked_spec_embed" in state and "masked_spec_embed" not in base.state_dict():
-        del state["masked_spec_embed"]  # only used for training-time masking, which this config turns off
-    base.load_state_dict(state)
+    base.load_state_dict(enc.model.state_dict())
     ctc.lm_head.load_state_dict(model.head.proj.state_dict())
     ctc.eval()
     out_dir = Path(out_dir)
