@@ -28,7 +28,7 @@ def cmd_prepare(args) -> int:
     opts = PrepareOptions(
         format=args.format, audio_column=args.audio_column, text_column=args.text_column,
         speaker_column=args.speaker_column, id_column=args.id_column, min_duration=args.min_duration,
-        max_duration=args.max_duration, on_bad_audio=args.on_bad_audio, dev_fraction=args.dev_fraction,
+        max_duration=args.max_duration, max_minutes=args.max_minutes, on_bad_audio=args.on_bad_audio, dev_fraction=args.dev_fraction,
         dev_by_speaker=args.dev_by_speaker, seed=args.seed, lang=args.lang, absolute_paths=args.absolute_paths,
     )
     result = prepare(args.source, opts)
@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--id-column", help="csv/tsv: column with utterance ids (default: file stem)")
     s.add_argument("--min-duration", type=float, help="drop clips shorter than this (seconds)")
     s.add_argument("--max-duration", type=float, help="drop clips longer than this (seconds)")
+    s.add_argument("--max-minutes", type=float, help="keep the first training clips, in corpus order, up to this many minutes of audio (nested budgets)")
     s.add_argument("--on-bad-audio", choices=["error", "skip"], default="error", help="stop at an unreadable file (default) or skip it and write a report")
     s.add_argument("--skip-report", help="where to write the list of skipped files (default: OUT.skipped.tsv)")
     s.add_argument("--dev-fraction", type=float, default=0.0, help="fraction of utterances to split off as a dev set")

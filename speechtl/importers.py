@@ -80,6 +80,7 @@ class PrepareOptions:
     id_column: str | int | None = None  # csv/tsv: optional id column (else derived from the audio path)
     min_duration: float | None = None  # drop clips shorter than this
     max_duration: float | None = None  # drop clips longer than this
+    max_minutes: float | None = None  # keep the first train clips (in corpus order) up to this much audio
     on_bad_audio: str = "error"  # "error": raise AudioError; "skip": record in PrepareResult.skipped
     dev_fraction: float = 0.0  # fraction of utterances split off as dev, in [0, 1)
     dev_by_speaker: bool = False  # split whole speakers into dev
@@ -94,7 +95,7 @@ class PrepareOptions:
             raise ValueError(f"on_bad_audio must be 'error' or 'skip', not {self.on_bad_audio!r}")
         if not 0.0 <= self.dev_fraction < 1.0:
             raise ValueError(f"dev_fraction must be in [0, 1), not {self.dev_fraction}")
-        for name in ("min_duration", "max_duration"):
+        for name in ("min_duration", "max_duration", "max_minutes"):
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ValueError(f"{name} must be non-negative, not {v}")
@@ -193,6 +194,8 @@ def prepare(source: str | os.PathLike, options: PrepareOptions | None = None) ->
         logger.warning("%d utterance(s) have a manifest duration that differs from the file header by > 50 ms", mismatched)
 
     train, dev = split_dev(utterances, options.dev_fraction, by_speaker=options.dev_by_speaker, seed=options.seed)
+    if options.max_minutes is not None:
+        train = take_minutes(train, options.max_minutes)
     logger.info(
         "prepared %d utterance(s) (%.1f h) for train, %d for dev from %s",
         len(train),
@@ -247,6 +250,24 @@ def write_skip_report(path: str | os.PathLike, skipped: Iterable[tuple[str, str]
             for p, reason in skipped:
                 f.write(f"{_one_line(str(p))}\t{_one_line(reason)}\n")
     return path
+
+
+def take_minutes(utterances: list[Utterance], minutes: float) -> list[Utterance]:
+    """The leading utterances whose durations first reach ``minutes`` of audio.
+
+    Budgets taken this way from one corpus are nested: the 1-minute set is a prefix
+    of the 10-minute set, which is a prefix of the 60-minute set.
+    """
+    kept: list[Utterance] = []
+    total = 0.0
+    for u in utterances:
+        if total >= minutes * 60:
+            break
+        kept.append(u)
+        total += u.duration
+    if total < minutes * 60:
+        logger.warning("asked for %.1f min of audio but the corpus holds only %.1f min", minutes, total / 60)
+    return kept
 
 
 def split_dev(

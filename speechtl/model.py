@@ -69,8 +69,14 @@ class CTCModel(nn.Module):
     def apply_freezing(self) -> None:
         """The freezing policy: which encoder parameters get gradients."""
         groups = parameter_groups(self.encoder)
+        train_cnn = self.mode != "frozen" and not self.freeze_feature_encoder
         for p in groups["feature_encoder"]:
-            p.requires_grad_(self.mode != "frozen" and not self.freeze_feature_encoder)
+            p.requires_grad_(train_cnn)
+        # transformers' feature encoders otherwise mark their input as requiring grad in
+        # training mode, which runs a full backward pass through a frozen CNN
+        fe = self.encoder.model.feature_extractor
+        if hasattr(fe, "_requires_grad"):
+            fe._requires_grad = train_cnn
         for p in groups["transformer"]:
             p.requires_grad_(self.mode != "frozen")
         if self.mode == "frozen":

@@ -149,3 +149,12 @@ def test_scratch_mode_has_random_weights(tiny_encoder):
     k = "encoder.model.encoder.layers.0.attention.q_proj.weight"
     assert not torch.equal(pre.state_dict()[k], scratch.state_dict()[k])
     assert np.isclose(float(scratch.state_dict()[k].std()), float(pre.state_dict()[k].std()), rtol=0.5)
+
+
+@pytest.mark.parametrize("mode,cnn_grad", [("finetune", False), ("scratch", True)])
+def test_frozen_cnn_builds_no_graph(tiny_encoder, mode, cnn_grad):
+    # a frozen CNN must not run its backward pass (it would only produce input gradients)
+    model = build_model(str(tiny_encoder), mode, vocab_size=5).train()
+    x, _ = pad_waveforms(_waves(lengths=(8000, 8000)))
+    cnn_out = model.encoder.model.feature_extractor(x)
+    assert cnn_out.requires_grad is cnn_grad
