@@ -190,13 +190,16 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
         amp_dtype = torch.bfloat16 if cfg.amp in ("auto", "bf16") and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-    features = None
+    features = dev_features = None
     if cfg.mode == "frozen" and cfg.cache_features:
         need = estimate_bytes(model.encoder, train_utts + dev_utts)
         if need <= cfg.cache_max_gb * 1e9:
             logger.info("computing frozen encoder features once (%.2f GB)", need / 1e9)
-            features = extract_in_memory(model.encoder, train_utts + dev_utts, device, max(cfg.max_batch_seconds, 60.0),
-                                         cfg.num_workers, progress)
+            # one store per set: train and dev manifests may reuse the same utterance ids
+            features, dev_features = (
+                extract_in_memory(model.encoder, utts, device, max(cfg.max_batch_seconds, 60.0), cfg.num_workers, progress)
+                for utts in (train_utts, dev_utts)
+            )
         else:
             logger.warning("features need %.1f GB > cache_max_gb=%.1f: running the encoder every step", need / 1e9, cfg.cache_max_gb)
     loader_gen = torch.Generator()  # keeps worker seeding off the global RNG, so resume is exact
@@ -240,7 +243,7 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
         row = {}
         if dev_utts:
             report = decode_utterances(model, vocab, normalizer, dev_utts, device, max_batch_seconds=max(cfg.max_batch_seconds, 60.0),
-                                       features=features)
+                                       features=dev_features)
             row = {"dev_wer": report.wer, "dev_cer": report.cer}
             metric = report.cer if cfg.best_metric == "cer" else report.wer
             if st["best"] is None or metric < st["best"]["metric"]:

@@ -167,3 +167,21 @@ def test_unreadable_audio_stops_training_before_it_starts(tmp_path, tiny_encoder
     with pytest.raises(ValueError, match="bad.wav"):
         train(_cfg(tmp_path, manifest, tiny_encoder, mode="frozen", max_steps=1), progress=False)
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_frozen_dev_score_uses_dev_audio_when_ids_repeat(tmp_path, tones, tiny_encoder):
+    # train and dev manifests from separate sources often reuse ids (u0, u1, ...); an
+    # untrained head still emits feature-dependent characters, so any mix-up shows
+    from conftest import tone_corpus
+    from speechtl.inference import Recognizer
+    from speechtl.manifest import read_manifest
+
+    dev = tone_corpus(tmp_path / "dev", n=6, seed=5)
+    assert {u.id for u in read_manifest(dev)} <= {u.id for u in read_manifest(tones)}
+    train(_cfg(tmp_path, tones, tiny_encoder, mode="frozen", dev=str(dev), max_steps=1, eval_every=1, lr=1e-9),
+          progress=False)
+    during = {r["id"]: r["hyp"] for r in map(json.loads, open(tmp_path / "out" / "dev" / "hyps.jsonl"))}
+    Recognizer.load(tmp_path / "out" / "model").evaluate(read_manifest(dev), out_dir=tmp_path / "eval")
+    after = {r["id"]: r["hyp"] for r in map(json.loads, open(tmp_path / "eval" / "hyps.jsonl"))}
+    assert any(during.values())
+    assert during == after
