@@ -13,10 +13,6 @@ from . import __version__
 logger = logging.getLogger("speechtl")
 
 
-class NotYetAvailable(Exception):
-    pass
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars; warnings and errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -129,8 +125,43 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_not_yet(args) -> int:
-    raise NotYetAvailable(f"'speechtl {args.command}' is not implemented in this release yet")
+def cmd_extract(args) -> int:
+    import os
+    import time
+
+    import torch
+
+    from .cache import extract_to_cache
+    from .encoder import load_encoder
+    from .inference import pick_device
+    from .manifest import read_manifest
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:  # torchrun: one process per rank, each on its own device
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+        device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        device = pick_device(args.device)
+    try:
+        encoder = load_encoder(args.encoder, trust_remote_code=args.trust_remote_code)
+        utts = read_manifest(args.manifest)
+        t0 = time.perf_counter()
+        cache = extract_to_cache(encoder, utts, args.out, layers=args.layers, dtype=args.dtype, device=device,
+                                 max_batch_seconds=args.batch_seconds, num_workers=args.num_workers,
+                                 shard_seconds=args.shard_minutes * 60, progress=not args.quiet)
+        elapsed = time.perf_counter() - t0
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if cache is not None:
+        hours = cache.meta["audio_hours"]
+        print(f"cached {len(cache)} clips ({hours:.3f} h, layers {args.layers}, {args.dtype}) in {args.out} "
+              f"in {elapsed:.1f} s ({hours * 3600 / max(elapsed, 1e-9):.1f}x real time)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,9 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. mode=finetune max_steps=500")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("extract", help="cache encoder features for frozen-mode training (not yet available)")
-    s.add_argument("--encoder"), s.add_argument("--manifest"), s.add_argument("--out")
-    s.set_defaults(func=cmd_not_yet)
+    s = sub.add_parser("extract", help="cache encoder features on disk for frozen-mode training",
+                       description="Run a frozen encoder over a manifest once and store its layer outputs in a sharded, "
+                                   "resumable cache (read by `speechtl train feature_cache=...`). Under torchrun, "
+                                   "ranks share the work and write disjoint shards of one cache.")
+    s.add_argument("--encoder", default="default", help="local HF directory, hub id, or 'default' (the bundled encoder)")
+    s.add_argument("--manifest", required=True, help="JSONL manifest of the clips")
+    s.add_argument("--out", required=True, help="cache directory (an unfinished one is resumed)")
+    s.add_argument("--layers", default="all", help="'all' or comma-separated hidden-state indices (0 = transformer input)")
+    s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    s.add_argument("--batch-seconds", type=float, default=200.0, help="cap on padded audio seconds per batch")
+    s.add_argument("--num-workers", type=int, default=2, help="DataLoader processes decoding and resampling audio")
+    s.add_argument("--shard-minutes", type=float, default=30.0, help="audio per shard file")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    s.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    s.set_defaults(func=cmd_extract)
 
     s = sub.add_parser("evaluate", help="WER/CER of a model on a manifest", description="Greedy-decode a manifest and write hyps.jsonl, errs.txt and summary.json.")
     s.add_argument("model_dir")
@@ -233,9 +276,6 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         return args.func(args)
-    except NotYetAvailable as e:
-        print(f"speechtl: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("speechtl: interrupted", file=sys.stderr)
         return 130

@@ -61,6 +61,9 @@ class TrainConfig:
     normalizer: dict = _f({}, "NormalizerConfig fields, e.g. {lowercase: true, mappings: {'ß': 'ss'}}")
     cache_features: bool = _f(True, "frozen mode: run the encoder once and train the head on its stored outputs")
     cache_max_gb: float = _f(4.0, "largest in-memory feature cache; bigger sets recompute the encoder each step")
+    feature_cache: str | None = _f(None, "frozen mode: directory of on-disk feature caches (`speechtl extract`); "
+                                         "train/ and dev/ are made there if missing or stale, and the encoder is then "
+                                         "not kept in memory")
     num_workers: int = _f(2, "DataLoader worker processes for audio decoding")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     log_every: int = _f(10, "updates between rows of metrics.csv")

@@ -47,7 +47,8 @@ def extract_in_memory(
     bar = tqdm(total=round(sum(ds.durations)), desc="encode", unit="s", disable=not progress, leave=False)
     for batch in loader:
         b = batch.to(device, non_blocking=True)
-        enc = encoder(b.waveforms, b.lengths, all_layers=True)
+        with torch.random.fork_rng(devices=[]):  # transformers draws layerdrop numbers even in eval
+            enc = encoder(b.waveforms, b.lengths, all_layers=True)
         stacked = torch.stack(enc.hidden_states)  # (L, B, T, D)
         for i, uid in enumerate(b.ids):
             out[uid] = stacked[:, i, : int(enc.lengths[i])].to("cpu", torch.float16).clone()

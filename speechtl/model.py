@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,6 +59,11 @@ class CTCModel(nn.Module):
         self.mode = mode
         self.head_config = head
         self.encoder = encoder
+        self.encoder_dir: Path | None = None  # set by drop_encoder: a saved copy used by save_model_dir
+        self.encoder_info = {} if encoder is None else {
+            "source": encoder.source, "model_type": encoder.config.model_type,
+            "num_layers": encoder.num_layers, "hidden_size": encoder.hidden_size,
+        }
         self.layer_sum = WeightedLayerSum(num_layers) if mode == "frozen" else None
         self.head = build_head(head.kind, hidden_size, vocab_size, head.dropout, head.hidden_size, head.num_layers)
         self.encoder_trainable = mode != "frozen"  # finetune's freeze period switches this off
@@ -88,6 +94,15 @@ class CTCModel(nn.Module):
             self.encoder.eval()  # no dropout, masking or layerdrop in a fixed encoder
         return self
 
+    def drop_encoder(self, saved_dir: str | os.PathLike) -> None:
+        """Free a frozen encoder (training from a feature cache): save it once to
+        ``saved_dir``, which :func:`save_model_dir` copies into every model directory."""
+        if self.mode != "frozen":
+            raise ValueError("only a frozen encoder can be dropped")
+        save_encoder(self.encoder, saved_dir)
+        self.encoder_dir = Path(saved_dir)
+        self.encoder = None
+
     def head_parameters(self) -> list[nn.Parameter]:
         params = list(self.head.parameters())
         if self.layer_sum is not None:
@@ -103,7 +118,10 @@ class CTCModel(nn.Module):
         if self.encoder is None:
             raise RuntimeError("this model was built without an encoder; use forward_features")
         grad = self.encoder_trainable and torch.is_grad_enabled()
-        with contextlib.nullcontext() if grad else torch.no_grad():
+        # a fixed encoder leaves the random stream alone (transformers draws layerdrop numbers even
+        # in eval), so training with and without a feature cache sees the same dropout masks
+        rng = contextlib.nullcontext() if self.mode != "frozen" else torch.random.fork_rng(devices=[])
+        with contextlib.nullcontext() if grad else torch.no_grad(), rng:
             out = self.encoder(waveforms, lengths, all_layers=self.mode == "frozen")
         return self.forward_features(out.hidden_states, out.lengths)
 
@@ -158,7 +176,12 @@ def save_model_dir(
     """Write a complete, reloadable model directory atomically."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        save_encoder(model.encoder, tmp / "encoder")
+        if model.encoder is not None:
+            save_encoder(model.encoder, tmp / "encoder")
+        elif model.encoder_dir is not None:
+            shutil.copytree(model.encoder_dir, tmp / "encoder")
+        else:
+            raise ValueError("the model has no encoder to save")
         head_state = {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
         if model.layer_sum is not None:
             head_state.update({f"layer_sum.{k}": v.detach().cpu().contiguous() for k, v in model.layer_sum.state_dict().items()})
@@ -171,13 +194,7 @@ def save_model_dir(
             "head": asdict(model.head_config),
             "vocab_size": len(vocab),
             "sample_rate": 16_000,
-            "encoder": {
-                "source": model.encoder.source,
-                "model_type": model.encoder.config.model_type,
-                "num_layers": model.encoder.num_layers,
-                "hidden_size": model.encoder.hidden_size,
-                **(encoder_record or {}),
-            },
+            "encoder": {**model.encoder_info, **(encoder_record or {})},
         }
         if model.layer_sum is not None:
             meta["layer_weights"] = [round(float(w), 4) for w in torch.softmax(model.layer_sum.weights.detach(), 0)]

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ._io import atomic_path, write_json
 from .audio import AudioError, audio_info
 from .config import TrainConfig
+from .cache import FeatureCache, StaleCacheError, encoder_fingerprint, extract_to_cache
 from .features import FeatureDataset, collate_features, estimate_bytes, extract_in_memory
 from .inference import decode_utterances, pick_device
 from .loader import AudioDataset, DynamicBucketSampler, collate
@@ -140,6 +141,22 @@ def _trainable_state(model: CTCModel) -> dict:
     return {k: v for k, v in model.state_dict().items() if model.mode != "frozen" or not k.startswith("encoder.")}
 
 
+def open_or_extract(encoder, utterances, path: Path, device, max_batch_seconds: float, num_workers: int,
+                    progress: bool) -> FeatureCache:
+    """The on-disk cache of ``utterances`` at ``path``, (re-)extracted unless current."""
+    try:
+        cache = FeatureCache(path)
+        cache.check(utterances, encoder_fingerprint(encoder), layers=list(range(encoder.num_layers)))
+        logger.info("reading features from %s", path)
+        return cache
+    except FileNotFoundError:
+        logger.info("extracting features into %s", path)
+    except StaleCacheError as e:
+        logger.warning("%s; extracting again", e)
+    return extract_to_cache(encoder, utterances, path, "all", "float16", device, max_batch_seconds=max_batch_seconds,
+                            num_workers=num_workers, progress=progress, rank=0, world_size=1)
+
+
 def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], bool] | None = None) -> dict:
     """Train per ``cfg``; returns the training summary (also written to train_summary.json).
 
@@ -191,7 +208,14 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     features = dev_features = None
-    if cfg.mode == "frozen" and cfg.cache_features:
+    if cfg.mode == "frozen" and cfg.feature_cache:
+        features, dev_features = (
+            open_or_extract(model.encoder, utts, Path(cfg.feature_cache) / name, device, max(cfg.max_batch_seconds, 60.0),
+                            cfg.num_workers, progress)
+            for name, utts in (("train", train_utts), ("dev", dev_utts))
+        )
+        model.drop_encoder(out / "encoder")  # the head trains on the cache alone
+    elif cfg.mode == "frozen" and cfg.cache_features:
         need = estimate_bytes(model.encoder, train_utts + dev_utts)
         if need <= cfg.cache_max_gb * 1e9:
             logger.info("computing frozen encoder features once (%.2f GB)", need / 1e9)

@@ -35,11 +35,6 @@ def test_help_lists_the_contract():
         assert e.value.code == 0
 
 
-def test_unfinished_subcommand_says_so(capsys):
-    assert main(["extract", "--encoder", "x", "--manifest", "m", "--out", "o"]) == 2
-    assert "not implemented" in capsys.readouterr().err
-
-
 def test_evaluate_writes_summary_json(tmp_path, finetuned, tones, capsys):
     assert main(["evaluate", str(finetuned), str(tones), "--json", str(tmp_path / "r.json"), "-q"]) == 0
     summary = json.loads((tmp_path / "r.json").read_text())

@@ -1,0 +1,342 @@
+"""An on-disk cache of frozen-encoder features, written by ``speechtl extract``.
+
+Layout of a cache directory::
+
+    cache.json               what was extracted (encoder fingerprint, layers, dtype,
+                             preprocessing), the shard plan and the index id -> shard
+    shard-00000.safetensors  one tensor per clip, named by utterance id, shaped
+                             (layers, frames, hidden) in the cache dtype
+
+Clips are sorted by duration and cut into shards of about ``shard_seconds`` of audio.
+Every shard carries a key (in its safetensors metadata) that hashes the encoder, the
+layers, the dtype, the preprocessing and each of its manifest entries, so:
+
+- an interrupted extraction resumes by skipping the shards already on disk with the
+  right key (each shard is written atomically, so a shard on disk is whole);
+- a cache made with other weights, layers or audio is detected as stale and is never
+  read silently (:class:`StaleCacheError`);
+- with ``torchrun``, rank r extracts shards r, r + N, r + 2N, ... of one shared plan.
+
+Reading a clip opens only its shard (memory-mapped), and only the layers asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ._io import atomic_path, write_json
+from .audio import SAMPLE_RATE
+from .encoder import SpeechEncoder
+from .loader import AudioDataset, collate, cut_batches
+from .manifest import Utterance
+
+logger = logging.getLogger(__name__)
+
+CACHE_FILE = "cache.json"
+CACHE_VERSION = 1
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class StaleCacheError(RuntimeError):
+    """The cache on disk was made from a different encoder, layers, dtype or audio."""
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def encoder_fingerprint(encoder: SpeechEncoder) -> str:
+    """sha256 of the encoder's architecture (config) and every weight's bytes."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in encoder.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, t in sorted(encoder.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def preprocessing(encoder: SpeechEncoder) -> dict:
+    """How audio becomes encoder input; part of every key."""
+    return {"sample_rate": SAMPLE_RATE, "resampler": "soxr_hq", "channels": "mean", "normalize": encoder.normalize_waveform}
+
+
+def entry_key(u: Utterance) -> str:
+    """What of a manifest entry the features depend on: its id, audio file and duration."""
+    try:
+        size = os.stat(u.audio).st_size
+    except OSError:
+        size = -1
+    return f"{u.id}\t{os.path.abspath(u.audio)}\t{u.duration:.4f}\t{size}"
+
+
+def _sha(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Shard:
+    file: str
+    key: str
+    ids: tuple[str, ...]
+
+
+def plan_shards(utterances: Sequence[Utterance], base_key: str, shard_seconds: float) -> list[Shard]:
+    """Duration-sorted shards of about ``shard_seconds`` of audio, keyed by their entries."""
+    order = sorted(range(len(utterances)), key=lambda i: (utterances[i].duration, utterances[i].id))
+    groups: list[list[int]] = []
+    total = 0.0
+    for i in order:
+        if not groups or total >= shard_seconds:
+            groups.append([])
+            total = 0.0
+        groups[-1].append(i)
+        total += utterances[i].duration
+    return [
+        Shard(f"shard-{n:05d}.safetensors", _sha(base_key, *(entry_key(utterances[i]) for i in g)),
+              tuple(utterances[i].id for i in g))
+        for n, g in enumerate(groups)
+    ]
+
+
+def _shard_key_on_disk(path: Path) -> str | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("key")
+    except Exception:  # missing, truncated or not a safetensors file: not done
+        return None
+
+
+def _resolve_layers(layers: str | Sequence[int], num_layers: int) -> list[int]:
+    if isinstance(layers, str):
+        if layers == "all":
+            return list(range(num_layers))
+        layers = [int(x) for x in layers.split(",") if x.strip()]
+    out = [i + num_layers if i < 0 else i for i in layers]
+    bad = [i for i in out if not 0 <= i < num_layers]
+    if bad or not out:
+        raise ValueError(f"layers must be 'all' or indices in [0, {num_layers - 1}] (0 = CNN/projection output), got {layers}")
+    return out
+
+
+# --------------------------------------------------------------------------- extract
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def extract_to_cache(
+    encoder: SpeechEncoder,
+    utterances: Sequence[Utterance],
+    out_dir: str | os.PathLike,
+    layers: str | Sequence[int] = "all",
+    dtype: str = "float16",
+    device: str | torch.device = "cpu",
+    max_batch_seconds: float = 200.0,
+    num_workers: int = 2,
+    shard_seconds: float = 1800.0,
+    progress: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> "FeatureCache | None":
+    """Extract the features of ``utterances`` into ``out_dir``; resume what is there.
+
+    Returns the opened cache, or ``None`` on a rank of a multi-process run that
+    finished before the others (rank 0 returns the cache once all shards exist).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if rank is None or world_size is None:
+        rank, world_size = _dist_info()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    layer_ids = _resolve_layers(layers, encoder.num_layers)
+    fingerprint = encoder_fingerprint(encoder)
+    prep = preprocessing(encoder)
+    base_key = _sha(str(CACHE_VERSION), fingerprint, json.dumps(layer_ids), dtype, json.dumps(prep, sort_keys=True))
+    shards = plan_shards(utterances, base_key, shard_seconds)
+    meta = {
+        "version": CACHE_VERSION,
+        "key": _sha(base_key, *(s.key for s in shards)),
+        "encoder": {"source": encoder.source, "fingerprint": fingerprint, "model_type": encoder.config.model_type,
+                    "num_layers": encoder.num_layers, "hidden_size": encoder.hidden_size, "frame_rate": encoder.frame_rate},
+        "layers": layer_ids,
+        "dtype": dtype,
+        "preprocessing": prep,
+        "shards": [{"file": s.file, "key": s.key, "ids": list(s.ids)} for s in shards],
+        "utterances": len(utterances),
+        "audio_hours": sum(u.duration for u in utterances) / 3600,
+    }
+    if rank == 0:
+        write_json(out / CACHE_FILE, meta)
+
+    by_id = {u.id: u for u in utterances}
+    mine = [s for n, s in enumerate(shards) if n % world_size == rank]
+    todo = [s for s in mine if _shard_key_on_disk(out / s.file) != s.key]
+    if len(todo) < len(mine):
+        logger.info("rank %d: %d of %d shard(s) already extracted", rank, len(mine) - len(todo), len(mine))
+    if todo:
+        _extract_shards(encoder, todo, by_id, out, layer_ids, DTYPES[dtype], device, max_batch_seconds, num_workers, progress)
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank != 0:
+        return None
+    return FeatureCache(out)
+
+
+@torch.inference_mode()
+def _extract_shards(encoder, shards, by_id, out, layer_ids, dtype, device, max_batch_seconds, num_workers, progress) -> None:
+    utts = [by_id[i] for s in shards for i in s.ids]
+    ds = AudioDataset(utts)
+    durations = ds.durations
+    batches, bounds, start = [], [], 0
+    for s in shards:  # batches never cross a shard boundary, so each shard is written as soon as it is done
+        idx = list(range(start, start + len(s.ids)))
+        batches += cut_batches(idx, durations, max_batch_seconds)
+        start += len(s.ids)
+        bounds.append(start)
+    loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    was_training = encoder.training
+    encoder.eval().to(device)
+    amp = None
+    if device.type == "cuda":
+        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    hours = sum(durations) / 3600
+    bar = tqdm(total=round(hours, 4), desc="extract", unit="h", disable=not progress, bar_format=(
+        "{desc}: {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}, {rate_fmt}]"))
+    pending: dict[str, torch.Tensor] = {}
+    shard_i, done = 0, 0
+    select = torch.tensor(layer_ids)
+    for batch in loader:
+        b = batch.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None), \
+                torch.random.fork_rng(devices=[]):  # extraction leaves the caller's random stream alone
+            enc = encoder(b.waveforms, b.lengths, all_layers=True)
+        stacked = torch.stack([enc.hidden_states[i] for i in select.tolist()])  # (L, B, T, D)
+        stacked = stacked.to(dtype).cpu()
+        for k, uid in enumerate(b.ids):
+            pending[uid] = stacked[:, k, : int(enc.lengths[k])].contiguous()
+        done += len(b.ids)
+        bar.update(round(sum(b.durations) / 3600, 6))
+        while shard_i < len(shards) and done >= bounds[shard_i]:
+            s = shards[shard_i]
+            tensors = {uid: pending.pop(uid) for uid in s.ids}
+            with atomic_path(out / s.file) as tmp:
+                save_file(tensors, str(tmp), metadata={"key": s.key})
+            shard_i += 1
+    bar.close()
+    encoder.train(was_training)
+
+
+# --------------------------------------------------------------------------- read
+
+
+class FeatureCache:
+    """Read access to a cache directory: ``cache[utt_id]`` -> ``(layers, frames, hidden)``.
+
+    Args:
+        path: the cache directory.
+        layers: positions within the cached layers to return (default: all of them).
+    """
+
+    def __init__(self, path: str | os.PathLike, layers: Sequence[int] | None = None):
+        self.path = Path(path)
+        meta_path = self.path / CACHE_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{self.path}: no feature cache here ({CACHE_FILE} is missing)")
+        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if self.meta.get("version") != CACHE_VERSION:
+            raise StaleCacheError(f"{self.path}: cache format {self.meta.get('version')}, this speechtl reads {CACHE_VERSION}")
+        self.shards = [Shard(s["file"], s["key"], tuple(s["ids"])) for s in self.meta["shards"]]
+        self.index = {uid: n for n, s in enumerate(self.shards) for uid in s.ids}
+        self.layers = None if layers is None else list(layers)
+        self._open: dict[int, object] = {}
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["encoder"]["fingerprint"]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.meta["layers"]) if self.layers is None else len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.meta["encoder"]["hidden_size"])
+
+    def __contains__(self, uid: str) -> bool:
+        return uid in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def missing_shards(self) -> list[str]:
+        """Shards whose file is absent or carries another key (an unfinished extraction)."""
+        return [s.file for s in self.shards if _shard_key_on_disk(self.path / s.file) != s.key]
+
+    def check(self, utterances: Iterable[Utterance], fingerprint: str | None = None, layers: Sequence[int] | None = None) -> None:
+        """Raise :class:`StaleCacheError` unless the cache holds exactly these clips'
+        current features (and, if given, was made by this encoder with these layers)."""
+        if fingerprint is not None and fingerprint != self.fingerprint:
+            raise StaleCacheError(f"{self.path}: made by a different encoder (weights or config changed)")
+        if layers is not None and list(layers) != self.meta["layers"]:
+            raise StaleCacheError(f"{self.path}: holds layers {self.meta['layers']}, not {list(layers)}")
+        base = _sha(str(CACHE_VERSION), self.fingerprint, json.dumps(self.meta["layers"]), self.meta["dtype"],
+                    json.dumps(self.meta["preprocessing"], sort_keys=True))
+        utterances = list(utterances)
+        absent = [u.id for u in utterances if u.id not in self.index]
+        if absent:
+            raise StaleCacheError(f"{self.path}: {len(absent)} clip(s) are not in the cache, e.g. {absent[0]!r}")
+        by_id = {u.id: u for u in utterances}
+        for s in self.shards:
+            if all(uid in by_id for uid in s.ids) and _sha(base, *(entry_key(by_id[uid]) for uid in s.ids)) != s.key:
+                raise StaleCacheError(f"{self.path}: {s.file} was made from other audio (a manifest entry changed)")
+        missing = self.missing_shards()
+        if missing:
+            raise StaleCacheError(f"{self.path}: {len(missing)} shard(s) unfinished or stale, e.g. {missing[0]} "
+                                  "(run speechtl extract again to finish)")
+
+    def _handle(self, n: int):
+        h = self._open.get(n)
+        if h is None:
+            h = self._open[n] = safe_open(str(self.path / self.shards[n].file), framework="pt")
+        return h
+
+    def __getitem__(self, uid: str) -> torch.Tensor:
+        n = self.index.get(uid)
+        if n is None:
+            raise KeyError(f"{uid!r} is not in the feature cache {self.path}")
+        h = self._handle(n)
+        if self.layers is None:
+            return h.get_tensor(uid)
+        sl = h.get_slice(uid)
+        return torch.stack([sl[i] for i in self.layers])
+
+    def __getstate__(self):  # DataLoader workers reopen their own handles
+        state = dict(self.__dict__)
+        state["_open"] = {}
+        return state

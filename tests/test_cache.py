@@ -1,0 +1,138 @@
+"""The on-disk feature cache: equal to on-the-fly features, stale detection, resume."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tone_corpus, tiny_encoder_dir
+from speechtl import cache as cache_mod
+from speechtl.cache import FeatureCache, StaleCacheError, encoder_fingerprint, extract_to_cache
+from speechtl.cli import main
+from speechtl.encoder import load_encoder
+from speechtl.features import extract_in_memory
+from speechtl.manifest import read_manifest, write_manifest
+from speechtl.train import train
+from speechtl.config import load_train_config
+
+
+@pytest.fixture()
+def utts(tones):
+    return read_manifest(tones)
+
+
+def test_cache_equals_features_computed_in_memory(tmp_path, tiny_encoder, utts):
+    enc = load_encoder(str(tiny_encoder))
+    cache = extract_to_cache(enc, utts, tmp_path / "c", dtype="float32", shard_seconds=3.0, num_workers=0, progress=False)
+    assert len(cache.shards) > 1 and len(cache) == len(utts)
+    ref = extract_in_memory(enc, utts)  # float16, batched differently
+    for u in utts:
+        got = cache[u.id]
+        assert got.shape == ref[u.id].shape == (enc.num_layers, enc.frame_lengths(int(round(u.duration * 16000))), enc.hidden_size)
+        torch.testing.assert_close(got, ref[u.id].float(), atol=2e-2, rtol=2e-2)
+    cache.check(utts, encoder_fingerprint(enc))  # current: no error
+
+
+def test_layer_subset_and_lazy_layer_reads(tmp_path, tiny_encoder, utts):
+    enc = load_encoder(str(tiny_encoder))
+    full = extract_to_cache(enc, utts, tmp_path / "all", num_workers=0, progress=False)
+    sub = extract_to_cache(enc, utts, tmp_path / "sub", layers="0,-1", num_workers=0, progress=False)
+    assert sub.meta["layers"] == [0, enc.num_layers - 1]
+    u = utts[0].id
+    torch.testing.assert_close(sub[u], full[u][[0, enc.num_layers - 1]])
+    torch.testing.assert_close(FeatureCache(tmp_path / "all", layers=[2])[u], full[u][[2]])
+
+
+def test_stale_cache_is_detected(tmp_path, session_dir, utts):
+    enc = load_encoder(str(tiny_encoder_dir(session_dir)))
+    cache = extract_to_cache(enc, utts, tmp_path / "c", num_workers=0, progress=False)
+    other = load_encoder(str(tiny_encoder_dir(session_dir)), random_init=True, seed=3)
+    with pytest.raises(StaleCacheError, match="different encoder"):
+        cache.check(utts, encoder_fingerprint(other))
+    with pytest.raises(StaleCacheError, match="layers"):
+        cache.check(utts, layers=[0, 1])
+    changed = [u if i else type(u)(**{**u.__dict__, "duration": u.duration + 0.5}) for i, u in enumerate(utts)]
+    with pytest.raises(StaleCacheError, match="other audio"):
+        cache.check(changed)
+    extra = utts + [type(utts[0])(**{**utts[0].__dict__, "id": "new"})]
+    with pytest.raises(StaleCacheError, match="not in the cache"):
+        cache.check(extra)
+
+
+def test_interrupted_extraction_resumes_where_it_stopped(tmp_path, tiny_encoder, utts, monkeypatch):
+    enc = load_encoder(str(tiny_encoder))
+    straight = extract_to_cache(enc, utts, tmp_path / "straight", shard_seconds=3.0, num_workers=0, progress=False)
+    n = len(straight.shards)
+    assert n >= 3
+
+    real_save, saved = cache_mod.save_file, []
+
+    def crash_after_two(tensors, path, metadata=None):
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        saved.append(path)
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(cache_mod, "save_file", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_cache(enc, utts, tmp_path / "c", shard_seconds=3.0, num_workers=0, progress=False)
+    assert not list((tmp_path / "c").glob("*.tmp*")), "a partial shard was left behind"
+    with pytest.raises(StaleCacheError, match="unfinished"):
+        FeatureCache(tmp_path / "c").check(utts)
+
+    saved.clear()
+    monkeypatch.setattr(cache_mod, "save_file", lambda t, p, metadata=None: (saved.append(p), real_save(t, p, metadata=metadata)))
+    cache = extract_to_cache(enc, utts, tmp_path / "c", shard_seconds=3.0, num_workers=0, progress=False)
+    assert len(saved) == n - 2  # only the missing shards were computed
+    cache.check(utts)
+    for s in cache.shards:
+        a, b = load_file(str(tmp_path / "c" / s.file)), load_file(str(tmp_path / "straight" / s.file))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ranks_write_disjoint_shards_of_one_cache(tmp_path, tiny_encoder, utts):
+    enc = load_encoder(str(tiny_encoder))
+    kw = dict(shard_seconds=3.0, num_workers=0, progress=False, world_size=2)
+    assert extract_to_cache(enc, utts, tmp_path / "c", rank=1, **kw) is None
+    files_rank1 = {p.name for p in (tmp_path / "c").glob("shard-*")}
+    cache = extract_to_cache(enc, utts, tmp_path / "c", rank=0, **kw)
+    files_all = {p.name for p in (tmp_path / "c").glob("shard-*")}
+    assert files_rank1 and files_rank1 < files_all and len(files_all) == len(cache.shards)
+    cache.check(utts)
+
+
+def test_extract_cli(tmp_path, tiny_encoder, tones, capsys):
+    assert main(["extract", "--encoder", str(tiny_encoder), "--manifest", str(tones), "--out", str(tmp_path / "c"),
+                 "--num-workers", "0", "-q"]) == 0
+    assert "cached 8 clips" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "c" / "cache.json").read_text())
+    assert meta["utterances"] == 8 and meta["dtype"] == "float16"
+    assert main(["extract", "--encoder", str(tiny_encoder), "--manifest", str(tmp_path / "nope.jsonl"),
+                 "--out", str(tmp_path / "d"), "-q"]) == 1
+
+
+def _losses(run):
+    import csv
+
+    with open(run / "metrics.csv", newline="") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_training_from_the_cache_matches_on_the_fly_training(tmp_path, tiny_encoder, tones):
+    base = dict(encoder=str(tiny_encoder), train=str(tones), mode="frozen", head="bilstm", bilstm_hidden=8, max_steps=5,
+                eval_every=5, log_every=1, num_workers=0, max_batch_seconds=4.0, lr=3e-3, seed=0)
+    runs = {"fly": {"cache_features": False}, "memory": {}, "disk": {"feature_cache": str(tmp_path / "fc")}}
+    for name, kw in runs.items():
+        summary = train(load_train_config(None, {**base, "out": str(tmp_path / name), **kw}), progress=False)
+        assert summary["steps"] == 5
+    assert (tmp_path / "fc" / "train" / "cache.json").is_file()
+    # float16 features against float32 ones: the same losses up to fp16 rounding
+    fly, memory, disk = (_losses(tmp_path / name) for name in runs)
+    assert len(fly) == len(disk) == 5
+    assert disk == pytest.approx(fly, rel=1e-2)
+    assert disk == pytest.approx(memory, rel=1e-2)
+    # the saved model is complete: it carries its own copy of the encoder
+    enc_a = load_file(str(tmp_path / "fly" / "model" / "encoder" / "model.safetensors"))
+    enc_b = load_file(str(tmp_path / "disk" / "model" / "encoder" / "model.safetensors"))
+    assert enc_a.keys() == enc_b.keys() and all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a)
