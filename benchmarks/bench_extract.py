@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Feature-extraction throughput: speechtl extract against the plain transformers ways.
+
+For each encoder, over the same clips, side by side in one run:
+
+  (a) plain transformers, one file at a time: load the file, Wav2Vec2FeatureExtractor,
+      model(..., output_hidden_states=True), batch size 1
+  (b) transformers batched in manifest order, padded to the longest clip of each batch
+      (the datasets.map(batched=True) pattern)
+  (c) speechtl extract (extract_to_cache: sorted dynamic batches, DataLoader workers,
+      inference_mode, sharded float16 cache written to disk)
+  (d) the compute ceiling: the model's forward pass alone on audio already in memory,
+      the better of one clip at a time (unpadded) and sorted batches
+
+and prints audio seconds per second (x real time) and the ratios c/a, c/b, c/d.
+
+    .venv/bin/python benchmarks/bench_extract.py                       # default + base, 10 min of speech
+    .venv/bin/python benchmarks/bench_extract.py --encoders default --minutes 2
+    .venv/bin/python benchmarks/bench_extract.py --device cuda --encoders base --minutes 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def corpus(minutes: float, work: Path, lang: str) -> list:
+    from speechtl.manifest import read_manifest
+    from speechtl.synth import SynthConfig, synthesize
+
+    out = work / "speech"
+    # word counts chosen so clips run from about 1 s to about 15 s
+    synthesize(SynthConfig(lang=lang, minutes=minutes, out_dir=str(out), seed=7, min_words=1, max_words=28), progress=False)
+    return read_manifest(out / "manifest.jsonl")
+
+
+def encoder_dir(name: str, work: Path) -> str:
+    if name != "base":
+        return name
+    out = work / "base"
+    if not (out / "config.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_random_encoder.py"), "--size", "base",
+                        "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+    return str(out)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_one_by_one(model, fe, utts, device) -> float:
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for u in utts:
+            wav, sr = sf.read(u.audio, dtype="float32")
+            inputs = fe(wav, sampling_rate=sr, return_tensors="pt")
+            out = model(inputs.input_values.to(device), output_hidden_states=True)
+            _ = [h.cpu() for h in out.hidden_states]
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def plain_batched(model, fe, utts, device, batch_size: int) -> float:
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(utts), batch_size):
+            chunk = utts[i : i + batch_size]
+            waves = [sf.read(u.audio, dtype="float32")[0] for u in chunk]
+            inputs = fe(waves, sampling_rate=16_000, padding=True, return_attention_mask=True, return_tensors="pt")
+            kw = {"attention_mask": inputs.attention_mask.to(device)} if fe.return_attention_mask else {}
+            out = model(inputs.input_values.to(device), output_hidden_states=True, **kw)
+            _ = [h.cpu() for h in out.hidden_states]
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def speechtl_extract(encoder, utts, device, out: Path, batch_seconds: float, workers: int) -> float:
+    from speechtl.cache import extract_to_cache
+
+    t0 = time.perf_counter()
+    extract_to_cache(encoder, utts, out, device=device, max_batch_seconds=batch_seconds, num_workers=workers,
+                     progress=False, rank=0, world_size=1)
+    return time.perf_counter() - t0
+
+
+def ceiling(encoder, utts, device, batch_seconds: float) -> tuple[float, str]:
+    from speechtl.audio import load_audio
+    from speechtl.loader import cut_batches, pad_waveforms
+
+    waves = [torch.from_numpy(load_audio(u.audio)) for u in utts]
+    durs = [u.duration for u in utts]
+    order = sorted(range(len(utts)), key=lambda i: durs[i])
+    batches = [pad_waveforms([waves[i] for i in b]) for b in cut_batches(order, durs, batch_seconds)]
+    singles = [(w[None].to(device), torch.tensor([w.numel()], device=device)) for w in waves]
+    batches = [(x.to(device), n.to(device)) for x, n in batches]
+    timings = {}
+    with torch.inference_mode():
+        for name, items in (("one clip at a time", singles), (f"sorted batches <= {batch_seconds:g} s", batches)):
+            amp = torch.bfloat16 if device.type == "cuda" else None
+            sync(device)
+            t0 = time.perf_counter()
+            for x, n in items:
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    encoder(x, n, all_layers=True)
+            sync(device)
+            timings[name] = time.perf_counter() - t0
+    best = min(timings, key=timings.get)
+    return timings[best], best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--encoders", default="default,base", help="comma-separated: default, base (random 95M), or a path")
+    ap.add_argument("--minutes", type=float, default=10.0, help="speech to synthesise (clips of about 1-15 s)")
+    ap.add_argument("--lang", default="cs")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-seconds", type=float, default=None, help="batch cap for (c) and (d) (default: 30 on CPU, 400 on GPU)")
+    ap.add_argument("--batch-size", type=int, default=8, help="clips per batch in (b)")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for (c)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    from transformers import AutoModel, Wav2Vec2FeatureExtractor
+
+    from speechtl.encoder import load_encoder, resolve_encoder
+
+    device = torch.device(args.device)
+    batch_seconds = args.batch_seconds or (400.0 if device.type == "cuda" else 30.0)
+    results = {"machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                           "cpu": platform.processor() or platform.machine(),
+                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+               "batch_seconds": batch_seconds, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        utts = corpus(args.minutes, work, args.lang)
+        audio = sum(u.duration for u in utts)
+        print(f"{len(utts)} clips, {audio / 60:.1f} min, {min(u.duration for u in utts):.1f}-{max(u.duration for u in utts):.1f} s;"
+              f" {device}, {torch.get_num_threads()} threads, batch cap {batch_seconds:g} s")
+        for name in args.encoders.split(","):
+            path = encoder_dir(name, work)
+            encoder = load_encoder(path).to(device).eval()
+            model = AutoModel.from_pretrained(resolve_encoder(path)).to(device).eval()
+            fe = Wav2Vec2FeatureExtractor(sampling_rate=16_000, do_normalize=encoder.normalize_waveform,
+                                          return_attention_mask=encoder.config.feat_extract_norm == "layer")
+            params = sum(p.numel() for p in model.parameters()) / 1e6
+            t = {}
+            t["a"] = plain_one_by_one(model, fe, utts, device)
+            t["b"] = plain_batched(model, fe, utts, device, args.batch_size)
+            t["c"] = speechtl_extract(encoder, utts, device, work / f"cache-{name}", batch_seconds, args.workers)
+            t["d"], how = ceiling(encoder, utts, device, batch_seconds)
+            x = {k: audio / v for k, v in t.items()}
+            row = {"encoder": name, "parameters_m": round(params, 2), "audio_s": round(audio, 1),
+                   "x_real_time": {k: round(v, 2) for k, v in x.items()}, "ceiling": how,
+                   "c_over_a": round(x["c"] / x["a"], 2), "c_over_b": round(x["c"] / x["b"], 2),
+                   "c_over_d": round(x["c"] / x["d"], 2)}
+            if device.type == "cuda":
+                row["audio_hours_per_gpu_minute"] = round(x["c"] * 60 / 3600, 2)
+            results["runs"].append(row)
+            print(f"\n{name} ({params:.1f}M parameters), audio seconds per second:")
+            labels = {"a": "(a) transformers, one file at a time", "b": f"(b) transformers, batches of {args.batch_size}, manifest order",
+                      "c": "(c) speechtl extract", "d": f"(d) forward pass alone ({how})"}
+            for k, label in labels.items():
+                print(f"  {label:55s} {x[k]:8.1f}x")
+            print(f"  c/a {row['c_over_a']:.2f}   c/b {row['c_over_b']:.2f}   c/d {row['c_over_d']:.2f}")
+            del model, encoder
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
