@@ -136,3 +136,18 @@ def test_training_from_the_cache_matches_on_the_fly_training(tmp_path, tiny_enco
     enc_a = load_file(str(tmp_path / "fly" / "model" / "encoder" / "model.safetensors"))
     enc_b = load_file(str(tmp_path / "disk" / "model" / "encoder" / "model.safetensors"))
     assert enc_a.keys() == enc_b.keys() and all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a)
+
+
+def test_torchrun_ranks_fill_one_cache(tmp_path, tiny_encoder, tones):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "speechtl",
+           "extract", "--encoder", str(tiny_encoder), "--manifest", str(tones), "--out", str(tmp_path / "c"),
+           "--shard-minutes", "0.05", "--num-workers", "0", "-q"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("cached 8 clips") == 1  # only rank 0 reports
+    cache = FeatureCache(tmp_path / "c")
+    assert len(cache.shards) >= 2
+    cache.check(read_manifest(tones))
