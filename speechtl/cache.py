@@ -154,7 +154,7 @@ def extract_to_cache(
     layers: str | Sequence[int] = "all",
     dtype: str = "float16",
     device: str | torch.device = "cpu",
-    max_batch_seconds: float = 200.0,
+    max_batch_seconds: float | None = None,
     num_workers: int = 2,
     shard_seconds: float = 1800.0,
     progress: bool = True,
@@ -162,6 +162,10 @@ def extract_to_cache(
     world_size: int | None = None,
 ) -> "FeatureCache | None":
     """Extract the features of ``utterances`` into ``out_dir``; resume what is there.
+
+    ``max_batch_seconds`` defaults to 30 s of padded audio on a CPU, where big batches
+    of a big model run slower than small ones (their activations leave the caches), and
+    to 300 s on a GPU, which needs big batches to stay busy.
 
     Returns the opened cache, or ``None`` on a rank of a multi-process run that
     finished before the others (rank 0 returns the cache once all shards exist).
@@ -173,6 +177,8 @@ def extract_to_cache(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
+    if max_batch_seconds is None:
+        max_batch_seconds = 300.0 if device.type == "cuda" else 30.0
     layer_ids = _resolve_layers(layers, encoder.num_layers)
     fingerprint = encoder_fingerprint(encoder)
     prep = preprocessing(encoder)
