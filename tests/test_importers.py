@@ -426,3 +426,17 @@ def test_absolute_paths_option(tmp_path):
     write_prepared(res, out)
     first = json.loads(out.read_text(encoding="utf-8").splitlines()[0])
     assert first["audio"] == "c/alice/a1.wav"
+
+
+def test_max_minutes_takes_nested_prefixes(tmp_path, caplog):
+    from speechtl.importers import take_minutes
+
+    utts = [Utterance(f"u{i}", f"/x/{i}.wav", "a", 20.0) for i in range(12)]  # 4 min in all
+    one, two = take_minutes(utts, 1.0), take_minutes(utts, 2.0)
+    assert [u.id for u in one] == ["u0", "u1", "u2"] and sum(u.duration for u in one) >= 60
+    assert two[: len(one)] == one and len(two) == 6
+    with caplog.at_level(logging.WARNING):
+        assert take_minutes(utts, 10.0) == utts
+    assert "only 4.0 min" in caplog.text
+    with pytest.raises(ValueError, match="max_minutes"):
+        PrepareOptions(max_minutes=-1)

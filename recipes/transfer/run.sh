@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Transfer from the bundled default encoder to languages it never heard, against the same
+# architecture trained from scratch, at 1, 10 and 60 minutes of labelled speech.
+#   stage 0  synthesise, per target: 60 min of training speech, a dev set (training voices,
+#            new texts) and a test set of >= 200 utterances spoken by voice variants that
+#            never occur in that target's training data
+#   stage 1  nested labelled budgets: the 1-min set is a prefix of the 10-min set, and so on
+#   stage 2  train every target x budget x mode (frozen, finetune, scratch); every mode of
+#            one budget runs the same updates on the same batches, and scratch (which also
+#            trains its CNN) takes the longest wall time; finished runs are skipped
+#   stage 3  score every trained model on its target's test set
+#   stage 4  results.md / results.json (CER, WER, wall time) and cer_vs_minutes.png
+# Targets are reserved languages (cs it pl nl tr; sw needs --text-file sentences) and
+# "noisy-LANG", LANG's speech with white noise at --noise-snr-db in train, dev and test.
+# Usage: recipes/transfer/run.sh [--targets "cs it"] [--budgets "1 10 60"]
+#            [--modes "frozen finetune scratch"] [--stage N] [--stop-stage N] [--out DIR]
+#            [--noise-snr-db 10] [key=value ...]   (key=value goes to every `speechtl train`)
+# Steps per budget: STEPS_1, STEPS_10, STEPS_60 (environment; defaults 150, 600, 900).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+targets="cs it"; budgets="1 10 60"; modes="frozen finetune scratch"
+stage=0; stop_stage=4; out=$root/exp/transfer; noise_snr_db=10
+. "$here/../parse_options.sh"
+PY=${PYTHON:-$root/.venv/bin/python}
+st() { "$PY" -m speechtl "$@"; }
+held_out=m7,f5,klatt3  # test voices; no training or dev speaker uses these variants
+declare -A STEPS=([1]=${STEPS_1:-150} [10]=${STEPS_10:-600} [60]=${STEPS_60:-900})
+declare -A SEED=([cs]=1 [it]=2 [pl]=3 [nl]=4 [tr]=5 [sw]=6)
+
+lang_of() { echo "${1#noisy-}"; }
+noise_of() { case $1 in noisy-*) echo "--noise-snr-db $noise_snr_db";; esac; }
+
+if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
+    for t in $targets; do
+        l=$(lang_of "$t"); s=${SEED[$l]:?no seed for $l}; d=$out/data/$t
+        [ -f "$d/test/manifest.jsonl" ] && continue
+        # shellcheck disable=SC2046
+        st synth --lang "$l" --minutes 60 --out "$d/train" --seed "$s" --speakers 24 \
+            --exclude-variants "$held_out" --prefix train- $(noise_of "$t") -q
+        st synth --lang "$l" --minutes 2 --out "$d/dev" --seed $((s + 100)) --speakers 6 \
+            --exclude-variants "$held_out" --prefix dev- $(noise_of "$t") -q
+        st synth --lang "$l" --minutes 11 --out "$d/test" --seed $((s + 200)) --speakers 12 \
+            --variants "$held_out" --prefix test- $(noise_of "$t") -q
+    done
+fi
+if [ $stage -le 1 ] && [ $stop_stage -ge 1 ]; then
+    for t in $targets; do
+        for m in $budgets; do
+            st prepare "$out/data/$t/train/manifest.jsonl" --format jsonl --max-minutes "$m" \
+                --out "$out/data/$t/train${m}min.jsonl" --absolute-paths -q
+        done
+    done
+fi
+if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
+    for t in $targets; do
+        for m in $budgets; do
+            for mode in $modes; do
+                run=$out/runs/$t/${m}min/$mode
+                [ -f "$run/train_summary.json" ] && continue
+                echo "== $t, $m min, $mode ($(date +%H:%M:%S))"
+                st train "$here/conf/$mode.yaml" encoder=default out="$run" \
+                    train="$out/data/$t/train${m}min.jsonl" dev="$out/data/$t/dev/manifest.jsonl" \
+                    max_steps="${STEPS[$m]}" eval_every=$((STEPS[$m] / 6)) seed=0 num_workers=0 -q "${overrides[@]}"
+            done
+        done
+    done
+fi
+if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
+    for t in $targets; do
+        for m in $budgets; do
+            for mode in $modes; do
+                run=$out/runs/$t/${m}min/$mode
+                [ -f "$run/train_summary.json" ] && [ ! -f "$run/test/summary.json" ] || continue
+                st evaluate "$run/model" "$out/data/$t/test/manifest.jsonl" --out-dir "$run/test" -q
+            done
+        done
+    done
+fi
+if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
+    "$PY" "$here/report.py" "$out" --out "$here/results"
+fi
