@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0, help="speech to synthesise (clips of about 1-15 s)")
     ap.add_argument("--lang", default="cs")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-seconds", type=float, default=None, help="batch cap for (c) and (d) (default: 30 on CPU, 400 on GPU)")
+    ap.add_argument("--batch-seconds", type=float, default=None, help="batch cap for (c) and (d) (default: 10 on CPU, 400 on GPU)")
     ap.add_argument("--batch-size", type=int, default=8, help="clips per batch in (b)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for (c)")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -139,7 +139,7 @@ def main() -> None:
     from speechtl.encoder import load_encoder, resolve_encoder
 
     device = torch.device(args.device)
-    batch_seconds = args.batch_seconds or (400.0 if device.type == "cuda" else 30.0)
+    batch_seconds = args.batch_seconds or (400.0 if device.type == "cuda" else 10.0)
     results = {"machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                            "cpu": platform.processor() or platform.machine(),
                            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},

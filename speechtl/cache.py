@@ -163,7 +163,7 @@ def extract_to_cache(
 ) -> "FeatureCache | None":
     """Extract the features of ``utterances`` into ``out_dir``; resume what is there.
 
-    ``max_batch_seconds`` defaults to 30 s of padded audio on a CPU, where big batches
+    ``max_batch_seconds`` defaults to 10 s of padded audio on a CPU, where big batches
     of a big model run slower than small ones (their activations leave the caches), and
     to 300 s on a GPU, which needs big batches to stay busy.
 
@@ -178,7 +178,7 @@ def extract_to_cache(
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     if max_batch_seconds is None:
-        max_batch_seconds = 300.0 if device.type == "cuda" else 30.0
+        max_batch_seconds = 300.0 if device.type == "cuda" else 10.0
     layer_ids = _resolve_layers(layers, encoder.num_layers)
     fingerprint = encoder_fingerprint(encoder)
     prep = preprocessing(encoder)
