@@ -90,6 +90,11 @@ def _sha(*parts: str) -> str:
     return h.hexdigest()
 
 
+def _base_key(fingerprint: str, layers: Sequence[int], dtype: str, prep: dict) -> str:
+    """What every shard key of one cache shares: format, encoder, layers, dtype, preprocessing."""
+    return _sha(str(CACHE_VERSION), fingerprint, json.dumps(list(layers)), dtype, json.dumps(prep, sort_keys=True))
+
+
 # --------------------------------------------------------------------------- plan
 
 
@@ -182,7 +187,7 @@ def extract_to_cache(
     layer_ids = _resolve_layers(layers, encoder.num_layers)
     fingerprint = encoder_fingerprint(encoder)
     prep = preprocessing(encoder)
-    base_key = _sha(str(CACHE_VERSION), fingerprint, json.dumps(layer_ids), dtype, json.dumps(prep, sort_keys=True))
+    base_key = _base_key(fingerprint, layer_ids, dtype, prep)
     shards = plan_shards(utterances, base_key, shard_seconds)
     meta = {
         "version": CACHE_VERSION,
@@ -311,8 +316,7 @@ class FeatureCache:
             raise StaleCacheError(f"{self.path}: made by a different encoder (weights or config changed)")
         if layers is not None and list(layers) != self.meta["layers"]:
             raise StaleCacheError(f"{self.path}: holds layers {self.meta['layers']}, not {list(layers)}")
-        base = _sha(str(CACHE_VERSION), self.fingerprint, json.dumps(self.meta["layers"]), self.meta["dtype"],
-                    json.dumps(self.meta["preprocessing"], sort_keys=True))
+        base = _base_key(self.fingerprint, self.meta["layers"], self.meta["dtype"], self.meta["preprocessing"])
         utterances = list(utterances)
         absent = [u.id for u in utterances if u.id not in self.index]
         if absent:
