@@ -151,3 +151,17 @@ def test_torchrun_ranks_fill_one_cache(tmp_path, tiny_encoder, tones):
     cache = FeatureCache(tmp_path / "c")
     assert len(cache.shards) >= 2
     cache.check(read_manifest(tones))
+
+
+def test_extract_names_a_broken_file_before_any_work(tmp_path, tiny_encoder, tones, capsys):
+    from speechtl.manifest import write_manifest
+
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio")
+    utts = read_manifest(tones)
+    utts[3] = type(utts[3])(**{**utts[3].__dict__, "audio": str(bad)})
+    m = write_manifest(tmp_path / "m.jsonl", utts, absolute=True)
+    assert main(["extract", "--encoder", str(tiny_encoder), "--manifest", str(m), "--out", str(tmp_path / "c"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "bad.wav" in err and "u3" in err
+    assert not (tmp_path / "c").exists()
