@@ -88,33 +88,97 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _output_names(items, ext: str) -> list[str]:
+    """One output file name per input: manifest ids as they are; paths relative to the
+    inputs' common folder, so that same-named files in different folders do not collide."""
+    import os
+
+    files = [it.path for it in items if it.key == it.path]
+    base = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files]) if files else ""
+    names = []
+    for it in items:
+        if it.key != it.path:
+            names.append(f"{it.key}.{ext}")
+        else:
+            rel = os.path.relpath(os.path.abspath(it.path), base)
+            names.append(str(Path(rel).with_suffix(f".{ext}")))
+    return names
+
+
 def cmd_transcribe(args) -> int:
-    from .audio import AUDIO_EXTENSIONS, AudioError
+    from ._io import write_text
     from .inference import Recognizer
+    from .transcribe import collect_inputs, render
+
+    items = collect_inputs(args.paths)
+    if not items:
+        print("speechtl transcribe: error: no audio files found", file=sys.stderr)
+        return 1
+    if args.format in ("srt", "vtt") and args.out is None and len(items) > 1:
+        print(f"speechtl transcribe: error: --format {args.format} with several inputs needs --out DIR", file=sys.stderr)
+        return 2
+    rec = Recognizer.load(args.model_dir, device=args.device)
+    hotwords = [w for w in (args.hotwords or "").split(",") if w.strip()]
+    tr = rec.transcriber(args.chunk_length_s, args.stride_length_s, args.batch_seconds, args.lm, args.beam_width,
+                         args.alpha, args.beta, hotwords, args.hotword_weight)
+    names = _output_names(items, args.format) if args.out else None
+    failed = 0
+    for i, t in tr.run_indexed(items, progress=not args.quiet):
+        if t.error is not None:
+            failed += 1
+            print(f"speechtl transcribe: error: {t.path}: {t.error}", file=sys.stderr)
+            continue
+        if names is not None:
+            write_text(Path(args.out) / names[i], render(t, args.format))
+        elif args.format == "json":
+            print(json.dumps(t.to_dict(), ensure_ascii=False), flush=True)
+        elif args.format == "txt":
+            print(f"{t.path}\t{t.text}" if len(items) > 1 else t.text, flush=True)
+        else:
+            print(render(t, args.format), end="", flush=True)
+    if failed or len(items) > 1:
+        print(f"transcribed {len(items) - failed} of {len(items)} file(s); {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_align(args) -> int:
+    from ._io import write_text
+    from .inference import Recognizer
+    from .transcribe import Item, Transcript, align_words, render, segments_from_words
 
     rec = Recognizer.load(args.model_dir, device=args.device)
-    paths: list[Path] = []
-    for p in map(Path, args.paths):
-        if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in AUDIO_EXTENSIONS)
-        else:
-            paths.append(p)
-    failed = 0
-    results = []
-    for p in paths:  # one at a time so a bad file fails alone
-        try:
-            results.append((p, rec.transcribe(p)))
-        except AudioError as e:
-            failed += 1
-            print(f"speechtl transcribe: error: {e}", file=sys.stderr)
-    for p, text in results:
-        if args.format == "json":
-            print(json.dumps({"audio": str(p), "text": text}, ensure_ascii=False))
-        else:
-            print(f"{p}\t{text}" if len(paths) > 1 else text)
-    if failed:
-        print(f"{failed} of {len(paths)} file(s) failed", file=sys.stderr)
-    return 1 if failed else 0
+    text = args.text
+    if Path(text).is_file():
+        text = Path(text).read_text(encoding="utf-8")
+    text = rec.normalizer(text)
+    item = Item(args.audio, args.audio)
+    tr = rec.transcriber(args.chunk_length_s)
+    duration = item.duration()
+    log_probs = tr.file_log_probs(item, duration)
+    words = align_words(log_probs, text, rec.vocab, tr.frame_s, where=args.audio)
+    t = Transcript(args.audio, " ".join(w.word for w in words), round(duration, 3), segments_from_words(words))
+    out = render(t, args.format)
+    if args.out:
+        write_text(args.out, out)
+    else:
+        print(out, end="")
+    return 0
+
+
+def cmd_lm_build(args) -> int:
+    from .lm import write_arpa
+    from .manifest import read_manifest
+    from .text import Normalizer, load_normalizer
+
+    normalizer = load_normalizer(Path(args.model) / "normalizer.json") if args.model else Normalizer()
+    if str(args.text).endswith(".jsonl"):
+        raw = [u.text for u in read_manifest(args.text)]
+    else:
+        raw = Path(args.text).read_text(encoding="utf-8").splitlines()
+    lines = [t for t in (normalizer(r) for r in raw) if t.strip()]
+    out = write_arpa(lines, args.out, order=args.order)
+    print(f"wrote a {args.order}-gram modified Kneser-Ney LM of {len(lines)} sentences to {out}")
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -240,12 +304,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("transcribe", help="transcribe audio files or folders", description="Transcribe audio files (folders are searched recursively).")
+    s = sub.add_parser("transcribe", help="transcribe audio files, folders or manifests",
+                       description="Transcribe audio files, folders (searched recursively) or .jsonl manifests. Files that "
+                                   "fail are reported and the rest carry on; the exit status is 1 if any failed.")
     s.add_argument("model_dir")
     s.add_argument("paths", nargs="+", metavar="PATH")
-    s.add_argument("--format", choices=["txt", "json"], default="txt")
+    s.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt",
+                   help="txt; json (text, segments and words with start/end seconds and confidence); srt; vtt")
+    s.add_argument("--out", metavar="DIR", help="write one file per input here (default: stdout)")
+    s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer audio is decoded in windows of this length")
+    s.add_argument("--stride-length-s", type=float, default=None, help="overlap on each side of a window (default: chunk/6)")
+    s.add_argument("--batch-seconds", type=float, default=120.0, help="cap on padded audio seconds per batch")
+    s.add_argument("--lm", help="n-gram LM (.arpa; kenlm binary with kenlm installed) for beam search")
+    s.add_argument("--alpha", type=float, default=0.5, help="LM weight")
+    s.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
+    s.add_argument("--beam-width", type=int, default=None, help="beam search with this width (default: greedy, or 32 with --lm)")
+    s.add_argument("--hotwords", help="comma-separated words to favour in beam search")
+    s.add_argument("--hotword-weight", type=float, default=10.0)
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_transcribe)
+
+    s = sub.add_parser("align", help="word times for a known transcript (CTC forced alignment)",
+                       description="Align TEXT (a string, or a file holding it) to AUDIO and write word and segment times.")
+    s.add_argument("model_dir")
+    s.add_argument("audio")
+    s.add_argument("text")
+    s.add_argument("--format", choices=["json", "srt", "vtt", "txt"], default="json")
+    s.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
+    s.add_argument("--chunk-length-s", type=float, default=30.0)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_align)
+
+    s = sub.add_parser("lm", help="n-gram language models for beam search", description="n-gram language models.")
+    lm_sub = s.add_subparsers(dest="lm_command", metavar="ACTION", required=True)
+    b = lm_sub.add_parser("build", help="build an ARPA model (interpolated modified Kneser-Ney)",
+                          description="Build a word n-gram ARPA model from TEXT (one sentence per line, or a .jsonl manifest's texts).")
+    b.add_argument("text")
+    b.add_argument("--order", type=int, default=3)
+    b.add_argument("--out", required=True, metavar="LM.arpa")
+    b.add_argument("--model", metavar="MODEL_DIR", help="normalise the text as this model's transcripts are (default: the standard normaliser)")
+    b.set_defaults(func=cmd_lm_build)
+    _add_common(b)
 
     s = sub.add_parser("export", help="export a finetune/scratch model as a transformers model directory",
                        description="Write a standard *ForCTC model plus Wav2Vec2Processor that transformers.pipeline('automatic-speech-recognition') loads.")
@@ -262,7 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     from .audio import AudioError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may follow options: `train conf.yaml -q lr=1e-3`
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "command", None):
         parser.print_help()
         return 0

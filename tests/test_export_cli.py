@@ -12,7 +12,7 @@ from speechtl.config import load_train_config
 from speechtl.manifest import read_manifest
 from speechtl.train import train
 
-SUBCOMMANDS = ["prepare", "synth", "train", "extract", "evaluate", "transcribe", "export"]
+SUBCOMMANDS = ["prepare", "synth", "train", "extract", "evaluate", "transcribe", "align", "lm", "export"]
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,10 @@ def test_transcribe_arrays_and_bad_file(tmp_path, finetuned, capsys):
 def test_train_cli_rejects_unknown_key(tmp_path, capsys):
     assert main(["train", "train=x.jsonl", "bogus=1"]) == 1
     assert "unknown config key" in capsys.readouterr().err
+
+
+def test_train_overrides_may_follow_options(capsys):
+    assert main(["train", "train=x.jsonl", "-q", "bogus=1"]) == 1  # bogus=1 reached the config, not argparse
+    assert "unknown config key" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "train=x.jsonl", "--bogus-flag"])
