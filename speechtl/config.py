@@ -51,6 +51,10 @@ class TrainConfig:
     mask_feature_prob: float = _f(0.0, "channel masking probability")
     mask_feature_length: int = _f(10, "channels per channel mask")
     layerdrop: float = _f(0.0, "probability of skipping a transformer layer")
+    frozen_mask_time_prob: float = _f(0.0, "frozen mode: time masking of the summed layer features while training "
+                                           "(spans of mask_time_length frames)")
+    frozen_mask_feature_prob: float = _f(0.0, "frozen mode: channel masking of the summed layer features while training "
+                                              "(spans of mask_feature_length channels)")
     # evaluation and checkpoints
     eval_every: int = _f(200, "updates between dev evaluations and checkpoints")
     best_metric: str = _f("cer", "dev metric that selects the best checkpoint: cer | wer")

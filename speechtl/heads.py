@@ -77,6 +77,39 @@ class BiLSTMHead(nn.Module):
         return self.proj(self.dropout(y))
 
 
+def mask_spans(x: torch.Tensor, lengths: torch.Tensor | None, time_prob: float, time_length: int,
+               feature_prob: float = 0.0, feature_length: int = 10) -> torch.Tensor:
+    """SpecAugment-style masking of frame features ``(B, T, D)``, drawn from torch's RNG.
+
+    As with transformers' ``mask_time_prob``, about ``time_prob`` of each clip's valid frames
+    are zeroed, in spans of ``time_length`` frames; ``feature_prob`` does the same over
+    channels (one channel mask per clip, shared by its frames).
+    """
+    if time_prob <= 0 and feature_prob <= 0:
+        return x
+    b, t, d = x.shape
+    keep = torch.ones(b, t, 1, device=x.device, dtype=x.dtype)
+    if time_prob > 0:
+        valid = torch.full((b,), t, dtype=torch.long) if lengths is None else lengths.cpu()
+        for i in range(b):
+            n = int(valid[i])
+            spans = int(time_prob * n / time_length + torch.rand(()))  # stochastic rounding
+            if n <= time_length or spans == 0:
+                continue
+            starts = torch.randint(0, n - time_length + 1, (spans,))
+            for s0 in starts.tolist():
+                keep[i, s0:s0 + time_length] = 0
+    x = x * keep
+    if feature_prob > 0:
+        chan = torch.ones(b, 1, d, device=x.device, dtype=x.dtype)
+        spans = max(int(feature_prob * d / feature_length), 1)
+        for i in range(b):
+            for s0 in torch.randint(0, max(d - feature_length, 0) + 1, (spans,)).tolist():
+                chan[i, 0, s0:s0 + feature_length] = 0
+        x = x * chan
+    return x
+
+
 def build_head(kind: str, input_size: int, vocab_size: int, dropout: float = 0.1, hidden_size: int = 256, num_layers: int = 2) -> nn.Module:
     if kind == "linear":
         return LinearHead(input_size, vocab_size, dropout)

@@ -30,7 +30,7 @@ from torch import nn
 from . import __version__
 from ._io import atomic_dir, write_json
 from .encoder import SpeechEncoder, load_encoder, parameter_groups, save_encoder
-from .heads import WeightedLayerSum, build_head
+from .heads import WeightedLayerSum, build_head, mask_spans
 from .text import Normalizer, Vocabulary, load_normalizer, save_normalizer
 
 MODES = ("frozen", "finetune", "scratch")
@@ -66,6 +66,9 @@ class CTCModel(nn.Module):
         }
         self.layer_sum = WeightedLayerSum(num_layers) if mode == "frozen" else None
         self.head = build_head(head.kind, hidden_size, vocab_size, head.dropout, head.hidden_size, head.num_layers)
+        # frozen mode: SpecAugment-style masking of the summed features while training,
+        # (time_prob, time_length, feature_prob, feature_length); set by build_model
+        self.feature_masking: tuple[float, int, float, int] = (0.0, 10, 0.0, 10)
         self.encoder_trainable = mode != "frozen"  # finetune's freeze period switches this off
         # a pretrained CNN is kept as it is (as Wav2Vec2ForCTC does); a random one must learn
         self.freeze_feature_encoder = mode == "finetune" if freeze_feature_encoder is None else freeze_feature_encoder
@@ -129,6 +132,8 @@ class CTCModel(nn.Module):
         """Head on precomputed encoder output: all layers (frozen) or the last one."""
         if self.layer_sum is not None:
             x = self.layer_sum(hidden_states)
+            if self.training:
+                x = mask_spans(x, frame_lengths, *self.feature_masking)
         else:
             x = hidden_states[-1]
         return self.head(x, frame_lengths), frame_lengths
@@ -155,14 +160,22 @@ def build_model(
 ) -> CTCModel:
     """Load the encoder for ``mode`` and attach a fresh head (seeded)."""
     overrides = dict(config_overrides or {})
+    masking = (0.0, 10, 0.0, 10)
     if mode == "frozen":
-        overrides = {}  # training-time encoder options don't apply to a fixed encoder
+        # a fixed encoder takes no training-time options; masking (if asked for) acts on the summed features
+        masking = (overrides.get("frozen_mask_time_prob", 0.0), overrides.get("mask_time_length", 10),
+                   overrides.get("frozen_mask_feature_prob", 0.0), overrides.get("mask_feature_length", 10))
+        overrides = {}
+    for k in ("frozen_mask_time_prob", "frozen_mask_feature_prob"):
+        overrides.pop(k, None)
     encoder = load_encoder(
         encoder_name, random_init=mode == "scratch", seed=seed, config_overrides=overrides, trust_remote_code=trust_remote_code
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return CTCModel(encoder, vocab_size, mode, head, encoder.num_layers, encoder.hidden_size, freeze_feature_encoder)
+        model = CTCModel(encoder, vocab_size, mode, head, encoder.num_layers, encoder.hidden_size, freeze_feature_encoder)
+    model.feature_masking = masking
+    return model
 
 
 def save_model_dir(

@@ -187,7 +187,8 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
             logger.warning("%s set: %s (mapped to [UNK])", name, describe_oov(oov))
 
     head = HeadConfig(cfg.head, cfg.head_dropout, cfg.bilstm_hidden, cfg.bilstm_layers)
-    overrides = {k: getattr(cfg, k) for k in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop")}
+    overrides = {k: getattr(cfg, k) for k in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop",
+                                              "frozen_mask_time_prob", "frozen_mask_feature_prob")}
     model = build_model(cfg.encoder, cfg.mode, len(vocab), head, cfg.seed, overrides, cfg.trust_remote_code, cfg.freeze_feature_encoder)
     train_utts, dropped = filter_trainable(train_utts, train_texts, vocab, model.frame_lengths)
     if any(dropped.values()):

@@ -158,3 +158,35 @@ def test_frozen_cnn_builds_no_graph(tiny_encoder, mode, cnn_grad):
     x, _ = pad_waveforms(_waves(lengths=(8000, 8000)))
     cnn_out = model.encoder.model.feature_extractor(x)
     assert cnn_out.requires_grad is cnn_grad
+
+
+def test_frozen_feature_masking_only_in_training():
+    from speechtl.heads import mask_spans
+
+    torch.manual_seed(0)
+    x = torch.ones(4, 500, 32)
+    lengths = torch.tensor([500, 400, 300, 50])
+    y = mask_spans(x, lengths, 0.2, 5, 0.25, 4)
+    time_masked = (y[:, :, :].abs().sum(-1) == 0).float()
+    for i, n in enumerate(lengths.tolist()):
+        assert time_masked[i, n:].sum() == 0  # padding is never chosen
+        if n >= 300:
+            assert 0.08 < time_masked[i, :n].mean() < 0.25  # about 20 % (overlapping spans merge)
+    assert ((y == 0).all(dim=1)).any(dim=-1).all()  # each clip lost some channels
+    assert mask_spans(x, lengths, 0.0, 5) is x
+
+
+def test_frozen_masking_config_reaches_the_model(tmp_path, tones, tiny_encoder):
+    from speechtl.model import build_model
+
+    m = build_model(str(tiny_encoder), "frozen", 8, config_overrides={"frozen_mask_time_prob": 0.3, "mask_time_length": 4,
+                                                                       "mask_time_prob": 0.05})
+    assert m.feature_masking == (0.3, 4, 0.0, 10)
+    hidden = torch.randn(m.encoder.num_layers, 2, 200, m.encoder.hidden_size)
+    lengths = torch.tensor([200, 150])
+    m.eval()
+    a, _ = m.forward_features(hidden, lengths)
+    b, _ = m.forward_features(hidden, lengths)
+    assert torch.equal(a, b)  # no masking (or dropout) in eval
+    ft = build_model(str(tiny_encoder), "finetune", 8, config_overrides={"frozen_mask_time_prob": 0.3})
+    assert ft.feature_masking[0] == 0.0
