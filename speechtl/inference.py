@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .audio import SAMPLE_RATE, load_audio
+from .audio import AudioError
 from .decode import greedy_ids
 from .features import FeatureDataset, collate_features
-from .loader import AudioDataset, collate, pad_waveforms, sorted_loader
+from .loader import AudioDataset, collate, sorted_loader
 from .manifest import Utterance
 from .metrics import ScoreReport, UtteranceResult, score, write_results
 from .model import CTCModel, load_model_dir
@@ -95,44 +95,60 @@ class Recognizer:
         model, vocab, normalizer, meta = load_model_dir(model_dir)
         return cls(model, vocab, normalizer, meta, device)
 
+    def transcriber(self, chunk_length_s: float = 30.0, stride_length_s: float | None = None, max_batch_seconds: float = 120.0,
+                    lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float = 0.5, beta: float = 1.0,
+                    hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0):
+        """A :class:`speechtl.transcribe.Transcriber` for this model. Greedy decoding unless
+        ``lm``, ``beam_width`` or ``hotwords`` is given (pyctcdecode beam search)."""
+        from .transcribe import BeamDecoder, GreedyDecoder, Transcriber
+
+        if lm is not None or beam_width is not None or hotwords:
+            decoder = BeamDecoder(self.vocab, lm, alpha, beta, beam_width or 32, hotwords, hotword_weight)
+        else:
+            decoder = GreedyDecoder(self.vocab)
+        return Transcriber(self.model, self.vocab, self.device, decoder, chunk_length_s, stride_length_s, max_batch_seconds)
+
     def transcribe(
         self,
         inputs: str | os.PathLike | np.ndarray | Iterable[str | os.PathLike | np.ndarray],
         max_batch_seconds: float = 120.0,
         progress: bool = False,
-    ) -> str | list[str]:
-        """Transcribe files (any format the audio layer reads) or 16 kHz float arrays.
+        chunk_length_s: float = 30.0,
+        stride_length_s: float | None = None,
+        lm: str | os.PathLike | None = None,
+        beam_width: int | None = None,
+        alpha: float = 0.5,
+        beta: float = 1.0,
+        hotwords: Sequence[str] | None = None,
+        hotword_weight: float = 10.0,
+        return_timestamps: bool = False,
+    ):
+        """Transcribe files (any format the audio layer reads), folders, ``.jsonl``
+        manifests or 16 kHz mono float arrays.
 
-        A single input gives a string; a list gives a list in the same order.
+        Audio longer than ``chunk_length_s`` is decoded in overlapping windows (strides of
+        ``stride_length_s`` each side, default a sixth of the window). A single input gives
+        a string (or a :class:`speechtl.transcribe.Transcript` with ``return_timestamps``);
+        several give a list in input order. A file that cannot be read raises
+        :class:`speechtl.AudioError` naming it.
         """
-        single = isinstance(inputs, (str, os.PathLike, np.ndarray))
-        items = [inputs] if single else list(inputs)
-        waves = [
-            torch.from_numpy(np.asarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else torch.from_numpy(load_audio(x))
-            for x in items
-        ]
-        order = sorted(range(len(waves)), key=lambda i: waves[i].numel())
-        out: list[str] = [""] * len(waves)
-        batch: list[int] = []
-        bar = tqdm(total=len(waves), desc="transcribe", unit="file", disable=not progress, leave=False)
+        from .transcribe import Item, collect_inputs
 
-        def flush():
-            if not batch:
-                return
-            values, lengths = pad_waveforms([waves[i] for i in batch])
-            texts = decode_batch(self.model, self.vocab, values.to(self.device), lengths.to(self.device))
-            for i, t in zip(batch, texts):
-                out[i] = t
-            bar.update(len(batch))
-            batch.clear()
-
-        for i in order:
-            longest = waves[i].numel() / SAMPLE_RATE
-            if batch and longest * (len(batch) + 1) > max_batch_seconds:
-                flush()
-            batch.append(i)
-        flush()
-        bar.close()
+        single = isinstance(inputs, (str, os.PathLike, np.ndarray)) and not (
+            isinstance(inputs, (str, os.PathLike)) and (Path(inputs).is_dir() or str(inputs).endswith(".jsonl")))
+        raw = [inputs] if isinstance(inputs, (str, os.PathLike, np.ndarray)) else list(inputs)
+        items: list[Item] = []
+        for k, x in enumerate(raw):
+            if isinstance(x, np.ndarray):
+                items.append(Item(f"array-{k}", f"<array {k}>", np.asarray(x, dtype=np.float32).reshape(-1)))
+            else:
+                items += collect_inputs([x])
+        tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, lm, beam_width, alpha, beta, hotwords, hotword_weight)
+        out = [None] * len(items)
+        for i, t in tr.run_indexed(items, progress=progress):
+            if t.error is not None:
+                raise AudioError(t.path, t.error)
+            out[i] = t if return_timestamps else t.text
         return out[0] if single else out
 
     def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False) -> dict:

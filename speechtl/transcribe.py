@@ -1,0 +1,430 @@
+"""Transcribing files, folders and manifests: duration batching, chunked long audio,
+word and segment timestamps, and txt/json/srt/vtt output.
+
+Short files (at most ``chunk_length_s``) are sorted by duration and batched by padded
+seconds. Longer files are cut into overlapping windows, as in the transformers ASR
+pipeline's ``chunk_length_s``/``stride_length_s``: each window is read from disk on its
+own (``load_audio(offset=, duration=)``), so memory stays bounded whatever the length,
+and the frames of its left and right strides are dropped, so the kept frames tile the
+recording. Decoding then runs once over the stitched frame log-probabilities.
+
+Times come from CTC frame spans: a character's time is the run of frames on which it
+is the best class; a word runs from its first character's first frame to its last
+character's last frame. A word's confidence is the mean, over those frames, of the
+best class's probability.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_info, load_audio
+from .loader import pad_waveforms
+from .text import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("txt", "json", "srt", "vtt")
+
+
+@dataclass
+class Word:
+    word: str
+    start: float
+    end: float
+    confidence: float
+
+
+@dataclass
+class Segment:
+    start: float
+    end: float
+    text: str
+    confidence: float
+    words: list[Word] = field(default_factory=list)
+
+
+@dataclass
+class Transcript:
+    """One input's result; ``error`` is set (and the rest empty) when it failed."""
+
+    path: str
+    text: str = ""
+    duration: float = 0.0
+    segments: list[Segment] = field(default_factory=list)
+    error: str | None = None
+    id: str | None = None
+
+    @property
+    def words(self) -> list[Word]:
+        return [w for s in self.segments for w in s.words]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.error is None:
+            d.pop("error")
+        if self.id is None:
+            d.pop("id")
+        return d
+
+
+# ----------------------------------------------------------------------------- inputs
+
+@dataclass(frozen=True, eq=False)
+class Item:
+    key: str  # output name: a manifest id, or the path
+    path: str
+    audio: np.ndarray | None = None  # 16 kHz mono samples given in memory instead of a file
+
+    def duration(self) -> float:
+        return self.audio.size / SAMPLE_RATE if self.audio is not None else audio_info(self.path).duration
+
+    def read(self, offset: float = 0.0, duration: float | None = None) -> np.ndarray:
+        if self.audio is None:
+            return load_audio(self.path, offset=offset, duration=duration)
+        a = int(round(offset * SAMPLE_RATE))
+        b = None if duration is None else a + int(round(duration * SAMPLE_RATE))
+        return np.ascontiguousarray(self.audio[a:b], dtype=np.float32)
+
+
+def collect_inputs(paths: Iterable[str | os.PathLike]) -> list[Item]:
+    """Files, folders (searched recursively for audio) and ``.jsonl`` manifests.
+
+    A path that does not exist is kept, so that it is reported as a failure in order.
+    """
+    from .manifest import read_manifest
+
+    items: list[Item] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS)
+            if not found:
+                logger.warning("%s: no audio files found (looked for %s)", p, " ".join(AUDIO_EXTENSIONS))
+            items += [Item(str(f), str(f)) for f in found]
+        elif p.suffix == ".jsonl" and p.is_file():
+            items += [Item(u.id, u.audio) for u in read_manifest(p)]
+        else:
+            items.append(Item(str(p), str(p)))
+    return items
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def frame_seconds(model) -> float:
+    """Seconds between encoder frames (the product of the CNN strides / 16 kHz)."""
+    strides = getattr(model.encoder.config, "conv_stride", None) or [320]
+    return math.prod(strides) / SAMPLE_RATE
+
+
+def token_runs(best: np.ndarray, blank: int = 0) -> list[tuple[int, int, int]]:
+    """Greedy CTC path as ``(token, first_frame, last_frame)`` runs, blanks dropped."""
+    if best.size == 0:
+        return []
+    change = np.flatnonzero(np.diff(best)) + 1
+    starts = np.concatenate([[0], change])
+    ends = np.concatenate([change, [best.size]]) - 1
+    return [(int(best[s]), int(s), int(e)) for s, e in zip(starts, ends) if best[s] != blank]
+
+
+def words_from_runs(runs, probs: np.ndarray, vocab: Vocabulary, frame_s: float) -> list[Word]:
+    """Group character runs into words at the delimiter (``|``)."""
+    words: list[Word] = []
+    chars: list[tuple[str, int, int]] = []
+
+    def close():
+        if chars:
+            conf = float(np.mean(np.concatenate([probs[s:e + 1] for _, s, e in chars])))
+            words.append(Word("".join(c for c, _, _ in chars), round(chars[0][1] * frame_s, 3),
+                              round((chars[-1][2] + 1) * frame_s, 3), round(conf, 4)))
+            chars.clear()
+
+    for tok, s, e in runs:
+        if tok == vocab.delimiter_id:
+            close()
+        else:
+            chars.append((vocab.tokens[tok] if tok != vocab.unk_id else "?", s, e))
+    close()
+    return words
+
+
+def segments_from_words(words: Sequence[Word], max_gap_s: float = 1.0, max_segment_s: float = 10.0) -> list[Segment]:
+    """Split words into subtitle-sized segments at pauses longer than ``max_gap_s`` or
+    before a segment would exceed ``max_segment_s``."""
+    segments: list[Segment] = []
+    cur: list[Word] = []
+
+    def close():
+        if cur:
+            segments.append(Segment(cur[0].start, cur[-1].end, " ".join(w.word for w in cur),
+                                    round(float(np.mean([w.confidence for w in cur])), 4), list(cur)))
+            cur.clear()
+
+    for w in words:
+        if cur and (w.start - cur[-1].end > max_gap_s or w.end - cur[0].start > max_segment_s):
+            close()
+        cur.append(w)
+    close()
+    return segments
+
+
+class GreedyDecoder:
+    """Best class per frame; times from the frame runs."""
+
+    def __init__(self, vocab: Vocabulary):
+        self.vocab = vocab
+
+    def __call__(self, log_probs: np.ndarray, frame_s: float) -> list[Word]:
+        best = log_probs.argmax(axis=-1)
+        probs = np.exp(log_probs.max(axis=-1))
+        return words_from_runs(token_runs(best), probs, self.vocab, frame_s)
+
+
+class BeamDecoder:
+    """pyctcdecode beam search, optionally with an n-gram LM (ARPA, or kenlm binary when
+    kenlm is installed) and hotwords. Needs the ``lm`` extra: ``pip install 'speechtl[lm]'``."""
+
+    def __init__(self, vocab: Vocabulary, lm: str | os.PathLike | None = None, alpha: float = 0.5, beta: float = 1.0,
+                 beam_width: int = 32, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0,
+                 unk_score_offset: float = -10.0):
+        from .lm import kenlm_available, pyctcdecode_language_model
+
+        if not kenlm_available():  # pyctcdecode warns at import; our ARPA scorer stands in for kenlm
+            logging.getLogger("pyctcdecode.language_model").setLevel(logging.ERROR)
+        try:
+            from pyctcdecode.alphabet import Alphabet
+            from pyctcdecode.decoder import BeamSearchDecoderCTC
+        except ImportError:
+            raise RuntimeError("beam search needs pyctcdecode: pip install 'speechtl[lm]'") from None
+
+        if lm is not None and not Path(lm).is_file():
+            raise FileNotFoundError(f"{lm}: language model not found")
+        labels = ["", "\u2047", " ", *vocab.tokens[3:]]  # blank, [UNK], word delimiter, characters
+        language_model = None
+        if lm is not None:
+            language_model = pyctcdecode_language_model(lm, alpha=alpha, beta=beta, unk_score_offset=unk_score_offset)
+        self.decoder = BeamSearchDecoderCTC(Alphabet.build_alphabet(labels), language_model)
+        self.beam_width = beam_width
+        self.hotwords = list(hotwords or [])
+        self.hotword_weight = hotword_weight
+
+    def __call__(self, log_probs: np.ndarray, frame_s: float) -> list[Word]:
+        if log_probs.shape[0] == 0:
+            return []
+        beams = self.decoder.decode_beams(log_probs, beam_width=self.beam_width, hotwords=self.hotwords or None,
+                                          hotword_weight=self.hotword_weight)
+        probs = np.exp(log_probs.max(axis=-1))
+        words = []
+        for w, (s, e) in beams[0][2]:
+            e = max(e, s + 1)
+            words.append(Word(w, round(s * frame_s, 3), round(e * frame_s, 3), round(float(np.mean(probs[s:e])), 4)))
+        return words
+
+
+# ----------------------------------------------------------------------------- windows
+
+@dataclass
+class _Window:
+    item: int  # index into the inputs
+    wav: np.ndarray
+    keep_from: int  # frames of this window's output to keep: [keep_from, keep_to)
+    keep_to: int | None
+    index: int  # window number within its file
+    last: bool
+
+
+class Transcriber:
+    """Runs a loaded model over inputs and turns frame log-probs into transcripts."""
+
+    def __init__(self, model, vocab: Vocabulary, device: torch.device, decoder: Callable | None = None,
+                 chunk_length_s: float = 30.0, stride_length_s: float | None = None,
+                 max_batch_seconds: float = 120.0, max_gap_s: float = 1.0, max_segment_s: float = 10.0):
+        self.model = model
+        self.vocab = vocab
+        self.device = device
+        self.decoder = decoder or GreedyDecoder(vocab)
+        self.frame_s = frame_seconds(model)
+        hop = round(self.frame_s * SAMPLE_RATE)
+        stride = chunk_length_s / 6 if stride_length_s is None else stride_length_s
+        if chunk_length_s <= 2 * stride:
+            raise ValueError(f"chunk_length_s ({chunk_length_s}) must exceed twice stride_length_s ({stride})")
+        # window and stride lengths are whole frames, so every window's frames line up with the file's
+        self.chunk = int(chunk_length_s * SAMPLE_RATE) // hop * hop
+        self.stride = int(stride * SAMPLE_RATE) // hop * hop
+        self.hop = hop
+        self.max_batch_seconds = max(max_batch_seconds, chunk_length_s)
+        self.max_gap_s = max_gap_s
+        self.max_segment_s = max_segment_s
+
+    @torch.inference_mode()
+    def _log_probs(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        values, lengths = pad_waveforms([torch.from_numpy(w) for w in wavs])
+        logits, frames = self.model(values.to(self.device), lengths.to(self.device))
+        lp = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+        return [lp[i, : int(n)] for i, n in enumerate(frames.cpu())]
+
+    def _windows(self, idx: int, item: Item, duration: float) -> Iterator[_Window]:
+        """Overlapping windows of a long file, each read from disk when needed."""
+        total = int(round(duration * SAMPLE_RATE))
+        step = self.chunk - 2 * self.stride
+        n = max(1, math.ceil((total - self.chunk) / step) + 1) if total > self.chunk else 1
+        for k in range(n):
+            start = k * step
+            last = k == n - 1
+            wav = item.read(start / SAMPLE_RATE, None if last else self.chunk / SAMPLE_RATE)
+            keep_from = 0 if k == 0 else self.stride // self.hop
+            keep_to = None if last else (self.chunk - self.stride) // self.hop
+            yield _Window(idx, wav, keep_from, keep_to, k, last)
+
+    def run(self, items: Sequence[Item], progress: bool = False) -> Iterator[Transcript]:
+        """Yield a :class:`Transcript` per item, failures included, as each finishes."""
+        for _, t in self.run_indexed(items, progress):
+            yield t
+
+    def run_indexed(self, items: Sequence[Item], progress: bool = False) -> Iterator[tuple[int, Transcript]]:
+        """As :meth:`run`, with each result's index into ``items`` (results come in batch order)."""
+        infos: dict[int, float] = {}
+        bar = tqdm(total=len(items), desc="transcribe", unit="file", disable=not progress)
+        for i, it in enumerate(items):
+            try:
+                infos[i] = it.duration()
+            except AudioError as e:
+                bar.update(1)
+                yield i, self._failed(it, e.reason)
+        chunk_s = self.chunk / SAMPLE_RATE
+        short = sorted((i for i, d in infos.items() if d <= chunk_s), key=lambda i: infos[i])
+        long = [i for i, d in infos.items() if d > chunk_s]
+        # short files: duration-sorted batches capped by padded seconds
+        batch: list[int] = []
+        for i in short:
+            if batch and infos[i] * (len(batch) + 1) > self.max_batch_seconds:
+                yield from self._short_batch(items, batch, infos, bar)
+                batch = []
+            batch.append(i)
+        yield from self._short_batch(items, batch, infos, bar)
+        # long files: their windows in batches, stitched, decoded once
+        for i in long:
+            try:
+                yield i, self._finish(items[i], self.file_log_probs(items[i], infos[i]), infos[i])
+            except AudioError as e:
+                yield i, self._failed(items[i], e.reason)
+            bar.update(1)
+        bar.close()
+
+    def file_log_probs(self, item: Item, duration: float | None = None) -> np.ndarray:
+        """Frame log-probabilities ``(T, V)`` of one input; long ones in stitched windows."""
+        duration = item.duration() if duration is None else duration
+        per_batch = max(1, int(self.max_batch_seconds // (self.chunk / SAMPLE_RATE)))
+        parts: list[np.ndarray] = []
+        pending: list[_Window] = []
+        for w in self._windows(0, item, duration):
+            pending.append(w)
+            if len(pending) == per_batch or w.last:
+                for win, lp in zip(pending, self._log_probs([p.wav for p in pending])):
+                    parts.append(lp[win.keep_from: win.keep_to])
+                pending = []
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.vocab)), np.float32)
+
+    def _short_batch(self, items, batch, infos, bar) -> Iterator[Transcript]:
+        if not batch:
+            return
+        wavs, ok = [], []
+        for i in batch:
+            try:
+                wavs.append(items[i].read())
+                ok.append(i)
+            except AudioError as e:
+                bar.update(1)
+                yield i, self._failed(items[i], e.reason)
+        if ok:
+            for i, lp in zip(ok, self._log_probs(wavs)):
+                bar.update(1)
+                yield i, self._finish(items[i], lp, infos[i])
+
+    def _failed(self, item: Item, reason: str) -> Transcript:
+        return Transcript(item.path, error=reason, id=item.key if item.key != item.path else None)
+
+    def _finish(self, item: Item, log_probs: np.ndarray, duration: float) -> Transcript:
+        words = self.decoder(log_probs, self.frame_s)
+        segments = segments_from_words(words, self.max_gap_s, self.max_segment_s)
+        return Transcript(item.path, " ".join(w.word for w in words), round(duration, 3), segments,
+                          id=item.key if item.key != item.path else None)
+
+
+# ----------------------------------------------------------------------------- alignment
+
+def align_words(log_probs: np.ndarray, text: str, vocab: Vocabulary, frame_s: float, where: str = "audio") -> list[Word]:
+    """Word times of a known (normalised) transcript, by CTC forced alignment
+    (``torchaudio.functional.forced_align``). A word's confidence is the mean posterior
+    of its characters' aligned frames."""
+    import torchaudio.functional as taF
+
+    words = text.split()
+    if not words:
+        raise ValueError(f"{where}: the transcript is empty")
+    unknown = sorted({ch for w in words for ch in w if ch not in vocab.index or vocab.index[ch] < 3})
+    if unknown:
+        raise ValueError(f"{where}: characters outside the model's vocabulary: {' '.join(map(repr, unknown))}")
+    ids = vocab.encode(" ".join(words))
+    repeats = sum(a == b for a, b in zip(ids, ids[1:]))
+    if log_probs.shape[0] < len(ids) + repeats:
+        raise ValueError(f"{where}: {log_probs.shape[0]} frames ({log_probs.shape[0] * frame_s:.2f} s) are too few"
+                         f" for a transcript of {len(ids)} characters")
+    emission = torch.from_numpy(np.ascontiguousarray(log_probs, dtype=np.float32))[None]
+    targets = torch.tensor([ids], dtype=torch.int32)
+    path, scores = taF.forced_align(emission, targets, blank=0)
+    spans = taF.merge_tokens(path[0], scores[0].exp())
+    out: list[Word] = []
+    chars: list = []
+    w_iter = iter(words)
+    for span in [*spans, None]:
+        if span is None or span.token == vocab.delimiter_id:
+            if chars:
+                conf = float(np.mean([c.score for c in chars]))
+                out.append(Word(next(w_iter), round(chars[0].start * frame_s, 3), round(chars[-1].end * frame_s, 3), round(conf, 4)))
+                chars = []
+            continue
+        chars.append(span)
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+
+def _timestamp(seconds: float, sep: str) -> str:
+    ms = int(round(seconds * 1000))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def to_srt(t: Transcript) -> str:
+    blocks = [f"{n}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{s.text}\n"
+              for n, s in enumerate(t.segments, 1)]
+    return "\n".join(blocks)
+
+
+def to_vtt(t: Transcript) -> str:
+    blocks = [f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{s.text}\n" for s in t.segments]
+    return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+def render(t: Transcript, fmt: str) -> str:
+    if fmt == "txt":
+        return t.text + "\n"
+    if fmt == "json":
+        return json.dumps(t.to_dict(), ensure_ascii=False, indent=2) + "\n"
+    if fmt == "srt":
+        return to_srt(t)
+    if fmt == "vtt":
+        return to_vtt(t)
+    raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

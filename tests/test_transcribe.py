@@ -1,0 +1,278 @@
+"""Transcription: chunked long audio, timestamps, alignment, output formats, failures,
+n-gram LMs and beam search."""
+
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from torch import nn
+
+from conftest import make_corrupt, make_wav
+from speechtl.cli import main
+from speechtl.lm import ArpaModel, build_arpa, kenlm_available
+from speechtl.text import Vocabulary
+from speechtl.transcribe import (BeamDecoder, GreedyDecoder, Item, Transcriber, Transcript, Word, align_words,
+                                 render, segments_from_words, token_runs)
+
+VOCAB = Vocabulary(["<pad>", "[UNK]", "|", "a", "b", "c", "k", "t", "s"])
+
+
+class LocalModel(nn.Module):
+    """A stand-in recogniser whose every frame depends only on its own 400 samples
+    (25 ms window, 20 ms hop), so chunked decoding must reproduce whole-file decoding."""
+
+    def __init__(self, vocab_size: int = len(VOCAB)):
+        super().__init__()
+        self.encoder = SimpleNamespace(config=SimpleNamespace(conv_stride=[5, 2, 2, 2, 2, 2, 2]))
+        self.vocab_size = vocab_size
+
+    def forward(self, values, lengths):
+        frames = torch.clamp((lengths - 400) // 320 + 1, min=0)
+        t = int(frames.max())
+        idx = torch.arange(t)[:, None] * 320 + torch.arange(400)[None]  # (T, 400)
+        windows = values[:, idx.clamp(max=values.shape[1] - 1)]  # (B, T, 400)
+        energy = windows.abs().mean(-1)
+        centres = torch.linspace(0, 0.5, self.vocab_size)
+        logits = -((energy[..., None] - centres) ** 2) * 400
+        return logits, frames
+
+
+def piecewise_signal(seconds: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = int(seconds * 16000)
+    levels = np.repeat(rng.uniform(0, 0.5, size=n // 1600 + 1), 1600)[:n]
+    return (levels * np.sign(rng.standard_normal(n))).astype(np.float32)
+
+
+@pytest.mark.parametrize("chunk,stride", [(4.0, 1.0), (3.0, 0.5), (10.0, None)])
+def test_chunked_log_probs_equal_whole_file(tmp_path, chunk, stride):
+    wav = piecewise_signal(23.37)
+    path = tmp_path / "long.wav"
+    sf.write(path, wav, 16000, subtype="FLOAT")
+    model = LocalModel()
+    whole = Transcriber(model, VOCAB, torch.device("cpu"), chunk_length_s=60.0).file_log_probs(Item("x", str(path)))
+    chunked = Transcriber(model, VOCAB, torch.device("cpu"), chunk_length_s=chunk, stride_length_s=stride,
+                          max_batch_seconds=2 * chunk).file_log_probs(Item("x", str(path)))
+    assert whole.shape[0] == (len(wav) - 400) // 320 + 1
+    assert chunked.shape == whole.shape
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+
+
+def test_chunked_transcripts_match_and_keep_input_order(tmp_path):
+    model = LocalModel()
+    arrays = [piecewise_signal(s, seed=i) for i, s in enumerate([12.0, 1.5, 7.3, 0.9])]
+    items = [Item(f"a{i}", f"<a{i}>", a) for i, a in enumerate(arrays)]
+    whole = Transcriber(model, VOCAB, torch.device("cpu"), chunk_length_s=60.0)
+    chunked = Transcriber(model, VOCAB, torch.device("cpu"), chunk_length_s=4.0, max_batch_seconds=8.0)
+    a = dict(whole.run_indexed(items))
+    b = dict(chunked.run_indexed(items))
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
+    for i in range(4):
+        assert a[i].text == b[i].text and a[i].text
+        assert [w.start for w in a[i].words] == [w.start for w in b[i].words]
+        assert a[i].duration == pytest.approx(len(arrays[i]) / 16000, abs=1e-3)
+
+
+def one_hot_log_probs(path_ids: list[int], v: int = len(VOCAB), p: float = 0.9) -> np.ndarray:
+    lp = np.full((len(path_ids), v), math.log((1 - p) / (v - 1)), dtype=np.float32)
+    lp[np.arange(len(path_ids)), path_ids] = math.log(p)
+    return lp
+
+
+def test_word_times_from_frame_runs():
+    i = VOCAB.index
+    #        0  1       2       3  4       5       6       7  8  9       10
+    path = [0, i["c"], i["a"], 0, i["t"], i["|"], i["s"], i["s"], 0, i["a"], 0]
+    lp = one_hot_log_probs(path)
+    words = GreedyDecoder(VOCAB)(lp, 0.02)
+    assert [w.word for w in words] == ["cat", "sa"]
+    assert (words[0].start, words[0].end) == (0.02, 0.1)
+    assert (words[1].start, words[1].end) == (0.12, 0.2)
+    assert all(w.confidence == pytest.approx(0.9, abs=1e-4) for w in words)
+    assert token_runs(np.array([0, 3, 3, 0, 3])) == [(3, 1, 2), (3, 4, 4)]
+
+
+def test_segments_split_at_pauses_and_length():
+    words = [Word("a", 0.0, 0.5, 1.0), Word("b", 0.6, 1.0, 1.0), Word("c", 3.0, 3.5, 0.5), Word("d", 3.6, 14.0, 0.5)]
+    segs = segments_from_words(words, max_gap_s=1.0, max_segment_s=10.0)
+    assert [s.text for s in segs] == ["a b", "c", "d"]
+    assert (segs[0].start, segs[0].end) == (0.0, 1.0)
+
+
+def _transcript() -> Transcript:
+    w = [Word("hello", 0.1, 0.6, 0.9), Word("world", 0.7, 1.2, 0.8), Word("again", 3661.5, 3662.25, 0.7)]
+    return Transcript("x.wav", "hello world again", 3663.0, segments_from_words(w))
+
+
+def test_srt_and_vtt_pass_their_parsers():
+    import srt
+    import webvtt
+
+    t = _transcript()
+    subs = list(srt.parse(render(t, "srt")))
+    assert [s.content for s in subs] == ["hello world", "again"]
+    assert subs[1].start.total_seconds() == pytest.approx(3661.5)
+    assert subs[1].end.total_seconds() == pytest.approx(3662.25)
+    cues = webvtt.from_string(render(t, "vtt"), strict=True)
+    assert [c.text for c in cues] == ["hello world", "again"]
+    assert cues[1].start == "01:01:01.500"
+    data = json.loads(render(t, "json"))
+    assert data["segments"][0]["words"][1] == {"word": "world", "start": 0.7, "end": 1.2, "confidence": 0.8}
+
+
+def test_forced_alignment_recovers_word_times():
+    i = VOCAB.index
+    path = [0, 0, i["c"], i["c"], i["a"], 0, i["t"], 0, i["|"], 0, i["a"], 0, i["a"], i["t"], 0, 0]
+    lp = one_hot_log_probs(path, p=0.6)
+    words = align_words(lp, "cat aat", VOCAB, 0.02)
+    assert [w.word for w in words] == ["cat", "aat"]
+    assert (words[0].start, words[0].end) == (0.04, 0.14)
+    assert (words[1].start, words[1].end) == (0.2, 0.28)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        align_words(lp, "cat dog", VOCAB, 0.02, where="clip.wav")
+    with pytest.raises(ValueError, match="clip.wav: 16 frames .* too few"):
+        align_words(lp, "cat " * 6, VOCAB, 0.02, where="clip.wav")
+    with pytest.raises(ValueError, match="empty"):
+        align_words(lp, "  ", VOCAB, 0.02)
+
+
+# ------------------------------------------------------------------------ LM
+
+def _corpus(n=300, seed=0):
+    rnd = random.Random(seed)
+    words = "the cat sat on a mat dog ran to big small red".split()
+    return [" ".join(rnd.choice(words) for _ in range(rnd.randint(2, 8))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_arpa_distributions_sum_to_one(tmp_path, order):
+    path = tmp_path / "lm.arpa"
+    path.write_text(build_arpa(_corpus(), order))
+    m = ArpaModel(path)
+    assert m.order == order
+    predicted = sorted(m.vocab - {"<s>"})
+    for ctx in [(), ("<s>",), ("the",), ("<s>", "the"), ("the", "cat", "sat"), ("unseen", "on"), ("red", "red", "red")]:
+        assert sum(10 ** m.score(ctx, w) for w in predicted) == pytest.approx(1.0, abs=1e-4)
+    assert m.score(("the",), "cat") > m.score(("the",), "zebra")
+
+
+@pytest.mark.skipif(not kenlm_available(), reason="kenlm is not installed (pip install 'speechtl[lm]')")
+def test_arpa_scores_match_kenlm(tmp_path):
+    import kenlm
+
+    for order in (2, 3, 4):
+        path = tmp_path / f"lm{order}.arpa"
+        path.write_text(build_arpa(_corpus(), order))
+        ours, theirs = ArpaModel(path), kenlm.Model(str(path))
+        for sentence in _corpus(20, seed=1) + ["unseen cat words the"]:
+            state = kenlm.State()
+            theirs.BeginSentenceWrite(state)
+            ctx = ("<s>",)
+            for w in sentence.split() + ["</s>"]:
+                out = kenlm.State()
+                assert ours.score(ctx, w) == pytest.approx(theirs.BaseScore(state, w, out), abs=1e-4)
+                state, ctx = out, ours.next_state(ctx, w)
+
+
+def test_lm_build_cli(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("The cat, sat!\nthe DOG ran\n\n")
+    assert main(["lm", "build", str(text), "--order", "3", "--out", str(tmp_path / "lm.arpa")]) == 0
+    m = ArpaModel(tmp_path / "lm.arpa")
+    assert {"the", "cat", "sat", "dog", "ran"} <= m.vocab  # normalised: lower case, no punctuation
+    with pytest.raises(ValueError, match="at least 2"):
+        build_arpa(["a b"], 1)
+
+
+def _ambiguous(word_a: str, word_b: str, p_a: float = 0.55) -> np.ndarray:
+    """Frames spelling word_a with probability p_a and word_b otherwise, letter by letter."""
+    rows = []
+    for ca, cb in zip(word_a, word_b):
+        row = np.full(len(VOCAB), 1e-4)
+        row[VOCAB.index[ca]] += p_a
+        row[VOCAB.index[cb]] += 1 - p_a if cb != ca else 0
+        rows += [row / row.sum(), np.eye(len(VOCAB))[0] * 0.999 + 1e-4]
+    return np.log(np.array(rows, dtype=np.float64)).astype(np.float32)
+
+
+def test_beam_search_with_lm_prefers_known_words(tmp_path):
+    pytest.importorskip("pyctcdecode")
+    sep = np.log(np.eye(len(VOCAB))[VOCAB.delimiter_id] * 0.999 + 1e-4)[None].astype(np.float32)
+    lp = np.concatenate([_ambiguous("kat", "cat"), sep, _ambiguous("sat", "sat")])
+    assert [w.word for w in GreedyDecoder(VOCAB)(lp, 0.02)] == ["kat", "sat"]
+    path = tmp_path / "lm.arpa"
+    path.write_text(build_arpa(["the cat sat", "a cat sat on a mat", "cat"] * 5, 3))
+    words = BeamDecoder(VOCAB, lm=path, alpha=0.5, beta=1.0, beam_width=16)(lp, 0.02)
+    assert [w.word for w in words] == ["cat", "sat"]
+    assert words[0].start == 0.0 and words[1].start > words[0].end
+    hot = BeamDecoder(VOCAB, beam_width=16, hotwords=["cat"])(lp, 0.02)
+    assert [w.word for w in hot] == ["cat", "sat"]
+    plain = BeamDecoder(VOCAB, beam_width=16)(lp, 0.02)
+    assert [w.word for w in plain] == ["kat", "sat"]
+
+
+# ------------------------------------------------------------------------ CLI and API on a trained model
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tones, tiny_encoder):
+    from speechtl.config import load_train_config
+    from speechtl.train import train
+
+    out = tmp_path_factory.mktemp("tr")
+    cfg = load_train_config(None, dict(encoder=str(tiny_encoder), mode="frozen", train=str(tones), out=str(out),
+                                       max_steps=20, num_workers=0, max_batch_seconds=4, lr=1e-2))
+    train(cfg, progress=False)
+    return out / "model"
+
+
+def test_folder_with_a_corrupt_file(tmp_path, model_dir, capsys):
+    audio = tmp_path / "in"
+    make_wav(audio / "a.wav", 1.2, seed=1)
+    make_wav(audio / "sub" / "a.wav", 0.8, seed=2)  # same name in a subfolder: outputs must not collide
+    make_wav(audio / "sub" / "c.flac", 35.0, seed=3)  # long: chunked
+    make_corrupt(audio / "sub" / "bad.wav")
+    out = tmp_path / "out"
+    rc = main(["transcribe", str(model_dir), str(audio), "--format", "json", "--out", str(out), "--chunk-length-s", "10", "-q"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "bad.wav" in err and "transcribed 3 of 4 file(s); 1 failed" in err
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json"))
+    assert written == ["a.json", "sub/a.json", "sub/c.json"]
+    long = json.loads((out / "sub" / "c.json").read_text())
+    assert long["duration"] == pytest.approx(35.0, abs=0.01)
+    assert all(0 <= w["start"] <= w["end"] <= 35.0 for s in long["segments"] for w in s["words"])
+    assert not (out / "sub" / "bad.json").exists()
+
+
+def test_srt_cli_and_python_api(tmp_path, model_dir, capsys):
+    import srt
+
+    import speechtl
+
+    clip = make_wav(tmp_path / "x.wav", 1.5, seed=4)
+    assert main(["transcribe", str(model_dir), str(clip), "--format", "srt", "-q"]) == 0
+    list(srt.parse(capsys.readouterr().out))  # parses (it may hold no cues for a barely trained model)
+    rec = speechtl.load(model_dir)
+    t = rec.transcribe(clip, return_timestamps=True)
+    assert isinstance(t, Transcript) and t.text == rec.transcribe(str(clip))
+    assert t.text == " ".join(w.word for w in t.words)
+    silence = np.zeros(8000, np.float32)
+    assert rec.transcribe([clip, silence], chunk_length_s=1.0) == [rec.transcribe(clip, chunk_length_s=1.0), rec.transcribe(silence)]
+    with pytest.raises(speechtl.AudioError, match="missing.wav: file not found"):
+        rec.transcribe(tmp_path / "missing.wav")
+
+
+def test_align_cli(tmp_path, model_dir, capsys):
+    clip = make_wav(tmp_path / "x.wav", 2.0, seed=5)
+    assert main(["align", str(model_dir), str(clip), "ab ba", "--out", str(tmp_path / "w.json"), "-q"]) == 0
+    data = json.loads((tmp_path / "w.json").read_text())
+    words = [w for s in data["segments"] for w in s["words"]]
+    assert [w["word"] for w in words] == ["ab", "ba"]
+    assert 0 <= words[0]["start"] < words[0]["end"] <= words[1]["start"] < words[1]["end"] <= 2.0
+    assert main(["align", str(model_dir), str(clip), "zz top"]) == 1
+    assert "outside the model's vocabulary" in capsys.readouterr().err
