@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="DIR", help="write one file per input here (default: stdout)")
     s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer audio is decoded in windows of this length")
     s.add_argument("--stride-length-s", type=float, default=None, help="overlap on each side of a window (default: chunk/6)")
-    s.add_argument("--batch-seconds", type=float, default=120.0, help="cap on padded audio seconds per batch")
+    s.add_argument("--batch-seconds", type=float, default=None, help="cap on padded audio seconds per batch (default: 10 on CPU, 120 on GPU)")
     s.add_argument("--lm", help="n-gram LM (.arpa; kenlm binary with kenlm installed) for beam search")
     s.add_argument("--alpha", type=float, default=0.5, help="LM weight")
     s.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")

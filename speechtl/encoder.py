@@ -176,7 +176,9 @@ class SpeechEncoder(nn.Module):
         if self.per_clip_model and waveforms.shape[0] > 1 and bool((lengths != lengths.max()).any()):
             return self._forward_per_clip(waveforms, lengths, all_layers)
         x, lengths = self._prepare(waveforms, lengths)
-        mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).long()
+        # without padding the mask changes nothing, and leaving it out takes transformers' faster path
+        padded = bool((lengths < x.shape[1]).any())
+        mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).long() if padded else None
         self._clip_lengths = lengths.tolist() if self.per_clip_cnn else None
         try:
             out = self.model(x, attention_mask=mask, output_hidden_states=all_layers, return_dict=True)

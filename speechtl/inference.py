@@ -41,7 +41,7 @@ def decode_utterances(
     normalizer: Normalizer,
     utterances: Sequence[Utterance],
     device: torch.device | str = "cpu",
-    max_batch_seconds: float = 120.0,
+    max_batch_seconds: float | None = None,
     num_workers: int = 0,
     progress: bool = False,
     features: dict[str, torch.Tensor] | None = None,
@@ -52,6 +52,8 @@ def decode_utterances(
     instead of running the encoder.
     """
     device = torch.device(device)
+    if max_batch_seconds is None:  # small batches run fastest on a CPU; a GPU wants large ones
+        max_batch_seconds = 10.0 if device.type == "cpu" else 120.0
     was_training = model.training
     model.eval()
     if features is not None:
@@ -95,7 +97,7 @@ class Recognizer:
         model, vocab, normalizer, meta = load_model_dir(model_dir)
         return cls(model, vocab, normalizer, meta, device)
 
-    def transcriber(self, chunk_length_s: float = 30.0, stride_length_s: float | None = None, max_batch_seconds: float = 120.0,
+    def transcriber(self, chunk_length_s: float = 30.0, stride_length_s: float | None = None, max_batch_seconds: float | None = None,
                     lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float = 0.5, beta: float = 1.0,
                     hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0):
         """A :class:`speechtl.transcribe.Transcriber` for this model. Greedy decoding unless
@@ -111,7 +113,7 @@ class Recognizer:
     def transcribe(
         self,
         inputs: str | os.PathLike | np.ndarray | Iterable[str | os.PathLike | np.ndarray],
-        max_batch_seconds: float = 120.0,
+        max_batch_seconds: float | None = None,
         progress: bool = False,
         chunk_length_s: float = 30.0,
         stride_length_s: float | None = None,

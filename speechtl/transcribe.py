@@ -247,7 +247,7 @@ class Transcriber:
 
     def __init__(self, model, vocab: Vocabulary, device: torch.device, decoder: Callable | None = None,
                  chunk_length_s: float = 30.0, stride_length_s: float | None = None,
-                 max_batch_seconds: float = 120.0, max_gap_s: float = 1.0, max_segment_s: float = 10.0):
+                 max_batch_seconds: float | None = None, max_gap_s: float = 1.0, max_segment_s: float = 10.0):
         self.model = model
         self.vocab = vocab
         self.device = device
@@ -261,7 +261,9 @@ class Transcriber:
         self.chunk = int(chunk_length_s * SAMPLE_RATE) // hop * hop
         self.stride = int(stride * SAMPLE_RATE) // hop * hop
         self.hop = hop
-        self.max_batch_seconds = max(max_batch_seconds, chunk_length_s)
+        if max_batch_seconds is None:  # small batches run fastest on a CPU (cache-sized); a GPU wants large ones
+            max_batch_seconds = 10.0 if torch.device(device).type == "cpu" else 120.0
+        self.max_batch_seconds = max_batch_seconds
         self.max_gap_s = max_gap_s
         self.max_segment_s = max_segment_s
 

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Transcription benchmark, side by side in one run:
+
+1. speed and parity: ``speechtl`` (duration-sorted batches) against
+   ``transformers.pipeline("automatic-speech-recognition", batch_size=B)`` on the same
+   exported model and the same files; audio-seconds per second, the ratio, and how many
+   greedy transcripts agree. Both sides decode the files with the same reader
+   (``speechtl.load_audio``; the pipeline would otherwise need ffmpeg for file names),
+   and that time is counted on both sides.
+2. chunking: CER of a ~2-minute recording (test clips joined with short pauses) decoded
+   whole and in overlapping windows.
+3. memory: peak resident memory of ``speechtl transcribe`` (a fresh process each) on a
+   1-minute and a 60-minute recording.
+4. LM: greedy against beam search with an n-gram LM built from the training text, on the
+   test set; the LM weights are picked on the dev set.
+
+    .venv/bin/python benchmarks/bench_transcribe.py --model MODEL_DIR --manifest TEST.jsonl \\
+        --lm-model MODEL_DIR --lm-text TRAIN.jsonl --dev DEV.jsonl --json benchmarks/results/transcribe_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
+    """Run ``cmd`` in a fresh process; its peak resident memory (MB) and wall time (s)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - t0
+
+
+def joined_recording(utts, seconds: float, out: Path, pause_s: float = 0.3) -> str:
+    """Join clips (cycling through them) into one ``seconds``-long 16 kHz wav; returns its text."""
+    import soundfile as sf
+
+    from speechtl.audio import load_audio
+
+    gap = np.zeros(int(pause_s * 16000), np.float32)
+    texts, total = [], 0
+    with sf.SoundFile(str(out), "w", 16000, 1, subtype="PCM_16") as f:
+        for u in itertools.cycle(utts):
+            wav = load_audio(u.audio)
+            if total + wav.size > seconds * 16000:
+                break
+            f.write(np.concatenate([wav, gap]))
+            total += wav.size + gap.size
+            texts.append(u.text)
+    return " ".join(texts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a finetune/scratch speechtl model directory (exportable)")
+    ap.add_argument("--manifest", required=True, help="test manifest; at least 200 files")
+    ap.add_argument("--batch-size", type=int, default=16, help="pipeline batch size")
+    ap.add_argument("--batch-seconds", type=float, default=None, help="speechtl batch cap (padded seconds; default: speechtl's)")
+    ap.add_argument("--lm-model", help="model for the LM comparison (default: --model)")
+    ap.add_argument("--lm-text", help="training manifest or text file the LM is built from")
+    ap.add_argument("--dev", help="dev manifest to pick alpha/beta on")
+    ap.add_argument("--lm-order", type=int, default=3)
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import pipeline
+
+    import speechtl
+    from speechtl.audio import load_audio
+    from speechtl.export import export_hf
+    from speechtl.manifest import read_manifest
+    from speechtl.metrics import cer, wer
+    from speechtl.transcribe import Item
+
+    res: dict = {"torch_threads": torch.get_num_threads(), "model": args.model, "manifest": args.manifest}
+    utts = read_manifest(args.manifest)
+    audio_s = sum(u.duration for u in utts)
+    rec = speechtl.load(args.model, device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # ---- 1. speed and parity
+        export_hf(args.model, tmp / "hf")
+        pipe = pipeline("automatic-speech-recognition", model=str(tmp / "hf"), device="cpu")
+        tr = rec.transcriber(max_batch_seconds=args.batch_seconds)
+        items = [Item(u.id, u.audio) for u in utts]
+
+        def run_speechtl(its):
+            out = {}
+            for i, t in tr.run_indexed(its):
+                out[i] = t.text
+            return [out[i] for i in range(len(its))]
+
+        def run_pipeline(us, batch_size):
+            inputs = ({"raw": load_audio(u.audio), "sampling_rate": 16000} for u in us)
+            return [r["text"] for r in pipe(inputs, batch_size=batch_size)]
+
+        def same(a: str, b: str) -> bool:  # the tokenizer keeps a double space where "|" repeats
+            return a.split() == b.split()
+
+        run_speechtl(items[:8]), run_pipeline(utts[:8], 1), run_pipeline(utts[:8], args.batch_size)  # warm-up
+        t0 = time.perf_counter()
+        ours = run_speechtl(items)
+        t_ours = time.perf_counter() - t0
+        speed = {"files": len(utts), "audio_s": round(audio_s, 1), "speechtl_s": round(t_ours, 2),
+                 "speechtl_x_realtime": round(audio_s / t_ours, 1)}
+        for bs in (1, args.batch_size):
+            t0 = time.perf_counter()
+            theirs = run_pipeline(utts, bs)
+            t = time.perf_counter() - t0
+            agree = sum(same(a, b) for a, b in zip(ours, theirs))
+            speed[f"pipeline_bs{bs}"] = {"seconds": round(t, 2), "x_realtime": round(audio_s / t, 1),
+                                         "speechtl_speedup": round(t / t_ours, 2), "identical_transcripts": agree,
+                                         "first_differences": [(a, b) for a, b in zip(ours, theirs) if not same(a, b)][:2]}
+            print(f"speed: {len(utts)} files, {audio_s / 60:.1f} min: speechtl {audio_s / t_ours:.1f}x real time, "
+                  f"pipeline(batch_size={bs}) {audio_s / t:.1f}x; speechtl is {t / t_ours:.2f}x as fast; "
+                  f"identical transcripts {agree}/{len(utts)}", flush=True)
+        res["speed"] = speed
+
+        # ---- 2. chunked against whole-file decoding of a ~2-minute recording
+        two = tmp / "two_min.wav"
+        ref = joined_recording(utts, 120.0, two)
+        chunking = {}
+        for name, chunk, stride in (("whole", 200.0, None), ("chunk30_stride5", 30.0, 5.0), ("chunk10_stride2", 10.0, 2.0)):
+            hyp = rec.transcribe(two, chunk_length_s=chunk, stride_length_s=stride)
+            chunking[name] = {"cer": round(cer([ref], [hyp]), 4), "wer": round(wer([ref], [hyp]), 4)}
+        res["chunking"] = {"seconds": round(len(load_audio(two)) / 16000, 1), **chunking}
+        print(f"chunking: {json.dumps(res['chunking'])}", flush=True)
+
+        # ---- 3. peak memory, 1 min against 60 min
+        if not args.skip_memory:
+            mem = {}
+            for minutes in (1, 60):
+                path = tmp / f"long_{minutes}.wav"
+                joined_recording(utts, minutes * 60.0, path)
+                rss, wall = peak_rss_mb([sys.executable, "-m", "speechtl", "transcribe", args.model, str(path), "-q"])
+                mem[f"{minutes}min"] = {"peak_rss_mb": round(rss, 1), "wall_s": round(wall, 1)}
+                path.unlink()
+            mem["ratio_60_to_1"] = round(mem["60min"]["peak_rss_mb"] / mem["1min"]["peak_rss_mb"], 3)
+            res["memory"] = mem
+            print(f"memory: {json.dumps(mem)}", flush=True)
+
+    # ---- 4. LM beam search against greedy
+    if args.lm_text:
+        from speechtl.lm import write_arpa
+        from speechtl.transcribe import BeamDecoder, GreedyDecoder
+
+        lm_rec = speechtl.load(args.lm_model or args.model, device="cpu")
+        norm = lm_rec.normalizer
+        if args.lm_text.endswith(".jsonl"):
+            lines = [norm(u.text) for u in read_manifest(args.lm_text)]
+        else:
+            lines = [norm(t) for t in Path(args.lm_text).read_text(encoding="utf-8").splitlines()]
+        with tempfile.TemporaryDirectory() as tmp:
+            lm_path = write_arpa([t for t in lines if t.strip()], Path(tmp) / "lm.arpa", order=args.lm_order)
+            tr = lm_rec.transcriber()
+
+            def log_probs(manifest):
+                us = read_manifest(manifest)
+                return us, [tr.file_log_probs(Item(u.id, u.audio)) for u in us]
+
+            def score(us, lps, decoder):
+                hyps = [" ".join(w.word for w in decoder(lp, tr.frame_s)) for lp in lps]
+                refs = [norm(u.text) for u in us]
+                return {"wer": round(wer(refs, hyps), 4), "cer": round(cer(refs, hyps), 4)}
+
+            grid = [(a, b) for a in (0.3, 0.5, 1.0, 1.5) for b in (0.0, 1.0, 2.0)]
+            best = (0.5, 1.0)
+            if args.dev:
+                dev_us, dev_lps = log_probs(args.dev)
+                dev = {f"{a},{b}": score(dev_us, dev_lps, BeamDecoder(lm_rec.vocab, lm_path, a, b, 32)) for a, b in grid}
+                best = min(grid, key=lambda ab: (dev[f"{ab[0]},{ab[1]}"]["wer"], dev[f"{ab[0]},{ab[1]}"]["cer"]))
+            test_us, test_lps = log_probs(args.manifest)
+            res["lm"] = {
+                "lm_sentences": len(lines), "order": args.lm_order, "alpha": best[0], "beta": best[1], "beam_width": 32,
+                "greedy": score(test_us, test_lps, GreedyDecoder(lm_rec.vocab)),
+                "beam_no_lm": score(test_us, test_lps, BeamDecoder(lm_rec.vocab, None, beam_width=32)),
+                "beam_lm": score(test_us, test_lps, BeamDecoder(lm_rec.vocab, lm_path, best[0], best[1], 32)),
+            }
+            print(f"lm: {json.dumps(res['lm'])}", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
