@@ -10,7 +10,8 @@ For each encoder, over the same clips, side by side in one run:
   (c) speechtl extract (extract_to_cache: sorted dynamic batches, DataLoader workers,
       inference_mode, sharded float16 cache written to disk)
   (d) the compute ceiling: the model's forward pass alone on audio already in memory,
-      the better of one clip at a time (unpadded) and sorted batches
+      the best of one clip at a time (unpadded) and sorted batches, each with
+      transformers' own CNN and with speechtl's time-major CNN
 
 and prints audio seconds per second (x real time) and the ratios c/a, c/b, c/d.
 
@@ -108,18 +109,22 @@ def ceiling(encoder, utts, device, batch_seconds: float) -> tuple[float, str]:
     singles = [(w[None].to(device), torch.tensor([w.numel()], device=device)) for w in waves]
     batches = [(x.to(device), n.to(device)) for x, n in batches]
     timings = {}
+    cnn_paths = {"transformers' CNN": False, "time-major CNN": True} if encoder.fast_cnn else {"transformers' CNN": False}
     with torch.inference_mode():
-        for name, items in (("one clip at a time", singles), (f"sorted batches <= {batch_seconds:g} s", batches)):
-            amp = torch.bfloat16 if device.type == "cuda" else None
-            sync(device)
-            t0 = time.perf_counter()
-            for x, n in items:
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    encoder(x, n, all_layers=True)
-            sync(device)
-            timings[name] = time.perf_counter() - t0
+        for cnn, fast in cnn_paths.items():
+            encoder.fast_cnn = fast
+            for name, items in (("one clip at a time", singles), (f"sorted batches <= {batch_seconds:g} s", batches)):
+                amp = torch.bfloat16 if device.type == "cuda" else None
+                sync(device)
+                t0 = time.perf_counter()
+                for x, n in items:
+                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        encoder(x, n, all_layers=True)
+                sync(device)
+                timings[f"{name}, {cnn}"] = time.perf_counter() - t0
+    encoder.fast_cnn = "time-major CNN" in cnn_paths
     best = min(timings, key=timings.get)
-    return timings[best], best
+    return timings[best], best, {k: round(v, 3) for k, v in timings.items()}
 
 
 def main() -> None:
@@ -161,10 +166,11 @@ def main() -> None:
             t["a"] = plain_one_by_one(model, fe, utts, device)
             t["b"] = plain_batched(model, fe, utts, device, args.batch_size)
             t["c"] = speechtl_extract(encoder, utts, device, work / f"cache-{name}", batch_seconds, args.workers)
-            t["d"], how = ceiling(encoder, utts, device, batch_seconds)
+            t["d"], how, ceilings = ceiling(encoder, utts, device, batch_seconds)
             x = {k: audio / v for k, v in t.items()}
             row = {"encoder": name, "parameters_m": round(params, 2), "audio_s": round(audio, 1),
                    "x_real_time": {k: round(v, 2) for k, v in x.items()}, "ceiling": how,
+                   "ceiling_candidates_x_real_time": {k: round(audio / v, 2) for k, v in ceilings.items()},
                    "c_over_a": round(x["c"] / x["a"], 2), "c_over_b": round(x["c"] / x["b"], 2),
                    "c_over_d": round(x["c"] / x["d"], 2)}
             if device.type == "cuda":

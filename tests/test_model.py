@@ -190,3 +190,38 @@ def test_frozen_masking_config_reaches_the_model(tmp_path, tones, tiny_encoder):
     assert torch.equal(a, b)  # no masking (or dropout) in eval
     ft = build_model(str(tiny_encoder), "finetune", 8, config_overrides={"frozen_mask_time_prob": 0.3})
     assert ft.feature_masking[0] == 0.0
+
+
+@pytest.mark.parametrize("family,norm", [(f, "layer") for f in FAMILIES] + [("wav2vec2", "group"), ("hubert", "group")])
+def test_time_major_cnn_equals_transformers(tmp_path, family, norm):
+    kw = {"conv_bias": True} if family == "data2vec-audio" else {"feat_extract_norm": norm, "conv_bias": norm == "layer"}
+    enc = load_encoder(str(tiny_encoder_dir(tmp_path, family, **kw))).eval()
+    assert enc.fast_cnn
+    values, lengths = pad_waveforms(_waves(seed=3))
+    with torch.inference_mode():
+        fast = enc(values, lengths)
+        enc.fast_cnn = False
+        slow = enc(values, lengths)
+    for a, b in zip(fast.hidden_states, slow.hidden_states):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert torch.equal(fast.lengths, slow.lengths)
+
+
+def test_time_major_cnn_only_without_cnn_gradients(tiny_encoder):
+    import speechtl.encoder as enc_mod
+
+    calls = []
+    real = enc_mod._time_major_cnn
+    enc_mod._time_major_cnn = lambda *a: calls.append(1) or real(*a)
+    try:
+        model = build_model(str(tiny_encoder), "scratch", vocab_size=5).train()  # trains its CNN
+        values, lengths = pad_waveforms(_waves())
+        logits, _ = model(values, lengths)
+        logits.sum().backward()
+        assert not calls  # transformers' own CNN, which gradients flow through
+        assert model.encoder.model.feature_extractor.conv_layers[0].conv.weight.grad is not None
+        with torch.no_grad():
+            model(values, lengths)
+        assert calls
+    finally:
+        enc_mod._time_major_cnn = real
