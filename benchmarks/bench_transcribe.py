@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,13 +33,17 @@ import numpy as np
 
 
 def peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
-    """Run ``cmd`` in a fresh process; its peak resident memory (MB) and wall time (s)."""
+    """Run ``cmd`` in a fresh process; its peak resident memory (MB) and wall time (s).
+
+    Linux carries a parent's peak RSS into a forked child's ``ru_maxrss``, so the command is
+    started by a small launcher process rather than by this (large) one."""
+    launcher = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - t0
+    r = subprocess.run([sys.executable, "-c", launcher, *cmd], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr[-2000:]}")
+    return int(r.stdout.split()[-1]) / 1024, time.perf_counter() - t0
 
 
 def joined_recording(utts, seconds: float, out: Path, pause_s: float = 0.3) -> str:
@@ -70,7 +72,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="pipeline batch size")
     ap.add_argument("--batch-seconds", type=float, default=None, help="speechtl batch cap (padded seconds; default: speechtl's)")
     ap.add_argument("--lm-model", help="model for the LM comparison (default: --model)")
-    ap.add_argument("--lm-text", help="training manifest or text file the LM is built from")
+    ap.add_argument("--lm-text", nargs="+", help="training manifests or text files; one LM is built from each")
     ap.add_argument("--dev", help="dev manifest to pick alpha/beta on")
     ap.add_argument("--lm-order", type=int, default=3)
     ap.add_argument("--skip-memory", action="store_true")
@@ -161,37 +163,37 @@ def main() -> None:
 
         lm_rec = speechtl.load(args.lm_model or args.model, device="cpu")
         norm = lm_rec.normalizer
-        if args.lm_text.endswith(".jsonl"):
-            lines = [norm(u.text) for u in read_manifest(args.lm_text)]
-        else:
-            lines = [norm(t) for t in Path(args.lm_text).read_text(encoding="utf-8").splitlines()]
-        with tempfile.TemporaryDirectory() as tmp:
-            lm_path = write_arpa([t for t in lines if t.strip()], Path(tmp) / "lm.arpa", order=args.lm_order)
-            tr = lm_rec.transcriber()
+        tr = lm_rec.transcriber()
 
-            def log_probs(manifest):
-                us = read_manifest(manifest)
-                return us, [tr.file_log_probs(Item(u.id, u.audio)) for u in us]
+        def log_probs(manifest):
+            us = read_manifest(manifest)
+            return us, [tr.file_log_probs(Item(u.id, u.audio)) for u in us]
 
-            def score(us, lps, decoder):
-                hyps = [" ".join(w.word for w in decoder(lp, tr.frame_s)) for lp in lps]
-                refs = [norm(u.text) for u in us]
-                return {"wer": round(wer(refs, hyps), 4), "cer": round(cer(refs, hyps), 4)}
+        def score(us, lps, decoder):
+            hyps = [" ".join(w.word for w in decoder(lp, tr.frame_s)) for lp in lps]
+            refs = [norm(u.text) for u in us]
+            return {"wer": round(wer(refs, hyps), 4), "cer": round(cer(refs, hyps), 4)}
 
-            grid = [(a, b) for a in (0.3, 0.5, 1.0, 1.5) for b in (0.0, 1.0, 2.0)]
-            best = (0.5, 1.0)
-            if args.dev:
-                dev_us, dev_lps = log_probs(args.dev)
-                dev = {f"{a},{b}": score(dev_us, dev_lps, BeamDecoder(lm_rec.vocab, lm_path, a, b, 32)) for a, b in grid}
-                best = min(grid, key=lambda ab: (dev[f"{ab[0]},{ab[1]}"]["wer"], dev[f"{ab[0]},{ab[1]}"]["cer"]))
-            test_us, test_lps = log_probs(args.manifest)
-            res["lm"] = {
-                "lm_sentences": len(lines), "order": args.lm_order, "alpha": best[0], "beta": best[1], "beam_width": 32,
-                "greedy": score(test_us, test_lps, GreedyDecoder(lm_rec.vocab)),
-                "beam_no_lm": score(test_us, test_lps, BeamDecoder(lm_rec.vocab, None, beam_width=32)),
-                "beam_lm": score(test_us, test_lps, BeamDecoder(lm_rec.vocab, lm_path, best[0], best[1], 32)),
-            }
-            print(f"lm: {json.dumps(res['lm'])}", flush=True)
+        test_us, test_lps = log_probs(args.manifest)
+        dev_us, dev_lps = log_probs(args.dev) if args.dev else (None, None)
+        res["lm"] = {"model": args.lm_model or args.model, "beam_width": 32,
+                     "greedy": score(test_us, test_lps, GreedyDecoder(lm_rec.vocab)),
+                     "beam_no_lm": score(test_us, test_lps, BeamDecoder(lm_rec.vocab, None, beam_width=32)), "lms": []}
+        grid = [(a, b) for a in (0.3, 0.5, 1.0, 1.5) for b in (0.0, 1.0, 2.0)]
+        for text in args.lm_text:
+            if text.endswith(".jsonl"):
+                lines = [norm(u.text) for u in read_manifest(text)]
+            else:
+                lines = [norm(t) for t in Path(text).read_text(encoding="utf-8").splitlines()]
+            with tempfile.TemporaryDirectory() as tmp:
+                lm_path = write_arpa([t for t in lines if t.strip()], Path(tmp) / "lm.arpa", order=args.lm_order)
+                best = (0.5, 1.0)
+                if dev_us is not None:
+                    dev = {ab: score(dev_us, dev_lps, BeamDecoder(lm_rec.vocab, lm_path, ab[0], ab[1], 32)) for ab in grid}
+                    best = min(grid, key=lambda ab: (dev[ab]["wer"], dev[ab]["cer"]))
+                res["lm"]["lms"].append({"text": text, "sentences": len(lines), "order": args.lm_order, "alpha": best[0],
+                                         "beta": best[1], **score(test_us, test_lps, BeamDecoder(lm_rec.vocab, lm_path, *best, 32))})
+        print(f"lm: {json.dumps(res['lm'])}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2) + "\n")
