@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 import torch
 
@@ -135,7 +134,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-seconds", type=float, default=None, help="batch cap for (c) and (d) (default: 10 on CPU, 400 on GPU)")
     ap.add_argument("--batch-size", type=int, default=8, help="clips per batch in (b)")
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for (c)")
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers for (c) (default: speechtl's)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ._io import atomic_path, write_json
 from .audio import SAMPLE_RATE
 from .encoder import SpeechEncoder
-from .loader import AudioDataset, collate, cut_batches
+from .loader import AudioDataset, collate, cut_batches, decode_workers, encoder_batch_seconds
 from .manifest import Utterance
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def extract_to_cache(
     dtype: str = "float16",
     device: str | torch.device = "cpu",
     max_batch_seconds: float | None = None,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     shard_seconds: float = 1800.0,
     progress: bool = True,
     rank: int | None = None,
@@ -170,7 +170,9 @@ def extract_to_cache(
 
     ``max_batch_seconds`` defaults to 10 s of padded audio on a CPU, where big batches
     of a big model run slower than small ones (their activations leave the caches), and
-    to 300 s on a GPU, which needs big batches to stay busy.
+    to 300 s on a GPU, which needs big batches to stay busy. ``num_workers`` (audio
+    decoding processes) defaults to none on a CPU with at most 4 cores, where they would
+    only take cores from the model, and to up to 8 on a GPU machine.
 
     Returns the opened cache, or ``None`` on a rank of a multi-process run that
     finished before the others (rank 0 returns the cache once all shards exist).
@@ -183,7 +185,9 @@ def extract_to_cache(
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     if max_batch_seconds is None:
-        max_batch_seconds = 300.0 if device.type == "cuda" else 10.0
+        max_batch_seconds = encoder_batch_seconds(device)
+    if num_workers is None:
+        num_workers = decode_workers(device)
     layer_ids = _resolve_layers(layers, encoder.num_layers)
     fingerprint = encoder_fingerprint(encoder)
     prep = preprocessing(encoder)

@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layers", default="all", help="'all' or comma-separated hidden-state indices (0 = transformer input)")
     s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     s.add_argument("--batch-seconds", type=float, help="cap on padded audio seconds per batch (default: 10 on CPU, 300 on GPU)")
-    s.add_argument("--num-workers", type=int, default=2, help="DataLoader processes decoding and resampling audio")
+    s.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader processes decoding and resampling audio (default: none on a CPU with <= 4 cores, up to 8 with a GPU)")
     s.add_argument("--shard-minutes", type=float, default=30.0, help="audio per shard file")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")

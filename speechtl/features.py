@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .encoder import SpeechEncoder
-from .loader import AudioDataset, UtteranceDataset, collate, pad_targets, sorted_loader
+from .loader import AudioDataset, UtteranceDataset, collate, encoder_batch_seconds, pad_targets, sorted_loader
 from .manifest import Utterance
 
 logger = logging.getLogger(__name__)
@@ -33,12 +33,14 @@ def extract_in_memory(
     encoder: SpeechEncoder,
     utterances: Sequence[Utterance],
     device: torch.device | str = "cpu",
-    max_batch_seconds: float = 120.0,
+    max_batch_seconds: float | None = None,
     num_workers: int = 0,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Return ``{utterance id: (layers, frames, dim) float16}`` for every utterance."""
     device = torch.device(device)
+    if max_batch_seconds is None:
+        max_batch_seconds = encoder_batch_seconds(device)
     was_training = encoder.training
     encoder.eval()
     ds = AudioDataset(utterances)

@@ -242,3 +242,21 @@ def padding_overhead(batches: Sequence[Sequence[int]], durations: Sequence[float
     real = sum(durations[i] for b in batches for i in b)
     return 0.0 if padded == 0 else 1.0 - real / padded
 
+
+
+def encoder_batch_seconds(device: torch.device | str) -> float:
+    """Default cap on padded seconds per batch for running an encoder without gradients:
+    small on a CPU, where big batches leave the caches and run slower than small ones,
+    large on a GPU, which needs big batches to stay busy."""
+    return 300.0 if torch.device(device).type == "cuda" else 10.0
+
+
+def decode_workers(device: torch.device | str) -> int:
+    """Default DataLoader workers for decoding audio next to an encoder: on a CPU with few
+    cores, worker processes only take cores from the model, so none there."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch.device(device).type == "cuda":
+        return min(8, max(cores - 1, 0))
+    return 0 if cores <= 4 else 2

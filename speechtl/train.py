@@ -32,7 +32,7 @@ from .config import TrainConfig
 from .cache import FeatureCache, StaleCacheError, encoder_fingerprint, extract_to_cache
 from .features import FeatureDataset, collate_features, estimate_bytes, extract_in_memory
 from .inference import decode_utterances, pick_device
-from .loader import AudioDataset, DynamicBucketSampler, collate
+from .loader import AudioDataset, DynamicBucketSampler, collate, decode_workers
 from .manifest import Utterance, read_manifest
 from .metrics import write_results
 from .model import CTCModel, HeadConfig, build_model, ctc_loss, save_model_dir
@@ -141,7 +141,7 @@ def _trainable_state(model: CTCModel) -> dict:
     return {k: v for k, v in model.state_dict().items() if model.mode != "frozen" or not k.startswith("encoder.")}
 
 
-def open_or_extract(encoder, utterances, path: Path, device, max_batch_seconds: float, num_workers: int,
+def open_or_extract(encoder, utterances, path: Path, device, max_batch_seconds: float | None, num_workers: int | None,
                     progress: bool) -> FeatureCache:
     """The on-disk cache of ``utterances`` at ``path``, (re-)extracted unless current."""
     try:
@@ -211,8 +211,7 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
     features = dev_features = None
     if cfg.mode == "frozen" and cfg.feature_cache:
         features, dev_features = (
-            open_or_extract(model.encoder, utts, Path(cfg.feature_cache) / name, device, max(cfg.max_batch_seconds, 60.0),
-                            cfg.num_workers, progress)
+            open_or_extract(model.encoder, utts, Path(cfg.feature_cache) / name, device, None, None, progress)
             for name, utts in (("train", train_utts), ("dev", dev_utts))
         )
         model.drop_encoder(out / "encoder")  # the head trains on the cache alone
@@ -222,7 +221,7 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
             logger.info("computing frozen encoder features once (%.2f GB)", need / 1e9)
             # one store per set: train and dev manifests may reuse the same utterance ids
             features, dev_features = (
-                extract_in_memory(model.encoder, utts, device, max(cfg.max_batch_seconds, 60.0), cfg.num_workers, progress)
+                extract_in_memory(model.encoder, utts, device, None, decode_workers(device), progress)
                 for utts in (train_utts, dev_utts)
             )
         else:
