@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -245,24 +246,42 @@ def _extract_shards(encoder, shards, by_id, out, layer_ids, dtype, device, max_b
         "{desc}: {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}, {rate_fmt}]"))
     pending: dict[str, torch.Tensor] = {}
     shard_i, done = 0, 0
-    select = torch.tensor(layer_ids)
-    for batch in loader:
-        b = batch.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None), \
-                torch.random.fork_rng(devices=[]):  # extraction leaves the caller's random stream alone
-            enc = encoder(b.waveforms, b.lengths, all_layers=True)
-        stacked = torch.stack([enc.hidden_states[i] for i in select.tolist()])  # (L, B, T, D)
-        stacked = stacked.to(dtype).cpu()
-        for k, uid in enumerate(b.ids):
-            pending[uid] = stacked[:, k, : int(enc.lengths[k])].contiguous()
-        done += len(b.ids)
-        bar.update(round(sum(b.durations) / 3600, 6))
-        while shard_i < len(shards) and done >= bounds[shard_i]:
-            s = shards[shard_i]
-            tensors = {uid: pending.pop(uid) for uid in s.ids}
-            with atomic_path(out / s.file) as tmp:
-                save_file(tensors, str(tmp), metadata={"key": s.key})
-            shard_i += 1
+    # shards are written by one background thread while the encoder runs on; at most one
+    # write is in flight, and a failed write raises here
+    writer = ThreadPoolExecutor(max_workers=1)
+    writing = None
+
+    def write(path: Path, tensors: dict, key: str) -> None:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"key": key})
+
+    try:
+        for batch in loader:
+            b = batch.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None), \
+                    torch.random.fork_rng(devices=[]):  # extraction leaves the caller's random stream alone
+                enc = encoder(b.waveforms, b.lengths, all_layers=True)
+            hidden = [enc.hidden_states[i] for i in layer_ids]
+            if device.type == "cpu":  # one copy per clip: its valid frames, converted and stacked
+                for k, uid in enumerate(b.ids):
+                    n = int(enc.lengths[k])
+                    pending[uid] = torch.stack([h[k, :n].to(dtype) for h in hidden])
+            else:  # one device-to-host transfer per batch, then the clips are cut on the host
+                stacked = torch.stack([h.to(dtype) for h in hidden]).cpu()  # (L, B, T, D)
+                for k, uid in enumerate(b.ids):
+                    pending[uid] = stacked[:, k, : int(enc.lengths[k])].contiguous()
+            done += len(b.ids)
+            bar.update(round(sum(b.durations) / 3600, 6))
+            while shard_i < len(shards) and done >= bounds[shard_i]:
+                s = shards[shard_i]
+                if writing is not None:
+                    writing.result()
+                writing = writer.submit(write, out / s.file, {uid: pending.pop(uid) for uid in s.ids}, s.key)
+                shard_i += 1
+        if writing is not None:
+            writing.result()
+    finally:
+        writer.shutdown(wait=True)
     bar.close()
     encoder.train(was_training)
 
