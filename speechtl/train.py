@@ -157,6 +157,20 @@ def open_or_extract(encoder, utterances, path: Path, device, max_batch_seconds: 
                             num_workers=num_workers, progress=progress, rank=0, world_size=1)
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, loaded with ``weights_only=True``: tensors and plain data only.
+    A file that needs anything more (pickled code) is refused, never executed."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refused to load: the checkpoint holds objects other than tensors and plain data"
+                         f" (torch.load weights_only=True: {first}). speechtl never unpickles code; delete the file"
+                         " or start without resume=true") from None
+
+
 def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], bool] | None = None) -> dict:
     """Train per ``cfg``; returns the training summary (also written to train_summary.json).
 
@@ -174,7 +188,7 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
     dev_utts = read_manifest(cfg.dev) if cfg.dev else []
     check_audio(train_utts + dev_utts)
     train_texts = [normalizer(u.text) for u in train_utts]
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) if cfg.resume and ckpt_path.is_file() else None
+    ck = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.is_file() else None
     if cfg.vocab:
         vocab = Vocabulary.load(cfg.vocab)
     elif ck is not None:

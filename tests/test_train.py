@@ -185,3 +185,31 @@ def test_frozen_dev_score_uses_dev_audio_when_ids_repeat(tmp_path, tones, tiny_e
     after = {r["id"]: r["hyp"] for r in map(json.loads, open(tmp_path / "eval" / "hyps.jsonl"))}
     assert any(during.values())
     assert during == after
+
+
+class _Payload:
+    """Pickles to a call that would create a file: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
+
+
+def test_pickled_code_in_a_checkpoint_is_refused(tmp_path, tones, tiny_encoder, capsys):
+    import torch
+
+    from speechtl.cli import main
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "model": _Payload(marker)}, out / "checkpoints" / "last.pt")
+    rc = main(["train", f"encoder={tiny_encoder}", f"train={tones}", f"out={out}", "max_steps=2", "num_workers=0",
+               "resume=true", "-q"])
+    assert rc == 1
+    assert "refused to load" in capsys.readouterr().err
+    assert not marker.exists()  # the payload never ran
