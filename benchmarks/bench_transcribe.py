@@ -158,7 +158,7 @@ def main() -> None:
 
     # ---- 4. LM beam search against greedy
     if args.lm_text:
-        from speechtl.lm import write_arpa
+        from speechtl.lm import read_sentences, write_arpa
         from speechtl.transcribe import BeamDecoder, GreedyDecoder
 
         lm_rec = speechtl.load(args.lm_model or args.model, device="cpu")
@@ -181,12 +181,9 @@ def main() -> None:
                      "beam_no_lm": score(test_us, test_lps, BeamDecoder(lm_rec.vocab, None, beam_width=32)), "lms": []}
         grid = [(a, b) for a in (0.3, 0.5, 1.0, 1.5) for b in (0.0, 1.0, 2.0)]
         for text in args.lm_text:
-            if text.endswith(".jsonl"):
-                lines = [norm(u.text) for u in read_manifest(text)]
-            else:
-                lines = [norm(t) for t in Path(text).read_text(encoding="utf-8").splitlines()]
+            lines = read_sentences(text, norm)
             with tempfile.TemporaryDirectory() as tmp:
-                lm_path = write_arpa([t for t in lines if t.strip()], Path(tmp) / "lm.arpa", order=args.lm_order)
+                lm_path = write_arpa(lines, Path(tmp) / "lm.arpa", order=args.lm_order)
                 best = (0.5, 1.0)
                 if dev_us is not None:
                     dev = {ab: score(dev_us, dev_lps, BeamDecoder(lm_rec.vocab, lm_path, ab[0], ab[1], 32)) for ab in grid}

@@ -166,16 +166,10 @@ def cmd_align(args) -> int:
 
 
 def cmd_lm_build(args) -> int:
-    from .lm import write_arpa
-    from .manifest import read_manifest
-    from .text import Normalizer, load_normalizer
+    from .lm import read_sentences, write_arpa
+    from .text import load_normalizer
 
-    normalizer = load_normalizer(Path(args.model) / "normalizer.json") if args.model else Normalizer()
-    if str(args.text).endswith(".jsonl"):
-        raw = [u.text for u in read_manifest(args.text)]
-    else:
-        raw = Path(args.text).read_text(encoding="utf-8").splitlines()
-    lines = [t for t in (normalizer(r) for r in raw) if t.strip()]
+    lines = read_sentences(args.text, load_normalizer(Path(args.model) / "normalizer.json") if args.model else None)
     out = write_arpa(lines, args.out, order=args.order)
     print(f"wrote a {args.order}-gram modified Kneser-Ney LM of {len(lines)} sentences to {out}")
     return 0

@@ -136,9 +136,10 @@ class Recognizer:
         """
         from .transcribe import Item, collect_inputs
 
-        single = isinstance(inputs, (str, os.PathLike, np.ndarray)) and not (
-            isinstance(inputs, (str, os.PathLike)) and (Path(inputs).is_dir() or str(inputs).endswith(".jsonl")))
-        raw = [inputs] if isinstance(inputs, (str, os.PathLike, np.ndarray)) else list(inputs)
+        one = isinstance(inputs, (str, os.PathLike, np.ndarray))
+        raw = [inputs] if one else list(inputs)
+        # one file or array gives one result; a folder or manifest, however given, a list
+        single = one and not (isinstance(inputs, (str, os.PathLike)) and (Path(inputs).is_dir() or str(inputs).endswith(".jsonl")))
         items: list[Item] = []
         for k, x in enumerate(raw):
             if isinstance(x, np.ndarray):

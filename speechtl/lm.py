@@ -130,6 +130,23 @@ def build_arpa(sentences: Iterable[str], order: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_sentences(path: str | os.PathLike, normalizer=None) -> list[str]:
+    """LM training sentences: a ``.jsonl`` manifest's texts, or a text file's lines,
+    normalised as a model's transcripts are (``normalizer``), empty ones dropped."""
+    from .manifest import read_manifest
+    from .text import Normalizer
+
+    norm = normalizer or Normalizer()
+    if str(path).endswith(".jsonl"):
+        raw = [u.text for u in read_manifest(path, check_files=False)]
+    else:
+        raw = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = [t for t in map(norm, raw) if t.strip()]
+    if not lines:
+        raise ValueError(f"{path}: no text to build a language model from")
+    return lines
+
+
 def write_arpa(text_path_or_lines: str | os.PathLike | Iterable[str], out: str | os.PathLike, order: int = 3) -> Path:
     """Build from a text file (one sentence per line) or lines, and write ``out`` atomically."""
     if isinstance(text_path_or_lines, (str, os.PathLike)):
@@ -198,11 +215,9 @@ class ArpaModel:
 
 
 def kenlm_available() -> bool:
-    try:
-        import kenlm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("kenlm") is not None
 
 
 def pyctcdecode_language_model(path: str | os.PathLike, unigrams: Iterable[str] | None = None, alpha: float = 0.5,

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_info, load_audio
+from .decode import token_runs
 from .loader import pad_waveforms
 from .text import Vocabulary
 
@@ -124,16 +125,6 @@ def frame_seconds(model) -> float:
     """Seconds between encoder frames (the product of the CNN strides / 16 kHz)."""
     strides = getattr(model.encoder.config, "conv_stride", None) or [320]
     return math.prod(strides) / SAMPLE_RATE
-
-
-def token_runs(best: np.ndarray, blank: int = 0) -> list[tuple[int, int, int]]:
-    """Greedy CTC path as ``(token, first_frame, last_frame)`` runs, blanks dropped."""
-    if best.size == 0:
-        return []
-    change = np.flatnonzero(np.diff(best)) + 1
-    starts = np.concatenate([[0], change])
-    ends = np.concatenate([change, [best.size]]) - 1
-    return [(int(best[s]), int(s), int(e)) for s, e in zip(starts, ends) if best[s] != blank]
 
 
 def words_from_runs(runs, probs: np.ndarray, vocab: Vocabulary, frame_s: float) -> list[Word]:
@@ -234,11 +225,9 @@ class BeamDecoder:
 
 @dataclass
 class _Window:
-    item: int  # index into the inputs
     wav: np.ndarray
     keep_from: int  # frames of this window's output to keep: [keep_from, keep_to)
     keep_to: int | None
-    index: int  # window number within its file
     last: bool
 
 
@@ -274,7 +263,7 @@ class Transcriber:
         lp = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
         return [lp[i, : int(n)] for i, n in enumerate(frames.cpu())]
 
-    def _windows(self, idx: int, item: Item, duration: float) -> Iterator[_Window]:
+    def _windows(self, item: Item, duration: float) -> Iterator[_Window]:
         """Overlapping windows of a long file, each read from disk when needed."""
         total = int(round(duration * SAMPLE_RATE))
         step = self.chunk - 2 * self.stride
@@ -285,7 +274,7 @@ class Transcriber:
             wav = item.read(start / SAMPLE_RATE, None if last else self.chunk / SAMPLE_RATE)
             keep_from = 0 if k == 0 else self.stride // self.hop
             keep_to = None if last else (self.chunk - self.stride) // self.hop
-            yield _Window(idx, wav, keep_from, keep_to, k, last)
+            yield _Window(wav, keep_from, keep_to, last)
 
     def run(self, items: Sequence[Item], progress: bool = False) -> Iterator[Transcript]:
         """Yield a :class:`Transcript` per item, failures included, as each finishes."""
@@ -328,7 +317,7 @@ class Transcriber:
         per_batch = max(1, int(self.max_batch_seconds // (self.chunk / SAMPLE_RATE)))
         parts: list[np.ndarray] = []
         pending: list[_Window] = []
-        for w in self._windows(0, item, duration):
+        for w in self._windows(item, duration):
             pending.append(w)
             if len(pending) == per_batch or w.last:
                 for win, lp in zip(pending, self._log_probs([p.wav for p in pending])):
