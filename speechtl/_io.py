@@ -40,17 +40,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.exists():  # a process killed between the two renames below
+        os.replace(old, path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
+        had_old = path.exists()
+        if had_old:
             if old.exists():
                 shutil.rmtree(old)
             os.replace(path, old)
         os.replace(tmp, path)
-        if old is not None:
+        if had_old:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():

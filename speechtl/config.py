@@ -57,6 +57,7 @@ class TrainConfig:
                                               "(spans of mask_feature_length channels)")
     # evaluation and checkpoints
     eval_every: int = _f(200, "updates between dev evaluations and checkpoints")
+    save_every: int | None = _f(None, "updates between checkpoints (default: eval_every); resume loses at most this many")
     best_metric: str = _f("cer", "dev metric that selects the best checkpoint: cer | wer")
     patience: int = _f(0, "stop after this many evaluations without improvement (0 = never)")
     resume: bool = _f(False, "continue from out/checkpoints/last.pt if it exists")

@@ -97,12 +97,14 @@ class CTCModel(nn.Module):
             self.encoder.eval()  # no dropout, masking or layerdrop in a fixed encoder
         return self
 
-    def drop_encoder(self, saved_dir: str | os.PathLike) -> None:
+    def drop_encoder(self, saved_dir: str | os.PathLike, save: bool = True) -> None:
         """Free a frozen encoder (training from a feature cache): save it once to
-        ``saved_dir``, which :func:`save_model_dir` copies into every model directory."""
+        ``saved_dir``, which :func:`save_model_dir` copies into every model directory
+        (``save=False``: another process of the same run saves it)."""
         if self.mode != "frozen":
             raise ValueError("only a frozen encoder can be dropped")
-        save_encoder(self.encoder, saved_dir)
+        if save:
+            save_encoder(self.encoder, saved_dir)
         self.encoder_dir = Path(saved_dir)
         self.encoder = None
 

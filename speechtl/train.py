@@ -12,6 +12,7 @@ Outputs in ``cfg.out``: ``checkpoints/last.pt`` (full training state, for
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -23,18 +24,21 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed as dist_util
 from ._io import atomic_path, write_json
 from .audio import AudioError, audio_info
 from .config import TrainConfig
 from .cache import FeatureCache, StaleCacheError, encoder_fingerprint, extract_to_cache
 from .features import FeatureDataset, collate_features, estimate_bytes, extract_in_memory
-from .inference import decode_utterances, pick_device
+from .distributed import DistContext
+from .inference import decode_utterances
 from .loader import AudioDataset, DynamicBucketSampler, collate, decode_workers
 from .manifest import Utterance, read_manifest
-from .metrics import write_results
+from .metrics import score, write_results
 from .model import CTCModel, HeadConfig, build_model, ctc_loss, save_model_dir
 from .text import Normalizer, NormalizerConfig, Vocabulary, describe_oov
 
@@ -142,19 +146,35 @@ def _trainable_state(model: CTCModel) -> dict:
 
 
 def open_or_extract(encoder, utterances, path: Path, device, max_batch_seconds: float | None, num_workers: int | None,
-                    progress: bool) -> FeatureCache:
-    """The on-disk cache of ``utterances`` at ``path``, (re-)extracted unless current."""
-    try:
-        cache = FeatureCache(path)
-        cache.check(utterances, encoder_fingerprint(encoder), layers=list(range(encoder.num_layers)))
-        logger.info("reading features from %s", path)
-        return cache
-    except FileNotFoundError:
-        logger.info("extracting features into %s", path)
-    except StaleCacheError as e:
-        logger.warning("%s; extracting again", e)
-    return extract_to_cache(encoder, utterances, path, "all", "float16", device, max_batch_seconds=max_batch_seconds,
-                            num_workers=num_workers, progress=progress, rank=0, world_size=1)
+                    progress: bool, ctx: DistContext = DistContext()) -> FeatureCache:
+    """The on-disk cache of ``utterances`` at ``path``, (re-)extracted unless current.
+    In a multi-process run rank 0 checks it, and every rank extracts its share of shards."""
+    current = False
+    if ctx.is_main:
+        try:
+            FeatureCache(path).check(utterances, encoder_fingerprint(encoder), layers=list(range(encoder.num_layers)))
+            logger.info("reading features from %s", path)
+            current = True
+        except FileNotFoundError:
+            logger.info("extracting features into %s", path)
+        except StaleCacheError as e:
+            logger.warning("%s; extracting again", e)
+    if not dist_util.broadcast_object(current, ctx):
+        extract_to_cache(encoder, utterances, path, "all", "float16", device, max_batch_seconds=max_batch_seconds,
+                         num_workers=num_workers, progress=progress, rank=ctx.rank, world_size=ctx.world_size)
+    return FeatureCache(path)
+
+
+class _TrainStep(nn.Module):
+    """One forward pass of a :class:`CTCModel`, from audio or from cached encoder features,
+    behind a single ``forward`` so that DistributedDataParallel sees every pass."""
+
+    def __init__(self, model: CTCModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, from_features: bool = False):
+        return self.model.forward_features(x, lengths) if from_features else self.model(x, lengths)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -176,12 +196,26 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
 
     ``should_stop(step)`` is called after every update; returning True saves a
     checkpoint and raises :class:`TrainingInterrupted` (used to test resume).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this function: the
+    sampler deals each rank its own batches, DistributedDataParallel averages the
+    gradients, dev scoring is gathered across ranks, and only rank 0 writes files. One
+    update then covers ``world_size x grad_accum`` micro-batches.
     """
+    ctx, device = dist_util.setup(cfg.device)
+    try:
+        return _train(cfg, ctx, device, progress and ctx.is_main, should_stop)
+    finally:
+        dist_util.teardown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: bool,
+           should_stop: Callable[[int], bool] | None) -> dict:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoints" / "last.pt"
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
     normalizer = Normalizer(NormalizerConfig(**cfg.normalizer))
 
     train_utts = read_manifest(cfg.train)
@@ -189,6 +223,9 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
     check_audio(train_utts + dev_utts)
     train_texts = [normalizer(u.text) for u in train_utts]
     ck = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.is_file() else None
+    if ck is not None and ck["state"].get("world_size", 1) != ctx.world_size:
+        raise ValueError(f"{ckpt_path}: written by a {ck['state'].get('world_size', 1)}-process run; resume it with the same"
+                         f" number of processes (this run has {ctx.world_size}), or start afresh without resume=true")
     if cfg.vocab:
         vocab = Vocabulary.load(cfg.vocab)
     elif ck is not None:
@@ -211,6 +248,12 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
     if not train_utts:
         raise ValueError(f"{cfg.train}: no trainable utterances left after filtering ({dropped})")
     model.to(device)
+    if ctx.rank:  # the same weights everywhere (built from cfg.seed), but each rank its own dropout and masks
+        seed_everything(cfg.seed + ctx.rank)
+    dev_mine = dev_utts[ctx.rank :: ctx.world_size]  # each rank scores its share of dev; results are gathered
+    global_seconds = ctx.world_size * cfg.grad_accum * cfg.max_batch_seconds
+    logger.info("global batch: %d process(es) x %d micro-batch(es) of <= %g s padded audio = <= %g s per update",
+                ctx.world_size, cfg.grad_accum, cfg.max_batch_seconds, global_seconds)
 
     groups = [{"params": model.head_parameters(), "lr": cfg.lr, "name": "head"}]
     if cfg.mode != "frozen":
@@ -225,10 +268,10 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
     features = dev_features = None
     if cfg.mode == "frozen" and cfg.feature_cache:
         features, dev_features = (
-            open_or_extract(model.encoder, utts, Path(cfg.feature_cache) / name, device, None, None, progress)
+            open_or_extract(model.encoder, utts, Path(cfg.feature_cache) / name, device, None, None, progress, ctx)
             for name, utts in (("train", train_utts), ("dev", dev_utts))
         )
-        model.drop_encoder(out / "encoder")  # the head trains on the cache alone
+        model.drop_encoder(out / "encoder", save=ctx.is_main)  # the head trains on the cache alone
     elif cfg.mode == "frozen" and cfg.cache_features:
         need = estimate_bytes(model.encoder, train_utts + dev_utts)
         if need <= cfg.cache_max_gb * 1e9:
@@ -236,7 +279,7 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
             # one store per set: train and dev manifests may reuse the same utterance ids
             features, dev_features = (
                 extract_in_memory(model.encoder, utts, device, None, decode_workers(device), progress)
-                for utts in (train_utts, dev_utts)
+                for utts in (train_utts, dev_mine)
             )
         else:
             logger.warning("features need %.1f GB > cache_max_gb=%.1f: running the encoder every step", need / 1e9, cfg.cache_max_gb)
@@ -244,16 +287,25 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
     loader_gen.manual_seed(cfg.seed)
     if features is not None:
         dataset = FeatureDataset(train_utts, features, normalize=normalizer, encode=vocab.encode)
-        sampler = DynamicBucketSampler(dataset.durations, cfg.max_batch_seconds, shuffle=True, seed=cfg.seed)
+        sampler = DynamicBucketSampler(dataset.durations, cfg.max_batch_seconds, shuffle=True, seed=cfg.seed,
+                                       rank=ctx.rank, world_size=ctx.world_size)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_features, num_workers=0, generator=loader_gen)
     else:
         dataset = AudioDataset(train_utts, normalize=normalizer, encode=vocab.encode)
-        sampler = DynamicBucketSampler(dataset.durations, cfg.max_batch_seconds, shuffle=True, seed=cfg.seed)
+        sampler = DynamicBucketSampler(dataset.durations, cfg.max_batch_seconds, shuffle=True, seed=cfg.seed,
+                                       rank=ctx.rank, world_size=ctx.world_size)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                             pin_memory=device.type == "cuda", generator=loader_gen, persistent_workers=False)
 
+    step_module: nn.Module = _TrainStep(model)
+    if ctx.enabled:
+        # unused parameters happen legitimately: a freeze period, spans never masked, layerdrop
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True, broadcast_buffers=False)
+
     st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "audio_seconds": 0.0, "elapsed": 0.0,
-          "best": None, "best_step": None, "bad_evals": 0, "loss": None}
+          "best": None, "best_step": None, "bad_evals": 0, "loss": None, "world_size": ctx.world_size}
     if ck is not None:
         missing, unexpected = model.load_state_dict(ck["model"], strict=False)
         if unexpected or any(not k.startswith("encoder.") for k in missing):
@@ -262,38 +314,58 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
         scheduler.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         st.update(ck["state"])
-        _set_rng_state(ck["rng"])
+        _set_rng_state(ck["rng_ranks"][ctx.rank] if "rng_ranks" in ck else ck["rng"])
         loader_gen.set_state(ck["loader_rng"])
         logger.info("resumed from %s at step %d", ckpt_path, st["step"])
     elif cfg.resume:
         logger.warning("resume: no checkpoint at %s, starting fresh", ckpt_path)
     metrics_path = out / "metrics.csv"
-    _trim_metrics(metrics_path, st["step"])
+    if ctx.is_main:
+        _trim_metrics(metrics_path, st["step"])
 
     def save_checkpoint() -> None:
+        rngs = dist_util.gather_objects(_rng_state(), ctx)  # every rank's random streams, for an exact resume
+        if not ctx.is_main:
+            return
         ck = {"model": _trainable_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-              "scaler": scaler.state_dict(), "state": dict(st), "rng": _rng_state(), "loader_rng": loader_gen.get_state(),
+              "scaler": scaler.state_dict(), "state": dict(st), "rng": rngs[0], "loader_rng": loader_gen.get_state(),
               "vocab": vocab.tokens, "config": asdict(cfg)}
+        if ctx.enabled:
+            ck["rng_ranks"] = rngs
         with atomic_path(ckpt_path) as tmp:
             torch.save(ck, tmp)
+
+    def score_dev():
+        report = decode_utterances(model, vocab, normalizer, dev_mine, device, max_batch_seconds=max(cfg.max_batch_seconds, 60.0),
+                                   features=dev_features)
+        if not ctx.enabled:
+            return report
+        parts = dist_util.gather_objects(report.results, ctx)
+        # rank r scored dev_utts[r::world]; interleave back into manifest order
+        results = [parts[k % ctx.world_size][k // ctx.world_size] for k in range(len(dev_utts))]
+        return score(results, normalize=normalizer)
+
+    def save_model() -> None:
+        if ctx.is_main:
+            save_model_dir(model, vocab, normalizer, out / "model", extra={"step": st["step"], "train_config": asdict(cfg)})
 
     def evaluate_and_keep() -> dict:
         row = {}
         if dev_utts:
-            report = decode_utterances(model, vocab, normalizer, dev_utts, device, max_batch_seconds=max(cfg.max_batch_seconds, 60.0),
-                                       features=dev_features)
+            report = score_dev()
             row = {"dev_wer": report.wer, "dev_cer": report.cer}
             metric = report.cer if cfg.best_metric == "cer" else report.wer
             if st["best"] is None or metric < st["best"]["metric"]:
                 st["best"] = {"metric": metric, "wer": report.wer, "cer": report.cer}
                 st["best_step"] = st["step"]
                 st["bad_evals"] = 0
-                save_model_dir(model, vocab, normalizer, out / "model", extra={"step": st["step"], "train_config": asdict(cfg)})
-                write_results(report, out / "dev")
+                save_model()
+                if ctx.is_main:
+                    write_results(report, out / "dev")
             else:
                 st["bad_evals"] += 1
         else:
-            save_model_dir(model, vocab, normalizer, out / "model", extra={"step": st["step"], "train_config": asdict(cfg)})
+            save_model()
         return row
 
     start = time.monotonic() - st["elapsed"]
@@ -301,7 +373,8 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
     bar = tqdm(total=cfg.max_steps, initial=st["step"], desc=f"train[{cfg.mode}]", unit="step", disable=not progress)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    micro, stop_reason, loss_acc = 0, None, 0.0
+    micro, stop_reason, loss_acc, audio_acc = 0, None, 0.0, 0.0
+    save_every = cfg.save_every or cfg.eval_every
     while stop_reason is None:
         sampler.set_epoch(st["epoch"])
         sampler.skip = st["batch_in_epoch"]
@@ -309,15 +382,18 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
             st["batch_in_epoch"] += 1
             model.encoder_trainable = cfg.mode != "frozen" and st["step"] >= cfg.freeze_encoder_steps
             b = batch.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                if features is not None:
-                    logits, frames = model.forward_features(b.hidden, b.frame_lengths)
-                else:
-                    logits, frames = model(b.waveforms, b.lengths)
-            loss = ctc_loss(logits, frames, b.targets, b.target_lengths) / cfg.grad_accum
-            scaler.scale(loss).backward()
+            # gradients are averaged across ranks on the last micro-batch of an update only
+            sync = micro + 1 >= cfg.grad_accum or not ctx.enabled
+            with contextlib.nullcontext() if sync else step_module.no_sync():
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    if features is not None:
+                        logits, frames = step_module(b.hidden, b.frame_lengths, from_features=True)
+                    else:
+                        logits, frames = step_module(b.waveforms, b.lengths)
+                loss = ctc_loss(logits, frames, b.targets, b.target_lengths) / cfg.grad_accum
+                scaler.scale(loss).backward()
             loss_acc += loss.item()
-            st["audio_seconds"] += float(sum(b.durations))
+            audio_acc += float(sum(b.durations))
             micro += 1
             if micro < cfg.grad_accum:
                 continue
@@ -329,25 +405,34 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             st["step"] += 1
-            st["loss"], micro, loss_acc = loss_acc, 0, 0.0
             st["elapsed"] = time.monotonic() - start
+            # one collective per update: mean loss, audio seen, and the stop votes, so every rank
+            # stops at the same update (a rank that stopped alone would hang the others)
+            time_up = budget is not None and st["elapsed"] >= budget
+            asked = should_stop is not None and should_stop(st["step"])
+            loss_sum, audio, time_votes, stop_votes = dist_util.sum_across([loss_acc, audio_acc, time_up, asked], ctx, device)
+            st["loss"], st["audio_seconds"] = loss_sum / ctx.world_size, st["audio_seconds"] + audio
+            micro, loss_acc, audio_acc = 0, 0.0, 0.0
             bar.update(1)
             bar.set_postfix(loss=f"{st['loss']:.3f}")
             row = None
             if st["step"] % cfg.eval_every == 0 or st["step"] >= cfg.max_steps:
                 row = evaluate_and_keep()
                 save_checkpoint()
-            elif st["step"] % cfg.log_every == 0:
-                row = {}
-            if row is not None:
+            else:
+                if st["step"] % save_every == 0:
+                    save_checkpoint()
+                if st["step"] % cfg.log_every == 0:
+                    row = {}
+            if row is not None and ctx.is_main:
                 _append_metrics(metrics_path, st, optimizer, row)
             if st["step"] >= cfg.max_steps:
                 stop_reason = "max_steps"
-            elif budget is not None and st["elapsed"] >= budget:
+            elif time_votes:
                 stop_reason = "max_minutes"
             elif cfg.patience and st["bad_evals"] >= cfg.patience:
                 stop_reason = "early_stopping"
-            elif should_stop is not None and should_stop(st["step"]):
+            elif stop_votes:
                 save_checkpoint()
                 bar.close()
                 raise TrainingInterrupted(f"stopped at step {st['step']}")
@@ -377,12 +462,16 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
         "best_dev_wer": st["best"]["wer"] if st["best"] else None,
         "best_dev_cer": st["best"]["cer"] if st["best"] else None,
         "trainable_parameters": sum(p.numel() for g in groups for p in g["params"]),
+        "world_size": ctx.world_size,
+        "global_batch": {"processes": ctx.world_size, "grad_accum": cfg.grad_accum,
+                         "max_batch_seconds": cfg.max_batch_seconds, "max_seconds_per_update": global_seconds},
         "device": str(device),
         "amp": str(amp_dtype) if amp_dtype else "none",
         "model_dir": str(out / "model"),
         "config": {k: v for k, v in asdict(cfg).items()},
     }
-    write_json(out / "train_summary.json", summary)
+    if ctx.is_main:
+        write_json(out / "train_summary.json", summary)
     return summary
 
 
@@ -399,11 +488,13 @@ def _append_metrics(path: Path, st: dict, optimizer, row: dict) -> None:
 
 
 def _trim_metrics(path: Path, step: int) -> None:
-    """On resume, forget rows logged after the checkpoint (they will be redone)."""
+    """On resume, forget rows logged after the checkpoint (they will be redone), and a
+    last row cut short by a killed process."""
     if not path.exists():
         return
     with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        rows = [r for r in csv.DictReader(f)
+                if None not in r.values() and None not in r and r["step"].isdigit() and int(r["step"]) <= step]
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
