@@ -77,14 +77,15 @@ def cmd_evaluate(args) -> int:
     from .manifest import read_manifest
 
     rec = Recognizer.load(args.model_dir, device=args.device)
-    utts = read_manifest(args.manifest)
+    utts = read_manifest(args.manifest, check_files=False)
     out_dir = Path(args.out_dir) if args.out_dir else (Path(args.json).parent if args.json else Path(args.model_dir) / "eval")
-    summary = rec.evaluate(utts, out_dir=out_dir, progress=not args.quiet)
+    summary = rec.evaluate(utts, out_dir=out_dir, progress=not args.quiet, on_bad_audio=args.on_bad_audio)
     if args.json:
         from ._io import write_json
 
         write_json(args.json, summary)
-    print(json.dumps({k: summary[k] for k in ("wer", "cer", "utterances", "audio_seconds")}))
+    print(json.dumps({k: summary[k] for k in ("wer", "cer", "utterances", "audio_seconds")}
+                     | ({"skipped": len(summary["skipped"])} if "skipped" in summary else {})))
     return 0
 
 
@@ -297,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write the summary JSON here (wer, cer, utterances, audio_seconds, ...)")
     s.add_argument("--out-dir", help="folder for hyps.jsonl/errs.txt/summary.json (default: beside --json, or MODEL_DIR/eval)")
     s.add_argument("--device", default="auto")
+    s.add_argument("--on-bad-audio", choices=["error", "skip"], default="error",
+                   help="unreadable or missing audio: stop naming every such file (error), or leave them out of the "
+                        "score and list them under 'skipped' in summary.json (skip)")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("transcribe", help="transcribe audio files, folders or manifests",

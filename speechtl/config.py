@@ -62,6 +62,10 @@ class TrainConfig:
     patience: int = _f(0, "stop after this many evaluations without improvement (0 = never)")
     resume: bool = _f(False, "continue from out/checkpoints/last.pt if it exists")
     # data
+    on_bad_audio: str = _f("error", "unreadable or missing audio in train/dev: error (stop before the first update, naming "
+                                    "every such file) | skip (leave them out, listed in the log and train_summary.json)")
+    max_duration: float | None = _f(60.0, "training clips longer than this many seconds are dropped with a count "
+                                          "(dev clips of any length are scored, long ones in windows); none = keep all")
     vocab: str | None = _f(None, "vocab.json to use instead of building one from the training text")
     normalizer: dict = _f({}, "NormalizerConfig fields, e.g. {lowercase: true, mappings: {'ß': 'ss'}}")
     cache_features: bool = _f(True, "frozen mode: run the encoder once and train the head on its stored outputs")
@@ -156,6 +160,8 @@ def load_train_config(path: str | os.PathLike | None, overrides: list[str] | dic
     yaml_only = {k for k in data if k not in over}
     if path is not None and yaml_only & {"train", "dev", "vocab"}:
         cfg = cfg.resolve_paths(base)
+    if cfg.on_bad_audio not in ("error", "skip"):
+        raise ValueError(f"on_bad_audio must be error or skip (got {cfg.on_bad_audio!r})")
     if cfg.mode not in ("frozen", "finetune", "scratch"):
         raise ValueError(f"mode must be frozen, finetune or scratch (got {cfg.mode!r})")
     if not cfg.train:

@@ -45,22 +45,29 @@ def decode_utterances(
     num_workers: int = 0,
     progress: bool = False,
     features: dict[str, torch.Tensor] | None = None,
+    chunk_length_s: float = 30.0,
 ) -> ScoreReport:
     """Greedy-decode ``utterances`` in duration-sorted batches and score them.
 
     ``features`` (frozen models): precomputed encoder outputs by utterance id, used
-    instead of running the encoder.
+    instead of running the encoder. Audio longer than ``chunk_length_s`` is decoded in
+    overlapping windows read from disk one at a time (as ``transcribe`` does), so a
+    recording of hours needs no more memory than a window.
     """
     device = torch.device(device)
     if max_batch_seconds is None:  # small batches run fastest on a CPU; a GPU wants large ones
         max_batch_seconds = 10.0 if device.type == "cpu" else 120.0
     was_training = model.training
     model.eval()
+    long: list[Utterance] = []
+    short = list(utterances)
     if features is not None:
         ds = FeatureDataset(utterances, features)
         collate_fn, workers = collate_features, 0
     else:
-        ds = AudioDataset(utterances, normalize=normalizer)
+        long = [u for u in utterances if u.duration > chunk_length_s]
+        short = [u for u in utterances if u.duration <= chunk_length_s]
+        ds = AudioDataset(short, normalize=normalizer)
         collate_fn, workers = collate, num_workers
     loader = sorted_loader(ds, max_batch_seconds, collate_fn, workers, device)
     hyps: dict[str, str] = {}
@@ -76,6 +83,14 @@ def decode_utterances(
         for uid, text in zip(b.ids, texts):
             hyps[uid] = text
         bar.update(len(b.ids))
+    if long:
+        from .transcribe import Item, Transcriber
+
+        windows = Transcriber(model, vocab, device, chunk_length_s=chunk_length_s, max_batch_seconds=max_batch_seconds)
+        for u in long:
+            lp = torch.from_numpy(windows.file_log_probs(Item(u.id, u.audio)))
+            hyps[u.id] = vocab.decode(greedy_ids(lp[None], torch.tensor([lp.shape[0]]))[0])
+            bar.update(1)
     bar.close()
     model.train(was_training)
     results = [UtteranceResult(u.id, u.text, hyps[u.id], u.duration) for u in utterances]
@@ -154,9 +169,34 @@ class Recognizer:
             out[i] = t if return_timestamps else t.text
         return out[0] if single else out
 
-    def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False) -> dict:
-        """Score on a manifest; with ``out_dir`` write hyps.jsonl, errs.txt, summary.json."""
-        report = decode_utterances(self.model, self.vocab, self.normalizer, utterances, self.device, progress=progress)
+    def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,
+                 on_bad_audio: str = "error") -> dict:
+        """Score on a manifest; with ``out_dir`` write hyps.jsonl, errs.txt, summary.json.
+
+        Every file's header is read first. An unreadable or missing file is an error that
+        names all of them (``on_bad_audio="error"``), or is left out of the score and
+        listed under ``skipped`` in the summary (``"skip"``).
+        """
+        from .audio import audio_info
+
+        if on_bad_audio not in ("error", "skip"):
+            raise ValueError(f"on_bad_audio must be 'error' or 'skip', not {on_bad_audio!r}")
+        good, skipped = [], []
+        for u in utterances:
+            try:
+                audio_info(u.audio)
+                good.append(u)
+            except AudioError as e:
+                skipped.append({"id": u.id, "audio": u.audio, "reason": e.reason})
+        if skipped and on_bad_audio == "error":
+            lines = [f"{s['id']}: {s['audio']}: {s['reason']}" for s in skipped[:10]]
+            more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+            raise ValueError(f"{len(skipped)} unreadable audio file(s) (--on-bad-audio skip leaves them out):\n  "
+                             + "\n  ".join(lines) + more)
+        for s in skipped:
+            logger.warning("skipped %s (%s): %s", s["id"], s["audio"], s["reason"])
+        report = decode_utterances(self.model, self.vocab, self.normalizer, good, self.device, progress=progress)
+        extra = {"skipped": skipped} if skipped else None
         if out_dir is not None:
-            return write_results(report, Path(out_dir))
-        return report.summary()
+            return write_results(report, Path(out_dir), extra)
+        return {**report.summary(), **(extra or {})}

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,7 +159,8 @@ def write_results(report: ScoreReport, out_dir: str | os.PathLike, extra_summary
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "hyps.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r, w, c in zip(report.results, report.word_counts, report.char_counts):
-            f.write(json.dumps({"id": r.id, "ref": r.ref, "hyp": r.hyp, "wer": w.rate, "cer": c.rate}, ensure_ascii=False) + "\n")
+            rates = {k: v.rate if math.isfinite(v.rate) else None for k, v in (("wer", w), ("cer", c))}
+            f.write(json.dumps({"id": r.id, "ref": r.ref, "hyp": r.hyp, **rates}, ensure_ascii=False) + "\n")
     summary = report.summary()
     if extra_summary:
         summary.update(extra_summary)

@@ -79,34 +79,46 @@ def min_ctc_frames(ids: list[int]) -> int:
     return len(ids) + sum(1 for a, b in zip(ids, ids[1:]) if a == b)
 
 
-def filter_trainable(utts: list[Utterance], texts: list[str], vocab: Vocabulary, frames_for: Callable[[int], int]) -> tuple[list[Utterance], dict]:
-    """Drop clips CTC cannot train on: empty transcripts and transcripts longer than the clip's frames."""
-    keep, empty, too_short = [], 0, 0
+def filter_trainable(utts: list[Utterance], texts: list[str], vocab: Vocabulary, frames_for: Callable[[int], int],
+                     max_duration: float | None = None) -> tuple[list[Utterance], dict[str, list[str]]]:
+    """Drop clips CTC cannot train on (empty transcripts, transcripts longer than the clip's
+    frames) and clips over ``max_duration`` seconds; returns the kept clips and the
+    dropped ids by reason."""
+    keep: list[Utterance] = []
+    dropped: dict[str, list[str]] = {"empty_transcript": [], "too_short_for_transcript": [], "too_long": []}
     for u, t in zip(utts, texts):
         if not t:
-            empty += 1
-            continue
-        if min_ctc_frames(vocab.encode(t)) > frames_for(int(u.duration * 16_000)):
-            too_short += 1
-            continue
-        keep.append(u)
+            dropped["empty_transcript"].append(u.id)
+        elif max_duration is not None and u.duration > max_duration:
+            dropped["too_long"].append(u.id)
+        elif min_ctc_frames(vocab.encode(t)) > frames_for(int(u.duration * 16_000)):
+            dropped["too_short_for_transcript"].append(u.id)
+        else:
+            keep.append(u)
     vocab.oov.clear()
-    return keep, {"empty_transcript": empty, "too_short_for_transcript": too_short}
+    return keep, dropped
 
 
-def check_audio(utts: list[Utterance]) -> None:
-    """Read every file's header before training, so a broken file stops the run at
-    step 0 with all the bad files named, rather than crashing it half-way."""
-    bad = []
+def check_audio(utts: list[Utterance], on_bad_audio: str = "error") -> tuple[list[Utterance], list[dict]]:
+    """Read every file's header before training, so a broken or missing file stops the
+    run at step 0 with all the bad files named (``"error"``), or is left out and
+    reported (``"skip"``), rather than crashing the run half-way.
+    Returns the readable utterances and the skipped ones."""
+    good, bad = [], []
     for u in utts:
         try:
             audio_info(u.audio)
+            good.append(u)
         except AudioError as e:
-            bad.append(f"{u.id}: {e}")
-    if bad:
+            bad.append({"id": u.id, "audio": u.audio, "reason": e.reason})
+    if bad and on_bad_audio == "error":
+        lines = [f"{b['id']}: {b['audio']}: {b['reason']}" for b in bad[:10]]
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise ValueError(f"{len(bad)} unreadable audio file(s); fix them or re-run `speechtl prepare --on-bad-audio skip`:\n  "
-                         + "\n  ".join(bad[:10]) + more)
+        raise ValueError(f"{len(bad)} unreadable audio file(s); fix them, or train with on_bad_audio=skip, or re-run"
+                         f" `speechtl prepare --on-bad-audio skip`:\n  " + "\n  ".join(lines) + more)
+    for b in bad:
+        logger.warning("skipped %s (%s): %s", b["id"], b["audio"], b["reason"])
+    return good, bad
 
 
 def _rng_state() -> dict:
@@ -218,9 +230,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     seed_everything(cfg.seed)
     normalizer = Normalizer(NormalizerConfig(**cfg.normalizer))
 
-    train_utts = read_manifest(cfg.train)
-    dev_utts = read_manifest(cfg.dev) if cfg.dev else []
-    check_audio(train_utts + dev_utts)
+    # missing files are reported with the unreadable ones, all at once, by check_audio
+    train_utts, bad_train = check_audio(read_manifest(cfg.train, check_files=False), cfg.on_bad_audio)
+    dev_utts, bad_dev = check_audio(read_manifest(cfg.dev, check_files=False), cfg.on_bad_audio) if cfg.dev else ([], [])
     train_texts = [normalizer(u.text) for u in train_utts]
     ck = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.is_file() else None
     if ck is not None and ck["state"].get("world_size", 1) != ctx.world_size:
@@ -241,10 +253,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     overrides = {k: getattr(cfg, k) for k in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop",
                                               "frozen_mask_time_prob", "frozen_mask_feature_prob")}
     model = build_model(cfg.encoder, cfg.mode, len(vocab), head, cfg.seed, overrides, cfg.trust_remote_code, cfg.freeze_feature_encoder)
-    train_utts, dropped = filter_trainable(train_utts, train_texts, vocab, model.frame_lengths)
+    train_utts, dropped_ids = filter_trainable(train_utts, train_texts, vocab, model.frame_lengths, cfg.max_duration)
+    dropped = {k: len(v) for k, v in dropped_ids.items()}
     if any(dropped.values()):
-        logger.warning("dropped from training: %d with empty transcript, %d too short for their transcript under CTC",
-                       dropped["empty_transcript"], dropped["too_short_for_transcript"])
+        logger.warning("dropped from training: %d with empty transcript, %d too short for their transcript under CTC, "
+                       "%d longer than max_duration=%s s", dropped["empty_transcript"], dropped["too_short_for_transcript"],
+                       dropped["too_long"], cfg.max_duration)
     if not train_utts:
         raise ValueError(f"{cfg.train}: no trainable utterances left after filtering ({dropped})")
     model.to(device)
@@ -305,7 +319,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
             find_unused_parameters=True, broadcast_buffers=False)
 
     st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "audio_seconds": 0.0, "elapsed": 0.0,
-          "best": None, "best_step": None, "bad_evals": 0, "loss": None, "world_size": ctx.world_size}
+          "best": None, "best_step": None, "bad_evals": 0, "loss": None, "world_size": ctx.world_size,
+          "utterances": 0}
     if ck is not None:
         missing, unexpected = model.load_state_dict(ck["model"], strict=False)
         if unexpected or any(not k.startswith("encoder.") for k in missing):
@@ -373,7 +388,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     bar = tqdm(total=cfg.max_steps, initial=st["step"], desc=f"train[{cfg.mode}]", unit="step", disable=not progress)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    micro, stop_reason, loss_acc, audio_acc = 0, None, 0.0, 0.0
+    micro, stop_reason, loss_acc, audio_acc, utt_acc = 0, None, 0.0, 0.0, 0
     save_every = cfg.save_every or cfg.eval_every
     while stop_reason is None:
         sampler.set_epoch(st["epoch"])
@@ -394,6 +409,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
                 scaler.scale(loss).backward()
             loss_acc += loss.item()
             audio_acc += float(sum(b.durations))
+            utt_acc += len(b.durations)
             micro += 1
             if micro < cfg.grad_accum:
                 continue
@@ -410,9 +426,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
             # stops at the same update (a rank that stopped alone would hang the others)
             time_up = budget is not None and st["elapsed"] >= budget
             asked = should_stop is not None and should_stop(st["step"])
-            loss_sum, audio, time_votes, stop_votes = dist_util.sum_across([loss_acc, audio_acc, time_up, asked], ctx, device)
+            loss_sum, audio, utts, time_votes, stop_votes = dist_util.sum_across(
+                [loss_acc, audio_acc, utt_acc, time_up, asked], ctx, device)
             st["loss"], st["audio_seconds"] = loss_sum / ctx.world_size, st["audio_seconds"] + audio
-            micro, loss_acc, audio_acc = 0, 0.0, 0.0
+            st["utterances"] += int(utts)
+            micro, loss_acc, audio_acc, utt_acc = 0, 0.0, 0.0, 0
             bar.update(1)
             bar.set_postfix(loss=f"{st['loss']:.3f}")
             row = None
@@ -454,9 +472,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
         "stop_reason": stop_reason,
         "wall_time_s": round(time.monotonic() - start, 2),
         "audio_hours_seen": st["audio_seconds"] / 3600,
+        "utterances_seen": st["utterances"],
         "train_utterances": len(train_utts),
         "train_hours": sum(u.duration for u in train_utts) / 3600,
         "dropped": dropped,
+        "dropped_ids": {k: v[:100] for k, v in dropped_ids.items() if v},  # the first 100 of each reason
+        "skipped_audio": (bad_train + [{**b, "set": "dev"} for b in bad_dev])[:100],
         "final_train_loss": st["loss"],
         "best_step": st["best_step"],
         "best_dev_wer": st["best"]["wer"] if st["best"] else None,

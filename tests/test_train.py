@@ -91,7 +91,8 @@ def test_infeasible_clips_are_dropped_with_a_count(tmp_path, tiny_encoder):
         Utterance("ok", str(ok), "ab", 1.0), Utterance("short", str(short), "a very long transcript", 0.1),
         Utterance("empty", str(ok), "", 1.0)])
     summary = train(_cfg(tmp_path, manifest, tiny_encoder, mode="frozen", max_steps=1), progress=False)
-    assert summary["dropped"] == {"empty_transcript": 1, "too_short_for_transcript": 1}
+    assert summary["dropped"] == {"empty_transcript": 1, "too_short_for_transcript": 1, "too_long": 0}
+    assert summary["dropped_ids"] == {"empty_transcript": ["empty"], "too_short_for_transcript": ["short"]}
     assert summary["train_utterances"] == 1
 
 
