@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def cmd_train(args) -> int:
         config, overrides = None, [config, *overrides]  # no YAML: everything is key=value
     cfg = load_train_config(config, overrides)
     summary = train(cfg, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for all
+        return 0
     best = "" if summary["best_dev_cer"] is None else f", best dev WER {summary['best_dev_wer']:.3f} CER {summary['best_dev_cer']:.3f} at step {summary['best_step']}"
     print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.0f} s{best}; model in {summary['model_dir']}")
     return 0

@@ -313,10 +313,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
 
     step_module: nn.Module = _TrainStep(model)
     if ctx.enabled:
-        # unused parameters happen legitimately: a freeze period, spans never masked, layerdrop
+        # a trained encoder can leave parameters unused in a step (a freeze period, layerdrop, the mask
+        # embedding without masking); a frozen-mode head uses all of its own
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True, broadcast_buffers=False)
+            find_unused_parameters=cfg.mode != "frozen", broadcast_buffers=False)
 
     st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "audio_seconds": 0.0, "elapsed": 0.0,
           "best": None, "best_step": None, "bad_evals": 0, "loss": None, "world_size": ctx.world_size,
