@@ -121,3 +121,30 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(tm
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 40
     rows = list(csv.DictReader(open(out / "metrics.csv", encoding="utf-8")))
     assert [int(r["step"]) for r in rows] == list(range(1, 41))
+
+
+def test_a_folder_swap_cut_short_by_a_kill_is_repaired_on_the_next_write(tmp_path):
+    from speechtl._io import atomic_dir, atomic_path
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    # the state a kill leaves between atomic_dir's two renames: the old folder set aside, no new one yet
+    os.replace(target, tmp_path / ".model.old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("killed while writing")
+    assert (target / "weights").read_text() == "v1"  # the complete old folder is back, the half-written one gone
+    assert not list(tmp_path.glob(".model.*"))
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v2")
+    assert (target / "weights").read_text() == "v2" and not list(tmp_path.glob(".model.*"))
+
+    f = tmp_path / "last.pt"
+    f.write_text("complete")
+    with pytest.raises(RuntimeError):
+        with atomic_path(f) as tmp:
+            tmp.write_text("trunc")
+            raise RuntimeError("killed while writing")
+    assert f.read_text() == "complete" and not list(tmp_path.glob(".last.pt.*"))
