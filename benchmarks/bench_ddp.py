@@ -2,8 +2,10 @@
 """Training throughput of 1 process against 2 processes (torchrun, gloo) on the same CPU
 cores, side by side in one run.
 
-Both take the same updates: one process accumulates 2 micro-batches per update
-(``grad_accum=2``), two processes take one each. Throughput is measured on the training
+All take the same updates: one process accumulates 2 micro-batches per update
+(``grad_accum=2``), two processes take one each. One process runs once with one thread
+(the per-core baseline) and once with one thread per core (the same cores as the two
+processes). Throughput is measured on the training
 loop's steady state, from ``metrics.csv`` (audio hours and elapsed seconds between the
 first logged update and the last), so process start-up, model loading and the final
 evaluation are left out. Clips per second follow from the audio rate and the clips per
@@ -57,6 +59,7 @@ def main() -> None:
                   f"max_steps={args.steps}", f"eval_every={args.steps}", "log_every=5", f"max_batch_seconds={args.batch_seconds}",
                   "num_workers=0", "device=cpu", "seed=0", "-q"]
         setups = {
+            "1 process x 1 thread, grad_accum=2": ([sys.executable, "-m", "speechtl", "train"], ["grad_accum=2"], 1),
             f"1 process x {cores} threads, grad_accum=2": (
                 [sys.executable, "-m", "speechtl", "train"], ["grad_accum=2"], cores),
             f"2 processes x {max(cores // 2, 1)} thread(s), grad_accum=1": (
@@ -75,16 +78,18 @@ def main() -> None:
                 runs[name].append({"audio_s_per_s": round(audio_rate, 2), "clips_per_s": round(clip_rate, 3)})
                 print(f"round {r + 1}: {name:40s} {audio_rate:7.2f} audio-s/s  {clip_rate:6.3f} clips/s", flush=True)
         best = {k: max(v, key=lambda x: x["audio_s_per_s"]) for k, v in runs.items()}
-        one, two = (best[k]["audio_s_per_s"] for k in setups)
+        single, one, two = (best[k]["audio_s_per_s"] for k in setups)
         print(f"\n{args.mode}, encoder {args.encoder}, {args.minutes:g} min of {args.lang} speech, micro-batches <= "
               f"{args.batch_seconds:g} s, {args.steps} updates, {cores} CPU cores; best of {args.repeats}:")
         for k, b in best.items():
             print(f"  {k:40s} {b['audio_s_per_s']:7.2f} audio-s/s  {b['clips_per_s']:6.3f} clips/s")
-        print(f"  2 processes / 1 process: {two / one:.2f}x")
+        print(f"  2 processes / 1 process on the same cores: {two / one:.2f}x; "
+              f"2 processes / 1 single-threaded process: {two / single:.2f}x")
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)}, "cpu_cores": cores,
-                                             "runs": runs, "best": best, "ratio_2_over_1": round(two / one, 3)}, indent=2) + "\n")
+                                             "runs": runs, "best": best, "ratio_2_over_1_same_cores": round(two / one, 3),
+                                             "ratio_2_over_1_single_thread": round(two / single, 3)}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
