@@ -7,6 +7,7 @@ the new one, never a truncated mix.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -43,6 +45,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     old = path.with_name(f".{path.name}.old")
     if not path.exists() and old.exists():  # a process killed between the two renames below
         os.replace(old, path)
+    _remove_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -71,3 +74,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def _remove_stale(path: Path) -> None:
+    """Delete temporary siblings of ``path`` left by a process killed while writing it
+    (one writer per path: a second process writing the same path at once is not supported)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)

@@ -65,7 +65,7 @@ class TrainConfig:
     on_bad_audio: str = _f("error", "unreadable or missing audio in train/dev: error (stop before the first update, naming "
                                     "every such file) | skip (leave them out, listed in the log and train_summary.json)")
     max_duration: float | None = _f(60.0, "training clips longer than this many seconds are dropped with a count "
-                                          "(dev clips of any length are scored, long ones in windows); none = keep all")
+                                          "(dev recordings of any length are scored; those over 30 s from audio, in windows); none = keep all")
     vocab: str | None = _f(None, "vocab.json to use instead of building one from the training text")
     normalizer: dict = _f({}, "NormalizerConfig fields, e.g. {lowercase: true, mappings: {'ß': 'ss'}}")
     cache_features: bool = _f(True, "frozen mode: run the encoder once and train the head on its stored outputs")

@@ -54,8 +54,10 @@ def setup(device: str = "auto") -> tuple[DistContext, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     want = pick_device(device)
     if want.type == "cuda":
-        if want.index is None:
-            want = torch.device("cuda", local_rank)
+        if want.index is not None and want.index != local_rank:
+            raise ValueError(f"device={want} under torchrun: every process would use the same GPU; use device=cuda"
+                             " (or auto), and each process takes cuda:LOCAL_RANK (restrict GPUs with CUDA_VISIBLE_DEVICES)")
+        want = torch.device("cuda", local_rank)
         torch.cuda.set_device(want)
     owns = False
     if not dist.is_initialized():

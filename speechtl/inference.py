@@ -35,7 +35,7 @@ def decode_batch(model: CTCModel, vocab: Vocabulary, waveforms: torch.Tensor, le
     return [vocab.decode(ids) for ids in greedy_ids(logits, frames)]
 
 
-def decode_utterances(
+def decode_hyps(
     model: CTCModel,
     vocab: Vocabulary,
     normalizer: Normalizer,
@@ -44,45 +44,43 @@ def decode_utterances(
     max_batch_seconds: float | None = None,
     num_workers: int = 0,
     progress: bool = False,
-    features: dict[str, torch.Tensor] | None = None,
+    features=None,
     chunk_length_s: float = 30.0,
-) -> ScoreReport:
-    """Greedy-decode ``utterances`` in duration-sorted batches and score them.
+) -> dict[str, str]:
+    """Greedy hypotheses by utterance id, decoded in duration-sorted batches.
 
-    ``features`` (frozen models): precomputed encoder outputs by utterance id, used
-    instead of running the encoder. Audio longer than ``chunk_length_s`` is decoded in
-    overlapping windows read from disk one at a time (as ``transcribe`` does), so a
-    recording of hours needs no more memory than a window.
+    ``features`` (frozen models): precomputed encoder outputs by utterance id (a dict or
+    a :class:`speechtl.cache.FeatureCache`), used instead of running the encoder; clips
+    without an entry are decoded from their audio. Audio longer than ``chunk_length_s``
+    is decoded in overlapping windows read from disk one at a time (as ``transcribe``
+    does), so a recording of hours needs no more memory than a window.
     """
     device = torch.device(device)
     if max_batch_seconds is None:  # small batches run fastest on a CPU; a GPU wants large ones
         max_batch_seconds = 10.0 if device.type == "cpu" else 120.0
+    from_features = [u for u in utterances if features is not None and u.id in features]
+    from_audio = [u for u in utterances if features is None or u.id not in features]
+    if from_audio and model.encoder is None:
+        raise ValueError(f"{len(from_audio)} utterance(s) have no precomputed features and the model has no encoder"
+                         f" (first: {from_audio[0].id})")
+    long = [u for u in from_audio if u.duration > chunk_length_s]
+    short = [u for u in from_audio if u.duration <= chunk_length_s]
     was_training = model.training
     model.eval()
-    long: list[Utterance] = []
-    short = list(utterances)
-    if features is not None:
-        ds = FeatureDataset(utterances, features)
-        collate_fn, workers = collate_features, 0
-    else:
-        long = [u for u in utterances if u.duration > chunk_length_s]
-        short = [u for u in utterances if u.duration <= chunk_length_s]
-        ds = AudioDataset(short, normalize=normalizer)
-        collate_fn, workers = collate, num_workers
-    loader = sorted_loader(ds, max_batch_seconds, collate_fn, workers, device)
     hyps: dict[str, str] = {}
     bar = tqdm(total=len(utterances), desc="decode", unit="utt", disable=not progress, leave=False)
-    for batch in loader:
-        b = batch.to(device, non_blocking=True)
-        if features is not None:
+    if from_features:
+        for batch in sorted_loader(FeatureDataset(from_features, features), max_batch_seconds, collate_features, 0, device):
+            b = batch.to(device, non_blocking=True)
             with torch.inference_mode():
                 logits, frames = model.forward_features(b.hidden, b.frame_lengths)
-            texts = [vocab.decode(ids) for ids in greedy_ids(logits, frames)]
-        else:
-            texts = decode_batch(model, vocab, b.waveforms, b.lengths)
-        for uid, text in zip(b.ids, texts):
-            hyps[uid] = text
-        bar.update(len(b.ids))
+            hyps.update(zip(b.ids, (vocab.decode(ids) for ids in greedy_ids(logits, frames))))
+            bar.update(len(b.ids))
+    if short:
+        for batch in sorted_loader(AudioDataset(short, normalize=normalizer), max_batch_seconds, collate, num_workers, device):
+            b = batch.to(device, non_blocking=True)
+            hyps.update(zip(b.ids, decode_batch(model, vocab, b.waveforms, b.lengths)))
+            bar.update(len(b.ids))
     if long:
         from .transcribe import Item, Transcriber
 
@@ -93,8 +91,21 @@ def decode_utterances(
             bar.update(1)
     bar.close()
     model.train(was_training)
-    results = [UtteranceResult(u.id, u.text, hyps[u.id], u.duration) for u in utterances]
-    return score(results, normalize=normalizer)
+    return hyps
+
+
+def score_hyps(utterances: Sequence[Utterance], hyps: dict[str, str], normalizer: Normalizer) -> ScoreReport:
+    """Score hypotheses (by id) against the utterances' transcripts, in manifest order."""
+    return score([UtteranceResult(u.id, u.text, hyps[u.id], u.duration) for u in utterances], normalize=normalizer)
+
+
+def decode_utterances(model: CTCModel, vocab: Vocabulary, normalizer: Normalizer, utterances: Sequence[Utterance],
+                      device: torch.device | str = "cpu", max_batch_seconds: float | None = None, num_workers: int = 0,
+                      progress: bool = False, features=None, chunk_length_s: float = 30.0) -> ScoreReport:
+    """Greedy-decode ``utterances`` (see :func:`decode_hyps`) and score them."""
+    hyps = decode_hyps(model, vocab, normalizer, utterances, device, max_batch_seconds, num_workers, progress, features,
+                       chunk_length_s)
+    return score_hyps(utterances, hyps, normalizer)
 
 
 class Recognizer:

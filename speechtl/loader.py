@@ -178,8 +178,8 @@ class DynamicBucketSampler(Sampler[list[int]]):
             if self.drop_last:
                 batches = batches[: len(batches) - len(batches) % self.world_size]
             else:
-                pad = (-len(batches)) % self.world_size
-                batches = batches + batches[:pad]
+                pad = (-len(batches)) % self.world_size  # cyclic: fewer batches than ranks still fill every rank
+                batches = batches + [batches[i % len(batches)] for i in range(pad)]
         return batches
 
     def batches(self) -> list[list[int]]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
+import os
 import logging
 import math
 import random
@@ -35,16 +37,19 @@ from .config import TrainConfig
 from .cache import FeatureCache, StaleCacheError, encoder_fingerprint, extract_to_cache
 from .features import FeatureDataset, collate_features, estimate_bytes, extract_in_memory
 from .distributed import DistContext
-from .inference import decode_utterances
+from .inference import decode_hyps, score_hyps
 from .loader import AudioDataset, DynamicBucketSampler, collate, decode_workers
 from .manifest import Utterance, read_manifest
-from .metrics import score, write_results
+from .metrics import write_results
 from .model import CTCModel, HeadConfig, build_model, ctc_loss, save_model_dir
 from .text import Normalizer, NormalizerConfig, Vocabulary, describe_oov
 
 logger = logging.getLogger(__name__)
 
 CSV_FIELDS = ["step", "epoch", "loss", "lr_head", "lr_encoder", "audio_hours", "elapsed_s", "dev_wer", "dev_cer"]
+
+
+DEV_WINDOW_S = 30.0  # dev recordings longer than this are decoded from audio in windows of this length
 
 
 class TrainingInterrupted(Exception):
@@ -161,17 +166,22 @@ def open_or_extract(encoder, utterances, path: Path, device, max_batch_seconds: 
                     progress: bool, ctx: DistContext = DistContext()) -> FeatureCache:
     """The on-disk cache of ``utterances`` at ``path``, (re-)extracted unless current.
     In a multi-process run rank 0 checks it, and every rank extracts its share of shards."""
-    current = False
+    status = "extract"
     if ctx.is_main:
         try:
             FeatureCache(path).check(utterances, encoder_fingerprint(encoder), layers=list(range(encoder.num_layers)))
             logger.info("reading features from %s", path)
-            current = True
+            status = "current"
         except FileNotFoundError:
             logger.info("extracting features into %s", path)
         except StaleCacheError as e:
             logger.warning("%s; extracting again", e)
-    if not dist_util.broadcast_object(current, ctx):
+        except Exception as e:  # told to every rank, so that none waits for the others
+            status = f"{path}: cannot read the feature cache ({type(e).__name__}: {e})"
+    status = dist_util.broadcast_object(status, ctx)
+    if status not in ("current", "extract"):
+        raise RuntimeError(status)
+    if status == "extract":
         extract_to_cache(encoder, utterances, path, "all", "float16", device, max_batch_seconds=max_batch_seconds,
                          num_workers=num_workers, progress=progress, rank=ctx.rank, world_size=ctx.world_size)
     return FeatureCache(path)
@@ -280,20 +290,28 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     features = dev_features = None
+    # dev recordings longer than a decoding window are scored from their audio, in windows
+    dev_short = [u for u in dev_utts if u.duration <= DEV_WINDOW_S]
     if cfg.mode == "frozen" and cfg.feature_cache:
         features, dev_features = (
             open_or_extract(model.encoder, utts, Path(cfg.feature_cache) / name, device, None, None, progress, ctx)
-            for name, utts in (("train", train_utts), ("dev", dev_utts))
+            for name, utts in (("train", train_utts), ("dev", dev_short))
         )
-        model.drop_encoder(out / "encoder", save=ctx.is_main)  # the head trains on the cache alone
+        if len(dev_short) == len(dev_utts):
+            model.drop_encoder(out / "encoder", save=ctx.is_main)  # the head trains on the cache alone
+        else:
+            logger.info("keeping the encoder for %d dev recording(s) longer than %g s", len(dev_utts) - len(dev_short), DEV_WINDOW_S)
     elif cfg.mode == "frozen" and cfg.cache_features:
-        need = estimate_bytes(model.encoder, train_utts + dev_utts)
+        dev_mine_short = [u for u in dev_mine if u.duration <= DEV_WINDOW_S]
+        # every process on this machine holds its own copy of the training features
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        need = estimate_bytes(model.encoder, train_utts) * per_machine + estimate_bytes(model.encoder, dev_short)
         if need <= cfg.cache_max_gb * 1e9:
             logger.info("computing frozen encoder features once (%.2f GB)", need / 1e9)
             # one store per set: train and dev manifests may reuse the same utterance ids
             features, dev_features = (
                 extract_in_memory(model.encoder, utts, device, None, decode_workers(device), progress)
-                for utts in (train_utts, dev_mine)
+                for utts in (train_utts, dev_mine_short)
             )
         else:
             logger.warning("features need %.1f GB > cache_max_gb=%.1f: running the encoder every step", need / 1e9, cfg.cache_max_gb)
@@ -352,14 +370,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
             torch.save(ck, tmp)
 
     def score_dev():
-        report = decode_utterances(model, vocab, normalizer, dev_mine, device, max_batch_seconds=max(cfg.max_batch_seconds, 60.0),
-                                   features=dev_features)
-        if not ctx.enabled:
-            return report
-        parts = dist_util.gather_objects(report.results, ctx)
-        # rank r scored dev_utts[r::world]; interleave back into manifest order
-        results = [parts[k % ctx.world_size][k // ctx.world_size] for k in range(len(dev_utts))]
-        return score(results, normalize=normalizer)
+        # each rank decodes its share; the hypotheses are gathered and scored once, as in one process
+        hyps = decode_hyps(model, vocab, normalizer, dev_mine, device, max_batch_seconds=max(cfg.max_batch_seconds, 60.0),
+                           features=dev_features, chunk_length_s=DEV_WINDOW_S)
+        if ctx.enabled:
+            hyps = {k: v for part in dist_util.gather_objects(hyps, ctx) for k, v in part.items()}
+        return score_hyps(dev_utts, hyps, normalizer)
 
     def save_model() -> None:
         if ctx.is_main:
@@ -434,17 +450,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
             micro, loss_acc, audio_acc, utt_acc = 0, 0.0, 0.0, 0
             bar.update(1)
             bar.set_postfix(loss=f"{st['loss']:.3f}")
-            row = None
-            if st["step"] % cfg.eval_every == 0 or st["step"] >= cfg.max_steps:
-                row = evaluate_and_keep()
-                save_checkpoint()
-            else:
-                if st["step"] % save_every == 0:
-                    save_checkpoint()
-                if st["step"] % cfg.log_every == 0:
-                    row = {}
+            # the metrics row goes out before the checkpoint: a kill between the two leaves a row
+            # that resume trims and writes again, never a checkpoint whose row is lost
+            evaluated = st["step"] % cfg.eval_every == 0 or st["step"] >= cfg.max_steps
+            row = evaluate_and_keep() if evaluated else {} if st["step"] % cfg.log_every == 0 else None
             if row is not None and ctx.is_main:
                 _append_metrics(metrics_path, st, optimizer, row)
+            if evaluated or st["step"] % save_every == 0:
+                save_checkpoint()
             if st["step"] >= cfg.max_steps:
                 stop_reason = "max_steps"
             elif time_votes:
@@ -461,7 +474,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
             st["epoch"] += 1
             st["batch_in_epoch"] = 0
     if st["step"] % cfg.eval_every != 0 and st["step"] < cfg.max_steps:
-        _append_metrics(metrics_path, st, optimizer, evaluate_and_keep())
+        row = evaluate_and_keep()  # every rank: it gathers dev results
+        if ctx.is_main:
+            _append_metrics(metrics_path, st, optimizer, row)
         save_checkpoint()
     bar.close()
 
@@ -514,9 +529,11 @@ def _trim_metrics(path: Path, step: int) -> None:
     last row cut short by a killed process."""
     if not path.exists():
         return
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f)
-                if None not in r.values() and None not in r and r["step"].isdigit() and int(r["step"]) <= step]
+    text = path.read_text(encoding="utf-8")
+    if not text.endswith("\n"):  # a row cut short: drop it
+        text = text[: text.rfind("\n") + 1]
+    rows = [r for r in csv.DictReader(io.StringIO(text, newline=""))
+            if None not in r.values() and None not in r and r["step"].isdigit() and int(r["step"]) <= step]
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
