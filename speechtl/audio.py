@@ -142,3 +142,26 @@ def _reason(err: Exception) -> str:
     if "Error opening" in msg and ":" in msg:
         msg = msg.rsplit(":", 1)[-1].strip()
     return msg or type(err).__name__
+
+
+def check_readable(utterances, on_bad_audio: str = "error", fix_hint: str = "") -> tuple[list, list[dict]]:
+    """Read every utterance's audio header before a long job, so that a broken or missing
+    file stops it at the start with all such files named (``"error"``, ``fix_hint``
+    appended to the message), or is left out and logged (``"skip"``).
+    Returns the readable utterances and ``{id, audio, reason}`` for each bad one."""
+    if on_bad_audio not in ("error", "skip"):
+        raise ValueError(f"on_bad_audio must be 'error' or 'skip', not {on_bad_audio!r}")
+    good, bad = [], []
+    for u in utterances:
+        try:
+            audio_info(u.audio)
+            good.append(u)
+        except AudioError as e:
+            bad.append({"id": u.id, "audio": u.audio, "reason": e.reason})
+    if bad and on_bad_audio == "error":
+        lines = [f"{b['id']}: {b['audio']}: {b['reason']}" for b in bad[:10]]
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise ValueError(f"{len(bad)} unreadable audio file(s){fix_hint}:\n  " + "\n  ".join(lines) + more)
+    for b in bad:
+        logger.warning("skipped %s (%s): %s", b["id"], b["audio"], b["reason"])
+    return good, bad

@@ -188,24 +188,9 @@ class Recognizer:
         names all of them (``on_bad_audio="error"``), or is left out of the score and
         listed under ``skipped`` in the summary (``"skip"``).
         """
-        from .audio import audio_info
+        from .audio import check_readable
 
-        if on_bad_audio not in ("error", "skip"):
-            raise ValueError(f"on_bad_audio must be 'error' or 'skip', not {on_bad_audio!r}")
-        good, skipped = [], []
-        for u in utterances:
-            try:
-                audio_info(u.audio)
-                good.append(u)
-            except AudioError as e:
-                skipped.append({"id": u.id, "audio": u.audio, "reason": e.reason})
-        if skipped and on_bad_audio == "error":
-            lines = [f"{s['id']}: {s['audio']}: {s['reason']}" for s in skipped[:10]]
-            more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-            raise ValueError(f"{len(skipped)} unreadable audio file(s) (--on-bad-audio skip leaves them out):\n  "
-                             + "\n  ".join(lines) + more)
-        for s in skipped:
-            logger.warning("skipped %s (%s): %s", s["id"], s["audio"], s["reason"])
+        good, skipped = check_readable(utterances, on_bad_audio, " (--on-bad-audio skip leaves them out)")
         report = decode_utterances(self.model, self.vocab, self.normalizer, good, self.device, progress=progress)
         extra = {"skipped": skipped} if skipped else None
         if out_dir is not None:

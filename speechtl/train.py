@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist_util
 from ._io import atomic_path, write_json
-from .audio import AudioError, audio_info
+from .audio import check_readable
 from .config import TrainConfig
 from .cache import FeatureCache, StaleCacheError, encoder_fingerprint, extract_to_cache
 from .features import FeatureDataset, collate_features, estimate_bytes, extract_in_memory
@@ -102,28 +102,6 @@ def filter_trainable(utts: list[Utterance], texts: list[str], vocab: Vocabulary,
             keep.append(u)
     vocab.oov.clear()
     return keep, dropped
-
-
-def check_audio(utts: list[Utterance], on_bad_audio: str = "error") -> tuple[list[Utterance], list[dict]]:
-    """Read every file's header before training, so a broken or missing file stops the
-    run at step 0 with all the bad files named (``"error"``), or is left out and
-    reported (``"skip"``), rather than crashing the run half-way.
-    Returns the readable utterances and the skipped ones."""
-    good, bad = [], []
-    for u in utts:
-        try:
-            audio_info(u.audio)
-            good.append(u)
-        except AudioError as e:
-            bad.append({"id": u.id, "audio": u.audio, "reason": e.reason})
-    if bad and on_bad_audio == "error":
-        lines = [f"{b['id']}: {b['audio']}: {b['reason']}" for b in bad[:10]]
-        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise ValueError(f"{len(bad)} unreadable audio file(s); fix them, or train with on_bad_audio=skip, or re-run"
-                         f" `speechtl prepare --on-bad-audio skip`:\n  " + "\n  ".join(lines) + more)
-    for b in bad:
-        logger.warning("skipped %s (%s): %s", b["id"], b["audio"], b["reason"])
-    return good, bad
 
 
 def _rng_state() -> dict:
@@ -240,9 +218,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     seed_everything(cfg.seed)
     normalizer = Normalizer(NormalizerConfig(**cfg.normalizer))
 
-    # missing files are reported with the unreadable ones, all at once, by check_audio
-    train_utts, bad_train = check_audio(read_manifest(cfg.train, check_files=False), cfg.on_bad_audio)
-    dev_utts, bad_dev = check_audio(read_manifest(cfg.dev, check_files=False), cfg.on_bad_audio) if cfg.dev else ([], [])
+    # missing files are reported with the unreadable ones, all at once, by check_readable
+    hint = "; fix them, or train with on_bad_audio=skip, or re-run `speechtl prepare --on-bad-audio skip`"
+    train_utts, bad_train = check_readable(read_manifest(cfg.train, check_files=False), cfg.on_bad_audio, hint)
+    dev_utts, bad_dev = check_readable(read_manifest(cfg.dev, check_files=False), cfg.on_bad_audio, hint) if cfg.dev else ([], [])
     train_texts = [normalizer(u.text) for u in train_utts]
     ck = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.is_file() else None
     if ck is not None and ck["state"].get("world_size", 1) != ctx.world_size:
