@@ -95,7 +95,6 @@ def cmd_evaluate(args) -> int:
 def _output_names(items, ext: str) -> list[str]:
     """One output file name per input: manifest ids as they are; paths relative to the
     inputs' common folder, so that same-named files in different folders do not collide."""
-    import os
 
     files = [it.path for it in items if it.key == it.path]
     base = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files]) if files else ""
@@ -188,7 +187,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    import os
     import time
 
     import torch
