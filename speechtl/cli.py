@@ -195,7 +195,7 @@ def cmd_extract(args) -> int:
     from .encoder import load_encoder
     from .inference import pick_device
     from .manifest import read_manifest
-    from .train import check_audio
+    from .audio import check_readable
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:  # torchrun: one process per rank, each on its own device
@@ -210,7 +210,7 @@ def cmd_extract(args) -> int:
     try:
         encoder = load_encoder(args.encoder, trust_remote_code=args.trust_remote_code)
         utts = read_manifest(args.manifest)
-        check_audio(utts)  # a broken file stops the job before any work, named with all the others
+        check_readable(utts)  # a broken file stops the job before any work, named with all the others
         t0 = time.perf_counter()
         cache = extract_to_cache(encoder, utts, args.out, layers=args.layers, dtype=args.dtype, device=device,
                                  max_batch_seconds=args.batch_seconds, num_workers=args.num_workers,

@@ -154,8 +154,6 @@ def test_torchrun_ranks_fill_one_cache(tmp_path, tiny_encoder, tones):
 
 
 def test_extract_names_a_broken_file_before_any_work(tmp_path, tiny_encoder, tones, capsys):
-    from speechtl.manifest import write_manifest
-
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio")
     utts = read_manifest(tones)
