@@ -131,6 +131,15 @@ def resample(wav: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return librosa.resample(wav, orig_sr=orig_sr, target_sr=target_sr, res_type="soxr_hq")
 
 
+def change_speed(wav: np.ndarray, factor: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Play ``wav`` ``factor`` times as fast (Kaldi-style speed perturbation): tempo and pitch
+    change together, and the length becomes ``len / factor``. Done by resampling, as if the
+    samples had been recorded at ``sample_rate * factor``."""
+    if factor == 1:
+        return wav
+    return resample(wav, int(round(sample_rate * factor)), sample_rate)
+
+
 def write_wav(path: str | os.PathLike, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
     """Write 16-bit PCM wav."""
     sf.write(str(path), np.asarray(wav), sample_rate, subtype="PCM_16")

@@ -75,12 +75,13 @@ def preprocessing(encoder: SpeechEncoder) -> dict:
 
 
 def entry_key(u: Utterance) -> str:
-    """What of a manifest entry the features depend on: its id, audio file and duration."""
+    """What of a manifest entry the features depend on: its id, audio file, duration and speed."""
     try:
         size = os.stat(u.audio).st_size
     except OSError:
         size = -1
-    return f"{u.id}\t{os.path.abspath(u.audio)}\t{u.duration:.4f}\t{size}"
+    speed = u.extra.get("speed", 1)  # a speed-perturbed copy (train speed_perturb)
+    return f"{u.id}\t{os.path.abspath(u.audio)}\t{u.duration:.4f}\t{size}" + (f"\tspeed={speed:g}" if speed != 1 else "")
 
 
 def _sha(*parts: str) -> str:

@@ -51,6 +51,9 @@ class TrainConfig:
     mask_feature_prob: float = _f(0.0, "channel masking probability")
     mask_feature_length: int = _f(10, "channels per channel mask")
     layerdrop: float = _f(0.0, "probability of skipping a transformer layer")
+    speed_perturb: list = _f([], "speed perturbation: every training clip is also used at these speed factors, "
+                                 "e.g. [0.9, 1.1] (tempo and pitch change together, by resampling); every mode, "
+                                 "in frozen mode as extra cached features")
     frozen_mask_time_prob: float = _f(0.0, "frozen mode: time masking of the summed layer features while training "
                                            "(spans of mask_time_length frames)")
     frozen_mask_feature_prob: float = _f(0.0, "frozen mode: channel masking of the summed layer features while training "
@@ -111,6 +114,13 @@ def _coerce(key: str, v: Any, t: type) -> Any:
         return int(v)
     if t is str and isinstance(v, (int, float)):
         return str(v)
+    if t is list:
+        if isinstance(v, str):  # key=0.9,1.1 on the command line
+            v = [parse_value(x) for x in v.split(",") if x.strip()]
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = [v]
+        if isinstance(v, list):
+            return v
     raise ValueError(f"config key {key!r}: expected {t.__name__}, got {v!r}")
 
 
@@ -166,4 +176,10 @@ def load_train_config(path: str | os.PathLike | None, overrides: list[str] | dic
         raise ValueError(f"mode must be frozen, finetune or scratch (got {cfg.mode!r})")
     if not cfg.train:
         raise ValueError("no training manifest: set train=PATH")
+    for f in cfg.speed_perturb:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.5 <= f <= 2.0 or f == 1:
+            raise ValueError(f"speed_perturb: each factor must be a number in [0.5, 2] other than 1 (got {f!r}); "
+                             "the clips at their own speed are always used")
+    if len(set(cfg.speed_perturb)) != len(cfg.speed_perturb):
+        raise ValueError(f"speed_perturb: repeated factor in {cfg.speed_perturb}")
     return cfg

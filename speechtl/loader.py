@@ -9,15 +9,17 @@ samples.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .audio import SAMPLE_RATE, load_audio
+from .audio import SAMPLE_RATE, change_speed, load_audio
 from .manifest import Utterance
 
 logger = logging.getLogger(__name__)
@@ -92,7 +94,22 @@ class AudioDataset(UtteranceDataset):
 
     def __getitem__(self, i: int) -> dict:
         u = self.utterances[i]
-        return {"wav": torch.from_numpy(load_audio(u.audio, self.sample_rate)), **self.labels(u)}
+        wav = load_audio(u.audio, self.sample_rate)
+        speed = u.extra.get("speed", 1)
+        if speed != 1:
+            wav = change_speed(wav, speed, self.sample_rate)
+        return {"wav": torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)), **self.labels(u)}
+
+
+def speed_copies(utterances: Sequence[Utterance], factors: Sequence[float]) -> list[Utterance]:
+    """The utterances, then one copy of each at every speed factor (id prefixed
+    ``sp{factor}-``, duration divided by the factor); :class:`AudioDataset` changes the
+    audio's speed when it reads a copy."""
+    out = list(utterances)
+    for f in factors:
+        out += [dataclasses.replace(u, id=f"sp{f:g}-{u.id}", duration=u.duration / f, extra={**u.extra, "speed": float(f)})
+                for u in utterances]
+    return out
 
 
 def pad_targets(items: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:

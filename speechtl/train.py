@@ -38,7 +38,7 @@ from .cache import FeatureCache, StaleCacheError, encoder_fingerprint, extract_t
 from .features import FeatureDataset, collate_features, estimate_bytes, extract_in_memory
 from .distributed import DistContext
 from .inference import decode_hyps, score_hyps
-from .loader import AudioDataset, DynamicBucketSampler, collate, decode_workers
+from .loader import AudioDataset, DynamicBucketSampler, collate, decode_workers, speed_copies
 from .manifest import Utterance, read_manifest
 from .metrics import write_results
 from .model import CTCModel, HeadConfig, build_model, ctc_loss, save_model_dir
@@ -242,6 +242,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     overrides = {k: getattr(cfg, k) for k in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop",
                                               "frozen_mask_time_prob", "frozen_mask_feature_prob")}
     model = build_model(cfg.encoder, cfg.mode, len(vocab), head, cfg.seed, overrides, cfg.trust_remote_code, cfg.freeze_feature_encoder)
+    if cfg.speed_perturb:  # copies at other speeds; too-short ones are filtered like any clip
+        train_utts = speed_copies(train_utts, cfg.speed_perturb)
+        train_texts = train_texts * (1 + len(cfg.speed_perturb))
+        logger.info("speed perturbation %s: %d training items", ", ".join(f"{f:g}" for f in cfg.speed_perturb), len(train_utts))
     train_utts, dropped_ids = filter_trainable(train_utts, train_texts, vocab, model.frame_lengths, cfg.max_duration)
     dropped = {k: len(v) for k, v in dropped_ids.items()}
     if any(dropped.values()):
@@ -468,8 +472,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
         "wall_time_s": round(time.monotonic() - start, 2),
         "audio_hours_seen": st["audio_seconds"] / 3600,
         "utterances_seen": st["utterances"],
-        "train_utterances": len(train_utts),
-        "train_hours": sum(u.duration for u in train_utts) / 3600,
+        "train_utterances": sum(1 for u in train_utts if "speed" not in u.extra),
+        "train_hours": sum(u.duration for u in train_utts if "speed" not in u.extra) / 3600,
+        "speed_perturb": list(cfg.speed_perturb),
+        "train_items": len(train_utts),  # with speed-perturbed copies
         "dropped": dropped,
         "dropped_ids": {k: v[:100] for k, v in dropped_ids.items() if v},  # the first 100 of each reason
         "skipped_audio": (bad_train + [{**b, "set": "dev"} for b in bad_dev])[:100],

@@ -214,3 +214,60 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path, tones, tiny_encoder, 
     assert rc == 1
     assert "refused to load" in capsys.readouterr().err
     assert not marker.exists()  # the payload never ran
+
+
+def test_speed_perturbation_copies_every_clip_at_each_factor(tmp_path, tones, tiny_encoder):
+    import numpy as np
+
+    from speechtl.audio import change_speed
+    from speechtl.loader import AudioDataset, speed_copies
+    from speechtl.manifest import read_manifest
+
+    utts = read_manifest(tones)
+    items = speed_copies(utts, [0.9, 1.1])
+    assert len(items) == 3 * len(utts) and items[: len(utts)] == utts
+    u, slow = utts[0], items[len(utts)]
+    assert slow.id == f"sp0.9-{u.id}" and slow.duration == pytest.approx(u.duration / 0.9)
+    ds = AudioDataset(items)
+    n = ds[0]["wav"].numel()
+    assert ds[len(utts)]["wav"].numel() == pytest.approx(n / 0.9, abs=2)
+    assert ds[2 * len(utts)]["wav"].numel() == pytest.approx(n / 1.1, abs=2)
+    # a 400 Hz tone played 1.1 times as fast is a 440 Hz tone
+    t = np.arange(16000) / 16000
+    fast = change_speed(np.sin(2 * np.pi * 400 * t).astype(np.float32), 1.1)
+    assert np.argmax(np.abs(np.fft.rfft(fast))) * 16000 / fast.size == pytest.approx(440, abs=2)
+
+    summary = train(_cfg(tmp_path, tones, tiny_encoder, mode="frozen", speed_perturb="0.9,1.1", max_steps=2), progress=False)
+    assert summary["speed_perturb"] == [0.9, 1.1]
+    assert summary["train_utterances"] == len(utts) and summary["train_items"] == 3 * len(utts)
+    assert summary["train_hours"] == pytest.approx(sum(x.duration for x in utts) / 3600)
+
+
+@pytest.mark.parametrize("bad", ["1.0", "3", "[0.9, 0.9]", "fast"])
+def test_speed_perturbation_factors_are_checked(tmp_path, bad):
+    with pytest.raises(ValueError, match="speed_perturb"):
+        load_train_config(None, [f"train={tmp_path}/m.jsonl", f"speed_perturb={bad}"])
+
+
+def test_speed_perturbed_copies_have_their_own_cache_entries(tmp_path, tones, tiny_encoder):
+    import dataclasses
+
+    from speechtl.cache import FeatureCache, StaleCacheError, extract_to_cache
+    from speechtl.encoder import load_encoder
+    from speechtl.features import extract_in_memory
+    from speechtl.loader import speed_copies
+    from speechtl.manifest import read_manifest
+
+    utts = read_manifest(tones)[:2]
+    items = speed_copies(utts, [1.1])
+    enc = load_encoder(str(tiny_encoder))
+    extract_to_cache(enc, items, tmp_path / "c", progress=False)
+    cache = FeatureCache(tmp_path / "c")
+    cache.check(items)
+    mem = extract_in_memory(enc, items)
+    for u in items:
+        assert mem[u.id].shape == cache[u.id].shape
+    assert mem[items[2].id].shape[1] < mem[utts[0].id].shape[1]  # fewer frames when faster
+    other_speed = dataclasses.replace(items[2], extra={"speed": 1.2})  # same id, other speed
+    with pytest.raises(StaleCacheError, match="made from other audio"):
+        FeatureCache(tmp_path / "c").check([*items[:2], other_speed, items[3]])
