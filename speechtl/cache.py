@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from ._io import atomic_path, write_json
 from .audio import SAMPLE_RATE
 from .encoder import SpeechEncoder
+from .features import cpu_streams, encode_batches
 from .loader import AudioDataset, collate, cut_batches, decode_workers, encoder_batch_seconds
 from .manifest import Utterance
 
@@ -163,6 +164,7 @@ def extract_to_cache(
     device: str | torch.device = "cpu",
     max_batch_seconds: float | None = None,
     num_workers: int | None = None,
+    streams: int | None = None,
     shard_seconds: float = 1800.0,
     progress: bool = True,
     rank: int | None = None,
@@ -174,7 +176,8 @@ def extract_to_cache(
     of a big model run slower than small ones (their activations leave the caches), and
     to 300 s on a GPU, which needs big batches to stay busy. ``num_workers`` (audio
     decoding processes) defaults to none on a CPU with at most 4 cores, where they would
-    only take cores from the model, and to up to 8 on a GPU machine.
+    only take cores from the model, and to up to 8 on a GPU machine. ``streams`` (batches
+    run at once on a CPU, each on one thread) defaults to one per core there.
 
     Returns the opened cache, or ``None`` on a rank of a multi-process run that
     finished before the others (rank 0 returns the cache once all shards exist).
@@ -216,7 +219,8 @@ def extract_to_cache(
     if len(todo) < len(mine):
         logger.info("rank %d: %d of %d shard(s) already extracted", rank, len(mine) - len(todo), len(mine))
     if todo:
-        _extract_shards(encoder, todo, by_id, out, layer_ids, DTYPES[dtype], device, max_batch_seconds, num_workers, progress)
+        _extract_shards(encoder, todo, by_id, out, layer_ids, DTYPES[dtype], device, max_batch_seconds, num_workers,
+                        cpu_streams(device) if streams is None else streams, progress)
     if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank != 0:
@@ -224,8 +228,8 @@ def extract_to_cache(
     return FeatureCache(out)
 
 
-@torch.inference_mode()
-def _extract_shards(encoder, shards, by_id, out, layer_ids, dtype, device, max_batch_seconds, num_workers, progress) -> None:
+def _extract_shards(encoder, shards, by_id, out, layer_ids, dtype, device, max_batch_seconds, num_workers, streams,
+                    progress) -> None:
     utts = [by_id[i] for s in shards for i in s.ids]
     ds = AudioDataset(utts)
     durations = ds.durations
@@ -239,9 +243,6 @@ def _extract_shards(encoder, shards, by_id, out, layer_ids, dtype, device, max_b
                         pin_memory=device.type == "cuda", persistent_workers=False)
     was_training = encoder.training
     encoder.eval().to(device)
-    amp = None
-    if device.type == "cuda":
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     hours = sum(durations) / 3600
     bar = tqdm(total=round(hours, 4), desc="extract", unit="h", disable=not progress, bar_format=(
         "{desc}: {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}, {rate_fmt}]"))
@@ -257,22 +258,10 @@ def _extract_shards(encoder, shards, by_id, out, layer_ids, dtype, device, max_b
             save_file(tensors, str(tmp), metadata={"key": key})
 
     try:
-        for batch in loader:
-            b = batch.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None), \
-                    torch.random.fork_rng(devices=[]):  # extraction leaves the caller's random stream alone
-                enc = encoder(b.waveforms, b.lengths, all_layers=True)
-            hidden = [enc.hidden_states[i] for i in layer_ids]
-            if device.type == "cpu":  # one copy per clip: its valid frames, converted and stacked
-                for k, uid in enumerate(b.ids):
-                    n = int(enc.lengths[k])
-                    pending[uid] = torch.stack([h[k, :n].to(dtype) for h in hidden])
-            else:  # one device-to-host transfer per batch, then the clips are cut on the host
-                stacked = torch.stack([h.to(dtype) for h in hidden]).cpu()  # (L, B, T, D)
-                for k, uid in enumerate(b.ids):
-                    pending[uid] = stacked[:, k, : int(enc.lengths[k])].contiguous()
-            done += len(b.ids)
-            bar.update(round(sum(b.durations) / 3600, 6))
+        for batch, feats in encode_batches(encoder, loader, device, layer_ids, dtype, streams):
+            pending.update(zip(batch.ids, feats))
+            done += len(batch.ids)
+            bar.update(round(sum(batch.durations) / 3600, 6))
             while shard_i < len(shards) and done >= bounds[shard_i]:
                 s = shards[shard_i]
                 if writing is not None:

@@ -213,7 +213,7 @@ def cmd_extract(args) -> int:
         check_readable(utts)  # a broken file stops the job before any work, named with all the others
         t0 = time.perf_counter()
         cache = extract_to_cache(encoder, utts, args.out, layers=args.layers, dtype=args.dtype, device=device,
-                                 max_batch_seconds=args.batch_seconds, num_workers=args.num_workers,
+                                 max_batch_seconds=args.batch_seconds, num_workers=args.num_workers, streams=args.streams,
                                  shard_seconds=args.shard_minutes * 60, progress=not args.quiet)
         elapsed = time.perf_counter() - t0
     finally:
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-seconds", type=float, help="cap on padded audio seconds per batch (default: 10 on CPU, 300 on GPU)")
     s.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader processes decoding and resampling audio (default: none on a CPU with <= 4 cores, up to 8 with a GPU)")
+    s.add_argument("--streams", type=int, default=None,
+                   help="CPU: batches run at once, each on one thread (default: one per torch thread, at most 8; 1 = one batch "
+                        "at a time on all threads); ignored on a GPU")
     s.add_argument("--shard-minutes", type=float, default=30.0, help="audio per shard file")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 BUNDLED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_ENCODER = "default"
 PADDING_SENSITIVE = ("data2vec-audio", "wav2vec2-conformer")
+# the clip lengths of the batch a group-norm feature encoder is running on (see _patch_feature_encoder)
+_CLIP_LENGTHS: ContextVar[list[int] | None] = ContextVar("speechtl_clip_lengths", default=None)
 
 # config keys that only matter during training; callers may override them at load time
 TRAINING_CONFIG_KEYS = (
@@ -89,7 +92,6 @@ class SpeechEncoder(nn.Module):
         # their convolutions after the feature encoder (data2vec's stacked positional
         # convs, the conformer conv module) read padded frames, so they run unpadded
         self.per_clip_model = getattr(cfg, "model_type", "") in PADDING_SENSITIVE
-        self._clip_lengths: list[int] | None = None
         # on CPU, the CNN as strided matrix products in (time, channel) layout when no gradient
         # flows through it; see _time_major_cnn. ``fast_cnn = False`` restores transformers' own.
         self.fast_cnn = _time_major_cnn_supported(model.feature_extractor)
@@ -158,7 +160,7 @@ class SpeechEncoder(nn.Module):
         inner = fe.forward
 
         def per_clip_forward(input_values: torch.Tensor) -> torch.Tensor:
-            lens = self._clip_lengths
+            lens = _CLIP_LENGTHS.get()
             if lens is None or input_values.shape[0] == 1:
                 return inner(input_values)
             total = self.frame_lengths(int(input_values.shape[1]))
@@ -196,11 +198,12 @@ class SpeechEncoder(nn.Module):
         # without padding the mask changes nothing, and leaving it out takes transformers' faster path
         padded = bool((lengths < x.shape[1]).any())
         mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).long() if padded else None
-        self._clip_lengths = lengths.tolist() if self.per_clip_cnn else None
+        # per call, per thread: batches may run on several threads at once (features.encode_batches)
+        token = _CLIP_LENGTHS.set(lengths.tolist() if self.per_clip_cnn else None)
         try:
             out = self.model(x, attention_mask=mask, output_hidden_states=all_layers, return_dict=True)
         finally:
-            self._clip_lengths = None
+            _CLIP_LENGTHS.reset(token)
         hs = tuple(out.hidden_states) if all_layers else (out.last_hidden_state,)
         frames = self.frame_lengths(lengths).clamp(max=hs[-1].shape[1])
         return EncoderOutput(hs, frames)

@@ -9,8 +9,10 @@ float16; :class:`FeatureDataset` then serves them to the head, which is all that
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -28,7 +30,70 @@ def estimate_bytes(encoder: SpeechEncoder, utterances: Sequence[Utterance], byte
     return frames * encoder.num_layers * encoder.hidden_size * bytes_per_value
 
 
-@torch.inference_mode()
+def cpu_streams(device: torch.device | str) -> int:
+    """Default number of batches an encoder runs at once: on a CPU, one per core, each on
+    one intra-op thread (several small matrix products side by side keep the cores busier
+    than one split across them); on a GPU, one."""
+    if torch.device(device).type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), 8))
+
+
+def encode_batches(
+    encoder: SpeechEncoder,
+    batches: Iterable,
+    device: torch.device,
+    layer_ids: Sequence[int] | None = None,
+    dtype: torch.dtype = torch.float16,
+    streams: int = 1,
+) -> Iterator[tuple[object, list[torch.Tensor]]]:
+    """Run a frozen encoder over ``batches`` (:class:`~speechtl.loader.Batch`) and yield each
+    batch with its clips' features, ``(layers, frames, dim)`` in ``dtype`` on the CPU, in
+    the order the batches came.
+
+    Under ``inference_mode``, with bf16 (or fp16) autocast on CUDA. With ``streams > 1``
+    (CPUs), that many batches run at once on threads with one intra-op thread each; the
+    encoder holds no per-call state, and at most ``streams`` batches are in flight.
+    The caller's random stream is left as it was (transformers draws layerdrop numbers
+    even in eval mode).
+    """
+    amp = None
+    if device.type == "cuda":
+        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def run(batch):
+        if streams > 1:
+            torch.set_num_threads(1)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            b = batch.to(device, non_blocking=True)
+            enc = encoder(b.waveforms, b.lengths, all_layers=True)
+            hidden = enc.hidden_states if layer_ids is None else [enc.hidden_states[i] for i in layer_ids]
+            frames = enc.lengths.tolist()
+            if device.type == "cpu":  # one copy per clip: its valid frames, converted and stacked
+                return batch, [torch.stack([h[k, :n].to(dtype) for h in hidden]) for k, n in enumerate(frames)]
+            # one device-to-host transfer per batch, then the clips are cut on the host
+            stacked = torch.stack([h.to(dtype) for h in hidden]).cpu()  # (L, B, T, D)
+            return batch, [stacked[:, k, :n].contiguous() for k, n in enumerate(frames)]
+
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        if streams <= 1:
+            for batch in batches:
+                yield run(batch)
+            return
+        try:
+            with ThreadPoolExecutor(max_workers=streams) as pool:
+                in_flight: deque = deque()
+                for batch in batches:
+                    in_flight.append(pool.submit(run, batch))
+                    if len(in_flight) >= streams:
+                        yield in_flight.popleft().result()
+                while in_flight:
+                    yield in_flight.popleft().result()
+        finally:
+            torch.set_num_threads(threads)
+
+
 def extract_in_memory(
     encoder: SpeechEncoder,
     utterances: Sequence[Utterance],
@@ -36,6 +101,7 @@ def extract_in_memory(
     max_batch_seconds: float | None = None,
     num_workers: int = 0,
     progress: bool = False,
+    streams: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Return ``{utterance id: (layers, frames, dim) float16}`` for every utterance."""
     device = torch.device(device)
@@ -47,14 +113,9 @@ def extract_in_memory(
     loader = sorted_loader(ds, max_batch_seconds, collate, num_workers, device)
     out: dict[str, torch.Tensor] = {}
     bar = tqdm(total=round(sum(ds.durations)), desc="encode", unit="s", disable=not progress, leave=False)
-    for batch in loader:
-        b = batch.to(device, non_blocking=True)
-        with torch.random.fork_rng(devices=[]):  # transformers draws layerdrop numbers even in eval
-            enc = encoder(b.waveforms, b.lengths, all_layers=True)
-        stacked = torch.stack(enc.hidden_states)  # (L, B, T, D)
-        for i, uid in enumerate(b.ids):
-            out[uid] = stacked[:, i, : int(enc.lengths[i])].to("cpu", torch.float16).clone()
-        bar.update(round(sum(b.durations)))
+    for batch, feats in encode_batches(encoder, loader, device, streams=cpu_streams(device) if streams is None else streams):
+        out.update(zip(batch.ids, feats))
+        bar.update(round(sum(batch.durations)))
     bar.close()
     encoder.train(was_training)
     return out

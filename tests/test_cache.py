@@ -163,3 +163,21 @@ def test_extract_names_a_broken_file_before_any_work(tmp_path, tiny_encoder, ton
     err = capsys.readouterr().err
     assert "bad.wav" in err and "u3" in err
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_batches_run_side_by_side_give_the_same_features(tmp_path, tones, norm):
+    # group-norm feature encoders run clip by clip inside a padded batch, from per-call state
+    enc = load_encoder(str(tiny_encoder_dir(tmp_path, feat_extract_norm=norm)))
+    utts = read_manifest(tones)
+    one = extract_in_memory(enc, utts, max_batch_seconds=4.0, streams=1)
+    threads = torch.get_num_threads()
+    side_by_side = extract_in_memory(enc, utts, max_batch_seconds=4.0, streams=3)
+    assert torch.get_num_threads() == threads  # restored
+    assert one.keys() == side_by_side.keys()
+    for uid in one:
+        torch.testing.assert_close(side_by_side[uid], one[uid], rtol=2e-3, atol=2e-3)  # float16, other op threads
+    extract_to_cache(enc, utts, tmp_path / "c", max_batch_seconds=4.0, streams=2, progress=False)
+    cache = FeatureCache(tmp_path / "c")
+    for uid in one:
+        torch.testing.assert_close(cache[uid], one[uid], rtol=2e-3, atol=2e-3)
