@@ -22,7 +22,7 @@ st synth --lang "$lang" --minutes "$minutes" --out "$out/train" --seed 1 --exclu
 st synth --lang "$lang" --minutes 1 --out "$out/test" --seed 9 --variants "$held_out" --speakers 6 --prefix test- -q
 common=(train="$out/train/manifest.jsonl" max_steps="$steps" eval_every="$steps" seed=0 num_workers=0 -q)
 # a smaller head than the full recipe's 256 x 2 keeps the demo inside its time budget
-st train "$here/conf/frozen.yaml" encoder=default out="$out/frozen" bilstm_hidden=128 bilstm_layers=1 "${common[@]}"
+st train "$here/conf/frozen.yaml" encoder=default out="$out/frozen" bilstm_hidden=128 bilstm_layers=1 head_dropout=0.1 "${common[@]}"
 st train "$here/conf/scratch.yaml" encoder=default out="$out/scratch" max_minutes="${SCRATCH_MINUTES:-2}" "${common[@]}"
 for m in frozen scratch; do st evaluate "$out/$m/model" "$out/test/manifest.jsonl" --out-dir "$out/$m/test" -q >/dev/null; done
 "$PY" - "$out" <<'PYEOF'
