@@ -27,6 +27,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -81,8 +82,8 @@ def entry_key(u: Utterance) -> str:
         size = os.stat(u.audio).st_size
     except OSError:
         size = -1
-    speed = u.extra.get("speed", 1)  # a speed-perturbed copy (train speed_perturb)
-    return f"{u.id}\t{os.path.abspath(u.audio)}\t{u.duration:.4f}\t{size}" + (f"\tspeed={speed:g}" if speed != 1 else "")
+    speed = f"\tspeed={u.speed!r}" if u.speed != 1 else ""  # a speed-perturbed copy (train speed_perturb)
+    return f"{u.id}\t{os.path.abspath(u.audio)}\t{u.duration:.4f}\t{size}{speed}"
 
 
 def _sha(*parts: str) -> str:
@@ -258,16 +259,17 @@ def _extract_shards(encoder, shards, by_id, out, layer_ids, dtype, device, max_b
             save_file(tensors, str(tmp), metadata={"key": key})
 
     try:
-        for batch, feats in encode_batches(encoder, loader, device, layer_ids, dtype, streams):
-            pending.update(zip(batch.ids, feats))
-            done += len(batch.ids)
-            bar.update(round(sum(batch.durations) / 3600, 6))
-            while shard_i < len(shards) and done >= bounds[shard_i]:
-                s = shards[shard_i]
-                if writing is not None:
-                    writing.result()
-                writing = writer.submit(write, out / s.file, {uid: pending.pop(uid) for uid in s.ids}, s.key)
-                shard_i += 1
+        with closing(encode_batches(encoder, loader, device, layer_ids, dtype, streams)) as encoded:
+            for batch, feats in encoded:
+                pending.update(zip(batch.ids, feats))
+                done += len(batch.ids)
+                bar.update(round(sum(batch.durations) / 3600, 6))
+                while shard_i < len(shards) and done >= bounds[shard_i]:
+                    s = shards[shard_i]
+                    if writing is not None:
+                        writing.result()
+                    writing = writer.submit(write, out / s.file, {uid: pending.pop(uid) for uid in s.ids}, s.key)
+                    shard_i += 1
         if writing is not None:
             writing.result()
     finally:

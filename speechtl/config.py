@@ -102,6 +102,8 @@ def _default(f) -> Any:
 
 
 def _coerce(key: str, v: Any, t: type) -> Any:
+    if v is None and t is list:
+        return []
     if v is None or t is type(None):
         return v
     if isinstance(v, str) and t in (int, float, bool):
@@ -180,6 +182,6 @@ def load_train_config(path: str | os.PathLike | None, overrides: list[str] | dic
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.5 <= f <= 2.0 or f == 1:
             raise ValueError(f"speed_perturb: each factor must be a number in [0.5, 2] other than 1 (got {f!r}); "
                              "the clips at their own speed are always used")
-    if len(set(cfg.speed_perturb)) != len(cfg.speed_perturb):
+    if len({f"{f:g}" for f in cfg.speed_perturb}) != len(cfg.speed_perturb):
         raise ValueError(f"speed_perturb: repeated factor in {cfg.speed_perturb}")
     return cfg

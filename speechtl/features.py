@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
@@ -52,14 +53,17 @@ def encode_batches(
     the order the batches came.
 
     Under ``inference_mode``, with bf16 (or fp16) autocast on CUDA. With ``streams > 1``
-    (CPUs), that many batches run at once on threads with one intra-op thread each; the
-    encoder holds no per-call state, and at most ``streams`` batches are in flight.
-    The caller's random stream is left as it was (transformers draws layerdrop numbers
-    even in eval mode).
+    (CPUs only), that many batches run at once on threads with one intra-op thread each;
+    the encoder keeps its per-call state per thread, and at most ``streams`` batches are
+    in flight. The caller's random stream is left as it was (transformers draws layerdrop
+    numbers even in eval mode); iterate under ``contextlib.closing`` so that an error in
+    the caller's loop restores it (and the thread count) at once.
     """
     amp = None
     if device.type == "cuda":
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type != "cpu":  # a GPU runs one big batch at a time
+        streams = 1
 
     def run(batch):
         if streams > 1:
@@ -113,9 +117,10 @@ def extract_in_memory(
     loader = sorted_loader(ds, max_batch_seconds, collate, num_workers, device)
     out: dict[str, torch.Tensor] = {}
     bar = tqdm(total=round(sum(ds.durations)), desc="encode", unit="s", disable=not progress, leave=False)
-    for batch, feats in encode_batches(encoder, loader, device, streams=cpu_streams(device) if streams is None else streams):
-        out.update(zip(batch.ids, feats))
-        bar.update(round(sum(batch.durations)))
+    with closing(encode_batches(encoder, loader, device, streams=cpu_streams(device) if streams is None else streams)) as encoded:
+        for batch, feats in encoded:
+            out.update(zip(batch.ids, feats))
+            bar.update(round(sum(batch.durations)))
     bar.close()
     encoder.train(was_training)
     return out

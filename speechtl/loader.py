@@ -95,9 +95,8 @@ class AudioDataset(UtteranceDataset):
     def __getitem__(self, i: int) -> dict:
         u = self.utterances[i]
         wav = load_audio(u.audio, self.sample_rate)
-        speed = u.extra.get("speed", 1)
-        if speed != 1:
-            wav = change_speed(wav, speed, self.sample_rate)
+        if u.speed != 1:
+            wav = change_speed(wav, u.speed, self.sample_rate)
         return {"wav": torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)), **self.labels(u)}
 
 
@@ -107,8 +106,13 @@ def speed_copies(utterances: Sequence[Utterance], factors: Sequence[float]) -> l
     audio's speed when it reads a copy."""
     out = list(utterances)
     for f in factors:
-        out += [dataclasses.replace(u, id=f"sp{f:g}-{u.id}", duration=u.duration / f, extra={**u.extra, "speed": float(f)})
-                for u in utterances]
+        out += [dataclasses.replace(u, id=f"sp{f:g}-{u.id}", duration=u.duration / f, speed=float(f)) for u in utterances]
+    ids: set[str] = set()
+    for u in out:
+        if u.id in ids:
+            raise ValueError(f"speed perturbation: two training items would share the id {u.id!r}; rename the "
+                             "manifest's ids that start with 'sp<factor>-'")
+        ids.add(u.id)
     return out
 
 

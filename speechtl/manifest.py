@@ -36,10 +36,15 @@ class Utterance:
     lang: str | None = None
     speaker: str | None = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    # a speed-perturbed training copy plays its audio this many times as fast (see
+    # loader.speed_copies); never read from a manifest, and written only when not 1
+    speed: float = 1.0
 
     def to_json(self, relative_to: Path | None = None) -> dict:
         d = asdict(self)
         extra = d.pop("extra")
+        if d["speed"] == 1:
+            del d["speed"]
         if relative_to is not None:
             try:
                 d["audio"] = os.path.relpath(self.audio, relative_to)

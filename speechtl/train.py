@@ -242,11 +242,19 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     overrides = {k: getattr(cfg, k) for k in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop",
                                               "frozen_mask_time_prob", "frozen_mask_feature_prob")}
     model = build_model(cfg.encoder, cfg.mode, len(vocab), head, cfg.seed, overrides, cfg.trust_remote_code, cfg.freeze_feature_encoder)
-    if cfg.speed_perturb:  # copies at other speeds; too-short ones are filtered like any clip
-        train_utts = speed_copies(train_utts, cfg.speed_perturb)
-        train_texts = train_texts * (1 + len(cfg.speed_perturb))
-        logger.info("speed perturbation %s: %d training items", ", ".join(f"{f:g}" for f in cfg.speed_perturb), len(train_utts))
     train_utts, dropped_ids = filter_trainable(train_utts, train_texts, vocab, model.frame_lengths, cfg.max_duration)
+    originals, dropped_copies = len(train_utts), 0
+    if cfg.speed_perturb:  # copies of the kept clips at other speeds, filtered in their turn
+        copies = speed_copies(train_utts, cfg.speed_perturb)[originals:]
+        kept, gone = filter_trainable(copies, [normalizer(u.text) for u in copies], vocab, model.frame_lengths, cfg.max_duration)
+        dropped_copies = sum(len(v) for v in gone.values())
+        train_utts = train_utts + kept
+        logger.info("speed perturbation %s: %d training items (%d copies dropped: too short for their transcript "
+                    "or too long)", ", ".join(f"{f:g}" for f in cfg.speed_perturb), len(train_utts), dropped_copies)
+    if ck is not None and ck["state"].get("train_items", len(train_utts)) != len(train_utts):
+        raise ValueError(f"{ckpt_path}: written for {ck['state']['train_items']} training items, this run has "
+                         f"{len(train_utts)} (the manifest, its filtering or speed_perturb changed); the batches would "
+                         "not continue where they stopped, so resume with the same data, or start afresh")
     dropped = {k: len(v) for k, v in dropped_ids.items()}
     if any(dropped.values()):
         logger.warning("dropped from training: %d with empty transcript, %d too short for their transcript under CTC, "
@@ -322,6 +330,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
 
     st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "audio_seconds": 0.0, "elapsed": 0.0,
           "best": None, "best_step": None, "bad_evals": 0, "loss": None, "world_size": ctx.world_size,
+          "train_items": len(train_utts),
           "utterances": 0}
     if ck is not None:
         missing, unexpected = model.load_state_dict(ck["model"], strict=False)
@@ -472,10 +481,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
         "wall_time_s": round(time.monotonic() - start, 2),
         "audio_hours_seen": st["audio_seconds"] / 3600,
         "utterances_seen": st["utterances"],
-        "train_utterances": sum(1 for u in train_utts if "speed" not in u.extra),
-        "train_hours": sum(u.duration for u in train_utts if "speed" not in u.extra) / 3600,
+        "train_utterances": originals,
+        "train_hours": sum(u.duration for u in train_utts[:originals]) / 3600,
         "speed_perturb": list(cfg.speed_perturb),
-        "train_items": len(train_utts),  # with speed-perturbed copies
+        "train_items": len(train_utts),  # with the speed-perturbed copies
+        "dropped_copies": dropped_copies,
         "dropped": dropped,
         "dropped_ids": {k: v[:100] for k, v in dropped_ids.items() if v},  # the first 100 of each reason
         "skipped_audio": (bad_train + [{**b, "set": "dev"} for b in bad_dev])[:100],

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tone_corpus, tiny_encoder_dir
+from conftest import tiny_encoder_dir
 from speechtl import cache as cache_mod
 from speechtl.cache import FeatureCache, StaleCacheError, encoder_fingerprint, extract_to_cache
 from speechtl.cli import main

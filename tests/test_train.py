@@ -268,6 +268,24 @@ def test_speed_perturbed_copies_have_their_own_cache_entries(tmp_path, tones, ti
     for u in items:
         assert mem[u.id].shape == cache[u.id].shape
     assert mem[items[2].id].shape[1] < mem[utts[0].id].shape[1]  # fewer frames when faster
-    other_speed = dataclasses.replace(items[2], extra={"speed": 1.2})  # same id, other speed
+    other_speed = dataclasses.replace(items[2], speed=1.2)  # same id, other speed
     with pytest.raises(StaleCacheError, match="made from other audio"):
         FeatureCache(tmp_path / "c").check([*items[:2], other_speed, items[3]])
+
+
+def test_speed_copies_refuse_colliding_ids_and_resume_refuses_other_data(tmp_path, tones, tiny_encoder):
+    import dataclasses
+
+    from speechtl.loader import speed_copies
+    from speechtl.manifest import read_manifest
+
+    utts = read_manifest(tones)
+    clash = [*utts, dataclasses.replace(utts[0], id=f"sp1.1-{utts[0].id}")]
+    with pytest.raises(ValueError, match="share the id"):
+        speed_copies(clash, [1.1])
+    assert "speed" not in utts[0].to_json() and speed_copies(utts, [1.1])[-1].to_json()["speed"] == 1.1
+    kw = dict(mode="frozen", max_steps=4, eval_every=2, save_every=2)
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tmp_path, tones, tiny_encoder, **kw), progress=False, should_stop=lambda step: step >= 2)
+    with pytest.raises(ValueError, match="training items"):
+        train(_cfg(tmp_path, tones, tiny_encoder, resume=True, speed_perturb=[0.9], **kw), progress=False)
