@@ -40,6 +40,14 @@ def cpu_streams(device: torch.device | str) -> int:
     return max(1, min(torch.get_num_threads(), 8))
 
 
+def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (auto | bf16 | fp16 | none): bf16 where the GPU has
+    it, else fp16; ``None`` (float32) on a CPU or with ``none``."""
+    if device.type != "cuda" or amp == "none":
+        return None
+    return torch.bfloat16 if amp in ("auto", "bf16") and torch.cuda.is_bf16_supported() else torch.float16
+
+
 def encode_batches(
     encoder: SpeechEncoder,
     batches: Iterable,
@@ -47,28 +55,28 @@ def encode_batches(
     layer_ids: Sequence[int] | None = None,
     dtype: torch.dtype = torch.float16,
     streams: int = 1,
+    amp: str = "auto",
 ) -> Iterator[tuple[object, list[torch.Tensor]]]:
     """Run a frozen encoder over ``batches`` (:class:`~speechtl.loader.Batch`) and yield each
     batch with its clips' features, ``(layers, frames, dim)`` in ``dtype`` on the CPU, in
     the order the batches came.
 
-    Under ``inference_mode``, with bf16 (or fp16) autocast on CUDA. With ``streams > 1``
+    Under ``inference_mode``, with bf16 (or fp16) autocast on CUDA unless ``amp="none"``. With ``streams > 1``
     (CPUs only), that many batches run at once on threads with one intra-op thread each;
     the encoder keeps its per-call state per thread, and at most ``streams`` batches are
     in flight. The caller's random stream is left as it was (transformers draws layerdrop
     numbers even in eval mode); iterate under ``contextlib.closing`` so that an error in
     the caller's loop restores it (and the thread count) at once.
     """
-    amp = None
-    if device.type == "cuda":
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = autocast_dtype(device, amp)
     if device.type != "cpu":  # a GPU runs one big batch at a time
         streams = 1
 
     def run(batch):
         if streams > 1:
             torch.set_num_threads(1)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                       enabled=amp_dtype is not None):
             b = batch.to(device, non_blocking=True)
             enc = encoder(b.waveforms, b.lengths, all_layers=True)
             hidden = enc.hidden_states if layer_ids is None else [enc.hidden_states[i] for i in layer_ids]
@@ -106,6 +114,7 @@ def extract_in_memory(
     num_workers: int = 0,
     progress: bool = False,
     streams: int | None = None,
+    amp: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Return ``{utterance id: (layers, frames, dim) float16}`` for every utterance."""
     device = torch.device(device)
@@ -117,7 +126,8 @@ def extract_in_memory(
     loader = sorted_loader(ds, max_batch_seconds, collate, num_workers, device)
     out: dict[str, torch.Tensor] = {}
     bar = tqdm(total=round(sum(ds.durations)), desc="encode", unit="s", disable=not progress, leave=False)
-    with closing(encode_batches(encoder, loader, device, streams=cpu_streams(device) if streams is None else streams)) as encoded:
+    streams = cpu_streams(device) if streams is None else streams
+    with closing(encode_batches(encoder, loader, device, streams=streams, amp=amp)) as encoded:
         for batch, feats in encoded:
             out.update(zip(batch.ids, feats))
             bar.update(round(sum(batch.durations)))

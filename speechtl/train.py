@@ -35,7 +35,7 @@ from ._io import atomic_path, write_json
 from .audio import check_readable
 from .config import TrainConfig
 from .cache import FeatureCache, StaleCacheError, encoder_fingerprint, extract_to_cache
-from .features import FeatureDataset, collate_features, estimate_bytes, extract_in_memory
+from .features import FeatureDataset, autocast_dtype, collate_features, estimate_bytes, extract_in_memory
 from .distributed import DistContext
 from .inference import decode_hyps, score_hyps
 from .loader import AudioDataset, DynamicBucketSampler, collate, decode_workers, speed_copies
@@ -275,9 +275,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
         groups.append({"params": model.encoder_parameters(), "lr": cfg.encoder_lr, "name": "encoder"})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    amp_dtype = None
-    if device.type == "cuda" and cfg.amp != "none":
-        amp_dtype = torch.bfloat16 if cfg.amp in ("auto", "bf16") and torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = autocast_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     features = dev_features = None
@@ -301,7 +299,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
             logger.info("computing frozen encoder features once (%.2f GB)", need / 1e9)
             # one store per set: train and dev manifests may reuse the same utterance ids
             features, dev_features = (
-                extract_in_memory(model.encoder, utts, device, None, decode_workers(device), progress)
+                extract_in_memory(model.encoder, utts, device, None, decode_workers(device), progress, amp=cfg.amp)
                 for utts in (train_utts, dev_mine_short)
             )
         else:
