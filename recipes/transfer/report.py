@@ -54,8 +54,9 @@ def checks(rows: list[dict]) -> list[str]:
             continue
         best = min(transfer, key=lambda x: x["test_cer"])
         ratio = best["test_cer"] / r["test_cer"] if r["test_cer"] else float("inf")
-        lines.append(f"{target}, {minutes} min: best transfer ({best['mode']}) test CER {best['test_cer']:.3f} vs scratch "
-                     f"{r['test_cer']:.3f}, ratio {ratio:.2f}")
+        # four decimals: a ratio of 0.5001 must not print as 0.50
+        lines.append(f"{target}, {minutes} min: best transfer ({best['mode']}) test CER {best['test_cer']:.4f} vs scratch "
+                     f"{r['test_cer']:.4f}, ratio {ratio:.4f} ({'at most' if ratio <= 0.5 else 'more than'} half)")
         frozen = by.get((target, minutes, "frozen"))
         if frozen:
             final = r["dev_curve"][-1][1] if r["dev_curve"] else None
