@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from ._io import atomic_path, write_json
 from .audio import SAMPLE_RATE
 from .encoder import SpeechEncoder
-from .features import cpu_streams, encode_batches
+from .features import encode_batches
 from .loader import AudioDataset, collate, cut_batches, decode_workers, encoder_batch_seconds
 from .manifest import Utterance
 
@@ -221,7 +221,7 @@ def extract_to_cache(
         logger.info("rank %d: %d of %d shard(s) already extracted", rank, len(mine) - len(todo), len(mine))
     if todo:
         _extract_shards(encoder, todo, by_id, out, layer_ids, DTYPES[dtype], device, max_batch_seconds, num_workers,
-                        cpu_streams(device) if streams is None else streams, progress)
+                        streams, progress)
     if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank != 0:

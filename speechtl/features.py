@@ -54,7 +54,7 @@ def encode_batches(
     device: torch.device,
     layer_ids: Sequence[int] | None = None,
     dtype: torch.dtype = torch.float16,
-    streams: int = 1,
+    streams: int | None = None,
     amp: str = "auto",
 ) -> Iterator[tuple[object, list[torch.Tensor]]]:
     """Run a frozen encoder over ``batches`` (:class:`~speechtl.loader.Batch`) and yield each
@@ -62,13 +62,14 @@ def encode_batches(
     the order the batches came.
 
     Under ``inference_mode``, with bf16 (or fp16) autocast on CUDA unless ``amp="none"``. With ``streams > 1``
-    (CPUs only), that many batches run at once on threads with one intra-op thread each;
+    (CPUs only; default :func:`cpu_streams`), that many batches run at once on threads with one intra-op thread each;
     the encoder keeps its per-call state per thread, and at most ``streams`` batches are
     in flight. The caller's random stream is left as it was (transformers draws layerdrop
     numbers even in eval mode); iterate under ``contextlib.closing`` so that an error in
     the caller's loop restores it (and the thread count) at once.
     """
     amp_dtype = autocast_dtype(device, amp)
+    streams = cpu_streams(device) if streams is None else streams
     if device.type != "cpu":  # a GPU runs one big batch at a time
         streams = 1
 
@@ -126,7 +127,6 @@ def extract_in_memory(
     loader = sorted_loader(ds, max_batch_seconds, collate, num_workers, device)
     out: dict[str, torch.Tensor] = {}
     bar = tqdm(total=round(sum(ds.durations)), desc="encode", unit="s", disable=not progress, leave=False)
-    streams = cpu_streams(device) if streams is None else streams
     with closing(encode_batches(encoder, loader, device, streams=streams, amp=amp)) as encoded:
         for batch, feats in encoded:
             out.update(zip(batch.ids, feats))
