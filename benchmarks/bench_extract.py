@@ -8,9 +8,10 @@ For each encoder, over the same clips, side by side in one run:
   (b) transformers batched in manifest order, padded to the longest clip of each batch
       (the datasets.map(batched=True) pattern)
   (c) speechtl extract (extract_to_cache: sorted dynamic batches, DataLoader workers,
-      inference_mode, sharded float16 cache written to disk)
+      inference_mode, sharded float16 cache written to disk), in extract's precision
+      (--amp, default auto: bf16 autocast on CUDA and on CPUs with AMX, float32 elsewhere)
   (d) the compute ceiling: the model's forward pass alone on audio already in memory,
-      the best of one clip at a time (unpadded) and sorted batches, each with
+      in the same precision as (c), the best of one clip at a time (unpadded) and sorted batches, each with
       transformers' own CNN and with speechtl's time-major CNN, and (on a CPU with
       several threads) each also run as extract runs it: one batch per thread side by
       side, one intra-op thread each
@@ -19,6 +20,7 @@ and prints audio seconds per second (x real time) and the ratios c/a, c/b, c/d.
 
     .venv/bin/python benchmarks/bench_extract.py                       # default + base, 10 min of speech
     .venv/bin/python benchmarks/bench_extract.py --encoders default --minutes 2
+    .venv/bin/python benchmarks/bench_extract.py --amp none                            # float32 (c) and (d) on any CPU
     .venv/bin/python benchmarks/bench_extract.py --device cuda --encoders base --minutes 60
 """
 
@@ -61,6 +63,26 @@ def encoder_dir(name: str, work: Path) -> str:
     return str(out)
 
 
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -92,18 +114,18 @@ def plain_batched(model, fe, utts, device, batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
-def speechtl_extract(encoder, utts, device, out: Path, batch_seconds: float, workers: int) -> float:
+def speechtl_extract(encoder, utts, device, out: Path, batch_seconds: float, workers: int, amp: str) -> float:
     from speechtl.cache import extract_to_cache
 
     t0 = time.perf_counter()
-    extract_to_cache(encoder, utts, out, device=device, max_batch_seconds=batch_seconds, num_workers=workers,
+    extract_to_cache(encoder, utts, out, device=device, amp=amp, max_batch_seconds=batch_seconds, num_workers=workers,
                      progress=False, rank=0, world_size=1)
     return time.perf_counter() - t0
 
 
-def ceiling(encoder, utts, device, batch_seconds: float) -> tuple[float, str, dict]:
+def ceiling(encoder, utts, device, batch_seconds: float, amp_setting: str) -> tuple[float, str, dict]:
     from speechtl.audio import load_audio
-    from speechtl.features import cpu_streams
+    from speechtl.features import cpu_streams, encoder_autocast_dtype
     from speechtl.loader import cut_batches, pad_waveforms
 
     waves = [torch.from_numpy(load_audio(u.audio)) for u in utts]
@@ -114,7 +136,7 @@ def ceiling(encoder, utts, device, batch_seconds: float) -> tuple[float, str, di
     batches = [(x.to(device), n.to(device)) for x, n in batches]
     timings = {}
     cnn_paths = {"transformers' CNN": False, "time-major CNN": True} if encoder.fast_cnn else {"transformers' CNN": False}
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    amp = encoder_autocast_dtype(device, amp_setting)  # the precision extract runs the encoder in
     threads = torch.get_num_threads()
     streams = cpu_streams(device)
 
@@ -157,26 +179,31 @@ def main() -> None:
     ap.add_argument("--batch-seconds", type=float, default=None, help="batch cap for (c) and (d) (default: 10 on CPU, 400 on GPU)")
     ap.add_argument("--batch-size", type=int, default=8, help="clips per batch in (b)")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers for (c) (default: speechtl's)")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of all four methods, taken in turn; each keeps its best")
+    ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                    help="precision of (c) and (d), as speechtl extract --amp; (a) and (b) run float32")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of all four methods, taken in turn; each keeps its best")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
     from transformers import AutoModel, Wav2Vec2FeatureExtractor
 
     from speechtl.encoder import load_encoder, resolve_encoder
+    from speechtl.features import compute_dtype_name
 
     device = torch.device(args.device)
     batch_seconds = args.batch_seconds or (400.0 if device.type == "cuda" else 10.0)
     results = {"machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                           "cpu": platform.processor() or platform.machine(),
+                           "cpu": cpu_name(), "amx": "amx_tile" in cpu_flags(),
                            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-               "batch_seconds": batch_seconds, "rounds": args.rounds, "runs": []}
+               "batch_seconds": batch_seconds, "rounds": args.rounds, "amp": args.amp,
+               "c_and_d_compute": compute_dtype_name(device, args.amp), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         utts = corpus(args.minutes, work, args.lang)
         audio = sum(u.duration for u in utts)
         print(f"{len(utts)} clips, {audio / 60:.1f} min, {min(u.duration for u in utts):.1f}-{max(u.duration for u in utts):.1f} s;"
-              f" {device}, {torch.get_num_threads()} threads, batch cap {batch_seconds:g} s")
+              f" {device}, {torch.get_num_threads()} threads, batch cap {batch_seconds:g} s;"
+              f" (c) and (d) compute in {results['c_and_d_compute']}")
         for name in args.encoders.split(","):
             path = encoder_dir(name, work)
             encoder = load_encoder(path).to(device).eval()
@@ -195,9 +222,9 @@ def main() -> None:
                 rounds["a"].append(plain_one_by_one(model, fe, utts, device))
                 rounds["b"].append(plain_batched(model, fe, utts, device, args.batch_size))
                 cache_dir = work / f"cache-{name}-{r}"
-                rounds["c"].append(speechtl_extract(encoder, utts, device, cache_dir, batch_seconds, args.workers))
+                rounds["c"].append(speechtl_extract(encoder, utts, device, cache_dir, batch_seconds, args.workers, args.amp))
                 shutil.rmtree(cache_dir)
-                _, _, cands = ceiling(encoder, utts, device, batch_seconds)
+                _, _, cands = ceiling(encoder, utts, device, batch_seconds, args.amp)
                 for k, v in cands.items():
                     ceilings[k] = min(ceilings.get(k, v), v)
                 rounds["d"].append(min(cands.values()))

@@ -2,19 +2,21 @@
 
 Layout of a cache directory::
 
-    cache.json               what was extracted (encoder fingerprint, layers, dtype,
-                             preprocessing), the shard plan and the index id -> shard
+    cache.json               what was extracted (encoder fingerprint, layers, dtype, the
+                             precision the encoder ran in, preprocessing), the shard plan
+                             and the index id -> shard
     shard-00000.safetensors  one tensor per clip, named by utterance id, shaped
                              (layers, frames, hidden) in the cache dtype
 
 Clips are sorted by duration and cut into shards of about ``shard_seconds`` of audio.
 Every shard carries a key (in its safetensors metadata) that hashes the encoder, the
-layers, the dtype, the preprocessing and each of its manifest entries, so:
+layers, the dtype, the compute precision (float32, or a bf16/fp16 autocast), the
+preprocessing and each of its manifest entries, so:
 
 - an interrupted extraction resumes by skipping the shards already on disk with the
   right key (each shard is written atomically, so a shard on disk is whole);
-- a cache made with other weights, layers or audio is detected as stale and is never
-  read silently (:class:`StaleCacheError`);
+- a cache made with other weights, layers, precision or audio is detected as stale and
+  is never read silently (:class:`StaleCacheError`);
 - with ``torchrun``, rank r extracts shards r, r + N, r + 2N, ... of one shared plan.
 
 Reading a clip opens only its shard (memory-mapped), and only the layers asked for.
@@ -41,14 +43,14 @@ from tqdm.auto import tqdm
 from ._io import atomic_path, write_json
 from .audio import SAMPLE_RATE
 from .encoder import SpeechEncoder
-from .features import encode_batches
+from .features import compute_dtype_name, encode_batches
 from .loader import AudioDataset, collate, cut_batches, decode_workers, encoder_batch_seconds
 from .manifest import Utterance
 
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "cache.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the compute precision is part of every key
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -94,9 +96,11 @@ def _sha(*parts: str) -> str:
     return h.hexdigest()
 
 
-def _base_key(fingerprint: str, layers: Sequence[int], dtype: str, prep: dict) -> str:
-    """What every shard key of one cache shares: format, encoder, layers, dtype, preprocessing."""
-    return _sha(str(CACHE_VERSION), fingerprint, json.dumps(list(layers)), dtype, json.dumps(prep, sort_keys=True))
+def _base_key(fingerprint: str, layers: Sequence[int], dtype: str, compute: str, prep: dict) -> str:
+    """What every shard key of one cache shares: format, encoder, layers, dtype, compute
+    precision, preprocessing."""
+    return _sha(str(CACHE_VERSION), fingerprint, json.dumps(list(layers)), dtype, compute,
+                json.dumps(prep, sort_keys=True))
 
 
 # --------------------------------------------------------------------------- plan
@@ -163,10 +167,12 @@ def extract_to_cache(
     layers: str | Sequence[int] = "all",
     dtype: str = "float16",
     device: str | torch.device = "cpu",
+    amp: str = "auto",
     max_batch_seconds: float | None = None,
     num_workers: int | None = None,
     streams: int | None = None,
     shard_seconds: float = 1800.0,
+    shard_gb: float = 0.5,
     progress: bool = True,
     rank: int | None = None,
     world_size: int | None = None,
@@ -178,7 +184,13 @@ def extract_to_cache(
     to 300 s on a GPU, which needs big batches to stay busy. ``num_workers`` (audio
     decoding processes) defaults to none on a CPU with at most 4 cores, where they would
     only take cores from the model, and to up to 8 on a GPU machine. ``streams`` (batches
-    run at once on a CPU, each on one thread) defaults to one per core there.
+    run at once on a CPU, each on one thread) defaults to one per core there. ``amp``
+    (auto | bf16 | fp16 | none) picks the precision the encoder runs in
+    (:func:`~speechtl.features.encoder_autocast_dtype`: ``auto`` is bf16 on CUDA and on
+    CPUs with AMX, float32 on other CPUs); it is part of the cache key. A shard holds at
+    most ``shard_seconds`` of audio and about ``shard_gb`` of features, whichever is
+    less: a shard is held in memory until it is written, so a big encoder (XLS-R 1B
+    writes 6 MB per second of audio in float16) gets shorter shards.
 
     Returns the opened cache, or ``None`` on a rank of a multi-process run that
     finished before the others (rank 0 returns the cache once all shards exist).
@@ -197,8 +209,10 @@ def extract_to_cache(
     layer_ids = _resolve_layers(layers, encoder.num_layers)
     fingerprint = encoder_fingerprint(encoder)
     prep = preprocessing(encoder)
-    base_key = _base_key(fingerprint, layer_ids, dtype, prep)
-    shards = plan_shards(utterances, base_key, shard_seconds)
+    compute = compute_dtype_name(device, amp)
+    base_key = _base_key(fingerprint, layer_ids, dtype, compute, prep)
+    bytes_per_second = encoder.frame_rate * len(layer_ids) * encoder.hidden_size * DTYPES[dtype].itemsize
+    shards = plan_shards(utterances, base_key, min(shard_seconds, shard_gb * 1e9 / bytes_per_second))
     meta = {
         "version": CACHE_VERSION,
         "key": _sha(base_key, *(s.key for s in shards)),
@@ -206,6 +220,7 @@ def extract_to_cache(
                     "num_layers": encoder.num_layers, "hidden_size": encoder.hidden_size, "frame_rate": encoder.frame_rate},
         "layers": layer_ids,
         "dtype": dtype,
+        "compute": compute,
         "preprocessing": prep,
         "shards": [{"file": s.file, "key": s.key, "ids": list(s.ids)} for s in shards],
         "utterances": len(utterances),
@@ -221,7 +236,7 @@ def extract_to_cache(
         logger.info("rank %d: %d of %d shard(s) already extracted", rank, len(mine) - len(todo), len(mine))
     if todo:
         _extract_shards(encoder, todo, by_id, out, layer_ids, DTYPES[dtype], device, max_batch_seconds, num_workers,
-                        streams, progress)
+                        streams, amp, progress)
     if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank != 0:
@@ -230,7 +245,7 @@ def extract_to_cache(
 
 
 def _extract_shards(encoder, shards, by_id, out, layer_ids, dtype, device, max_batch_seconds, num_workers, streams,
-                    progress) -> None:
+                    amp, progress) -> None:
     utts = [by_id[i] for s in shards for i in s.ids]
     ds = AudioDataset(utts)
     durations = ds.durations
@@ -259,7 +274,7 @@ def _extract_shards(encoder, shards, by_id, out, layer_ids, dtype, device, max_b
             save_file(tensors, str(tmp), metadata={"key": key})
 
     try:
-        with closing(encode_batches(encoder, loader, device, layer_ids, dtype, streams)) as encoded:
+        with closing(encode_batches(encoder, loader, device, layer_ids, dtype, streams, amp)) as encoded:
             for batch, feats in encoded:
                 pending.update(zip(batch.ids, feats))
                 done += len(batch.ids)
@@ -324,14 +339,20 @@ class FeatureCache:
         """Shards whose file is absent or carries another key (an unfinished extraction)."""
         return [s.file for s in self.shards if _shard_key_on_disk(self.path / s.file) != s.key]
 
-    def check(self, utterances: Iterable[Utterance], fingerprint: str | None = None, layers: Sequence[int] | None = None) -> None:
+    def check(self, utterances: Iterable[Utterance], fingerprint: str | None = None, layers: Sequence[int] | None = None,
+              compute: str | None = None) -> None:
         """Raise :class:`StaleCacheError` unless the cache holds exactly these clips'
-        current features (and, if given, was made by this encoder with these layers)."""
+        current features (and, if given, was made by this encoder with these layers, the
+        encoder running in ``compute`` precision: "float32", "bfloat16" or "float16")."""
         if fingerprint is not None and fingerprint != self.fingerprint:
             raise StaleCacheError(f"{self.path}: made by a different encoder (weights or config changed)")
         if layers is not None and list(layers) != self.meta["layers"]:
             raise StaleCacheError(f"{self.path}: holds layers {self.meta['layers']}, not {list(layers)}")
-        base = _base_key(self.fingerprint, self.meta["layers"], self.meta["dtype"], self.meta["preprocessing"])
+        if compute is not None and compute != self.meta["compute"]:
+            raise StaleCacheError(f"{self.path}: the encoder ran in {self.meta['compute']} for this cache, "
+                                  f"this run computes in {compute} (see amp)")
+        base = _base_key(self.fingerprint, self.meta["layers"], self.meta["dtype"], self.meta["compute"],
+                         self.meta["preprocessing"])
         utterances = list(utterances)
         absent = [u.id for u in utterances if u.id not in self.index]
         if absent:

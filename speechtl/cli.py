@@ -212,16 +212,17 @@ def cmd_extract(args) -> int:
         utts = read_manifest(args.manifest)
         check_readable(utts)  # a broken file stops the job before any work, named with all the others
         t0 = time.perf_counter()
-        cache = extract_to_cache(encoder, utts, args.out, layers=args.layers, dtype=args.dtype, device=device,
+        cache = extract_to_cache(encoder, utts, args.out, layers=args.layers, dtype=args.dtype, device=device, amp=args.amp,
                                  max_batch_seconds=args.batch_seconds, num_workers=args.num_workers, streams=args.streams,
-                                 shard_seconds=args.shard_minutes * 60, progress=not args.quiet)
+                                 shard_seconds=args.shard_minutes * 60, shard_gb=args.shard_gb, progress=not args.quiet)
         elapsed = time.perf_counter() - t0
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
     if cache is not None:
         hours = cache.meta["audio_hours"]
-        print(f"cached {len(cache)} clips ({hours:.3f} h, layers {args.layers}, {args.dtype}) in {args.out} "
+        print(f"cached {len(cache)} clips ({hours:.3f} h, layers {args.layers}, {args.dtype}, computed in "
+              f"{cache.meta['compute']}) in {args.out} "
               f"in {elapsed:.1f} s ({hours * 3600 / max(elapsed, 1e-9):.1f}x real time)")
     return 0
 
@@ -291,7 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--streams", type=int, default=None,
                    help="CPU: batches run at once, each on one thread (default: one per torch thread, at most 8; 1 = one batch "
                         "at a time on all threads); ignored on a GPU")
-    s.add_argument("--shard-minutes", type=float, default=30.0, help="audio per shard file")
+    s.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                   help="precision the encoder runs in: auto = bf16 autocast on CUDA and on CPUs with AMX, float32 on "
+                        "other CPUs; none = float32 everywhere (part of the cache key)")
+    s.add_argument("--shard-minutes", type=float, default=30.0, help="most audio per shard file")
+    s.add_argument("--shard-gb", type=float, default=0.5,
+                   help="most features per shard file, in GB (a shard is held in memory until written)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     s.set_defaults(func=cmd_extract)

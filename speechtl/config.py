@@ -44,7 +44,8 @@ class TrainConfig:
     max_batch_seconds: float = _f(60.0, "cap on padded audio seconds per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimiser update")
     clip_norm: float = _f(1.0, "gradient norm clipping (0 = off)")
-    amp: str = _f("auto", "mixed precision on CUDA: auto | bf16 | fp16 | none (CPU runs float32)")
+    amp: str = _f("auto", "mixed precision: auto | bf16 | fp16 | none. Training autocasts on CUDA only; frozen "
+                          "mode's training features also use bf16 on a CPU with AMX under auto (dev features: float32)")
     # encoder training-time options (finetune/scratch)
     mask_time_prob: float = _f(0.05, "SpecAugment-style time masking probability")
     mask_time_length: int = _f(10, "frames per time mask")
@@ -174,6 +175,8 @@ def load_train_config(path: str | os.PathLike | None, overrides: list[str] | dic
         cfg = cfg.resolve_paths(base)
     if cfg.on_bad_audio not in ("error", "skip"):
         raise ValueError(f"on_bad_audio must be error or skip (got {cfg.on_bad_audio!r})")
+    if cfg.amp not in ("auto", "bf16", "fp16", "none"):
+        raise ValueError(f"amp must be auto, bf16, fp16 or none (got {cfg.amp!r})")
     if cfg.mode not in ("frozen", "finetune", "scratch"):
         raise ValueError(f"mode must be frozen, finetune or scratch (got {cfg.mode!r})")
     if not cfg.train:

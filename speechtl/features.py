@@ -24,6 +24,8 @@ from .manifest import Utterance
 
 logger = logging.getLogger(__name__)
 
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+
 
 def estimate_bytes(encoder: SpeechEncoder, utterances: Sequence[Utterance], bytes_per_value: int = 2) -> int:
     """Memory the float16 features of ``utterances`` take (all layers)."""
@@ -41,11 +43,45 @@ def cpu_streams(device: torch.device | str) -> int:
 
 
 def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for ``amp`` (auto | bf16 | fp16 | none): bf16 where the GPU has
-    it, else fp16; ``None`` (float32) on a CPU or with ``none``."""
+    """The training autocast dtype for ``amp`` (auto | bf16 | fp16 | none): bf16 where the
+    GPU has it, else fp16; ``None`` (float32) on a CPU or with ``none``."""
     if device.type != "cuda" or amp == "none":
         return None
     return torch.bfloat16 if amp in ("auto", "bf16") and torch.cuda.is_bf16_supported() else torch.float16
+
+
+def cpu_has_amx() -> bool:
+    """True on CPUs with AMX tiles (Intel Sapphire Rapids and later), where oneDNN runs
+    bf16 matrix products several times faster than float32 ones."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except Exception:  # an unusual build: take the float32 path
+        return False
+
+
+def encoder_autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for running a frozen encoder (features, not gradients).
+
+    On CUDA as in training. On a CPU, ``auto`` means bf16 where the CPU has AMX and
+    float32 elsewhere (bf16 without AMX is slower than float32); ``bf16`` and ``fp16``
+    ask for that dtype on any CPU; ``none`` is float32.
+    """
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, not {amp!r}")
+    if device.type == "cuda":
+        return autocast_dtype(device, amp)
+    if device.type != "cpu" or amp == "none":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if cpu_has_amx() else None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def compute_dtype_name(device: torch.device, amp: str = "auto") -> str:
+    """What a frozen encoder computes in under ``amp`` on ``device``: "float32", "bfloat16" or "float16"."""
+    dt = encoder_autocast_dtype(device, amp)
+    return "float32" if dt is None else str(dt).removeprefix("torch.")
 
 
 def encode_batches(
@@ -61,14 +97,16 @@ def encode_batches(
     batch with its clips' features, ``(layers, frames, dim)`` in ``dtype`` on the CPU, in
     the order the batches came.
 
-    Under ``inference_mode``, with bf16 (or fp16) autocast on CUDA unless ``amp="none"``. With ``streams > 1``
+    Under ``inference_mode``, with the autocast of :func:`encoder_autocast_dtype` (bf16 or
+    fp16 on CUDA, bf16 on a CPU with AMX, unless ``amp="none"``). With ``streams > 1``
     (CPUs only; default :func:`cpu_streams`), that many batches run at once on threads with one intra-op thread each;
-    the encoder keeps its per-call state per thread, and at most ``streams`` batches are
-    in flight. The caller's random stream is left as it was (transformers draws layerdrop
+    the encoder keeps its per-call state per thread. Another ``streams`` batches wait in
+    the pool's queue, so a thread that finishes takes the next batch at once instead of
+    waiting for an older batch to finish (results still come in order). The caller's random stream is left as it was (transformers draws layerdrop
     numbers even in eval mode); iterate under ``contextlib.closing`` so that an error in
     the caller's loop restores it (and the thread count) at once.
     """
-    amp_dtype = autocast_dtype(device, amp)
+    amp_dtype = encoder_autocast_dtype(device, amp)
     streams = cpu_streams(device) if streams is None else streams
     if device.type != "cpu":  # a GPU runs one big batch at a time
         streams = 1
@@ -76,14 +114,21 @@ def encode_batches(
     def run(batch):
         if streams > 1:
             torch.set_num_threads(1)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                                       enabled=amp_dtype is not None):
-            b = batch.to(device, non_blocking=True)
-            enc = encoder(b.waveforms, b.lengths, all_layers=True)
+        with torch.inference_mode():
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                b = batch.to(device, non_blocking=True)
+                enc = encoder(b.waveforms, b.lengths, all_layers=True)
+            # outside autocast: layers may come in mixed dtypes (float32 norms, bf16 products)
             hidden = enc.hidden_states if layer_ids is None else [enc.hidden_states[i] for i in layer_ids]
             frames = enc.lengths.tolist()
-            if device.type == "cpu":  # one copy per clip: its valid frames, converted and stacked
-                return batch, [torch.stack([h[k, :n].to(dtype) for h in hidden]) for k, n in enumerate(frames)]
+            if device.type == "cpu":  # one copy per clip: its valid frames, converted in place
+                feats = []
+                for k, n in enumerate(frames):
+                    f = torch.empty(len(hidden), n, hidden[0].shape[-1], dtype=dtype)
+                    for i, h in enumerate(hidden):
+                        f[i].copy_(h[k, :n])
+                    feats.append(f)
+                return batch, feats
             # one device-to-host transfer per batch, then the clips are cut on the host
             stacked = torch.stack([h.to(dtype) for h in hidden]).cpu()  # (L, B, T, D)
             return batch, [stacked[:, k, :n].contiguous() for k, n in enumerate(frames)]
@@ -99,7 +144,7 @@ def encode_batches(
                 in_flight: deque = deque()
                 for batch in batches:
                     in_flight.append(pool.submit(run, batch))
-                    if len(in_flight) >= streams:
+                    if len(in_flight) >= 2 * streams:  # streams running, as many queued
                         yield in_flight.popleft().result()
                 while in_flight:
                     yield in_flight.popleft().result()

@@ -35,7 +35,7 @@ from ._io import atomic_path, write_json
 from .audio import check_readable
 from .config import TrainConfig
 from .cache import FeatureCache, StaleCacheError, encoder_fingerprint, extract_to_cache
-from .features import FeatureDataset, autocast_dtype, collate_features, estimate_bytes, extract_in_memory
+from .features import FeatureDataset, autocast_dtype, collate_features, compute_dtype_name, estimate_bytes, extract_in_memory
 from .distributed import DistContext
 from .inference import decode_hyps, score_hyps
 from .loader import AudioDataset, DynamicBucketSampler, collate, decode_workers, speed_copies
@@ -141,13 +141,14 @@ def _trainable_state(model: CTCModel) -> dict:
 
 
 def open_or_extract(encoder, utterances, path: Path, device, max_batch_seconds: float | None, num_workers: int | None,
-                    progress: bool, ctx: DistContext = DistContext()) -> FeatureCache:
+                    progress: bool, ctx: DistContext = DistContext(), amp: str = "auto") -> FeatureCache:
     """The on-disk cache of ``utterances`` at ``path``, (re-)extracted unless current.
     In a multi-process run rank 0 checks it, and every rank extracts its share of shards."""
     status = "extract"
     if ctx.is_main:
         try:
-            FeatureCache(path).check(utterances, encoder_fingerprint(encoder), layers=list(range(encoder.num_layers)))
+            FeatureCache(path).check(utterances, encoder_fingerprint(encoder), layers=list(range(encoder.num_layers)),
+                                     compute=compute_dtype_name(device, amp))
             logger.info("reading features from %s", path)
             status = "current"
         except FileNotFoundError:
@@ -160,7 +161,7 @@ def open_or_extract(encoder, utterances, path: Path, device, max_batch_seconds: 
     if status not in ("current", "extract"):
         raise RuntimeError(status)
     if status == "extract":
-        extract_to_cache(encoder, utterances, path, "all", "float16", device, max_batch_seconds=max_batch_seconds,
+        extract_to_cache(encoder, utterances, path, "all", "float16", device, amp, max_batch_seconds=max_batch_seconds,
                          num_workers=num_workers, progress=progress, rank=ctx.rank, world_size=ctx.world_size)
     return FeatureCache(path)
 
@@ -281,10 +282,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     features = dev_features = None
     # dev recordings longer than a decoding window are scored from their audio, in windows
     dev_short = [u for u in dev_utts if u.duration <= DEV_WINDOW_S]
+    # training features follow amp (bf16 on CUDA, and on CPUs with AMX); dev features are
+    # float32, as `speechtl evaluate` and transcription compute them, so the dev score
+    # logged here is the one the saved model gets
     if cfg.mode == "frozen" and cfg.feature_cache:
         features, dev_features = (
-            open_or_extract(model.encoder, utts, Path(cfg.feature_cache) / name, device, None, None, progress, ctx)
-            for name, utts in (("train", train_utts), ("dev", dev_short))
+            open_or_extract(model.encoder, utts, Path(cfg.feature_cache) / name, device, None, None, progress, ctx, amp)
+            for name, utts, amp in (("train", train_utts, cfg.amp), ("dev", dev_short, "none"))
         )
         if len(dev_short) == len(dev_utts):
             model.drop_encoder(out / "encoder", save=ctx.is_main)  # the head trains on the cache alone
@@ -299,8 +303,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
             logger.info("computing frozen encoder features once (%.2f GB)", need / 1e9)
             # one store per set: train and dev manifests may reuse the same utterance ids
             features, dev_features = (
-                extract_in_memory(model.encoder, utts, device, None, decode_workers(device), progress, amp=cfg.amp)
-                for utts in (train_utts, dev_mine_short)
+                extract_in_memory(model.encoder, utts, device, None, decode_workers(device), progress, amp=amp)
+                for utts, amp in ((train_utts, cfg.amp), (dev_mine_short, "none"))
             )
         else:
             logger.warning("features need %.1f GB > cache_max_gb=%.1f: running the encoder every step", need / 1e9, cfg.cache_max_gb)

@@ -121,7 +121,8 @@ def _losses(run):
 
 def test_training_from_the_cache_matches_on_the_fly_training(tmp_path, tiny_encoder, tones):
     base = dict(encoder=str(tiny_encoder), train=str(tones), mode="frozen", head="bilstm", bilstm_hidden=8, max_steps=5,
-                eval_every=5, log_every=1, num_workers=0, max_batch_seconds=4.0, lr=3e-3, seed=0)
+                eval_every=5, log_every=1, num_workers=0, max_batch_seconds=4.0, lr=3e-3, seed=0,
+                amp="none")  # float32 encoder everywhere; bf16 features are checked in their own test
     runs = {"fly": {"cache_features": False}, "memory": {}, "disk": {"feature_cache": str(tmp_path / "fc")}}
     for name, kw in runs.items():
         summary = train(load_train_config(None, {**base, "out": str(tmp_path / name), **kw}), progress=False)
@@ -181,3 +182,65 @@ def test_batches_run_side_by_side_give_the_same_features(tmp_path, tones, norm):
     cache = FeatureCache(tmp_path / "c")
     for uid in one:
         torch.testing.assert_close(cache[uid], one[uid], rtol=2e-3, atol=2e-3)
+
+
+def test_encoder_precision_policy(monkeypatch):
+    from speechtl import features
+
+    cpu = torch.device("cpu")
+    for amx, auto in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(features, "cpu_has_amx", lambda amx=amx: amx)
+        assert features.encoder_autocast_dtype(cpu, "auto") is auto  # bf16 only where the CPU has AMX
+        assert features.encoder_autocast_dtype(cpu, "bf16") is torch.bfloat16
+        assert features.encoder_autocast_dtype(cpu, "none") is None
+        assert features.compute_dtype_name(cpu, "auto") == ("bfloat16" if amx else "float32")
+    assert features.autocast_dtype(cpu, "auto") is None  # training never autocasts on a CPU
+    with pytest.raises(ValueError, match="amp must be one of"):
+        features.encoder_autocast_dtype(cpu, "fp8")
+
+
+def test_cache_records_its_precision_and_another_precision_is_stale(tmp_path, tiny_encoder, utts):
+    enc = load_encoder(str(tiny_encoder))
+    full = extract_to_cache(enc, utts, tmp_path / "c", dtype="float32", amp="none", num_workers=0, progress=False)
+    assert full.meta["compute"] == "float32"
+    f32 = {u.id: full[u.id] for u in utts}
+    full.check(utts, compute="float32")
+    with pytest.raises(StaleCacheError, match="ran in float32"):
+        full.check(utts, compute="bfloat16")
+    # the same directory asked for bf16: every shard is made again, none is reused
+    low = extract_to_cache(enc, utts, tmp_path / "c", dtype="float32", amp="bf16", num_workers=0, progress=False)
+    assert low.meta["compute"] == "bfloat16" and not low.missing_shards()
+    low.check(utts, compute="bfloat16")
+    for u in utts:
+        got, ref = low[u.id], f32[u.id]
+        assert not torch.equal(got, ref)
+        assert ((got - ref).norm() / ref.norm()).item() < 0.05  # bf16 rounding, not other features
+
+
+def test_training_reextracts_a_cache_made_in_another_precision(tmp_path, tiny_encoder, tones, caplog):
+    base = dict(encoder=str(tiny_encoder), train=str(tones), mode="frozen", head="linear", max_steps=2, eval_every=2,
+                num_workers=0, max_batch_seconds=4.0, feature_cache=str(tmp_path / "fc"))
+    meta = tmp_path / "fc" / "train" / "cache.json"
+    train(load_train_config(None, {**base, "out": str(tmp_path / "a"), "amp": "none"}), progress=False)
+    assert json.loads(meta.read_text())["compute"] == "float32"
+    with caplog.at_level("WARNING"):
+        train(load_train_config(None, {**base, "out": str(tmp_path / "b"), "amp": "bf16"}), progress=False)
+    assert "ran in float32" in caplog.text
+    assert json.loads(meta.read_text())["compute"] == "bfloat16"
+
+
+def test_shards_are_capped_by_feature_bytes_as_well_as_seconds(tmp_path, tiny_encoder, utts):
+    enc = load_encoder(str(tiny_encoder))
+    per_second = enc.frame_rate * enc.num_layers * enc.hidden_size * 2  # float16, all layers
+    total = sum(u.duration for u in utts)
+    kw = dict(num_workers=0, progress=False, amp="none")
+    cache = extract_to_cache(enc, utts, tmp_path / "c", shard_gb=total * per_second / 3 / 1e9, **kw)
+    assert len(cache.shards) >= 3  # a third of the features per shard
+    for s in cache.shards:
+        audio = sum(u.duration for u in utts if u.id in s.ids)
+        longest = max(u.duration for u in utts if u.id in s.ids)
+        assert (audio - longest) * per_second < total * per_second / 3  # full before its last clip, not after
+    one = extract_to_cache(enc, utts, tmp_path / "one", **kw)
+    assert len(one.shards) == 1
+    for u in utts:  # batched differently: float32 rounding, then float16 storage
+        torch.testing.assert_close(cache[u.id], one[u.id], atol=2e-3, rtol=1e-2)

@@ -206,6 +206,29 @@ def test_time_major_cnn_equals_transformers(tmp_path, family, norm):
     assert torch.equal(fast.lengths, slow.lengths)
 
 
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_time_major_cnn_in_blocks_and_under_cpu_bf16_autocast(tmp_path, norm):
+    import speechtl.encoder as enc_mod
+
+    enc = load_encoder(str(tiny_encoder_dir(tmp_path, "wav2vec2", feat_extract_norm=norm, conv_bias=True))).eval()
+    layers = enc.model.feature_extractor.conv_layers
+    x = torch.randn(2, 16_000, generator=torch.Generator().manual_seed(0))
+    enc.fast_cnn = False
+    with torch.inference_mode():
+        ref = enc.model.feature_extractor(x)  # transformers' own, float32
+        whole = enc_mod._time_major_cnn(layers, x, chunk_values=1 << 40)
+        blocks = enc_mod._time_major_cnn(layers, x, chunk_values=1)  # blocks of 64 frames
+        assert whole.shape == blocks.shape == ref.shape
+        torch.testing.assert_close(blocks, whole, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(blocks, ref, atol=1e-4, rtol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = enc_mod._time_major_cnn(layers, x, chunk_values=1)
+            theirs = enc.model.feature_extractor(x)  # transformers' CNN under the same autocast
+    assert low.dtype == torch.bfloat16
+    for other in (ref, theirs.float()):
+        assert ((low.float() - other).norm() / other.norm()).item() < 0.03
+
+
 def test_time_major_cnn_only_without_cnn_gradients(tiny_encoder):
     import speechtl.encoder as enc_mod
 

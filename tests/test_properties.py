@@ -66,11 +66,7 @@ def test_manifest_parser_names_the_line_of_anything_malformed(tmp_path, junk):
     good = {"id": "a", "audio": "a.wav", "text": "x", "duration": 1.0}
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps(good) + "\n" + junk + "\n", encoding="utf-8")
-    try:
-        parsed = json.loads(junk) if junk.strip() else None
-    except ValueError:
-        parsed = "invalid"
-    if parsed is None:  # blank lines are allowed
+    if not junk.strip():  # blank lines are allowed
         assert len(read_manifest(path, check_files=False)) == 1
         return
     with pytest.raises(ManifestError, match=r"m\.jsonl:2: "):
