@@ -22,6 +22,7 @@ and prints audio seconds per second (x real time) and the ratios c/a, c/b, c/d.
     .venv/bin/python benchmarks/bench_extract.py --encoders default --minutes 2
     .venv/bin/python benchmarks/bench_extract.py --amp none                            # float32 (c) and (d) on any CPU
     .venv/bin/python benchmarks/bench_extract.py --device cuda --encoders base --minutes 60
+    bash benchmarks/gpu_extract.sh prepare; bash benchmarks/gpu_extract.sh run OUT   # a GPU without espeak-ng
 """
 
 from __future__ import annotations
@@ -43,14 +44,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def corpus(minutes: float, work: Path, lang: str) -> list:
-    from speechtl.manifest import read_manifest
+def corpus(minutes: float, out: Path, lang: str) -> Path:
+    """Synthesise the benchmark's clips into ``out``; returns the manifest."""
     from speechtl.synth import SynthConfig, synthesize
 
-    out = work / "speech"
     # word counts chosen so clips run from about 1 s to about 15 s
     synthesize(SynthConfig(lang=lang, minutes=minutes, out_dir=str(out), seed=7, min_words=1, max_words=28), progress=False)
-    return read_manifest(out / "manifest.jsonl")
+    return out / "manifest.jsonl"
 
 
 def encoder_dir(name: str, work: Path) -> str:
@@ -183,7 +183,12 @@ def main() -> None:
                     help="precision of (c) and (d), as speechtl extract --amp; (a) and (b) run float32")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of all four methods, taken in turn; each keeps its best")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--manifest", type=Path, help="time these clips instead of synthesising (e.g. on a machine without espeak-ng)")
+    ap.add_argument("--synth-only", type=Path, metavar="DIR", help="only synthesise the clips into DIR (for --manifest elsewhere)")
     args = ap.parse_args()
+    if args.synth_only:
+        print(corpus(args.minutes, args.synth_only, args.lang))
+        return
 
     from transformers import AutoModel, Wav2Vec2FeatureExtractor
 
@@ -199,7 +204,9 @@ def main() -> None:
                "c_and_d_compute": compute_dtype_name(device, args.amp), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        utts = corpus(args.minutes, work, args.lang)
+        from speechtl.manifest import read_manifest
+
+        utts = read_manifest(args.manifest or corpus(args.minutes, work / "speech", args.lang))
         audio = sum(u.duration for u in utts)
         print(f"{len(utts)} clips, {audio / 60:.1f} min, {min(u.duration for u in utts):.1f}-{max(u.duration for u in utts):.1f} s;"
               f" {device}, {torch.get_num_threads()} threads, batch cap {batch_seconds:g} s;"
