@@ -197,6 +197,8 @@ def extract_to_cache(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if not (shard_seconds > 0 and shard_gb > 0):
+        raise ValueError(f"shard_seconds and shard_gb must be positive (got {shard_seconds}, {shard_gb})")
     if rank is None or world_size is None:
         rank, world_size = _dist_info()
     out = Path(out_dir)
@@ -210,6 +212,14 @@ def extract_to_cache(
     fingerprint = encoder_fingerprint(encoder)
     prep = preprocessing(encoder)
     compute = compute_dtype_name(device, amp)
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # one precision for the whole cache, even where machines differ (an AMX CPU beside one without)
+        box = [compute]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[0] != compute:
+            logger.warning("rank %d: computing in %s as rank 0 does (amp=%s gives %s here)", rank, box[0], amp, compute)
+            compute = box[0]
+            amp = {"float32": "none", "bfloat16": "bf16", "float16": "fp16"}[compute]
     base_key = _base_key(fingerprint, layer_ids, dtype, compute, prep)
     bytes_per_second = encoder.frame_rate * len(layer_ids) * encoder.hidden_size * DTYPES[dtype].itemsize
     shards = plan_shards(utterances, base_key, min(shard_seconds, shard_gb * 1e9 / bytes_per_second))

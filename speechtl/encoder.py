@@ -264,6 +264,7 @@ def _time_major_cnn(conv_layers: nn.ModuleList, input_values: torch.Tensor, chun
     """
     low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     store = low or input_values.dtype
+    exact = torch.float32 if low is not None else input_values.dtype  # norms and activations
     with torch.autocast("cpu", enabled=False):
         h = input_values[:, :, None]  # (B, S, 1)
         for layer in conv_layers:
@@ -277,12 +278,12 @@ def _time_major_cnn(conv_layers: nn.ModuleList, input_values: torch.Tensor, chun
             weight = conv.weight.permute(2, 1, 0).reshape(k * c, n_out).to(h.dtype)
             norm = getattr(layer, "layer_norm", None)
             if isinstance(norm, nn.GroupNorm):  # statistics over the whole clip: one block
-                h = _cnn_block(windows, weight, layer, input_values.dtype).to(store)
+                h = _cnn_block(windows, weight, layer, exact).to(store)
                 continue
             out = torch.empty(b, frames, n_out, dtype=store, device=h.device)
             step = max(64, chunk_values // (n_out * b))
             for t0 in range(0, frames, step):
-                out[:, t0 : t0 + step] = _cnn_block(windows[:, t0 : t0 + step], weight, layer, input_values.dtype)
+                out[:, t0 : t0 + step] = _cnn_block(windows[:, t0 : t0 + step], weight, layer, exact)
             h = out
     return h.transpose(1, 2)
 

@@ -139,16 +139,18 @@ def encode_batches(
             for batch in batches:
                 yield run(batch)
             return
+        pool = ThreadPoolExecutor(max_workers=streams)
         try:
-            with ThreadPoolExecutor(max_workers=streams) as pool:
-                in_flight: deque = deque()
-                for batch in batches:
-                    in_flight.append(pool.submit(run, batch))
-                    if len(in_flight) >= 2 * streams:  # streams running, as many queued
-                        yield in_flight.popleft().result()
-                while in_flight:
+            in_flight: deque = deque()
+            for batch in batches:
+                in_flight.append(pool.submit(run, batch))
+                if len(in_flight) >= 2 * streams:  # streams running, as many queued
                     yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
         finally:
+            # on an error or an early close, the queued batches are dropped, not run
+            pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(threads)
 
 
