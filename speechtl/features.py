@@ -9,6 +9,7 @@ float16; :class:`FeatureDataset` then serves them to the head, which is all that
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
@@ -99,12 +100,15 @@ def encode_batches(
 
     Under ``inference_mode``, with the autocast of :func:`encoder_autocast_dtype` (bf16 or
     fp16 on CUDA, bf16 on a CPU with AMX, unless ``amp="none"``). With ``streams > 1``
-    (CPUs only; default :func:`cpu_streams`), that many batches run at once on threads with one intra-op thread each;
-    the encoder keeps its per-call state per thread. Another ``streams`` batches wait in
-    the pool's queue, so a thread that finishes takes the next batch at once instead of
-    waiting for an older batch to finish (results still come in order). The caller's random stream is left as it was (transformers draws layerdrop
-    numbers even in eval mode); iterate under ``contextlib.closing`` so that an error in
-    the caller's loop restores it (and the thread count) at once.
+    (CPUs only; default :func:`cpu_streams`), that many batches run at once on threads
+    with one intra-op thread each; the encoder keeps its per-call state per thread. Each
+    thread also draws its next batch from ``batches`` itself (one at a time, under a
+    lock), so that reading and padding audio happens on the threads that compute rather
+    than on a third thread competing with them for the cores; a thread that finishes
+    takes the next batch at once, and results still come in order. The caller's random
+    stream is left as it was (transformers draws layerdrop numbers even in eval mode);
+    iterate under ``contextlib.closing`` so that an error in the caller's loop restores it
+    (and the thread count) at once.
     """
     amp_dtype = encoder_autocast_dtype(device, amp)
     streams = cpu_streams(device) if streams is None else streams
@@ -139,17 +143,39 @@ def encode_batches(
             for batch in batches:
                 yield run(batch)
             return
+        source = iter(batches)
+        lock = threading.Lock()
+        drawn = 0  # batches taken from the source so far
+
+        def draw_and_run():
+            nonlocal drawn
+            with lock:  # the source is read by one thread at a time, in order
+                n = drawn
+                batch = next(source, None)
+                if batch is None:
+                    return n, None
+                drawn += 1
+            return n, run(batch)
+
         pool = ThreadPoolExecutor(max_workers=streams)
         try:
-            in_flight: deque = deque()
-            for batch in batches:
-                in_flight.append(pool.submit(run, batch))
-                if len(in_flight) >= 2 * streams:  # streams running, as many queued
-                    yield in_flight.popleft().result()
+            # streams tasks running and as many waiting: a thread that finishes starts the next at once
+            in_flight: deque = deque(pool.submit(draw_and_run) for _ in range(2 * streams))
+            done: dict[int, tuple] = {}
+            exhausted, nxt = False, 0
             while in_flight:
-                yield in_flight.popleft().result()
+                n, result = in_flight.popleft().result()
+                if result is None:
+                    exhausted = True
+                else:
+                    done[n] = result
+                    if not exhausted:
+                        in_flight.append(pool.submit(draw_and_run))
+                while nxt in done:
+                    yield done.pop(nxt)
+                    nxt += 1
         finally:
-            # on an error or an early close, the queued batches are dropped, not run
+            # on an error or an early close, the waiting tasks are dropped, not run
             pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(threads)
 

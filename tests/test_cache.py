@@ -244,3 +244,42 @@ def test_shards_are_capped_by_feature_bytes_as_well_as_seconds(tmp_path, tiny_en
     assert len(one.shards) == 1
     for u in utts:  # batched differently: float32 rounding, then float16 storage
         torch.testing.assert_close(cache[u.id], one[u.id], atol=2e-3, rtol=1e-2)
+
+
+class _SlowEncoder(torch.nn.Module):
+    """Returns each clip's first sample as its one feature, after a delay set per batch,
+    so that batches run side by side finish out of order."""
+
+    def forward(self, waveforms, lengths, all_layers=True):
+        import time
+
+        from speechtl.encoder import EncoderOutput
+
+        time.sleep(float(waveforms[0, 1]))
+        return EncoderOutput((waveforms[:, :1, None],), torch.ones(len(lengths), dtype=torch.long))
+
+
+def test_side_by_side_batches_come_back_in_order_and_errors_surface():
+    from contextlib import closing
+
+    from speechtl.features import encode_batches
+    from speechtl.loader import Batch
+
+    def batch(n, delay):
+        w = torch.tensor([[float(n), delay]])
+        return Batch(w, torch.tensor([2]), torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                     [f"b{n}"], [""], [0.0])
+
+    delays = [0.2, 0.0, 0.0, 0.0, 0.15, 0.0, 0.0, 0.05, 0.0]  # later batches overtake earlier ones
+    batches = [batch(n, d) for n, d in enumerate(delays)]
+    with closing(encode_batches(_SlowEncoder(), batches, torch.device("cpu"), streams=3, amp="none")) as it:
+        got = [(b.ids[0], float(f[0][0, 0, 0])) for b, f in it]
+    assert got == [(f"b{n}", float(n)) for n in range(len(delays))]
+
+    def failing():
+        yield from batches[:3]
+        raise OSError("cannot read b3.wav")
+
+    with pytest.raises(OSError, match="b3.wav"):
+        with closing(encode_batches(_SlowEncoder(), failing(), torch.device("cpu"), streams=2, amp="none")) as it:
+            list(it)
