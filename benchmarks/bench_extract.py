@@ -41,6 +41,8 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
+from speechtl.config import AMP_CHOICES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -179,7 +181,7 @@ def main() -> None:
     ap.add_argument("--batch-seconds", type=float, default=None, help="batch cap for (c) and (d) (default: 10 on CPU, 400 on GPU)")
     ap.add_argument("--batch-size", type=int, default=8, help="clips per batch in (b)")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers for (c) (default: speechtl's)")
-    ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+    ap.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                     help="precision of (c) and (d), as speechtl extract --amp; (a) and (b) run float32")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of all four methods, taken in turn; each keeps its best")
     ap.add_argument("--json", type=Path, help="also write the results here")

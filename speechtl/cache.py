@@ -212,7 +212,8 @@ def extract_to_cache(
     fingerprint = encoder_fingerprint(encoder)
     prep = preprocessing(encoder)
     compute = compute_dtype_name(device, amp)
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+    distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
         # one precision for the whole cache, even where machines differ (an AMX CPU beside one without)
         box = [compute]
         torch.distributed.broadcast_object_list(box, src=0)
@@ -247,7 +248,7 @@ def extract_to_cache(
     if todo:
         _extract_shards(encoder, todo, by_id, out, layer_ids, DTYPES[dtype], device, max_batch_seconds, num_workers,
                         streams, amp, progress)
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if distributed:
         torch.distributed.barrier()
     if rank != 0:
         return None

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .config import AMP_CHOICES
 
 logger = logging.getLogger("speechtl")
 
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--streams", type=int, default=None,
                    help="CPU: batches run at once, each on one thread (default: one per torch thread, at most 8; 1 = one batch "
                         "at a time on all threads); ignored on a GPU")
-    s.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+    s.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="precision the encoder runs in: auto = bf16 autocast on CUDA and on CPUs with AMX, float32 on "
                         "other CPUs; none = float32 everywhere (part of the cache key)")
     s.add_argument("--shard-minutes", type=float, default=30.0, help="most audio per shard file")

@@ -11,6 +11,9 @@ from typing import Any
 import yaml
 
 
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+
+
 def _f(default: Any, help: str):
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
@@ -175,8 +178,8 @@ def load_train_config(path: str | os.PathLike | None, overrides: list[str] | dic
         cfg = cfg.resolve_paths(base)
     if cfg.on_bad_audio not in ("error", "skip"):
         raise ValueError(f"on_bad_audio must be error or skip (got {cfg.on_bad_audio!r})")
-    if cfg.amp not in ("auto", "bf16", "fp16", "none"):
-        raise ValueError(f"amp must be auto, bf16, fp16 or none (got {cfg.amp!r})")
+    if cfg.amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)} (got {cfg.amp!r})")
     if cfg.mode not in ("frozen", "finetune", "scratch"):
         raise ValueError(f"mode must be frozen, finetune or scratch (got {cfg.mode!r})")
     if not cfg.train:

@@ -276,12 +276,11 @@ def _time_major_cnn(conv_layers: nn.ModuleList, input_values: torch.Tensor, chun
             windows = h.as_strided((b, frames, k * c), (h.stride(0), s * c, 1))
             # the first layer (one input channel, raw samples) keeps the input's precision
             weight = conv.weight.permute(2, 1, 0).reshape(k * c, n_out).to(h.dtype)
-            norm = getattr(layer, "layer_norm", None)
-            if isinstance(norm, nn.GroupNorm):  # statistics over the whole clip: one block
-                h = _cnn_block(windows, weight, layer, exact).to(store)
-                continue
             out = torch.empty(b, frames, n_out, dtype=store, device=h.device)
-            step = max(64, chunk_values // (n_out * b))
+            if isinstance(getattr(layer, "layer_norm", None), nn.GroupNorm):
+                step = max(frames, 1)  # statistics over the whole clip: one block
+            else:
+                step = max(64, chunk_values // (n_out * b))
             for t0 in range(0, frames, step):
                 out[:, t0 : t0 + step] = _cnn_block(windows[:, t0 : t0 + step], weight, layer, exact)
             h = out

@@ -19,13 +19,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .config import AMP_CHOICES
 from .encoder import SpeechEncoder
 from .loader import AudioDataset, UtteranceDataset, collate, encoder_batch_seconds, pad_targets, sorted_loader
 from .manifest import Utterance
 
 logger = logging.getLogger(__name__)
-
-AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
 
 def estimate_bytes(encoder: SpeechEncoder, utterances: Sequence[Utterance], bytes_per_value: int = 2) -> int:
