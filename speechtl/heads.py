@@ -53,8 +53,14 @@ class LinearHead(nn.Module):
 class BiLSTMHead(nn.Module):
     """A small bidirectional LSTM over frames, then a linear projection.
 
-    Sequences are packed by ``lengths`` so padding never reaches the LSTM state,
-    which keeps batched and single-clip outputs equal.
+    Padding never reaches the LSTM state, so batched and single-clip outputs are equal.
+    On a GPU the sequences are packed by ``lengths`` (cuDNN runs packed sequences well).
+    On a CPU, where PyTorch steps a packed sequence one time step at a time (about ten
+    times slower than a padded batch, forward and backward), each direction of each layer
+    runs as one padded batch instead: the forward direction reads the clips as they are
+    (trailing padding cannot reach earlier frames), and the backward direction reads
+    each clip reversed within its own length, so it too starts on the clip's last valid
+    frame. Frames past a clip's length come out as zeros, as from a packed run.
     """
 
     def __init__(self, input_size: int, vocab_size: int, hidden_size: int = 256, num_layers: int = 2, dropout: float = 0.1):
@@ -71,10 +77,36 @@ class BiLSTMHead(nn.Module):
         total = x.shape[1]
         if lengths is None:
             lengths = torch.full((x.shape[0],), total, dtype=torch.long)
-        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        y, _ = self.lstm(packed)
-        y, _ = pad_packed_sequence(y, batch_first=True, total_length=total)
+        lengths = lengths.clamp(min=1)
+        if x.device.type == "cpu":
+            y = self._lstm_padded(x, lengths.to(x.device))
+        else:
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            y, _ = self.lstm(packed)
+            y, _ = pad_packed_sequence(y, batch_first=True, total_length=total)
         return self.proj(self.dropout(y))
+
+    def _lstm_padded(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``self.lstm`` over a padded batch, direction by direction (see the class docstring)."""
+        lstm = self.lstm
+        b, t, _ = x.shape
+        steps = torch.arange(t, device=x.device)[None, :]
+        valid = steps < lengths[:, None]
+        # reversing each clip within its length; padding frames stay where they are
+        flip = torch.where(valid, lengths[:, None] - 1 - steps, steps)
+        zeros = x.new_zeros(1, b, lstm.hidden_size)
+        for layer in range(lstm.num_layers):
+            outs = []
+            for suffix in ("", "_reverse"):
+                params = [getattr(lstm, f"{name}_l{layer}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                          if lstm.bias or name.startswith("weight")]
+                inp = x if not suffix else x.gather(1, flip[..., None].expand_as(x))
+                out = torch.lstm(inp, (zeros, zeros), params, lstm.bias, 1, 0.0, self.training, False, True)[0]
+                outs.append(out if not suffix else out.gather(1, flip[..., None].expand_as(out)))
+            x = torch.cat(outs, dim=-1) * valid[..., None]
+            if layer < lstm.num_layers - 1 and lstm.dropout > 0:
+                x = F.dropout(x, lstm.dropout, self.training)
+        return x
 
 
 def mask_spans(x: torch.Tensor, lengths: torch.Tensor | None, time_prob: float, time_length: int,

@@ -95,6 +95,26 @@ def test_bilstm_head_ignores_padding():
     torch.testing.assert_close(full[1, :6], alone[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_bilstm_head_on_cpu_equals_a_packed_run_with_its_gradients(layers):
+    """The CPU path runs each direction over a padded batch; a packed run is the reference."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    head = BiLSTMHead(8, 5, hidden_size=6, num_layers=layers, dropout=0.0)
+    x = torch.randn(3, 12, 8, requires_grad=True)
+    lengths = torch.tensor([12, 7, 1])
+    ours = head(x, lengths)
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    ref = head.proj(pad_packed_sequence(head.lstm(packed)[0], batch_first=True, total_length=12)[0])
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    weights = torch.randn_like(ref)
+    params = [x, *head.parameters()]
+    for g_ours, g_ref in zip(torch.autograd.grad((ours * weights).sum(), params),
+                             torch.autograd.grad((ref * weights).sum(), params)):
+        torch.testing.assert_close(g_ours, g_ref, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", FAMILIES[:4])
 @pytest.mark.parametrize("mode", ["frozen", "finetune"])
 def test_each_family_trains_one_step(tmp_path, family, mode):
