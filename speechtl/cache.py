@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from ._io import atomic_path, write_json
 from .audio import SAMPLE_RATE
 from .encoder import SpeechEncoder
-from .features import compute_dtype_name, encode_batches
+from .features import AMP_FOR_COMPUTE, compute_dtype_name, encode_batches
 from .loader import AudioDataset, collate, cut_batches, decode_workers, encoder_batch_seconds
 from .manifest import Utterance
 
@@ -220,7 +220,7 @@ def extract_to_cache(
         if box[0] != compute:
             logger.warning("rank %d: computing in %s as rank 0 does (amp=%s gives %s here)", rank, box[0], amp, compute)
             compute = box[0]
-            amp = {"float32": "none", "bfloat16": "bf16", "float16": "fp16"}[compute]
+            amp = AMP_FOR_COMPUTE[compute]
     base_key = _base_key(fingerprint, layer_ids, dtype, compute, prep)
     bytes_per_second = encoder.frame_rate * len(layer_ids) * encoder.hidden_size * DTYPES[dtype].itemsize
     shards = plan_shards(utterances, base_key, min(shard_seconds, shard_gb * 1e9 / bytes_per_second))

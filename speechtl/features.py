@@ -84,6 +84,10 @@ def compute_dtype_name(device: torch.device, amp: str = "auto") -> str:
     return "float32" if dt is None else str(dt).removeprefix("torch.")
 
 
+# the ``amp`` setting that asks for each compute_dtype_name result on any device
+AMP_FOR_COMPUTE = {"float32": "none", "bfloat16": "bf16", "float16": "fp16"}
+
+
 def encode_batches(
     encoder: SpeechEncoder,
     batches: Iterable,

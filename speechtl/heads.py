@@ -93,16 +93,19 @@ class BiLSTMHead(nn.Module):
         steps = torch.arange(t, device=x.device)[None, :]
         valid = steps < lengths[:, None]
         # reversing each clip within its length; padding frames stay where they are
-        flip = torch.where(valid, lengths[:, None] - 1 - steps, steps)
+        flip = torch.where(valid, lengths[:, None] - 1 - steps, steps)[..., None]
+
+        def reverse(z: torch.Tensor) -> torch.Tensor:  # its own inverse
+            return z.gather(1, flip.expand_as(z))
+
         zeros = x.new_zeros(1, b, lstm.hidden_size)
         for layer in range(lstm.num_layers):
             outs = []
-            for suffix in ("", "_reverse"):
+            for suffix, order in (("", lambda z: z), ("_reverse", reverse)):
                 params = [getattr(lstm, f"{name}_l{layer}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
                           if lstm.bias or name.startswith("weight")]
-                inp = x if not suffix else x.gather(1, flip[..., None].expand_as(x))
-                out = torch.lstm(inp, (zeros, zeros), params, lstm.bias, 1, 0.0, self.training, False, True)[0]
-                outs.append(out if not suffix else out.gather(1, flip[..., None].expand_as(out)))
+                out = torch.lstm(order(x), (zeros, zeros), params, lstm.bias, 1, 0.0, self.training, False, True)[0]
+                outs.append(order(out))
             x = torch.cat(outs, dim=-1) * valid[..., None]
             if layer < lstm.num_layers - 1 and lstm.dropout > 0:
                 x = F.dropout(x, lstm.dropout, self.training)
