@@ -75,7 +75,11 @@ def encoder_fingerprint(encoder: SpeechEncoder) -> str:
 
 def preprocessing(encoder: SpeechEncoder) -> dict:
     """How audio becomes encoder input; part of every key."""
-    return {"sample_rate": SAMPLE_RATE, "resampler": "soxr_hq", "channels": "mean", "normalize": encoder.normalize_waveform}
+    prep = {"sample_rate": SAMPLE_RATE, "resampler": "soxr_hq", "channels": "mean", "normalize": encoder.normalize_waveform}
+    front_end = getattr(encoder, "front_end", None)
+    if front_end is not None:
+        prep["front_end"] = f"whisper-log-mel-{front_end.n_mels}-v1"
+    return prep
 
 
 def entry_key(u: Utterance) -> str:

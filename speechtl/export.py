@@ -34,6 +34,12 @@ def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
             f" and a {model.head_config.kind} head, which no transformers *ForCTC class represents. Load them with"
             " speechtl.load(), or train with mode=finetune to get an exportable model."
         )
+    if getattr(model.encoder.config, "model_type", "") == "whisper":
+        raise ExportError(
+            f"{model_dir}: a CTC head on Whisper's encoder has no transformers *ForCTC class (transformers' Whisper"
+            " classes are sequence-to-sequence, and WhisperForAudioClassification classifies whole clips)."
+            " Load it with speechtl.load(); its encoder/ folder is a standard transformers Whisper directory."
+        )
     enc = model.encoder
     config = enc.config.__class__.from_dict(enc.config.to_dict())
     config.vocab_size = len(vocab)

@@ -83,7 +83,7 @@ class CTCModel(nn.Module):
             p.requires_grad_(train_cnn)
         # transformers' feature encoders otherwise mark their input as requiring grad in
         # training mode, which runs a full backward pass through a frozen CNN
-        fe = self.encoder.model.feature_extractor
+        fe = self.encoder.feature_encoder
         if hasattr(fe, "_requires_grad"):
             fe._requires_grad = train_cnn
         for p in groups["transformer"]:

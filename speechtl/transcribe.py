@@ -123,8 +123,9 @@ def collect_inputs(paths: Iterable[str | os.PathLike]) -> list[Item]:
 
 def frame_seconds(model) -> float:
     """Seconds between encoder frames (the product of the CNN strides / 16 kHz)."""
-    strides = getattr(model.encoder.config, "conv_stride", None) or [320]
-    return math.prod(strides) / SAMPLE_RATE
+    if model.encoder is not None:
+        return 1.0 / model.encoder.frame_rate
+    return 320 / SAMPLE_RATE
 
 
 def words_from_runs(runs, probs: np.ndarray, vocab: Vocabulary, frame_s: float) -> list[Word]:

