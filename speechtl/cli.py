@@ -83,7 +83,8 @@ def cmd_evaluate(args) -> int:
     rec = Recognizer.load(args.model_dir, device=args.device)
     utts = read_manifest(args.manifest, check_files=False)
     out_dir = Path(args.out_dir) if args.out_dir else (Path(args.json).parent if args.json else Path(args.model_dir) / "eval")
-    summary = rec.evaluate(utts, out_dir=out_dir, progress=not args.quiet, on_bad_audio=args.on_bad_audio)
+    summary = rec.evaluate(utts, out_dir=out_dir, progress=not args.quiet, on_bad_audio=args.on_bad_audio, lm=args.lm,
+                           beam_width=args.beam_width, alpha=args.alpha, beta=args.beta)
     if args.json:
         from ._io import write_json
 
@@ -173,9 +174,18 @@ def cmd_lm_build(args) -> int:
     from .lm import read_sentences, write_arpa
     from .text import load_normalizer
 
-    lines = read_sentences(args.text, load_normalizer(Path(args.model) / "normalizer.json") if args.model else None)
-    out = write_arpa(lines, args.out, order=args.order)
-    print(f"wrote a {args.order}-gram modified Kneser-Ney LM of {len(lines)} sentences to {out}")
+    from .lm import wordlist_sentences
+
+    norm = load_normalizer(Path(args.model) / "normalizer.json") if args.model else None
+    lines = []
+    for text in args.text:
+        lines += read_sentences(text, norm)
+    words = wordlist_sentences(args.wordlist, args.wordlist_size, norm) if args.wordlist else []
+    if not lines and not words:
+        raise ValueError("lm build needs TEXT or --wordlist")
+    out = write_arpa(lines + words, args.out, order=args.order)
+    print(f"wrote a {args.order}-gram modified Kneser-Ney LM of {len(lines)} sentences"
+          + (f" and {len(words)} listed words" if words else "") + f" to {out}")
     return 0
 
 
@@ -337,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--on-bad-audio", choices=["error", "skip"], default="error",
                    help="unreadable or missing audio: stop naming every such file (error), or leave them out of the "
                         "score and list them under 'skipped' in summary.json (skip)")
+    s.add_argument("--lm", help="decode with beam search and this n-gram LM (.arpa; `speechtl lm build` makes one)")
+    s.add_argument("--beam-width", type=int, default=None, help="beam search with this width (default: greedy, or 32 with --lm)")
+    s.add_argument("--alpha", type=float, default=0.5, help="LM weight")
+    s.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("transcribe", help="transcribe audio files, folders or manifests",
@@ -374,7 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     lm_sub = s.add_subparsers(dest="lm_command", metavar="ACTION", required=True)
     b = lm_sub.add_parser("build", help="build an ARPA model (interpolated modified Kneser-Ney)",
                           description="Build a word n-gram ARPA model from TEXT (one sentence per line, or a .jsonl manifest's texts).")
-    b.add_argument("text")
+    b.add_argument("text", nargs="*", help="text files or manifests (any number)")
+    b.add_argument("--wordlist", metavar="LANG", help="add the language's most frequent words (wordfreq) as one-word "
+                   "sentences, so that words absent from TEXT are in the LM's vocabulary")
+    b.add_argument("--wordlist-size", type=int, default=50_000, help="how many words --wordlist adds (most frequent first)")
     b.add_argument("--order", type=int, default=3)
     b.add_argument("--out", required=True, metavar="LM.arpa")
     b.add_argument("--model", metavar="MODEL_DIR", help="normalise the text as this model's transcripts are (default: the standard normaliser)")

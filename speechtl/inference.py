@@ -181,18 +181,35 @@ class Recognizer:
         return out[0] if single else out
 
     def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,
-                 on_bad_audio: str = "error") -> dict:
+                 on_bad_audio: str = "error", lm: str | os.PathLike | None = None, beam_width: int | None = None,
+                 alpha: float = 0.5, beta: float = 1.0) -> dict:
         """Score on a manifest; with ``out_dir`` write hyps.jsonl, errs.txt, summary.json.
 
-        Every file's header is read first. An unreadable or missing file is an error that
-        names all of them (``on_bad_audio="error"``), or is left out of the score and
-        listed under ``skipped`` in the summary (``"skip"``).
+        Greedy decoding, or beam search (with an n-gram ``lm`` when given) as
+        :meth:`transcriber` does. Every file's header is read first. An unreadable or
+        missing file is an error that names all of them (``on_bad_audio="error"``), or is
+        left out of the score and listed under ``skipped`` in the summary (``"skip"``).
         """
         from .audio import check_readable
 
         good, skipped = check_readable(utterances, on_bad_audio, " (--on-bad-audio skip leaves them out)")
-        report = decode_utterances(self.model, self.vocab, self.normalizer, good, self.device, progress=progress)
-        extra = {"skipped": skipped} if skipped else None
+        if lm is None and beam_width is None:
+            report = decode_utterances(self.model, self.vocab, self.normalizer, good, self.device, progress=progress)
+            decoder = {"decoder": "greedy"}
+        else:
+            from .transcribe import Item
+
+            tr = self.transcriber(lm=lm, beam_width=beam_width, alpha=alpha, beta=beta)
+            items = [Item(u.id, u.audio) for u in good]
+            hyps = {}
+            for i, t in tr.run_indexed(items, progress=progress):
+                if t.error is not None:
+                    raise AudioError(t.path, t.error)
+                hyps[items[i].key] = t.text
+            report = score_hyps(good, hyps, self.normalizer)
+            decoder = {"decoder": "beam", "beam_width": beam_width or 32, "lm": str(lm) if lm else None,
+                       "alpha": alpha, "beta": beta}
+        extra = {**decoder, **({"skipped": skipped} if skipped else {})}
         if out_dir is not None:
             return write_results(report, Path(out_dir), extra)
         return {**report.summary(), **(extra or {})}

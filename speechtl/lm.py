@@ -147,6 +147,31 @@ def read_sentences(path: str | os.PathLike, normalizer=None) -> list[str]:
     return lines
 
 
+def wordlist_sentences(lang: str, size: int = 50_000, normalizer=None) -> list[str]:
+    """The ``size`` most frequent words of ``lang`` (wordfreq; an espeak or ISO code), each
+    normalised as a model's transcripts are, as one-word LM sentences. Words with digits
+    or that normalise to several words are left out."""
+    import wordfreq
+
+    from .synth import wordfreq_lang
+    from .text import Normalizer
+
+    if size <= 0:
+        raise ValueError(f"wordlist size must be positive, got {size}")
+    code = wordfreq_lang(lang)
+    if code not in wordfreq.available_languages():
+        raise ValueError(f"wordfreq has no word list for {lang!r} (looked for {code!r})")
+    norm = normalizer or Normalizer()
+    out, seen = [], set()
+    for w in wordfreq.top_n_list(code, size):
+        w = norm(w)
+        if not w or " " in w or any(ch.isdigit() for ch in w) or w in seen:
+            continue
+        seen.add(w)
+        out.append(w)
+    return out
+
+
 def write_arpa(text_path_or_lines: str | os.PathLike | Iterable[str], out: str | os.PathLike, order: int = 3) -> Path:
     """Build from a text file (one sentence per line) or lines, and write ``out`` atomically."""
     if isinstance(text_path_or_lines, (str, os.PathLike)):

@@ -28,7 +28,7 @@ class LocalModel(nn.Module):
 
     def __init__(self, vocab_size: int = len(VOCAB)):
         super().__init__()
-        self.encoder = SimpleNamespace(config=SimpleNamespace(conv_stride=[5, 2, 2, 2, 2, 2, 2]))
+        self.encoder = SimpleNamespace(config=SimpleNamespace(conv_stride=[5, 2, 2, 2, 2, 2, 2]), frame_rate=50.0)
         self.vocab_size = vocab_size
 
     def forward(self, values, lengths):

@@ -9,7 +9,12 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$root/.venv/bin/python}
 if [ $# -lt 1 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
     [ $# -ge 1 ] && exit 0 || exit 2
+fi
+dir=${SPEECHTL_CACHE:-$HOME/.cache/speechtl}/encoders/$1
+if [ $# -eq 1 ] && [ -f "$dir/speechtl_fetch.json" ] && [ -f "$dir/config.json" ]; then
+    echo "$dir"  # already fetched
+    exit 0
 fi
 exec "$PY" -m speechtl fetch-encoder "$@" -q

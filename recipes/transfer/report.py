@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Collect the transfer runs into results.json, results.md and cer_vs_minutes.png.
 
-Reads ``RUNS/runs/<target>/<minutes>min/<mode>/`` (``train_summary.json``,
-``metrics.csv``, ``test/summary.json``) for every run that finished; missing runs are
-left out of the table and listed.
+Reads ``RUNS/runs/<target>/<minutes>min/<mode>/`` (the bundled encoder) and
+``.../<encoder>-<mode>/`` (any other encoder): ``train_summary.json``, ``metrics.csv``,
+``test/summary.json`` (greedy) and ``test-lm/summary.json`` (word LM), for every run that
+finished, plus ``RUNS/runs/<target>/zeroshot-<encoder>/summary.json`` (Whisper's own
+decoder, unadapted). Runs not yet scored are left out.
 """
 
 from __future__ import annotations
@@ -27,12 +29,26 @@ def read_runs(root: Path) -> list[dict]:
             continue
         s, t = json.loads(summary.read_text()), json.loads(test.read_text())
         minutes = int(re.fullmatch(r"(\d+)min", run.parent.name).group(1))
+        encoder, _, mode = run.name.rpartition("-")
+        lm = run / "test-lm" / "summary.json"
+        lm_t = json.loads(lm.read_text()) if lm.is_file() else {}
         rows.append({
-            "target": run.parent.parent.name, "minutes": minutes, "mode": run.name,
+            "target": run.parent.parent.name, "minutes": minutes, "mode": mode, "encoder": encoder or "default",
+            "test_cer_lm": lm_t.get("cer"), "test_wer_lm": lm_t.get("wer"),
+            "seconds_per_update": s["wall_time_s"] / max(s["steps"], 1),
             "steps": s["steps"], "wall_time_s": s["wall_time_s"], "train_hours": s["train_hours"],
             "best_step": s["best_step"], "test_cer": t["cer"], "test_wer": t["wer"],
             "test_utterances": t["utterances"], "dev_curve": dev_curve(run / "metrics.csv"),
         })
+    return rows
+
+
+def read_zero_shot(root: Path) -> list[dict]:
+    rows = []
+    for summary in sorted(root.glob("runs/*/zeroshot-*/summary.json")):
+        t = json.loads(summary.read_text())
+        rows.append({"target": summary.parent.parent.name, "encoder": summary.parent.name[len("zeroshot-"):],
+                     "test_cer": t["cer"], "test_wer": t["wer"], "test_utterances": t["utterances"]})
     return rows
 
 
@@ -42,39 +58,51 @@ def dev_curve(path: Path) -> list[tuple[float, float]]:
         return [(float(r["elapsed_s"]), float(r["dev_cer"])) for r in csv.DictReader(f) if r.get("dev_cer")]
 
 
-def checks(rows: list[dict]) -> list[str]:
+def checks(rows: list[dict], zero_shot: list[dict]) -> list[str]:
     """The transfer claims, computed from the runs (not asserted)."""
     lines = []
-    by = {(r["target"], r["minutes"], r["mode"]): r for r in rows}
-    for (target, minutes, mode), r in sorted(by.items()):
-        if mode != "scratch":
+    by = {(r["target"], r["minutes"], r["encoder"], r["mode"]): r for r in rows}
+    for (target, minutes, encoder, mode), r in sorted(by.items()):
+        if mode != "scratch" or encoder != "default":
             continue
-        transfer = [by[(target, minutes, m)] for m in TRANSFER if (target, minutes, m) in by]
+        transfer = [by[(target, minutes, "default", m)] for m in TRANSFER if (target, minutes, "default", m) in by]
         if not transfer:
             continue
         best = min(transfer, key=lambda x: x["test_cer"])
         ratio = best["test_cer"] / r["test_cer"] if r["test_cer"] else float("inf")
         # four decimals: a ratio of 0.5001 must not print as 0.50
-        lines.append(f"{target}, {minutes} min: best transfer ({best['mode']}) test CER {best['test_cer']:.4f} vs scratch "
-                     f"{r['test_cer']:.4f}, ratio {ratio:.4f} ({'at most' if ratio <= 0.5 else 'more than'} half)")
-        frozen = by.get((target, minutes, "frozen"))
-        if frozen:
-            final = r["dev_curve"][-1][1] if r["dev_curve"] else None
-            reached = next((t for t, cer in frozen["dev_curve"] if final is not None and cer <= final), None)
-            if reached is None:
-                lines.append(f"  frozen never reached scratch's final dev CER ({final})")
-            else:
-                lines.append(f"  frozen reached scratch's final dev CER {final:.3f} after {reached:.0f} s, "
-                             f"{reached / r['wall_time_s']:.2f} of scratch's {r['wall_time_s']:.0f} s")
+        lines.append(f"{target}, {minutes} min: best transfer of the default encoder ({best['mode']}) test CER "
+                     f"{best['test_cer']:.4f} vs scratch {r['test_cer']:.4f}, ratio {ratio:.4f} "
+                     f"({'at most' if ratio <= 0.5 else 'more than'} half)")
+    for z in zero_shot:
+        mine = [r for r in rows if r["target"] == z["target"] and r["encoder"] == z["encoder"]]
+        for minutes in sorted({r["minutes"] for r in mine}):
+            cands = [r for r in mine if r["minutes"] == minutes]
+            best = min(cands, key=lambda x: min(x["test_wer"], x["test_wer_lm"] if x["test_wer_lm"] is not None else 9))
+            wer = min(best["test_wer"], best["test_wer_lm"] if best["test_wer_lm"] is not None else 9)
+            cer = min(best["test_cer"], best["test_cer_lm"] if best["test_cer_lm"] is not None else 9)
+            lines.append(f"{z['target']}, {minutes} min, {z['encoder']}: best adapted ({best['mode']}) CER {cer:.4f} "
+                         f"WER {wer:.4f} vs zero-shot CER {z['test_cer']:.4f} WER {z['test_wer']:.4f}: WER "
+                         f"{'better' if wer < z['test_wer'] else 'not better'}")
     return lines
 
 
-def table(rows: list[dict]) -> str:
-    out = ["| target | labelled min | mode | updates | train wall s | test CER | test WER |",
-           "|---|---:|---|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["target"], r["minutes"], MODES.index(r["mode"]))):
-        out.append(f"| {r['target']} | {r['minutes']} | {r['mode']} | {r['steps']} | {r['wall_time_s']:.0f} | "
-                   f"{r['test_cer']:.3f} | {r['test_wer']:.3f} |")
+def _rate(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def table(rows: list[dict], zero_shot: list[dict]) -> str:
+    out = ["| target | labelled min | encoder | mode | updates | train wall s | s/update | test CER | test WER "
+           "| CER, word LM | WER, word LM |",
+           "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["target"], r["minutes"], r["encoder"] != "default", r["encoder"],
+                                         MODES.index(r["mode"]))):
+        out.append(f"| {r['target']} | {r['minutes']} | {r['encoder']} | {r['mode']} | {r['steps']} | "
+                   f"{r['wall_time_s']:.0f} | {r['seconds_per_update']:.2f} | {r['test_cer']:.3f} | {r['test_wer']:.3f} | "
+                   f"{_rate(r['test_cer_lm'])} | {_rate(r['test_wer_lm'])} |")
+    for z in zero_shot:
+        out.append(f"| {z['target']} | 0 | {z['encoder']} | zero-shot (own decoder) | - | - | - | {z['test_cer']:.3f} | "
+                   f"{z['test_wer']:.3f} | - | - |")
     return "\n".join(out)
 
 
@@ -87,10 +115,12 @@ def plot(rows: list[dict], path: Path) -> None:
     targets = sorted({r["target"] for r in rows})
     fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), sharey=True, squeeze=False)
     for ax, target in zip(axes[0], targets):
-        for mode, style in zip(MODES, ("o-", "s-", "^--")):
-            pts = sorted((r["minutes"], r["test_cer"]) for r in rows if r["target"] == target and r["mode"] == mode)
-            if pts:
-                ax.plot(*zip(*pts), style, label=mode)
+        for enc in sorted({r["encoder"] for r in rows}, key=lambda e: e != "default"):
+            for mode, style in zip(MODES, ("o-", "s-", "^--")):
+                pts = sorted((r["minutes"], r["test_cer"]) for r in rows
+                             if r["target"] == target and r["mode"] == mode and r["encoder"] == enc)
+                if pts:
+                    ax.plot(*zip(*pts), style, label=mode if enc == "default" else f"{enc} {mode}")
         ax.set_xscale("log")
         ax.set_title(target)
         ax.set_xlabel("labelled minutes")
@@ -107,11 +137,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder for results.json, results.md and the plot")
     args = ap.parse_args()
     rows = read_runs(args.root)
+    zero_shot = read_zero_shot(args.root)
     if not rows:
         raise SystemExit(f"no finished, scored runs under {args.root}/runs")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    report = table(rows) + "\n\n" + "\n".join(checks(rows)) + "\n"
+    (args.out / "results.json").write_text(json.dumps({"runs": rows, "zero_shot": zero_shot}, indent=2) + "\n")
+    report = table(rows, zero_shot) + "\n\n" + "\n".join(checks(rows, zero_shot)) + "\n"
     (args.out / "results.md").write_text(report)
     plot(rows, args.out / "cer_vs_minutes.png")
     print(report)

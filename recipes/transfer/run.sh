@@ -8,18 +8,25 @@
 #   stage 2  train every target x budget x mode (frozen, finetune, scratch); every mode of
 #            one budget runs the same updates on the same batches, and scratch (which also
 #            trains its CNN) takes the longest wall time; finished runs are skipped
-#   stage 3  score every trained model on its target's test set
+#   stage 3  score every trained model on its target's test set, greedy and with a word LM
+#            (3-gram from that budget's training text plus the language's 50,000 most
+#            frequent words, wordfreq); for Whisper encoders, score Whisper's own decoder
+#            unadapted (zero-shot) on the same test set
 #   stage 4  results.md / results.json (CER, WER, wall time) and cer_vs_minutes.png
 # Targets are reserved languages (cs it pl nl tr; sw needs --text-file sentences) and
 # "noisy-LANG", LANG's speech with white noise at --noise-snr-db in train, dev and test.
+# Encoders: "default" (the bundled one) and any name or folder `speechtl train` accepts;
+# whisper-base and whisper-tiny.en need `bash tools/fetch_encoder.sh NAME` first. Runs of
+# the default encoder sit in runs/T/Mmin/MODE, others in runs/T/Mmin/ENCODER-MODE.
 # Usage: recipes/transfer/run.sh [--targets "cs it"] [--budgets "1 10 60"]
-#            [--modes "frozen finetune scratch"] [--stage N] [--stop-stage N] [--out DIR]
-#            [--noise-snr-db 10] [key=value ...]   (key=value goes to every `speechtl train`)
+#            [--modes "frozen finetune scratch"] [--encoders "default"] [--stage N]
+#            [--stop-stage N] [--out DIR] [--noise-snr-db 10] [key=value ...]
+#            (key=value goes to every `speechtl train`)
 # Steps per budget: STEPS_1, STEPS_10, STEPS_60 (environment; defaults 150, 600, 900).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-targets="cs it"; budgets="1 10 60"; modes="frozen finetune scratch"
+targets="cs it"; budgets="1 10 60"; modes="frozen finetune scratch"; encoders=default
 stage=0; stop_stage=4; out=$root/exp/transfer; noise_snr_db=10
 . "$here/../parse_options.sh"
 PY=${PYTHON:-$root/.venv/bin/python}
@@ -57,30 +64,55 @@ if [ $stage -le 1 ] && [ $stop_stage -ge 1 ]; then
         done
     done
 fi
+run_dir() {  # target minutes encoder mode
+    if [ "$3" = default ]; then echo "$out/runs/$1/${2}min/$4"; else echo "$out/runs/$1/${2}min/$(basename "$3")-$4"; fi
+}
+is_whisper() { case $1 in *whisper*) return 0;; esac; return 1; }
+# per-encoder settings, chosen on dev (Czech, 10 min): a pretrained Whisper encoder takes a
+# smaller encoder learning rate than the bundled one and a short head-only warm-up
+declare -A ENC_FINETUNE=([whisper-base]="encoder_lr=5e-5 freeze_encoder_steps=100 mask_time_prob=0.05")
 if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
     for t in $targets; do
         for m in $budgets; do
-            for mode in $modes; do
-                run=$out/runs/$t/${m}min/$mode
-                [ -f "$run/train_summary.json" ] && continue
-                echo "== $t, $m min, $mode ($(date +%H:%M:%S))"
-                head=()
-                if [ "$mode" = frozen ] && [ -n "${FROZEN_HEAD[$m]:-}" ]; then read -ra head <<< "${FROZEN_HEAD[$m]}"; fi
-                st train "$here/conf/$mode.yaml" encoder=default out="$run" \
-                    train="$out/data/$t/train${m}min.jsonl" dev="$out/data/$t/dev/manifest.jsonl" \
-                    max_steps="${STEPS[$m]}" eval_every=$((STEPS[$m] / 6)) seed=0 num_workers=0 -q "${head[@]}" "${overrides[@]}"
+            for enc in $encoders; do
+                for mode in $modes; do
+                    run=$(run_dir "$t" "$m" "$enc" "$mode")
+                    [ -f "$run/train_summary.json" ] && continue
+                    echo "== $t, $m min, $enc, $mode ($(date +%H:%M:%S))"
+                    head=()
+                    if [ "$mode" = frozen ] && [ -n "${FROZEN_HEAD[$m]:-}" ]; then read -ra head <<< "${FROZEN_HEAD[$m]}"; fi
+                    if [ "$mode" = finetune ] && [ -n "${ENC_FINETUNE[$enc]:-}" ]; then read -ra more <<< "${ENC_FINETUNE[$enc]}"; head+=("${more[@]}"); fi
+                    st train "$here/conf/$mode.yaml" encoder="$enc" out="$run" \
+                        train="$out/data/$t/train${m}min.jsonl" dev="$out/data/$t/dev/manifest.jsonl" \
+                        max_steps="${STEPS[$m]}" eval_every=$((STEPS[$m] / 6)) seed=0 num_workers=0 -q "${head[@]}" "${overrides[@]}"
+                done
             done
         done
     done
 fi
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
     for t in $targets; do
+        test=$out/data/$t/test/manifest.jsonl
         for m in $budgets; do
-            for mode in $modes; do
-                run=$out/runs/$t/${m}min/$mode
-                [ -f "$run/train_summary.json" ] && [ ! -f "$run/test/summary.json" ] || continue
-                st evaluate "$run/model" "$out/data/$t/test/manifest.jsonl" --out-dir "$run/test" -q
+            lm=$out/lm/$t/train${m}min.arpa
+            if [ ! -f "$lm" ]; then
+                mkdir -p "$(dirname "$lm")"
+                st lm build "$out/data/$t/train${m}min.jsonl" --wordlist "$(lang_of "$t")" --order 3 --out "$lm" -q
+            fi
+            for enc in $encoders; do
+                for mode in $modes; do
+                    run=$(run_dir "$t" "$m" "$enc" "$mode")
+                    [ -f "$run/train_summary.json" ] || continue
+                    [ -f "$run/test/summary.json" ] || st evaluate "$run/model" "$test" --out-dir "$run/test" -q
+                    [ -f "$run/test-lm/summary.json" ] || st evaluate "$run/model" "$test" --lm "$lm" --out-dir "$run/test-lm" -q
+                done
             done
+        done
+        for enc in $encoders; do
+            z=$out/runs/$t/zeroshot-$(basename "$enc")
+            if is_whisper "$enc" && [ ! -f "$z/summary.json" ]; then
+                st zeroshot "$enc" "$test" --language "$(lang_of "$t")" --out-dir "$z" -q
+            fi
         done
     done
 fi
