@@ -181,9 +181,9 @@ def cmd_lm_build(args) -> int:
     for text in args.text:
         lines += read_sentences(text, norm)
     words = wordlist_sentences(args.wordlist, args.wordlist_size, norm) if args.wordlist else []
-    if not lines and not words:
-        raise ValueError("lm build needs TEXT or --wordlist")
-    out = write_arpa(lines + words, args.out, order=args.order)
+    if not lines:
+        raise ValueError("lm build needs TEXT (sentences for the n-grams); --wordlist only adds words")
+    out = write_arpa(lines, args.out, order=args.order, extra_words=words)
     print(f"wrote a {args.order}-gram modified Kneser-Ney LM of {len(lines)} sentences"
           + (f" and {len(words)} listed words" if words else "") + f" to {out}")
     return 0
@@ -388,9 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm_sub = s.add_subparsers(dest="lm_command", metavar="ACTION", required=True)
     b = lm_sub.add_parser("build", help="build an ARPA model (interpolated modified Kneser-Ney)",
                           description="Build a word n-gram ARPA model from TEXT (one sentence per line, or a .jsonl manifest's texts).")
-    b.add_argument("text", nargs="*", help="text files or manifests (any number)")
-    b.add_argument("--wordlist", metavar="LANG", help="add the language's most frequent words (wordfreq) as one-word "
-                   "sentences, so that words absent from TEXT are in the LM's vocabulary")
+    b.add_argument("text", nargs="+", help="text files or manifests (one or more)")
+    b.add_argument("--wordlist", metavar="LANG", help="add the language's most frequent words (wordfreq) to the "
+                   "vocabulary, at the unigram level, so that words absent from TEXT can be recognised")
     b.add_argument("--wordlist-size", type=int, default=50_000, help="how many words --wordlist adds (most frequent first)")
     b.add_argument("--order", type=int, default=3)
     b.add_argument("--out", required=True, metavar="LM.arpa")

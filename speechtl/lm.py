@@ -48,9 +48,13 @@ def _discounts(adjusted: Counter) -> tuple[float, float, float]:
     return d
 
 
-def build_arpa(sentences: Iterable[str], order: int = 3) -> str:
+def build_arpa(sentences: Iterable[str], order: int = 3, extra_words: Iterable[str] = ()) -> str:
     """An interpolated modified Kneser-Ney ``order``-gram model of whitespace-split
-    ``sentences``, as ARPA text."""
+    ``sentences``, as ARPA text.
+
+    ``extra_words`` (a word list) join the vocabulary at the unigram level only: each
+    adds one continuation count, as if seen once after a word outside the text, so the
+    model can predict words its text lacks without inventing n-grams around them."""
     if order < 2:
         raise ValueError(f"order must be at least 2 (kenlm reads bigram models and up), got {order}")
     counts: list[Counter] = [Counter() for _ in range(order + 1)]  # counts[n]: n-grams
@@ -72,6 +76,9 @@ def build_arpa(sentences: Iterable[str], order: int = 3) -> str:
     for n in range(order - 1, 0, -1):
         left = Counter(g[1:] for g in counts[n + 1])
         adjusted[n] = Counter({g: (c if g[0] == BOS else left[g]) for g, c in counts[n].items()})
+    for w in extra_words:
+        if w and w not in (BOS, EOS) and " " not in w:
+            adjusted[1][(w,)] += 1
     # <s> is a context only, never a predicted word
     predicted = [Counter({g: c for g, c in adjusted[n].items() if g[-1] != BOS}) for n in range(order + 1)]
     discounts = [None] + [_discounts(predicted[n]) for n in range(1, order + 1)]
@@ -149,8 +156,8 @@ def read_sentences(path: str | os.PathLike, normalizer=None) -> list[str]:
 
 def wordlist_sentences(lang: str, size: int = 50_000, normalizer=None) -> list[str]:
     """The ``size`` most frequent words of ``lang`` (wordfreq; an espeak or ISO code), each
-    normalised as a model's transcripts are, as one-word LM sentences. Words with digits
-    or that normalise to several words are left out."""
+    normalised as a model's transcripts are (for :func:`build_arpa`'s ``extra_words``).
+    Words with digits or that normalise to several words are left out."""
     import wordfreq
 
     from .synth import wordfreq_lang
@@ -172,13 +179,14 @@ def wordlist_sentences(lang: str, size: int = 50_000, normalizer=None) -> list[s
     return out
 
 
-def write_arpa(text_path_or_lines: str | os.PathLike | Iterable[str], out: str | os.PathLike, order: int = 3) -> Path:
+def write_arpa(text_path_or_lines: str | os.PathLike | Iterable[str], out: str | os.PathLike, order: int = 3,
+               extra_words: Iterable[str] = ()) -> Path:
     """Build from a text file (one sentence per line) or lines, and write ``out`` atomically."""
     if isinstance(text_path_or_lines, (str, os.PathLike)):
         with open(text_path_or_lines, encoding="utf-8") as f:
-            arpa = build_arpa(f, order)
+            arpa = build_arpa(f, order, extra_words)
     else:
-        arpa = build_arpa(text_path_or_lines, order)
+        arpa = build_arpa(text_path_or_lines, order, extra_words)
     out = Path(out)
     write_text(out, arpa)
     return out

@@ -243,11 +243,17 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     overrides = {k: getattr(cfg, k) for k in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop",
                                               "frozen_mask_time_prob", "frozen_mask_feature_prob")}
     model = build_model(cfg.encoder, cfg.mode, len(vocab), head, cfg.seed, overrides, cfg.trust_remote_code, cfg.freeze_feature_encoder)
-    train_utts, dropped_ids = filter_trainable(train_utts, train_texts, vocab, model.frame_lengths, cfg.max_duration)
+    # an encoder with a fixed span (Whisper: 30 s) cannot take longer clips; they are dropped and counted like others
+    max_duration = cfg.max_duration
+    span = model.encoder.max_seconds if model.encoder is not None else float("inf")
+    if span < (max_duration if max_duration is not None else float("inf")):
+        logger.info("max_duration %s s: this encoder takes clips of at most %g s", cfg.max_duration, span)
+        max_duration = span
+    train_utts, dropped_ids = filter_trainable(train_utts, train_texts, vocab, model.frame_lengths, max_duration)
     originals, dropped_copies = len(train_utts), 0
     if cfg.speed_perturb:  # copies of the kept clips at other speeds, filtered in their turn
         copies = speed_copies(train_utts, cfg.speed_perturb)[originals:]
-        kept, gone = filter_trainable(copies, [normalizer(u.text) for u in copies], vocab, model.frame_lengths, cfg.max_duration)
+        kept, gone = filter_trainable(copies, [normalizer(u.text) for u in copies], vocab, model.frame_lengths, max_duration)
         dropped_copies = sum(len(v) for v in gone.values())
         train_utts = train_utts + kept
         logger.info("speed perturbation %s: %d training items (%d copies dropped: too short for their transcript "

@@ -190,8 +190,9 @@ class BeamDecoder:
                  unk_score_offset: float = -10.0):
         from .lm import kenlm_available, pyctcdecode_language_model
 
-        if not kenlm_available():  # pyctcdecode warns at import; our ARPA scorer stands in for kenlm
-            logging.getLogger("pyctcdecode.language_model").setLevel(logging.ERROR)
+        if not kenlm_available():  # pyctcdecode warns about kenlm; our ARPA scorer stands in for it
+            for name in ("pyctcdecode.language_model", "pyctcdecode.decoder"):
+                logging.getLogger(name).setLevel(logging.ERROR)
         try:
             from pyctcdecode.alphabet import Alphabet
             from pyctcdecode.decoder import BeamSearchDecoderCTC
@@ -247,6 +248,9 @@ class Transcriber:
         stride = chunk_length_s / 6 if stride_length_s is None else stride_length_s
         if chunk_length_s <= 2 * stride:
             raise ValueError(f"chunk_length_s ({chunk_length_s}) must exceed twice stride_length_s ({stride})")
+        limit = getattr(getattr(model, "encoder", None), "max_seconds", float("inf"))
+        if chunk_length_s > limit:
+            raise ValueError(f"chunk_length_s ({chunk_length_s:g}) is longer than this encoder takes at once ({limit:g} s)")
         # window and stride lengths are whole frames, so every window's frames line up with the file's
         self.chunk = int(chunk_length_s * SAMPLE_RATE) // hop * hop
         self.stride = int(stride * SAMPLE_RATE) // hop * hop

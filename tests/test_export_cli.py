@@ -12,7 +12,8 @@ from speechtl.config import load_train_config
 from speechtl.manifest import read_manifest
 from speechtl.train import train
 
-SUBCOMMANDS = ["prepare", "synth", "train", "extract", "evaluate", "transcribe", "align", "lm", "export"]
+SUBCOMMANDS = ["prepare", "synth", "train", "extract", "evaluate", "transcribe", "align", "lm", "export", "zeroshot",
+               "fetch-encoder"]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,24 @@ def test_help_lists_the_contract():
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0
+
+
+def test_evaluate_with_a_word_lm_scores_what_transcribe_gives(tmp_path, finetuned, tones, capsys):
+    pytest.importorskip("pyctcdecode")
+    from speechtl.inference import Recognizer
+    from speechtl.lm import build_arpa
+
+    utts = read_manifest(tones)
+    lm = tmp_path / "lm.arpa"
+    lm.write_text(build_arpa([u.text for u in utts], 2))
+    assert main(["evaluate", str(finetuned), str(tones), "--lm", str(lm), "--alpha", "0.8", "--out-dir", str(tmp_path / "e"), "-q"]) == 0
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["decoder"] == "beam" and summary["lm"] == str(lm) and summary["alpha"] == 0.8
+    hyps = {json.loads(line)["id"]: json.loads(line)["hyp"] for line in open(tmp_path / "e" / "hyps.jsonl")}
+    rec = Recognizer.load(finetuned)
+    direct = rec.transcribe([u.audio for u in utts], lm=str(lm), alpha=0.8)
+    assert [hyps[u.id] for u in utts] == [rec.normalizer(t) for t in direct]
+    assert any(hyps.values()), "the model decoded nothing: the comparison above would be empty"
 
 
 def test_evaluate_writes_summary_json(tmp_path, finetuned, tones, capsys):

@@ -189,6 +189,29 @@ def test_lm_build_cli(tmp_path, capsys):
         build_arpa(["a b"], 1)
 
 
+def test_word_list_joins_the_unigrams_only(tmp_path):
+    plain, listed = tmp_path / "plain.arpa", tmp_path / "listed.arpa"
+    plain.write_text(build_arpa(_corpus(), 3))
+    listed.write_text(build_arpa(_corpus(), 3, extra_words=["zebra", "cat", "okapi"]))
+    a, b = ArpaModel(plain), ArpaModel(listed)
+    assert b.vocab - a.vocab == {"zebra", "okapi"}
+    assert b.score((), "zebra") > b.score((), "neverseen") and b.score(("the",), "okapi") > a.score(("the",), "okapi")
+    # no n-grams invented around the listed words
+    assert {g for g in b.table if len(g) > 1} == {g for g in a.table if len(g) > 1}
+    predicted = sorted(b.vocab - {"<s>"})
+    for ctx in [(), ("the",), ("<s>", "the")]:
+        assert sum(10 ** b.score(ctx, w) for w in predicted) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_lm_build_cli_word_list(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("ahoj světe\n")
+    assert main(["lm", "build", str(text), "--wordlist", "cs", "--wordlist-size", "500", "--out", str(tmp_path / "lm.arpa")]) == 0
+    m = ArpaModel(tmp_path / "lm.arpa")
+    assert {"ahoj", "světe", "je", "na"} <= m.vocab and len(m.vocab) > 400
+    assert "listed words" in capsys.readouterr().out
+
+
 def _ambiguous(word_a: str, word_b: str, p_a: float = 0.55) -> np.ndarray:
     """Frames spelling word_a with probability p_a and word_b otherwise, letter by letter."""
     rows = []

