@@ -454,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        if not args.verbose:  # importing transformers resets its level; set it again
+            hf_logging.set_verbosity_error()
     except ImportError:
         pass
     try:

@@ -247,7 +247,15 @@ def test_whisper_encoder_trains_reloads_and_transcribes(tmp_path, whisper_dir, m
     rec = Recognizer.load(model_dir)
     assert isinstance(rec.model.encoder, WhisperSpeechEncoder)
     t = rec.transcribe(str(tmp_path / "wavs" / "u0.wav"), return_timestamps=True)
-    assert isinstance(t.text, str)
+    assert isinstance(t.text, str) and t.duration == pytest.approx(0.6, abs=0.01)
+    if mode == "frozen":  # forced alignment on Whisper frames: 20 ms each, inside the clip
+        from speechtl.cli import main
+
+        assert main(["align", str(model_dir), str(tmp_path / "wavs" / "u0.wav"), "ab ba", "--format", "json",
+                     "--out", str(tmp_path / "a.json")]) == 0
+        words = [w for seg in json.loads((tmp_path / "a.json").read_text())["segments"] for w in seg["words"]]
+        assert [w["word"] for w in words] == ["ab", "ba"]
+        assert 0 <= words[0]["start"] < words[0]["end"] <= words[1]["start"] < words[1]["end"] <= 0.62
 
 
 def test_whisper_feature_cache_equals_the_encoder(tmp_path, whisper_dir):

@@ -135,9 +135,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", type=Path, help="the recipe's --out folder")
     ap.add_argument("--out", type=Path, required=True, help="folder for results.json, results.md and the plot")
+    ap.add_argument("--keep", type=Path, help="an earlier results.json: its rows stay where this machine lacks the run")
     args = ap.parse_args()
     rows = read_runs(args.root)
     zero_shot = read_zero_shot(args.root)
+    if args.keep:  # rows of an earlier results.json whose runs are not on this machine
+        here = {(r["target"], r["minutes"], r["encoder"], r["mode"]) for r in rows}
+        old = json.loads(args.keep.read_text())
+        old_runs = old["runs"] if isinstance(old, dict) else old
+        for r in old_runs:
+            r = {"encoder": "default", "test_cer_lm": None, "test_wer_lm": None,
+                 "seconds_per_update": r["wall_time_s"] / max(r["steps"], 1), **r}
+            if (r["target"], r["minutes"], r["encoder"], r["mode"]) not in here:
+                rows.append(r)
+        if isinstance(old, dict):
+            seen = {(z["target"], z["encoder"]) for z in zero_shot}
+            zero_shot += [z for z in old.get("zero_shot", []) if (z["target"], z["encoder"]) not in seen]
     if not rows:
         raise SystemExit(f"no finished, scored runs under {args.root}/runs")
     args.out.mkdir(parents=True, exist_ok=True)

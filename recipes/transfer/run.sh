@@ -117,5 +117,7 @@ if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
     done
 fi
 if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
-    "$PY" "$here/report.py" "$out" --out "$here/results"
+    # rows already in results.json stay where this machine lacks the run (grids are built over sessions)
+    keep=(); [ -f "$here/results/results.json" ] && keep=(--keep "$here/results/results.json")
+    "$PY" "$here/report.py" "$out" --out "$here/results" "${keep[@]}"
 fi
