@@ -216,6 +216,9 @@ def main() -> None:
         for name in args.encoders.split(","):
             path = encoder_dir(name, work)
             encoder = load_encoder(path).to(device).eval()
+            if encoder.config.model_type == "whisper":
+                raise SystemExit(f"{name}: this benchmark compares against transformers' wav2vec2-style feature "
+                                 "extraction; Whisper encoders are not covered by it")
             model = AutoModel.from_pretrained(resolve_encoder(path)).to(device).eval()
             fe = Wav2Vec2FeatureExtractor(sampling_rate=16_000, do_normalize=encoder.normalize_waveform,
                                           return_attention_mask=encoder.config.feat_extract_norm == "layer")

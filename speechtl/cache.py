@@ -203,6 +203,11 @@ def extract_to_cache(
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if not (shard_seconds > 0 and shard_gb > 0):
         raise ValueError(f"shard_seconds and shard_gb must be positive (got {shard_seconds}, {shard_gb})")
+    span = getattr(encoder, "max_seconds", float("inf"))
+    too_long = [u.id for u in utterances if u.duration > span]
+    if too_long:  # before any work: the encoder would refuse them half-way through
+        raise ValueError(f"{len(too_long)} clip(s) are longer than this encoder's {span:g} s span "
+                         f"(first: {', '.join(too_long[:5])}); cut them, or leave them out of the manifest")
     if rank is None or world_size is None:
         rank, world_size = _dist_info()
     out = Path(out_dir)

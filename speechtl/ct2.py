@@ -24,7 +24,7 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +47,13 @@ class CT2Model:
     revision: int
     variables: dict[str, torch.Tensor]
     aliases: dict[str, str]
+    accessed: set = field(default_factory=set)  # names read through get(), to find unmapped ones
 
     def get(self, name: str) -> torch.Tensor:
         name = self.aliases.get(name, name)
-        return self.variables[name]
+        t = self.variables[name]
+        self.accessed.add(name)
+        return t
 
     def scalar(self, name: str):
         return self.get(name).reshape(-1)[0].item()
@@ -208,8 +211,27 @@ def _ln(dst: str, m: CT2Model, src: str) -> dict[str, torch.Tensor]:
     return {f"{dst}.weight": m.get(f"{src}/gamma"), f"{dst}.bias": m.get(f"{src}/beta")}
 
 
+def _weight(m: CT2Model, name: str) -> torch.Tensor:
+    """A weight as float32, dequantised when CTranslate2 stored it as int8 (one scale per
+    output row, ``weight_scale``) or int16 (one scale): ``w = q / scale``."""
+    w = m.get(name)
+    if w.dtype in (torch.int8, torch.int16):
+        scale_name = f"{name}_scale"
+        if scale_name not in m.variables:
+            raise CT2FormatError(f"{name} is quantised ({w.dtype}) but {scale_name} is missing")
+        scale = m.get(scale_name).float()
+        w = w.float() / (scale.reshape(-1, *([1] * (w.dim() - 1))) if scale.numel() > 1 else scale.reshape(()))
+    return w.float()
+
+
 def _lin(dst: str, m: CT2Model, src: str) -> dict[str, torch.Tensor]:
-    return {f"{dst}.weight": m.get(f"{src}/weight"), f"{dst}.bias": m.get(f"{src}/bias")}
+    return {f"{dst}.weight": _weight(m, f"{src}/weight"), f"{dst}.bias": m.get(f"{src}/bias")}
+
+
+# scalars and flags of a WhisperSpec that transformers' Whisper fixes by construction
+_SPEC_SCALARS = ("activation", "alibi", "alignment_heads", "alignment_layer", "num_heads", "pre_norm",
+                 "scale_embeddings", "start_from_zero_embedding", "multi_query_attention", "rotary_dim",
+                 "rotary_interleave", "rms_norm", "parallel_residual", "shared_layer_norm")
 
 
 def whisper_state_dict(m: CT2Model, decoder: bool = True, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -218,13 +240,12 @@ def whisper_state_dict(m: CT2Model, decoder: bool = True, dtype: torch.dtype = t
     cfg = whisper_config_dict(m)
     d = cfg["d_model"]
     sd: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
     for conv in ("conv1", "conv2"):
         sd.update(_lin(f"encoder.{conv}", m, f"encoder/{conv}"))
     sd["encoder.embed_positions.weight"] = m.get("encoder/position_encodings/encodings")
     for i in range(cfg["encoder_layers"]):
         src, dst = f"encoder/layer_{i}", f"encoder.layers.{i}"
-        sd.update(_split_qkv(f"{dst}.self_attn", m.get(f"{src}/self_attention/linear_0/weight"),
+        sd.update(_split_qkv(f"{dst}.self_attn", _weight(m, f"{src}/self_attention/linear_0/weight"),
                              m.get(f"{src}/self_attention/linear_0/bias"), d, ("q_proj", "k_proj", "v_proj")))
         sd.update(_lin(f"{dst}.self_attn.out_proj", m, f"{src}/self_attention/linear_1"))
         sd.update(_ln(f"{dst}.self_attn_layer_norm", m, f"{src}/self_attention/layer_norm"))
@@ -232,18 +253,17 @@ def whisper_state_dict(m: CT2Model, decoder: bool = True, dtype: torch.dtype = t
         sd.update(_lin(f"{dst}.fc2", m, f"{src}/ffn/linear_1"))
         sd.update(_ln(f"{dst}.final_layer_norm", m, f"{src}/ffn/layer_norm"))
     sd.update(_ln("encoder.layer_norm", m, "encoder/layer_norm"))
-    used |= {k for k in m.variables if k.startswith("encoder/")}
     if decoder:
-        sd["decoder.embed_tokens.weight"] = m.get("decoder/embeddings/weight")
+        sd["decoder.embed_tokens.weight"] = _weight(m, "decoder/embeddings/weight")
         sd["decoder.embed_positions.weight"] = m.get("decoder/position_encodings/encodings")
         for i in range(cfg["decoder_layers"]):
             src, dst = f"decoder/layer_{i}", f"decoder.layers.{i}"
-            sd.update(_split_qkv(f"{dst}.self_attn", m.get(f"{src}/self_attention/linear_0/weight"),
+            sd.update(_split_qkv(f"{dst}.self_attn", _weight(m, f"{src}/self_attention/linear_0/weight"),
                                  m.get(f"{src}/self_attention/linear_0/bias"), d, ("q_proj", "k_proj", "v_proj")))
             sd.update(_lin(f"{dst}.self_attn.out_proj", m, f"{src}/self_attention/linear_1"))
             sd.update(_ln(f"{dst}.self_attn_layer_norm", m, f"{src}/self_attention/layer_norm"))
             sd.update(_lin(f"{dst}.encoder_attn.q_proj", m, f"{src}/attention/linear_0"))
-            sd.update(_split_qkv(f"{dst}.encoder_attn", m.get(f"{src}/attention/linear_1/weight"),
+            sd.update(_split_qkv(f"{dst}.encoder_attn", _weight(m, f"{src}/attention/linear_1/weight"),
                                  m.get(f"{src}/attention/linear_1/bias"), d, ("k_proj", "v_proj")))
             sd.update(_lin(f"{dst}.encoder_attn.out_proj", m, f"{src}/attention/linear_2"))
             sd.update(_ln(f"{dst}.encoder_attn_layer_norm", m, f"{src}/attention/layer_norm"))
@@ -251,8 +271,12 @@ def whisper_state_dict(m: CT2Model, decoder: bool = True, dtype: torch.dtype = t
             sd.update(_lin(f"{dst}.fc2", m, f"{src}/ffn/linear_1"))
             sd.update(_ln(f"{dst}.final_layer_norm", m, f"{src}/ffn/layer_norm"))
         sd.update(_ln("decoder.layer_norm", m, "decoder/layer_norm"))
-        used |= {k for k in m.variables if k.startswith("decoder/")}
-    # flags and scalars of the spec that transformers' Whisper fixes by construction
+    # every variable must have been read: an unknown one would mean a model we would misread
+    prefixes = ("encoder/", "decoder/") if decoder else ("encoder/",)
+    leftover = [n for n in m.variables if n.startswith(prefixes) and n not in m.accessed
+                and n.rsplit("/", 1)[-1] not in _SPEC_SCALARS]
+    if leftover:
+        raise CT2FormatError(f"variables this converter does not know: {', '.join(sorted(leftover)[:5])}")
     expected_flags = {"decoder/pre_norm": 1, "decoder/alibi": 0, "decoder/scale_embeddings": 0}
     for name, want in expected_flags.items():
         if name in m.variables and int(m.scalar(name)) != want:

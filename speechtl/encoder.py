@@ -374,6 +374,9 @@ def load_encoder(
     unknown = set(overrides) - set(TRAINING_CONFIG_KEYS)
     if unknown:
         raise ValueError(f"cannot override encoder config keys {sorted(unknown)}")
+    if not os.path.exists(source) and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
+        # a hub id is owner/name; anything else that does not exist is a mistyped folder
+        raise FileNotFoundError(f"encoder folder {source} does not exist")
     if is_whisper_source(source):
         return load_whisper_encoder(source, str(name_or_path), random_init, seed, overrides)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)

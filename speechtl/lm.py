@@ -76,12 +76,14 @@ def build_arpa(sentences: Iterable[str], order: int = 3, extra_words: Iterable[s
     for n in range(order - 1, 0, -1):
         left = Counter(g[1:] for g in counts[n + 1])
         adjusted[n] = Counter({g: (c if g[0] == BOS else left[g]) for g, c in counts[n].items()})
+    # discounts come from the text's own counts; the listed words only add unigram mass
+    text_unigrams = Counter({g: c for g, c in adjusted[1].items() if g[-1] != BOS})
     for w in extra_words:
-        if w and w not in (BOS, EOS) and " " not in w:
+        if len(w.split()) == 1 and w == w.strip() and w not in (BOS, EOS, UNK):
             adjusted[1][(w,)] += 1
     # <s> is a context only, never a predicted word
     predicted = [Counter({g: c for g, c in adjusted[n].items() if g[-1] != BOS}) for n in range(order + 1)]
-    discounts = [None] + [_discounts(predicted[n]) for n in range(1, order + 1)]
+    discounts = [None, _discounts(text_unigrams)] + [_discounts(predicted[n]) for n in range(2, order + 1)]
 
     def disc(n: int, c: int) -> float:
         return discounts[n][min(c, 3) - 1]

@@ -88,6 +88,8 @@ class CTCModel(nn.Module):
             fe._requires_grad = train_cnn
         for p in groups["transformer"]:
             p.requires_grad_(self.mode != "frozen")
+        for p in getattr(self.encoder, "fixed_parameters", ()):
+            p.requires_grad_(False)
         if self.mode == "frozen":
             self.encoder.eval()
 

@@ -140,6 +140,12 @@ class WhisperSpeechEncoder(nn.Module):
         """The convolutional front end (frozen while fine-tuning by default)."""
         return nn.ModuleList([self.model.conv1, self.model.conv2])
 
+    @property
+    def fixed_parameters(self) -> list[nn.Parameter]:
+        """Parameters never trained in any mode: the positional embeddings (fixed sinusoids
+        in OpenAI's Whisper; transformers freezes them too)."""
+        return [self.model.embed_positions.weight]
+
     def frame_lengths(self, lengths: torch.Tensor | int) -> torch.Tensor | int:
         mel = LogMel.frames(lengths)
         if isinstance(mel, int):
@@ -156,7 +162,8 @@ class WhisperSpeechEncoder(nn.Module):
         lengths = lengths.clamp(min=HOP)
         if waveforms.shape[1] < HOP:
             waveforms = F.pad(waveforms, (0, HOP - waveforms.shape[1]))
-        limit = int(self.max_seconds * SAMPLE_RATE)
+        # up to HOP - 1 samples past the span still make the same number of mel frames
+        limit = int(self.max_seconds * SAMPLE_RATE) + HOP - 1
         if int(lengths.max()) > limit:
             raise ValueError(f"a clip of {int(lengths.max()) / SAMPLE_RATE:.2f} s is longer than this Whisper encoder's "
                              f"{self.max_seconds:g} s; cut it into windows (transcription does this itself)")
@@ -261,7 +268,7 @@ def load_whisper_encoder(source: str, name: str, random_init: bool = False, seed
         if not random_init:
             from transformers import WhisperModel
 
-            state = WhisperModel.from_pretrained(source).encoder.state_dict()
+            state = WhisperModel.from_pretrained(source, use_safetensors=True).encoder.state_dict()
     overrides = dict(config_overrides or {})
     masking = [0.0, 10, 0.0, 10]
     for k, v in overrides.items():
@@ -274,7 +281,6 @@ def load_whisper_encoder(source: str, name: str, random_init: bool = False, seed
         model = WhisperEncoder(config)
     if state is not None and not random_init:
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "embed_positions.weight" or "embed_positions.weight" not in state]
         if missing or unexpected:
             raise ValueError(f"{source}: Whisper encoder weights do not fit its config "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")

@@ -39,7 +39,7 @@ def whisper_zero_shot(model_dir: str, utterances: Sequence[Utterance], language:
 
     source = resolve_encoder(model_dir)
     processor = AutoProcessor.from_pretrained(source)
-    model = WhisperForConditionalGeneration.from_pretrained(source).to(device).eval()
+    model = WhisperForConditionalGeneration.from_pretrained(source, use_safetensors=True).to(device).eval()
     multilingual = bool(getattr(model.generation_config, "is_multilingual", True))
     gen = {"num_beams": 1, "do_sample": False}
     if multilingual:

