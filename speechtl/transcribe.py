@@ -255,6 +255,18 @@ class Transcriber:
         self.chunk = int(chunk_length_s * SAMPLE_RATE) // hop * hop
         self.stride = int(stride * SAMPLE_RATE) // hop * hop
         self.hop = hop
+        # a window of `chunk` samples may make fewer than chunk / hop frames (wav2vec2's CNN needs
+        # 400 samples for its first): read a little more, so that every window yields the frames
+        # its place in the file calls for, whatever the stride (even 0)
+        self.read_len = self.chunk
+        frames_of = getattr(model, "frame_lengths", None)
+        if frames_of is not None:
+            want = self.chunk // hop
+            while int(frames_of(self.read_len)) < want and self.read_len < self.chunk + 4 * hop:
+                self.read_len += 1
+            if int(frames_of(self.read_len)) < want:
+                raise ValueError(f"this model makes {int(frames_of(self.read_len))} frames from {self.read_len} samples; "
+                                 f"windows need {want}")
         if max_batch_seconds is None:  # small batches run fastest on a CPU (cache-sized); a GPU wants large ones
             max_batch_seconds = 10.0 if torch.device(device).type == "cpu" else 120.0
         self.max_batch_seconds = max_batch_seconds
@@ -276,7 +288,7 @@ class Transcriber:
         for k in range(n):
             start = k * step
             last = k == n - 1
-            wav = item.read(start / SAMPLE_RATE, None if last else self.chunk / SAMPLE_RATE)
+            wav = item.read(start / SAMPLE_RATE, None if last else self.read_len / SAMPLE_RATE)
             keep_from = 0 if k == 0 else self.stride // self.hop
             keep_to = None if last else (self.chunk - self.stride) // self.hop
             yield _Window(wav, keep_from, keep_to, last)

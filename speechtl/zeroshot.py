@@ -41,7 +41,8 @@ def whisper_zero_shot(model_dir: str, utterances: Sequence[Utterance], language:
     processor = AutoProcessor.from_pretrained(source)
     model = WhisperForConditionalGeneration.from_pretrained(source, use_safetensors=True).to(device).eval()
     multilingual = bool(getattr(model.generation_config, "is_multilingual", True))
-    gen = {"num_beams": 1, "do_sample": False}
+    # at most 224 new tokens per 30 s window, as OpenAI's own decoding options (sample_len) have it
+    gen = {"num_beams": 1, "do_sample": False, "max_new_tokens": 224}
     if multilingual:
         gen["task"] = "transcribe"
         if language:

@@ -31,6 +31,9 @@ class LocalModel(nn.Module):
         self.encoder = SimpleNamespace(config=SimpleNamespace(conv_stride=[5, 2, 2, 2, 2, 2, 2]), frame_rate=50.0)
         self.vocab_size = vocab_size
 
+    def frame_lengths(self, samples: int) -> int:
+        return max((samples - 400) // 320 + 1, 0)
+
     def forward(self, values, lengths):
         frames = torch.clamp((lengths - 400) // 320 + 1, min=0)
         t = int(frames.max())
@@ -49,7 +52,8 @@ def piecewise_signal(seconds: float, seed: int = 0) -> np.ndarray:
     return (levels * np.sign(rng.standard_normal(n))).astype(np.float32)
 
 
-@pytest.mark.parametrize("chunk,stride", [(4.0, 1.0), (3.0, 0.5), (10.0, None)])
+# strides under one frame (0.01 s) and none at all must not lose a frame per window
+@pytest.mark.parametrize("chunk,stride", [(4.0, 1.0), (3.0, 0.5), (10.0, None), (4.0, 0.0), (4.0, 0.01)])
 def test_chunked_log_probs_equal_whole_file(tmp_path, chunk, stride):
     wav = piecewise_signal(23.37)
     path = tmp_path / "long.wav"
