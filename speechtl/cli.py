@@ -82,7 +82,8 @@ def cmd_evaluate(args) -> int:
 
     rec = Recognizer.load(args.model_dir, device=args.device)
     utts = read_manifest(args.manifest, check_files=False)
-    out_dir = Path(args.out_dir) if args.out_dir else (Path(args.json).parent if args.json else Path(args.model_dir) / "eval")
+    # artefacts of `--json DIR/x.json` go to DIR/x/, so that two test sets scored into one folder keep theirs apart
+    out_dir = Path(args.out_dir) if args.out_dir else (Path(args.json).with_suffix("") if args.json else Path(args.model_dir) / "eval")
     summary = rec.evaluate(utts, out_dir=out_dir, progress=not args.quiet, on_bad_audio=args.on_bad_audio, lm=args.lm,
                            beam_width=args.beam_width, alpha=args.alpha, beta=args.beta)
     if args.json:
@@ -342,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model_dir")
     s.add_argument("manifest")
     s.add_argument("--json", help="write the summary JSON here (wer, cer, utterances, audio_seconds, ...)")
-    s.add_argument("--out-dir", help="folder for hyps.jsonl/errs.txt/summary.json (default: beside --json, or MODEL_DIR/eval)")
+    s.add_argument("--out-dir", help="folder for hyps.jsonl/errs.txt/summary.json (default: DIR/x/ for --json DIR/x.json, "
+                   "or MODEL_DIR/eval)")
     s.add_argument("--device", default="auto")
     s.add_argument("--on-bad-audio", choices=["error", "skip"], default="error",
                    help="unreadable or missing audio: stop naming every such file (error), or leave them out of the "

@@ -61,7 +61,20 @@ def test_evaluate_writes_summary_json(tmp_path, finetuned, tones, capsys):
     assert summary["utterances"] == len(read_manifest(tones))
     assert 0 <= summary["cer"] and summary["audio_seconds"] > 0
     for name in ("hyps.jsonl", "errs.txt"):
-        assert (tmp_path / name).is_file()
+        assert (tmp_path / "r" / name).is_file()
+
+
+def test_two_evaluations_into_one_folder_keep_their_artefacts(tmp_path, finetuned, tones):
+    utts = read_manifest(tones)
+    from speechtl.manifest import write_manifest
+
+    half = write_manifest(tmp_path / "half.jsonl", utts[: len(utts) // 2])
+    assert main(["evaluate", str(finetuned), str(tones), "--json", str(tmp_path / "all.json"), "-q"]) == 0
+    assert main(["evaluate", str(finetuned), str(half), "--json", str(tmp_path / "half.json"), "-q"]) == 0
+    for name, n in (("all", len(utts)), ("half", len(utts) // 2)):
+        lines = (tmp_path / name / "hyps.jsonl").read_text().splitlines()
+        assert len(lines) == n
+        assert json.loads((tmp_path / name / "summary.json").read_text())["utterances"] == n
 
 
 def test_export_matches_transformers_pipeline(tmp_path, finetuned, tones):

@@ -31,7 +31,7 @@ if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
 fi
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
     for mode in frozen finetune scratch; do
-        st evaluate "$out/$mode/model" "$out/data/test/manifest.jsonl" --json "$out/$mode/test/summary.json" -q > /dev/null
+        st evaluate "$out/$mode/model" "$out/data/test/manifest.jsonl" --out-dir "$out/$mode/test" -q > /dev/null
     done
     "$PY" - "$out" <<'PYEOF'
 import json, sys
