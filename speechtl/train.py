@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import logging
 import math
@@ -228,6 +229,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     if ck is not None and ck["state"].get("world_size", 1) != ctx.world_size:
         raise ValueError(f"{ckpt_path}: written by a {ck['state'].get('world_size', 1)}-process run; resume it with the same"
                          f" number of processes (this run has {ctx.world_size}), or start afresh without resume=true")
+    complete = ck is not None and _run_complete(ck["state"], cfg)
+    if complete and (out / "train_summary.json").is_file():
+        logger.warning("%s: this run is complete (%s at step %d); nothing to do. Raise max_steps to train on, "
+                       "or start afresh without resume=true", out, ck["state"]["finished"], ck["state"]["step"])
+        return json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
     if cfg.vocab:
         vocab = Vocabulary.load(cfg.vocab)
     elif ck is not None:
@@ -405,7 +411,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     bar = tqdm(total=cfg.max_steps, initial=st["step"], desc=f"train[{cfg.mode}]", unit="step", disable=not progress)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    micro, stop_reason, loss_acc, audio_acc, utt_acc = 0, None, 0.0, 0.0, 0
+    # a complete run resumed (killed before its summary was written) goes straight to the summary
+    stop_reason = st.get("finished") if complete else None
+    micro, loss_acc, audio_acc, utt_acc = 0, 0.0, 0.0, 0
     save_every = cfg.save_every or cfg.eval_every
     while stop_reason is None:
         sampler.set_epoch(st["epoch"])
@@ -473,10 +481,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
         else:
             st["epoch"] += 1
             st["batch_in_epoch"] = 0
-    if st["step"] % cfg.eval_every != 0 and st["step"] < cfg.max_steps:
-        row = evaluate_and_keep()  # every rank: it gathers dev results
-        if ctx.is_main:
-            _append_metrics(metrics_path, st, optimizer, row)
+    if not complete:
+        if st["step"] % cfg.eval_every != 0 and st["step"] < cfg.max_steps:
+            row = evaluate_and_keep()  # every rank: it gathers dev results
+            if ctx.is_main:
+                _append_metrics(metrics_path, st, optimizer, row)
+        st["finished"] = stop_reason  # resume=true on this checkpoint is then a no-op
         save_checkpoint()
     bar.close()
 
@@ -513,6 +523,18 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     if ctx.is_main:
         write_json(out / "train_summary.json", summary)
     return summary
+
+
+def _run_complete(state: dict, cfg: TrainConfig) -> bool:
+    """Whether a checkpoint's run ended and this configuration would not take it further."""
+    reason = state.get("finished")
+    if reason is None:
+        return False
+    if state["step"] < cfg.max_steps and reason == "max_steps":
+        return False  # max_steps was raised: train on
+    if reason == "max_minutes" and (cfg.max_minutes is None or state["elapsed"] < cfg.max_minutes * 60):
+        return False  # the time budget was raised or lifted
+    return True
 
 
 def _append_metrics(path: Path, st: dict, optimizer, row: dict) -> None:

@@ -290,3 +290,21 @@ def test_speed_copies_refuse_colliding_ids_and_resume_refuses_other_data(tmp_pat
         train(_cfg(tmp_path, tones, tiny_encoder, **kw), progress=False, should_stop=lambda step: step >= 2)
     with pytest.raises(ValueError, match="training items"):
         train(_cfg(tmp_path, tones, tiny_encoder, resume=True, speed_perturb=[0.9], **kw), progress=False)
+
+
+@pytest.mark.parametrize("with_dev", [False, True])
+def test_resuming_a_finished_run_is_a_no_op(tmp_path, tones, tiny_encoder, with_dev, caplog):
+    kw = dict(mode="finetune", max_steps=4, eval_every=3, mask_time_prob=0.0, **({"dev": str(tones)} if with_dev else {}))
+    first = train(_cfg(tmp_path, tones, tiny_encoder, **kw), progress=False)
+    out = tmp_path / "out"
+    rows = (out / "metrics.csv").read_text()
+    weights = (out / "model" / "head.safetensors").read_bytes()
+    ckpt = (out / "checkpoints" / "last.pt").read_bytes()
+    again = train(_cfg(tmp_path, tones, tiny_encoder, resume=True, **kw), progress=False)
+    assert again["steps"] == first["steps"] == 4
+    assert (out / "metrics.csv").read_text() == rows
+    assert (out / "model" / "head.safetensors").read_bytes() == weights
+    assert (out / "checkpoints" / "last.pt").read_bytes() == ckpt
+    assert "this run is complete" in caplog.text
+    more = train(_cfg(tmp_path, tones, tiny_encoder, resume=True, **{**kw, "max_steps": 6}), progress=False)
+    assert more["steps"] == 6  # a raised max_steps trains on
