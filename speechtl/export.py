@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ._io import atomic_dir
+from ._io import atomic_dir, write_json
 from .model import load_model_dir
+from .text import UNK_TEXT
 
 
 class ExportError(ValueError):
@@ -56,9 +57,10 @@ def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         ctc.save_pretrained(str(tmp), safe_serialization=True)
-        vocab.save(tmp / "vocab.json")
+        # the unknown token is written as speechtl writes it (UNK_TEXT), so transcripts agree
+        write_json(tmp / "vocab.json", {(UNK_TEXT if i == vocab.unk_id else t): i for i, t in enumerate(vocab.tokens)})
         tokenizer = Wav2Vec2CTCTokenizer(
-            str(tmp / "vocab.json"), unk_token="[UNK]", pad_token="<pad>", word_delimiter_token="|", bos_token=None, eos_token=None
+            str(tmp / "vocab.json"), unk_token=UNK_TEXT, pad_token="<pad>", word_delimiter_token="|", bos_token=None, eos_token=None
         )
         extractor = Wav2Vec2FeatureExtractor(
             feature_size=1, sampling_rate=16_000, padding_value=0.0, do_normalize=enc.normalize_waveform,

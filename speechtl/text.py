@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 
 PAD = "<pad>"
 UNK = "[UNK]"
+# how an unknown character is written in transcripts, by every decoder and in exported
+# models; the normaliser keeps it as a letter, so scoring counts it as one wrong character
+# inside its word (not as the extra word "unk" that "[UNK]" would normalise to)
+UNK_TEXT = "\u2047"
 WORD_DELIMITER = "|"
 APOSTROPHES = "'\u2019\u02bc\u2018`"
 
@@ -51,6 +55,9 @@ class Normalizer:
         if c.strip_punctuation:
             out = []
             for ch in text:
+                if ch == UNK_TEXT:
+                    out.append(ch)
+                    continue
                 if ch in APOSTROPHES:
                     out.append("'" if c.keep_apostrophes else " ")
                     continue
@@ -123,14 +130,15 @@ class Vocabulary:
     def decode(self, ids: Iterable[int]) -> str:
         """Ids (already CTC-collapsed, blanks removed) to text.
 
-        Matches ``Wav2Vec2CTCTokenizer.decode``: ``|`` becomes a space and the ends are
-        stripped (inner runs of spaces are kept, so exported models agree exactly)."""
+        Matches ``Wav2Vec2CTCTokenizer.decode`` of an exported model: ``|`` becomes a space,
+        ``[UNK]`` is written :data:`UNK_TEXT`, and the ends are stripped (inner runs of
+        spaces are kept, so exported models agree exactly)."""
         out = []
         for i in ids:
             i = int(i)
             if i == self.pad_id:
                 continue
-            out.append(" " if i == self.delimiter_id else self.tokens[i])
+            out.append(" " if i == self.delimiter_id else UNK_TEXT if i == self.unk_id else self.tokens[i])
         return "".join(out).strip()
 
     def oov_report(self, texts: Iterable[str]) -> Counter:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_info, load_audio
 from .decode import token_runs
 from .loader import pad_waveforms
-from .text import Vocabulary
+from .text import UNK_TEXT, Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def words_from_runs(runs, probs: np.ndarray, vocab: Vocabulary, frame_s: float) 
         if tok == vocab.delimiter_id:
             close()
         else:
-            chars.append((vocab.tokens[tok] if tok != vocab.unk_id else "?", s, e))
+            chars.append((vocab.tokens[tok] if tok != vocab.unk_id else UNK_TEXT, s, e))
     close()
     return words
 
@@ -201,7 +201,7 @@ class BeamDecoder:
 
         if lm is not None and not Path(lm).is_file():
             raise FileNotFoundError(f"{lm}: language model not found")
-        labels = ["", "\u2047", " ", *vocab.tokens[3:]]  # blank, [UNK], word delimiter, characters
+        labels = ["", UNK_TEXT, " ", *vocab.tokens[3:]]  # blank, [UNK], word delimiter, characters
         language_model = None
         if lm is not None:
             language_model = pyctcdecode_language_model(lm, alpha=alpha, beta=beta, unk_score_offset=unk_score_offset)

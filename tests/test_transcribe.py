@@ -303,3 +303,25 @@ def test_align_cli(tmp_path, model_dir, capsys):
     assert 0 <= words[0]["start"] < words[0]["end"] <= words[1]["start"] < words[1]["end"] <= 2.0
     assert main(["align", str(model_dir), str(clip), "zz top"]) == 1
     assert "outside the model's vocabulary" in capsys.readouterr().err
+
+
+def test_unknown_character_is_one_rendering_everywhere_and_one_character_error():
+    from speechtl.metrics import UtteranceResult, score
+    from speechtl.text import UNK_TEXT, Normalizer
+
+    ids = [VOCAB.index["c"], VOCAB.unk_id, VOCAB.index["t"], VOCAB.delimiter_id, VOCAB.index["s"]]
+    assert VOCAB.decode(ids) == f"c{UNK_TEXT}t s"
+    rows = []  # frames spelling c [UNK] t | s, each letter once, blanks between
+    for i in ids:
+        rows += [np.eye(len(VOCAB))[i], np.eye(len(VOCAB))[0]]
+    lp = np.log(np.array(rows) * 0.999 + 1e-4).astype(np.float32)
+    greedy = " ".join(w.word for w in GreedyDecoder(VOCAB)(lp, 0.02))
+    assert greedy == f"c{UNK_TEXT}t s"
+    pytest.importorskip("pyctcdecode")
+    beam = " ".join(w.word for w in BeamDecoder(VOCAB, beam_width=8)(lp, 0.02))
+    assert beam == greedy
+    norm = Normalizer()
+    assert norm(greedy) == greedy  # kept as a letter: no extra word
+    report = score([UtteranceResult("u", "cat s", greedy, 1.0)], normalize=norm)
+    assert report.word_counts[0].substitutions == 1 and report.word_counts[0].insertions == 0
+    assert report.char_counts[0].substitutions == 1 and report.char_counts[0].insertions == 0
