@@ -470,3 +470,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"speechtl {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # a bug, not bad input: say how to see where
+        if args.verbose:
+            raise
+        print(f"speechtl {args.command}: unexpected error: {type(e).__name__}: {e}\n"
+              f"rerun with -v for the traceback", file=sys.stderr)
+        return 1

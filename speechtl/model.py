@@ -221,12 +221,21 @@ def save_model_dir(
     return out_dir
 
 
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A model directory, or a training run's folder (its ``model/``)."""
+    path = Path(path)
+    if (path / MODEL_FILE).is_file():
+        return path
+    if (path / "model" / MODEL_FILE).is_file():
+        return path / "model"
+    raise FileNotFoundError(f"{path}: not a speechtl model directory or training run (no {MODEL_FILE} in it or in "
+                            f"its model/)")
+
+
 def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CTCModel, Vocabulary, Normalizer, dict]:
     """Load what :func:`save_model_dir` wrote; the model comes back in eval mode."""
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_dir(model_dir)
     meta_path = model_dir / MODEL_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{model_dir}: not a speechtl model directory (no {MODEL_FILE})")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     vocab = Vocabulary.load(model_dir / "vocab.json")
     normalizer = load_normalizer(model_dir / "normalizer.json")

@@ -216,6 +216,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     out = Path(cfg.out)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        write_config_yaml(cfg, out / "config.yaml")
     ckpt_path = out / "checkpoints" / "last.pt"
     seed_everything(cfg.seed)
     normalizer = Normalizer(NormalizerConfig(**cfg.normalizer))
@@ -393,6 +394,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
             report = score_dev()
             row = {"dev_wer": report.wer, "dev_cer": report.cer}
             metric = report.cer if cfg.best_metric == "cer" else report.wer
+            shown.update(dev_wer=f"{report.wer:.3f}", dev_cer=f"{report.cer:.3f}")
+            logger.info("step %d: dev WER %.4f CER %.4f (loss %.4f)", st["step"], report.wer, report.cer, st["loss"] or 0.0)
             if st["best"] is None or metric < st["best"]["metric"]:
                 st["best"] = {"metric": metric, "wer": report.wer, "cer": report.cer}
                 st["best_step"] = st["step"]
@@ -408,6 +411,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
 
     start = time.monotonic() - st["elapsed"]
     budget = None if cfg.max_minutes is None else cfg.max_minutes * 60
+    shown: dict = {}  # the progress bar's postfix: loss, and dev WER/CER since the last evaluation
     bar = tqdm(total=cfg.max_steps, initial=st["step"], desc=f"train[{cfg.mode}]", unit="step", disable=not progress)
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -457,7 +461,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
             st["utterances"] += int(utts)
             micro, loss_acc, audio_acc, utt_acc = 0, 0.0, 0.0, 0
             bar.update(1)
-            bar.set_postfix(loss=f"{st['loss']:.3f}")
+            shown["loss"] = f"{st['loss']:.3f}"
+            bar.set_postfix(shown)
             # the metrics row goes out before the checkpoint: a kill between the two leaves a row
             # that resume trims and writes again, never a checkpoint whose row is lost
             evaluated = st["step"] % cfg.eval_every == 0 or st["step"] >= cfg.max_steps
@@ -523,6 +528,22 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     if ctx.is_main:
         write_json(out / "train_summary.json", summary)
     return summary
+
+
+def write_config_yaml(cfg: TrainConfig, path: Path) -> None:
+    """The resolved configuration, so that ``speechtl train out/config.yaml`` repeats the run:
+    local paths are made absolute (a YAML's relative paths are read against its folder)."""
+    import yaml
+
+    data = asdict(cfg)
+    for key in ("train", "dev", "vocab", "feature_cache", "out", "encoder"):
+        value = data.get(key)
+        if isinstance(value, str) and value and (key != "encoder" or Path(value).exists()):
+            data[key] = str(Path(value).resolve())
+    data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+    with atomic_path(path) as tmp:
+        tmp.write_text("# the resolved configuration of this run; `speechtl train THIS_FILE` repeats it\n"
+                       + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
 def _run_complete(state: dict, cfg: TrainConfig) -> bool:

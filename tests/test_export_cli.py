@@ -132,3 +132,37 @@ def test_train_overrides_may_follow_options(capsys):
     assert "unknown config key" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "train=x.jsonl", "--bogus-flag"])
+
+
+def test_commands_accept_a_training_run_folder(tmp_path, finetuned, tones, capsys):
+    run = finetuned.parent
+    assert main(["evaluate", str(run), str(tones), "--out-dir", str(tmp_path / "e"), "-q"]) == 0
+    assert json.loads((tmp_path / "e" / "summary.json").read_text())["utterances"] == len(read_manifest(tones))
+    wav = read_manifest(tones)[0].audio
+    assert main(["transcribe", str(run), wav, "--format", "json", "--out", str(tmp_path / "t"), "-q"]) == 0
+    assert main(["evaluate", str(tmp_path), str(tones), "-q"]) == 1
+    assert "not a speechtl model directory or training run" in capsys.readouterr().err
+
+
+def test_run_writes_a_config_that_repeats_it(tmp_path, tones, tiny_encoder, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_train_config(None, dict(encoder=str(tiny_encoder), mode="frozen", train=str(tones), out="run1",
+                                       max_steps=2, num_workers=0, seed=3))
+    train(cfg, progress=False)
+    again = load_train_config(tmp_path / "run1" / "config.yaml", {"out": "run2"})
+    assert again.train == str(tones.resolve()) and again.seed == 3 and again.max_steps == 2
+    train(again, progress=False)
+    first = (tmp_path / "run1" / "model" / "head.safetensors").read_bytes()
+    assert (tmp_path / "run2" / "model" / "head.safetensors").read_bytes() == first
+
+
+def test_unexpected_errors_point_at_verbose(monkeypatch, capsys):
+    import speechtl.cli as cli
+
+    def broken(args):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(cli, "cmd_lm_build", broken)
+    assert main(["lm", "build", "x.txt", "--out", "y.arpa"]) == 1
+    err = capsys.readouterr().err
+    assert "unexpected error: KeyError" in err and "rerun with -v" in err
