@@ -12,6 +12,33 @@ import yaml
 
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+MODES = ("frozen", "finetune", "scratch")
+HEADS = ("linear", "bilstm")
+SCHEDULES = ("tristage", "linear", "constant")
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    """``value`` fits the field's annotation (``float | None``, ``int``, ...); ints pass for floats."""
+    names = [t.strip() for t in str(annotation).split("|")]
+    if value is None:
+        if "None" in names:
+            return
+        raise ValueError(f"config key {key!r}: a value is required (got none)")
+    for name in names:
+        t = _TYPES.get(name)
+        if t is None:
+            continue
+        if t is bool and isinstance(value, bool):
+            return
+        if t in (int, float) and isinstance(value, bool):
+            continue
+        if isinstance(value, t) or t is float and isinstance(value, int):
+            return
+    wanted = " or ".join("none" if n == "None" else {"int": "an integer", "float": "a number", "bool": "true or false",
+                                                       "str": "a string", "list": "a list", "dict": "a mapping"}.get(n, n)
+                         for n in names)
+    raise ValueError(f"config key {key!r}: expected {wanted}, got {value!r}")
 
 
 def _f(default: Any, help: str):
@@ -84,6 +111,44 @@ class TrainConfig:
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     log_every: int = _f(10, "updates between rows of metrics.csv")
     trust_remote_code: bool = _f(False, "allow custom model code from the hub (off by default)")
+
+    def __post_init__(self) -> None:
+        """Every value is checked here, so a bad one stops the run before any work however the
+        configuration was made (YAML, ``key=value`` or Python), naming key, value and what is allowed."""
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        for key, choices in (("mode", MODES), ("head", HEADS), ("schedule", SCHEDULES), ("best_metric", ("cer", "wer")),
+                             ("on_bad_audio", ("error", "skip")), ("amp", AMP_CHOICES)):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"config key {key!r}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise ValueError(f"config key 'device': {self.device!r} is not auto, cpu, cuda or cuda:N")
+        at_least = {"max_steps": 1, "grad_accum": 1, "eval_every": 1, "log_every": 1, "bilstm_hidden": 1,
+                    "bilstm_layers": 1, "mask_time_length": 1, "mask_feature_length": 1, "patience": 0,
+                    "freeze_encoder_steps": 0, "num_workers": 0, "save_every": 1}
+        for key, low in at_least.items():
+            v = getattr(self, key)
+            if v is not None and v < low:
+                raise ValueError(f"config key {key!r}: must be at least {low} (got {v!r})")
+        positive = ("max_minutes", "max_batch_seconds", "cache_max_gb", "max_duration")
+        for key in positive:
+            v = getattr(self, key)
+            if v is not None and not v > 0:
+                raise ValueError(f"config key {key!r}: must be greater than 0 (got {v!r})")
+        for key in ("lr", "encoder_lr", "weight_decay", "clip_norm", "warmup", "hold"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"config key {key!r}: must not be negative (got {getattr(self, key)!r})")
+        for key in ("head_dropout", "layerdrop", "mask_time_prob", "mask_feature_prob", "frozen_mask_time_prob",
+                    "frozen_mask_feature_prob"):
+            v = getattr(self, key)
+            if not 0 <= v < 1:
+                raise ValueError(f"config key {key!r}: must be in [0, 1) (got {v!r})")
+        for f in self.speed_perturb:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.5 <= f <= 2.0 or f == 1:
+                raise ValueError(f"config key 'speed_perturb': each factor must be a number in [0.5, 2] other than 1 "
+                                 f"(got {f!r}); the clips at their own speed are always used")
+        if len({f"{f:g}" for f in self.speed_perturb}) != len(self.speed_perturb):
+            raise ValueError(f"config key 'speed_perturb': repeated factor in {self.speed_perturb}")
 
     def resolve_paths(self, base: Path) -> "TrainConfig":
         """Make manifest/vocab paths given in a YAML file relative to that file."""
@@ -176,18 +241,6 @@ def load_train_config(path: str | os.PathLike | None, overrides: list[str] | dic
     yaml_only = {k for k in data if k not in over}
     if path is not None and yaml_only & {"train", "dev", "vocab"}:
         cfg = cfg.resolve_paths(base)
-    if cfg.on_bad_audio not in ("error", "skip"):
-        raise ValueError(f"on_bad_audio must be error or skip (got {cfg.on_bad_audio!r})")
-    if cfg.amp not in AMP_CHOICES:
-        raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)} (got {cfg.amp!r})")
-    if cfg.mode not in ("frozen", "finetune", "scratch"):
-        raise ValueError(f"mode must be frozen, finetune or scratch (got {cfg.mode!r})")
     if not cfg.train:
         raise ValueError("no training manifest: set train=PATH")
-    for f in cfg.speed_perturb:
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.5 <= f <= 2.0 or f == 1:
-            raise ValueError(f"speed_perturb: each factor must be a number in [0.5, 2] other than 1 (got {f!r}); "
-                             "the clips at their own speed are always used")
-    if len({f"{f:g}" for f in cfg.speed_perturb}) != len(cfg.speed_perturb):
-        raise ValueError(f"speed_perturb: repeated factor in {cfg.speed_perturb}")
     return cfg

@@ -50,20 +50,24 @@ logger = logging.getLogger(__name__)
 CSV_FIELDS = ["step", "epoch", "loss", "lr_head", "lr_encoder", "audio_hours", "elapsed_s", "dev_wer", "dev_cer"]
 
 
-DEV_WINDOW_S = 30.0  # dev recordings longer than this are decoded from audio in windows of this length
+DEV_WINDOW_S = 30.0
+CALIBRATION_STEPS = 10  # updates timed before a binding max_minutes fits the schedule  # dev recordings longer than this are decoded from audio in windows of this length
 
 
 class TrainingInterrupted(Exception):
     """Raised by a ``should_stop`` callback to end training early (after a checkpoint)."""
 
 
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Multiplier of the peak learning rate at a given update."""
-    total = max(cfg.max_steps, 1)
-    warm = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
-    hold = int(cfg.hold * total) if cfg.hold < 1 else int(cfg.hold)
+def lr_lambda(cfg: TrainConfig, horizon: dict | None = None) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at a given update.
+
+    The schedule spans ``horizon["total"]`` updates when given (read at every call: a
+    time budget that binds shortens it), else ``max_steps``."""
 
     def f(step: int) -> float:
+        total = max(int(horizon["total"]) if horizon else cfg.max_steps, 1)
+        warm = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
+        hold = int(cfg.hold * total) if cfg.hold < 1 else int(cfg.hold)
         if step < warm:
             return 0.01 + 0.99 * step / max(warm, 1)
         if cfg.schedule == "constant":
@@ -205,10 +209,50 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
     update then covers ``world_size x grad_accum`` micro-batches.
     """
     ctx, device = dist_util.setup(cfg.device)
+    interrupt = _GracefulInterrupt()
+    stop = interrupt if should_stop is None else (lambda step: should_stop(step) or interrupt(step))
     try:
-        return _train(cfg, ctx, device, progress and ctx.is_main, should_stop)
+        with interrupt:
+            return _train(cfg, ctx, device, progress and ctx.is_main, stop)
+    except TrainingInterrupted:
+        if interrupt.asked:  # Ctrl-C: the checkpoint is saved; end as an interrupt does
+            raise KeyboardInterrupt from None
+        raise
     finally:
         dist_util.teardown(ctx)
+
+
+class _GracefulInterrupt:
+    """The first Ctrl-C (SIGINT) asks training to stop after the update in progress, with a
+    checkpoint that ``resume=true`` continues from; a second one stops at once."""
+
+    def __init__(self):
+        self.asked = False
+        self._previous = None
+
+    def __call__(self, step: int) -> bool:
+        return self.asked
+
+    def _handle(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        logger.warning("interrupted: saving a checkpoint after this update (Ctrl-C again to stop at once)")
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: bool,
@@ -288,7 +332,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     if cfg.mode != "frozen":
         groups.append({"params": model.encoder_parameters(), "lr": cfg.encoder_lr, "name": "encoder"})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    # the updates the schedule spans: max_steps, or fewer when max_minutes binds (fitted as training goes)
+    horizon = {"total": cfg.max_steps}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, horizon))
     amp_dtype = autocast_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
@@ -355,6 +401,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
         scheduler.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         st.update(ck["state"])
+        horizon["total"] = st.get("schedule_total", cfg.max_steps)
         _set_rng_state(ck["rng_ranks"][ctx.rank] if "rng_ranks" in ck else ck["rng"])
         loader_gen.set_state(ck["loader_rng"])
         logger.info("resumed from %s at step %d", ckpt_path, st["step"])
@@ -451,6 +498,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
             optimizer.zero_grad(set_to_none=True)
             st["step"] += 1
             st["elapsed"] = time.monotonic() - start
+            # re-estimated every 5 % of the planned updates: the machine's speed may change
+            if budget is not None and (st["step"] == CALIBRATION_STEPS
+                                       or st["step"] % max(CALIBRATION_STEPS, horizon["total"] // 20) == 0):
+                _fit_schedule_to_budget(horizon, st, budget, cfg.max_steps, ctx, device)
             # one collective per update: mean loss, audio seen, and the stop votes, so every rank
             # stops at the same update (a rank that stopped alone would hang the others)
             time_up = budget is not None and st["elapsed"] >= budget
@@ -544,6 +595,21 @@ def write_config_yaml(cfg: TrainConfig, path: Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text("# the resolved configuration of this run; `speechtl train THIS_FILE` repeats it\n"
                        + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def _fit_schedule_to_budget(horizon: dict, st: dict, budget: float, max_steps: int, ctx, device) -> None:
+    """When ``max_minutes`` will stop training before ``max_steps``, fit the schedule to the
+    updates the budget allows (estimated from the time per update so far, evaluations
+    included), so that warm-up, hold and decay all happen. Ranks agree on the estimate."""
+    per_update = dist_util.sum_across([st["elapsed"] / st["step"]], ctx, device)[0] / ctx.world_size
+    affordable = st["step"] + int(max(budget - st["elapsed"], 0.0) / max(per_update, 1e-9))
+    total = max(min(affordable, max_steps), st["step"] + 1)
+    if total < max_steps and abs(total - horizon["total"]) > 0.02 * horizon["total"]:
+        if horizon["total"] == max_steps:
+            logger.info("max_minutes binds before max_steps=%d: the learning-rate schedule is fitted to about %d "
+                        "updates (%.2f s each so far)", max_steps, total, per_update)
+        horizon["total"] = total
+        st["schedule_total"] = total
 
 
 def _run_complete(state: dict, cfg: TrainConfig) -> bool:

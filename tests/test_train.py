@@ -1,6 +1,7 @@
 """The training loop: freezing policies, resume, outputs, and that it learns."""
 
 import csv
+import re
 import json
 
 import pytest
@@ -308,3 +309,66 @@ def test_resuming_a_finished_run_is_a_no_op(tmp_path, tones, tiny_encoder, with_
     assert "this run is complete" in caplog.text
     more = train(_cfg(tmp_path, tones, tiny_encoder, resume=True, **{**kw, "max_steps": 6}), progress=False)
     assert more["steps"] == 6  # a raised max_steps trains on
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("schedule", "cosine", "'schedule': 'cosine' is not one of tristage, linear, constant"),
+    ("best_metric", "loss", "'best_metric': 'loss' is not one of cer, wer"),
+    ("max_minutes", "abc", "'max_minutes': expected a number or none, got 'abc'"),
+    ("save_every", "often", "'save_every': expected an integer or none"),
+    ("freeze_feature_encoder", "maybe", "'freeze_feature_encoder': expected true or false or none, got 'maybe'"),
+    ("dev", 3, "'dev': expected a string or none"),
+    ("feature_cache", True, "'feature_cache': expected a string or none"),
+    ("grad_accum", 0, "'grad_accum': must be at least 1 (got 0)"),
+    ("eval_every", 0, "'eval_every': must be at least 1 (got 0)"),
+    ("max_minutes", 0, "'max_minutes': must be greater than 0"),
+    ("head_dropout", 1.5, "'head_dropout': must be in [0, 1)"),
+    ("device", "gpu", "'device': 'gpu' is not auto, cpu, cuda or cuda:N"),
+])
+def test_bad_configuration_values_stop_before_any_work(tmp_path, key, value, message):
+    from speechtl.config import TrainConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(train="t.jsonl", **{key: value})  # from Python, as from YAML or key=value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_train_config(None, {"train": "t.jsonl", key: value})
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tmp_path, tones, tiny_encoder):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "speechtl", "train", f"encoder={tiny_encoder}", f"train={tones}", f"out={out}",
+            "mode=finetune", "max_steps=100000", "eval_every=100000", "log_every=1", "num_workers=0", "-q"]
+    p = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.csv").is_file():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "saving a checkpoint" in err
+    ck = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    done = ck["state"]["step"]
+    assert done >= 1
+    summary = train(_cfg(tmp_path, tones, tiny_encoder, mode="finetune", max_steps=done + 2, eval_every=100000,
+                         out=str(out), resume=True), progress=False)
+    assert summary["steps"] == done + 2
+
+
+def test_a_binding_time_budget_shapes_the_schedule(tmp_path, tones, tiny_encoder, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="speechtl.train")
+    summary = train(_cfg(tmp_path, tones, tiny_encoder, mode="frozen", max_steps=1_000_000, max_minutes=0.15,
+                         eval_every=1_000_000, log_every=1, lr=1e-2), progress=False)
+    assert summary["stop_reason"] == "max_minutes" and summary["steps"] > 20
+    assert "learning-rate schedule is fitted" in caplog.text
+    with open(tmp_path / "out" / "metrics.csv", newline="") as f:
+        lrs = [float(r["lr_head"]) for r in csv.DictReader(f)]
+    assert max(lrs) > 0.9e-2  # warm-up finished and the peak was reached
+    assert lrs[-1] < 0.3e-2, lrs[::10]  # and the rate decayed before the budget ran out
