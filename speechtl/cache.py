@@ -50,7 +50,7 @@ from .manifest import Utterance
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "cache.json"
-CACHE_VERSION = 2  # 2: the compute precision is part of every key
+CACHE_VERSION = 3  # 2: the compute precision is part of every key; 3: audio content in keys, per-entry keys
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -82,14 +82,34 @@ def preprocessing(encoder: SpeechEncoder) -> dict:
     return prep
 
 
-def entry_key(u: Utterance) -> str:
-    """What of a manifest entry the features depend on: its id, audio file, duration and speed."""
+DIGEST_WHOLE = 1 << 20  # files up to this size are hashed whole; larger ones at their start, middle and end
+DIGEST_PART = 1 << 18
+
+
+def audio_digest(path: str) -> str:
+    """The audio file's size and a hash of its bytes (all of them up to 1 MiB; beyond that
+    256 KiB at the start, middle and end), so that audio re-rendered at the same length is
+    seen as changed. "missing" when it cannot be read."""
     try:
-        size = os.stat(u.audio).st_size
+        size = os.stat(path).st_size
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            if size <= DIGEST_WHOLE:
+                h.update(f.read())
+            else:
+                for start in (0, size // 2 - DIGEST_PART // 2, size - DIGEST_PART):
+                    f.seek(start)
+                    h.update(f.read(DIGEST_PART))
     except OSError:
-        size = -1
+        return "missing"
+    return f"{size}:{h.hexdigest()}"
+
+
+def entry_key(u: Utterance) -> str:
+    """What of a manifest entry the features depend on: its id, audio file (path, size and
+    content), duration and speed."""
     speed = f"\tspeed={u.speed!r}" if u.speed != 1 else ""  # a speed-perturbed copy (train speed_perturb)
-    return f"{u.id}\t{os.path.abspath(u.audio)}\t{u.duration:.4f}\t{size}{speed}"
+    return f"{u.id}\t{os.path.abspath(u.audio)}\t{u.duration:.4f}\t{audio_digest(u.audio)}{speed}"
 
 
 def _sha(*parts: str) -> str:
@@ -117,8 +137,11 @@ class Shard:
     ids: tuple[str, ...]
 
 
-def plan_shards(utterances: Sequence[Utterance], base_key: str, shard_seconds: float) -> list[Shard]:
-    """Duration-sorted shards of about ``shard_seconds`` of audio, keyed by their entries."""
+def plan_shards(utterances: Sequence[Utterance], base_key: str, shard_seconds: float,
+                keys: dict[str, str] | None = None) -> list[Shard]:
+    """Duration-sorted shards of about ``shard_seconds`` of audio, keyed by their entries
+    (``keys``: :func:`entry_key` by id, when already computed)."""
+    keys = keys if keys is not None else {u.id: entry_key(u) for u in utterances}
     order = sorted(range(len(utterances)), key=lambda i: (utterances[i].duration, utterances[i].id))
     groups: list[list[int]] = []
     total = 0.0
@@ -129,7 +152,7 @@ def plan_shards(utterances: Sequence[Utterance], base_key: str, shard_seconds: f
         groups[-1].append(i)
         total += utterances[i].duration
     return [
-        Shard(f"shard-{n:05d}.safetensors", _sha(base_key, *(entry_key(utterances[i]) for i in g)),
+        Shard(f"shard-{n:05d}.safetensors", _sha(base_key, *(keys[utterances[i].id] for i in g)),
               tuple(utterances[i].id for i in g))
         for n, g in enumerate(groups)
     ]
@@ -232,7 +255,8 @@ def extract_to_cache(
             amp = AMP_FOR_COMPUTE[compute]
     base_key = _base_key(fingerprint, layer_ids, dtype, compute, prep)
     bytes_per_second = encoder.frame_rate * len(layer_ids) * encoder.hidden_size * DTYPES[dtype].itemsize
-    shards = plan_shards(utterances, base_key, min(shard_seconds, shard_gb * 1e9 / bytes_per_second))
+    keys = {u.id: entry_key(u) for u in utterances}
+    shards = plan_shards(utterances, base_key, min(shard_seconds, shard_gb * 1e9 / bytes_per_second), keys)
     meta = {
         "version": CACHE_VERSION,
         "key": _sha(base_key, *(s.key for s in shards)),
@@ -243,6 +267,8 @@ def extract_to_cache(
         "compute": compute,
         "preprocessing": prep,
         "shards": [{"file": s.file, "key": s.key, "ids": list(s.ids)} for s in shards],
+        # every entry's own key, so that a subset of a shard is verified too
+        "entries": {uid: _sha(base_key, k) for uid, k in keys.items()},
         "utterances": len(utterances),
         "audio_hours": sum(u.duration for u in utterances) / 3600,
     }
@@ -377,10 +403,11 @@ class FeatureCache:
         absent = [u.id for u in utterances if u.id not in self.index]
         if absent:
             raise StaleCacheError(f"{self.path}: {len(absent)} clip(s) are not in the cache, e.g. {absent[0]!r}")
-        by_id = {u.id: u for u in utterances}
-        for s in self.shards:
-            if all(uid in by_id for uid in s.ids) and _sha(base, *(entry_key(by_id[uid]) for uid in s.ids)) != s.key:
-                raise StaleCacheError(f"{self.path}: {s.file} was made from other audio (a manifest entry changed)")
+        entries = self.meta["entries"]
+        changed = [u.id for u in utterances if entries.get(u.id) != _sha(base, entry_key(u))]
+        if changed:
+            raise StaleCacheError(f"{self.path}: {len(changed)} clip(s) were cached from other audio or another manifest "
+                                  f"entry, e.g. {changed[0]!r}")
         missing = self.missing_shards()
         if missing:
             raise StaleCacheError(f"{self.path}: {len(missing)} shard(s) unfinished or stale, e.g. {missing[0]} "

@@ -283,3 +283,30 @@ def test_side_by_side_batches_come_back_in_order_and_errors_surface():
     with pytest.raises(OSError, match="b3.wav"):
         with closing(encode_batches(_SlowEncoder(), failing(), torch.device("cpu"), streams=2, amp="none")) as it:
             list(it)
+
+
+def test_re_rendered_audio_of_the_same_length_is_stale_even_in_a_subset_of_a_shard(tmp_path, tiny_encoder):
+    import shutil
+
+    import soundfile as sf
+
+    from conftest import make_wav
+    from speechtl.manifest import Utterance
+
+    utts = []
+    for i in range(6):  # one shard holds them all
+        p = make_wav(tmp_path / "wavs" / f"u{i}.wav", 1.0, freq=300 + 20 * i, seed=i)
+        utts.append(Utterance(f"u{i}", str(p), "ab", 1.0))
+    enc = load_encoder(str(tiny_encoder))
+    cache = extract_to_cache(enc, utts, tmp_path / "c", num_workers=0, progress=False)
+    assert len(cache.shards) == 1
+    cache.check(utts)
+    cache.check(utts[:2])  # a subset: fine while its audio is unchanged
+    before = (tmp_path / "wavs" / "u1.wav").stat().st_size
+    shutil.copy(make_wav(tmp_path / "other.wav", 1.0, freq=900, seed=7), tmp_path / "wavs" / "u1.wav")
+    assert (tmp_path / "wavs" / "u1.wav").stat().st_size == before and sf.info(str(tmp_path / "wavs" / "u1.wav")).duration == 1.0
+    with pytest.raises(StaleCacheError, match="other audio.*'u1'"):
+        cache.check(utts)
+    with pytest.raises(StaleCacheError, match="other audio.*'u1'"):
+        cache.check(utts[:2])  # only part of the shard is asked for: still verified
+    cache.check([utts[0], utts[2]])  # clips whose audio did not change stay usable
