@@ -370,6 +370,9 @@ class Transcriber:
 
 # ----------------------------------------------------------------------------- alignment
 
+MAX_ALIGN_CELLS = 1_000_000_000  # forced-alignment trellis cells (frames x states): about 1 GB (one byte each)
+
+
 def align_words(log_probs: np.ndarray, text: str, vocab: Vocabulary, frame_s: float, where: str = "audio") -> list[Word]:
     """Word times of a known (normalised) transcript, by CTC forced alignment
     (``torchaudio.functional.forced_align``). A word's confidence is the mean posterior
@@ -387,6 +390,15 @@ def align_words(log_probs: np.ndarray, text: str, vocab: Vocabulary, frame_s: fl
     if log_probs.shape[0] < len(ids) + repeats:
         raise ValueError(f"{where}: {log_probs.shape[0]} frames ({log_probs.shape[0] * frame_s:.2f} s) are too few"
                          f" for a transcript of {len(ids)} characters")
+    # the alignment trellis holds frames x (2 x characters + 1) cells; past the limit, refuse
+    # before allocating rather than exhaust the machine's memory
+    cells = log_probs.shape[0] * (2 * len(ids) + 1)
+    if cells > MAX_ALIGN_CELLS:
+        minutes = log_probs.shape[0] * frame_s / 60
+        piece = max(MAX_ALIGN_CELLS / cells * minutes, 0.1)
+        raise ValueError(f"{where}: aligning {minutes:.1f} min of audio with a {len(ids):,}-character transcript needs "
+                         f"{cells / 1e9:.1f} billion trellis cells (limit {MAX_ALIGN_CELLS / 1e9:g} billion); align it in "
+                         f"pieces of at most about {piece:.1f} min, each with its own part of the transcript")
     emission = torch.from_numpy(np.ascontiguousarray(log_probs, dtype=np.float32))[None]
     targets = torch.tensor([ids], dtype=torch.int32)
     path, scores = taF.forced_align(emission, targets, blank=0)

@@ -325,3 +325,17 @@ def test_unknown_character_is_one_rendering_everywhere_and_one_character_error()
     report = score([UtteranceResult("u", "cat s", greedy, 1.0)], normalize=norm)
     assert report.word_counts[0].substitutions == 1 and report.word_counts[0].insertions == 0
     assert report.char_counts[0].substitutions == 1 and report.char_counts[0].insertions == 0
+
+
+def test_align_refuses_a_recording_too_long_for_one_alignment(tmp_path):
+    import resource
+
+    frames = 30 * 60 * 50  # a 30-minute recording at 20 ms per frame
+    lp = np.log(np.full((frames, len(VOCAB)), 1.0 / len(VOCAB), dtype=np.float32))
+    text = " ".join(["cat sat"] * 3500)  # about 25,000 characters, as 30 minutes of speech has
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match=r"30\.0 min of audio .* align it in pieces of at most about"):
+        align_words(lp, text, VOCAB, 0.02, where="talk.wav")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing like the 2.5 GB trellis
+    words = align_words(lp[:3000], "cat sat", VOCAB, 0.02)  # a short piece still aligns
+    assert [w.word for w in words] == ["cat", "sat"]
