@@ -19,8 +19,9 @@ SUBCOMMANDS = ["prepare", "synth", "train", "extract", "evaluate", "transcribe",
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, tones, tiny_encoder):
     out = tmp_path_factory.mktemp("ft")
-    cfg = load_train_config(None, dict(encoder=str(tiny_encoder), mode="finetune", train=str(tones), out=str(out),
-                                       max_steps=30, eval_every=30, num_workers=0, max_batch_seconds=4, lr=1e-2, encoder_lr=1e-3,
+    cfg = load_train_config(None, dict(encoder=str(tiny_encoder), mode="finetune", train=str(tones), dev=str(tones),
+                                       out=str(out), max_steps=30, eval_every=30, num_workers=0, max_batch_seconds=4, lr=1e-2,
+                                       encoder_lr=1e-3,
                                        mask_time_prob=0.0))  # exercises export of a model saved with masking off
     train(cfg, progress=False)
     return out / "model"
@@ -59,7 +60,15 @@ def test_evaluate_writes_summary_json(tmp_path, finetuned, tones, capsys):
     summary = json.loads((tmp_path / "r.json").read_text())
     assert {"wer", "cer", "utterances", "audio_seconds"} <= set(summary)
     assert summary["utterances"] == len(read_manifest(tones))
-    assert 0 <= summary["cer"] and summary["audio_seconds"] > 0
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "hyps.jsonl")]
+    import jiwer
+
+    assert any(r["hyp"] for r in rows)
+    # the summary's rates are jiwer's over the written hypotheses (empty references left out)
+    scored = [r for r in rows if r["ref"]]
+    assert summary["wer"] == pytest.approx(jiwer.wer([r["ref"] for r in scored], [r["hyp"] for r in scored]), abs=1e-9)
+    assert summary["cer"] == pytest.approx(jiwer.cer([r["ref"] for r in scored], [r["hyp"] for r in scored]), abs=1e-9)
+    assert summary["audio_seconds"] == pytest.approx(sum(u.duration for u in read_manifest(tones)), abs=1e-3)
     for name in ("hyps.jsonl", "errs.txt"):
         assert (tmp_path / "r" / name).is_file()
 
@@ -90,10 +99,11 @@ def test_export_matches_transformers_pipeline(tmp_path, finetuned, tones):
     ours = rec.transcribe([u.audio for u in utts])
     # the pipeline decodes file names with ffmpeg; give it the same decoded samples instead
     theirs = [pipe({"raw": load_audio(u.audio), "sampling_rate": 16000})["text"] for u in utts]
+    assert any(t.strip() for t in ours), "the model transcribes nothing: the comparisons below would be empty"
     assert ours == theirs
-    hyps = {json.loads(line)["id"]: json.loads(line)["hyp"] for line in open(finetuned.parent / "dev" / "hyps.jsonl")} if (finetuned.parent / "dev").exists() else None
-    if hyps:
-        assert [hyps[u.id] for u in utts] == ours
+    # the dev hypotheses written while training are the saved model's
+    hyps = {json.loads(line)["id"]: json.loads(line)["hyp"] for line in open(finetuned.parent / "dev" / "hyps.jsonl")}
+    assert [hyps[u.id] for u in utts] == [rec.normalizer(t) for t in ours]
 
 
 def test_frozen_export_is_refused_with_a_reason(tmp_path, tones, tiny_encoder, capsys):
@@ -105,12 +115,16 @@ def test_frozen_export_is_refused_with_a_reason(tmp_path, tones, tiny_encoder, c
     assert not (tmp_path / "hf").exists()
 
 
-def test_transcribe_arrays_and_bad_file(tmp_path, finetuned, capsys):
+def test_transcribe_arrays_and_bad_file(tmp_path, finetuned, tones, capsys):
     import speechtl
+    from speechtl.audio import load_audio
 
     rec = speechtl.load(finetuned)
-    texts = rec.transcribe([np.zeros(16000, dtype=np.float32), np.zeros(8000, dtype=np.float32)])
-    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    arrays = [load_audio(u.audio) for u in read_manifest(tones)[:3]] + [np.zeros(8000, dtype=np.float32)]
+    texts = rec.transcribe(arrays)
+    assert any(t.strip() for t in texts), "the model transcribes nothing: the comparison below would be empty"
+    assert texts == [rec.transcribe(a) for a in arrays]  # a batch gives what each array gives alone
+    assert texts[:3] == rec.transcribe([u.audio for u in read_manifest(tones)[:3]])  # arrays as the files give
     bad = tmp_path / "bad.wav"
     bad.write_text("not audio")
     good = tmp_path / "good.wav"
