@@ -43,11 +43,11 @@ def test_group_norm_padding_would_change_features_without_per_clip_cnn(tmp_path)
     enc = load_encoder(str(tiny_encoder_dir(tmp_path, "wav2vec2", feat_extract_norm="group"))).eval()
     waves = _waves()
     x, lengths = pad_waveforms(waves)
+    fe = enc.model.feature_extractor
+    naive = type(fe).forward  # transformers' own, without speechtl's per-clip patch
     with torch.no_grad():
-        naive = enc.model.feature_extractor.forward.__closure__  # patched: per-clip
-        assert naive is not None
-        padded = enc.model.feature_extractor(x)
-        short = enc.model.feature_extractor(waves[2][None])
+        padded = naive(fe, x)
+        short = naive(fe, waves[2][None])
     n = short.shape[-1]
     assert not torch.allclose(padded[2, :, :n], short[0], atol=1e-3)
 
@@ -68,13 +68,14 @@ def test_very_short_clip_gives_one_frame(tiny_encoder):
     assert out.lengths.tolist() == [1, 1]
 
 
-def test_default_encoder_name_resolves_or_explains():
-    try:
-        path = resolve_encoder("default")
-    except FileNotFoundError as e:
-        assert "bundled encoder" in str(e)
-    else:
-        assert (path + "/config.json") and json.load(open(path + "/config.json"))
+def test_default_encoder_name_resolves_or_explains(tmp_path, monkeypatch):
+    import speechtl.encoder as encoder_mod
+
+    path = resolve_encoder("default")  # shipped with the package
+    assert json.load(open(path + "/config.json"))["model_type"] == "wav2vec2"
+    monkeypatch.setattr(encoder_mod, "BUNDLED_DIR", tmp_path)  # an install without it
+    with pytest.raises(FileNotFoundError, match="bundled encoder 'default' is not installed"):
+        resolve_encoder("default")
 
 
 def test_weighted_layer_sum_is_softmax_weighted():

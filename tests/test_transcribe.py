@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from conftest import make_corrupt, make_wav
+from speechtl.audio import load_audio
 from speechtl.cli import main
 from speechtl.lm import ArpaModel, build_arpa, kenlm_available
 from speechtl.text import Vocabulary
@@ -246,22 +247,37 @@ def test_beam_search_with_lm_prefers_known_words(tmp_path):
 # ------------------------------------------------------------------------ CLI and API on a trained model
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tones, tiny_encoder):
+def model_dir(tmp_path_factory, speech_corpus):
+    """A recogniser that really outputs words: a BiLSTM head on the bundled encoder, trained
+    on the synthesised English corpus (as the learning test in test_train.py)."""
     from speechtl.config import load_train_config
     from speechtl.train import train
 
     out = tmp_path_factory.mktemp("tr")
-    cfg = load_train_config(None, dict(encoder=str(tiny_encoder), mode="frozen", train=str(tones), out=str(out),
-                                       max_steps=20, num_workers=0, max_batch_seconds=4, lr=1e-2))
+    cfg = load_train_config(None, dict(encoder="default", mode="frozen", head="bilstm", bilstm_hidden=96, bilstm_layers=1,
+                                       train=str(speech_corpus), out=str(out), max_steps=160, eval_every=160, lr=6e-3,
+                                       max_batch_seconds=20, num_workers=0, seed=0))
     train(cfg, progress=False)
     return out / "model"
 
 
-def test_folder_with_a_corrupt_file(tmp_path, model_dir, capsys):
+@pytest.fixture(scope="module")
+def speech_clips(speech_corpus):
+    from speechtl.manifest import read_manifest
+
+    return read_manifest(speech_corpus)
+
+
+def test_folder_with_a_corrupt_file(tmp_path, model_dir, speech_clips, capsys):
+    import shutil
+
     audio = tmp_path / "in"
-    make_wav(audio / "a.wav", 1.2, seed=1)
-    make_wav(audio / "sub" / "a.wav", 0.8, seed=2)  # same name in a subfolder: outputs must not collide
-    make_wav(audio / "sub" / "c.flac", 35.0, seed=3)  # long: chunked
+    (audio / "sub").mkdir(parents=True)
+    shutil.copy(speech_clips[0].audio, audio / "a.wav")
+    shutil.copy(speech_clips[1].audio, audio / "sub" / "a.wav")  # same name in a subfolder: outputs must not collide
+    joined = np.concatenate([load_audio(u.audio) for u in speech_clips])
+    joined = np.tile(joined, int(np.ceil(35 * 16000 / len(joined))))[: 35 * 16000]
+    sf.write(audio / "sub" / "c.flac", joined, 16000)  # long: chunked
     make_corrupt(audio / "sub" / "bad.wav")
     out = tmp_path / "out"
     rc = main(["transcribe", str(model_dir), str(audio), "--format", "json", "--out", str(out), "--chunk-length-s", "10", "-q"])
@@ -272,36 +288,46 @@ def test_folder_with_a_corrupt_file(tmp_path, model_dir, capsys):
     assert written == ["a.json", "sub/a.json", "sub/c.json"]
     long = json.loads((out / "sub" / "c.json").read_text())
     assert long["duration"] == pytest.approx(35.0, abs=0.01)
-    assert all(0 <= w["start"] <= w["end"] <= 35.0 for s in long["segments"] for w in s["words"])
+    words = [w for s in long["segments"] for w in s["words"]]
+    assert len(words) >= 20  # 35 s of speech
+    assert all(0 <= w["start"] < w["end"] <= 35.0 for w in words)
+    assert all(a["end"] <= b["start"] + 1e-6 for a, b in zip(words, words[1:]))  # in order, across the windows
     assert not (out / "sub" / "bad.json").exists()
 
 
-def test_srt_cli_and_python_api(tmp_path, model_dir, capsys):
+def test_srt_cli_and_python_api(tmp_path, model_dir, speech_clips, capsys):
     import srt
 
     import speechtl
 
-    clip = make_wav(tmp_path / "x.wav", 1.5, seed=4)
+    clip = speech_clips[2].audio
     assert main(["transcribe", str(model_dir), str(clip), "--format", "srt", "-q"]) == 0
-    list(srt.parse(capsys.readouterr().out))  # parses (it may hold no cues for a barely trained model)
+    cues = list(srt.parse(capsys.readouterr().out))
+    assert cues and all(c.content.strip() for c in cues)
     rec = speechtl.load(model_dir)
     t = rec.transcribe(clip, return_timestamps=True)
     assert isinstance(t, Transcript) and t.text == rec.transcribe(str(clip))
-    assert t.text == " ".join(w.word for w in t.words)
+    assert t.words and t.text == " ".join(w.word for w in t.words)
+    assert " ".join(c.content.replace("\n", " ") for c in cues) == t.text
     silence = np.zeros(8000, np.float32)
-    assert rec.transcribe([clip, silence], chunk_length_s=1.0) == [rec.transcribe(clip, chunk_length_s=1.0), rec.transcribe(silence)]
+    both = rec.transcribe([clip, silence], chunk_length_s=1.0)
+    assert both == [rec.transcribe(clip, chunk_length_s=1.0), rec.transcribe(silence)] and both[0]
     with pytest.raises(speechtl.AudioError, match="missing.wav: file not found"):
         rec.transcribe(tmp_path / "missing.wav")
 
 
-def test_align_cli(tmp_path, model_dir, capsys):
-    clip = make_wav(tmp_path / "x.wav", 2.0, seed=5)
-    assert main(["align", str(model_dir), str(clip), "ab ba", "--out", str(tmp_path / "w.json"), "-q"]) == 0
+def test_align_cli(tmp_path, model_dir, speech_clips, capsys):
+    from speechtl.text import Normalizer
+
+    u = speech_clips[3]
+    text = Normalizer()(u.text)
+    assert main(["align", str(model_dir), u.audio, text, "--out", str(tmp_path / "w.json"), "-q"]) == 0
     data = json.loads((tmp_path / "w.json").read_text())
     words = [w for s in data["segments"] for w in s["words"]]
-    assert [w["word"] for w in words] == ["ab", "ba"]
-    assert 0 <= words[0]["start"] < words[0]["end"] <= words[1]["start"] < words[1]["end"] <= 2.0
-    assert main(["align", str(model_dir), str(clip), "zz top"]) == 1
+    assert [w["word"] for w in words] == text.split()
+    assert 0 <= words[0]["start"] and all(a["start"] < a["end"] <= b["start"] for a, b in zip(words, words[1:]))
+    assert words[-1]["end"] <= u.duration + 0.02
+    assert main(["align", str(model_dir), u.audio, "zz qq 名"]) == 1
     assert "outside the model's vocabulary" in capsys.readouterr().err
 
 
