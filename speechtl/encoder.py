@@ -112,9 +112,7 @@ class SpeechEncoder(nn.Module):
         # on CPU, the CNN as strided matrix products in (time, channel) layout when no gradient
         # flows through it; see _time_major_cnn. ``fast_cnn = False`` restores transformers' own.
         self.fast_cnn = _time_major_cnn_supported(model.feature_extractor)
-        self._patch_time_major_cnn()
-        if self.per_clip_cnn:
-            self._patch_feature_encoder()
+        self._patch_feature_encoder()
 
     # -- geometry ---------------------------------------------------------------
     @property
@@ -169,36 +167,10 @@ class SpeechEncoder(nn.Module):
         return n
 
     # -- forward ----------------------------------------------------------------
-    def _patch_time_major_cnn(self) -> None:
-        fe = self.model.feature_extractor
-        inner = fe.forward
-
-        def forward(input_values: torch.Tensor) -> torch.Tensor:
-            # on CPUs only: GPUs run transformers' own convolutions well (cuDNN)
-            if (self.fast_cnn and input_values.device.type == "cpu"
-                    and not (torch.is_grad_enabled() and any(p.requires_grad for p in fe.parameters()))):
-                return _time_major_cnn(fe.conv_layers, input_values)
-            return inner(input_values)
-
-        fe.forward = forward
-
     def _patch_feature_encoder(self) -> None:
-        fe = self.model.feature_extractor
-        inner = fe.forward
-
-        def per_clip_forward(input_values: torch.Tensor) -> torch.Tensor:
-            lens = _CLIP_LENGTHS.get()
-            if lens is None or input_values.shape[0] == 1:
-                return inner(input_values)
-            total = self.frame_lengths(int(input_values.shape[1]))
-            outs = []
-            for i, n in enumerate(lens):
-                o = inner(input_values[i : i + 1, :n])
-                outs.append(F.pad(o, (0, total - o.shape[-1])))
-            return torch.cat(outs, dim=0)
-
-        # instance attribute: state_dict keys and the module tree stay untouched
-        fe.forward = per_clip_forward
+        # an object, not a closure: copies of the encoder (copy.deepcopy, pickle) get their own
+        # bound to their own module, so a copy never runs the original's weights
+        self.model.feature_extractor.forward = _FeatureEncoderForward(self)
 
     def _prepare(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.receptive_field
@@ -245,6 +217,42 @@ class SpeechEncoder(nn.Module):
             for k in range(len(outs[0].hidden_states))
         )
         return EncoderOutput(hs, frames)
+
+
+class _FeatureEncoderForward:
+    """The CNN feature encoder's ``forward`` as speechtl runs it:
+
+    - group-norm CNNs run clip by clip over a padded batch (see the module docstring), the
+      clip lengths coming from the call in progress (``_CLIP_LENGTHS``, per thread);
+    - on a CPU, when no gradient flows through it, the CNN runs time-major
+      (:func:`_time_major_cnn`), unless ``SpeechEncoder.fast_cnn`` is False;
+    - otherwise transformers' own ``forward``.
+
+    It holds the encoder, not the module's bound method, so that ``copy.deepcopy`` and
+    pickling rebind it to the copy's own module."""
+
+    def __init__(self, encoder: "SpeechEncoder"):
+        self.encoder = encoder
+
+    def __call__(self, input_values: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        lens = _CLIP_LENGTHS.get() if enc.per_clip_cnn else None
+        if lens is None or input_values.shape[0] == 1:
+            return self._run(input_values)
+        total = enc.frame_lengths(int(input_values.shape[1]))
+        outs = []
+        for i, n in enumerate(lens):
+            o = self._run(input_values[i : i + 1, :n])
+            outs.append(F.pad(o, (0, total - o.shape[-1])))
+        return torch.cat(outs, dim=0)
+
+    def _run(self, input_values: torch.Tensor) -> torch.Tensor:
+        fe = self.encoder.model.feature_extractor
+        # on CPUs only: GPUs run transformers' own convolutions well (cuDNN)
+        if (self.encoder.fast_cnn and input_values.device.type == "cpu"
+                and not (torch.is_grad_enabled() and any(p.requires_grad for p in fe.parameters()))):
+            return _time_major_cnn(fe.conv_layers, input_values)
+        return type(fe).forward(fe, input_values)
 
 
 def _time_major_cnn_supported(fe: nn.Module) -> bool:

@@ -268,3 +268,20 @@ def test_time_major_cnn_only_without_cnn_gradients(tiny_encoder):
         assert calls
     finally:
         enc_mod._time_major_cnn = real
+
+
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_copies_of_an_encoder_run_their_own_weights(tmp_path, norm):
+    import copy
+
+    enc = load_encoder(str(tiny_encoder_dir(tmp_path, "wav2vec2", feat_extract_norm=norm))).eval()
+    waves = _waves()
+    x, lengths = pad_waveforms(waves)
+    with torch.no_grad():
+        before = enc(x, lengths).hidden_states[-1]
+        twin = copy.deepcopy(enc)
+        twin.model.feature_extractor.conv_layers[0].conv.weight.mul_(-1.0)  # change the copy's CNN only
+        assert not torch.allclose(twin(x, lengths).hidden_states[-1], before, atol=1e-4)
+        torch.testing.assert_close(enc(x, lengths).hidden_states[-1], before)  # the original is untouched
+        enc.model.feature_extractor.conv_layers[0].conv.weight.mul_(-1.0)  # and the other way round
+        torch.testing.assert_close(enc(x, lengths).hidden_states[-1], twin(x, lengths).hidden_states[-1])
