@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "urllib3", "numba", "filelock"):
+    for noisy in ("transformers", "urllib3", "numba", "filelock", "pyctcdecode"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:  # transformers' own load/save progress bars are noise next to ours
         from transformers.utils import logging as hf_logging

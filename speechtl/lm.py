@@ -22,6 +22,7 @@ is used instead when it is importable.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections import Counter, defaultdict
@@ -255,6 +256,27 @@ def kenlm_available() -> bool:
     return importlib.util.find_spec("kenlm") is not None
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence what native code writes to stderr (fd 2) inside the block; errors still raise."""
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (some embedded interpreters)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def pyctcdecode_language_model(path: str | os.PathLike, unigrams: Iterable[str] | None = None, alpha: float = 0.5,
                                beta: float = 1.0, unk_score_offset: float = -10.0, score_boundary: bool = True):
     """A pyctcdecode language model for ``path``: kenlm's when installed, else :class:`ArpaModel`'s."""
@@ -267,7 +289,9 @@ def pyctcdecode_language_model(path: str | os.PathLike, unigrams: Iterable[str] 
     if kenlm_available():
         import kenlm
 
-        return LanguageModel(kenlm.Model(path), unigrams, alpha=alpha, beta=beta, unk_score_offset=unk_score_offset,
+        with _quiet_native_stderr():  # kenlm prints its loading progress straight to file descriptor 2
+            lm = kenlm.Model(path)
+        return LanguageModel(lm, unigrams, alpha=alpha, beta=beta, unk_score_offset=unk_score_offset,
                              score_boundary=score_boundary)
     if not path.endswith(".arpa"):
         raise ValueError(f"{path}: binary kenlm models need kenlm (pip install 'speechtl[lm]'); give an .arpa file")
