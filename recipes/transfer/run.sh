@@ -68,8 +68,8 @@ run_dir() {  # target minutes encoder mode
     if [ "$3" = default ]; then echo "$out/runs/$1/${2}min/$4"; else echo "$out/runs/$1/${2}min/$(basename "$3")-$4"; fi
 }
 is_whisper() { case $1 in *whisper*) return 0;; esac; return 1; }
-# per-encoder settings, chosen on dev (Czech, 10 min): a pretrained Whisper encoder takes a
-# smaller encoder learning rate than the bundled one and a short head-only warm-up
+# per-encoder fine-tuning settings: a pretrained Whisper encoder gets a smaller encoder learning
+# rate than the bundled one and a short head-only start (set beforehand, not tuned on dev)
 declare -A ENC_FINETUNE=([whisper-base]="encoder_lr=5e-5 freeze_encoder_steps=100 mask_time_prob=0.05")
 if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
     for t in $targets; do
