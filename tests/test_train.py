@@ -271,7 +271,7 @@ def test_speed_perturbed_copies_have_their_own_cache_entries(tmp_path, tones, ti
         assert mem[u.id].shape == cache[u.id].shape
     assert mem[items[2].id].shape[1] < mem[utts[0].id].shape[1]  # fewer frames when faster
     other_speed = dataclasses.replace(items[2], speed=1.2)  # same id, other speed
-    with pytest.raises(StaleCacheError, match="made from other audio"):
+    with pytest.raises(StaleCacheError, match="cached from other audio"):
         FeatureCache(tmp_path / "c").check([*items[:2], other_speed, items[3]])
 
 
