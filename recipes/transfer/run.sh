@@ -110,7 +110,8 @@ if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
         done
         for enc in $encoders; do
             z=$out/runs/$t/zeroshot-$(basename "$enc")
-            if is_whisper "$enc" && [ ! -f "$z/summary.json" ]; then
+            # English-only models (*.en) have no Czech or Italian to be scored on
+            if is_whisper "$enc" && [[ $enc != *.en ]] && [ ! -f "$z/summary.json" ]; then
                 st zeroshot "$enc" "$test" --language "$(lang_of "$t")" --out-dir "$z" -q
             fi
         done
