@@ -234,6 +234,18 @@ _SPEC_SCALARS = ("activation", "alibi", "alignment_heads", "alignment_layer", "n
                  "rotary_interleave", "rms_norm", "parallel_residual", "shared_layer_norm")
 
 
+def _self_attention_and_ffn(m: CT2Model, src: str, dst: str, d: int) -> dict[str, torch.Tensor]:
+    """What encoder and decoder layers share: fused self-attention, its norm, the FFN and its norm."""
+    out = _split_qkv(f"{dst}.self_attn", _weight(m, f"{src}/self_attention/linear_0/weight"),
+                     m.get(f"{src}/self_attention/linear_0/bias"), d, ("q_proj", "k_proj", "v_proj"))
+    out.update(_lin(f"{dst}.self_attn.out_proj", m, f"{src}/self_attention/linear_1"))
+    out.update(_ln(f"{dst}.self_attn_layer_norm", m, f"{src}/self_attention/layer_norm"))
+    out.update(_lin(f"{dst}.fc1", m, f"{src}/ffn/linear_0"))
+    out.update(_lin(f"{dst}.fc2", m, f"{src}/ffn/linear_1"))
+    out.update(_ln(f"{dst}.final_layer_norm", m, f"{src}/ffn/layer_norm"))
+    return out
+
+
 def whisper_state_dict(m: CT2Model, decoder: bool = True, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """``WhisperModel`` keys (``encoder.*``, ``decoder.*``) from a WhisperSpec; every
     variable of the spec must map (a leftover one is an error, not silently dropped)."""
@@ -244,32 +256,19 @@ def whisper_state_dict(m: CT2Model, decoder: bool = True, dtype: torch.dtype = t
         sd.update(_lin(f"encoder.{conv}", m, f"encoder/{conv}"))
     sd["encoder.embed_positions.weight"] = m.get("encoder/position_encodings/encodings")
     for i in range(cfg["encoder_layers"]):
-        src, dst = f"encoder/layer_{i}", f"encoder.layers.{i}"
-        sd.update(_split_qkv(f"{dst}.self_attn", _weight(m, f"{src}/self_attention/linear_0/weight"),
-                             m.get(f"{src}/self_attention/linear_0/bias"), d, ("q_proj", "k_proj", "v_proj")))
-        sd.update(_lin(f"{dst}.self_attn.out_proj", m, f"{src}/self_attention/linear_1"))
-        sd.update(_ln(f"{dst}.self_attn_layer_norm", m, f"{src}/self_attention/layer_norm"))
-        sd.update(_lin(f"{dst}.fc1", m, f"{src}/ffn/linear_0"))
-        sd.update(_lin(f"{dst}.fc2", m, f"{src}/ffn/linear_1"))
-        sd.update(_ln(f"{dst}.final_layer_norm", m, f"{src}/ffn/layer_norm"))
+        sd.update(_self_attention_and_ffn(m, f"encoder/layer_{i}", f"encoder.layers.{i}", d))
     sd.update(_ln("encoder.layer_norm", m, "encoder/layer_norm"))
     if decoder:
         sd["decoder.embed_tokens.weight"] = _weight(m, "decoder/embeddings/weight")
         sd["decoder.embed_positions.weight"] = m.get("decoder/position_encodings/encodings")
         for i in range(cfg["decoder_layers"]):
             src, dst = f"decoder/layer_{i}", f"decoder.layers.{i}"
-            sd.update(_split_qkv(f"{dst}.self_attn", _weight(m, f"{src}/self_attention/linear_0/weight"),
-                                 m.get(f"{src}/self_attention/linear_0/bias"), d, ("q_proj", "k_proj", "v_proj")))
-            sd.update(_lin(f"{dst}.self_attn.out_proj", m, f"{src}/self_attention/linear_1"))
-            sd.update(_ln(f"{dst}.self_attn_layer_norm", m, f"{src}/self_attention/layer_norm"))
+            sd.update(_self_attention_and_ffn(m, src, dst, d))
             sd.update(_lin(f"{dst}.encoder_attn.q_proj", m, f"{src}/attention/linear_0"))
             sd.update(_split_qkv(f"{dst}.encoder_attn", _weight(m, f"{src}/attention/linear_1/weight"),
                                  m.get(f"{src}/attention/linear_1/bias"), d, ("k_proj", "v_proj")))
             sd.update(_lin(f"{dst}.encoder_attn.out_proj", m, f"{src}/attention/linear_2"))
             sd.update(_ln(f"{dst}.encoder_attn_layer_norm", m, f"{src}/attention/layer_norm"))
-            sd.update(_lin(f"{dst}.fc1", m, f"{src}/ffn/linear_0"))
-            sd.update(_lin(f"{dst}.fc2", m, f"{src}/ffn/linear_1"))
-            sd.update(_ln(f"{dst}.final_layer_norm", m, f"{src}/ffn/layer_norm"))
         sd.update(_ln("decoder.layer_norm", m, "decoder/layer_norm"))
     # every variable must have been read: an unknown one would mean a model we would misread
     prefixes = ("encoder/", "decoder/") if decoder else ("encoder/",)
