@@ -45,19 +45,21 @@ def _ct2_variables(model) -> dict:
         v[f"{dst}/bias"] = torch.cat([sd[f"{src}.{n}.bias"] if n != "k_proj" else torch.zeros_like(sd[f"{src}.q_proj.bias"])
                                       for n in names]).half()
 
-    cfg = model.config
-    lin("encoder/conv1", "encoder.conv1")
-    lin("encoder/conv2", "encoder.conv2")
-    v["encoder/position_encodings/encodings"] = sd["encoder.embed_positions.weight"].half()
-    v["encoder/num_heads"] = torch.tensor(cfg.encoder_attention_heads, dtype=torch.int16)
-    for i in range(cfg.encoder_layers):
-        d, s = f"encoder/layer_{i}", f"encoder.layers.{i}"
+    def self_attention_and_ffn(d, s):
         fused(f"{d}/self_attention/linear_0", f"{s}.self_attn", ("q_proj", "k_proj", "v_proj"))
         lin(f"{d}/self_attention/linear_1", f"{s}.self_attn.out_proj")
         ln(f"{d}/self_attention/layer_norm", f"{s}.self_attn_layer_norm")
         lin(f"{d}/ffn/linear_0", f"{s}.fc1")
         lin(f"{d}/ffn/linear_1", f"{s}.fc2")
         ln(f"{d}/ffn/layer_norm", f"{s}.final_layer_norm")
+
+    cfg = model.config
+    lin("encoder/conv1", "encoder.conv1")
+    lin("encoder/conv2", "encoder.conv2")
+    v["encoder/position_encodings/encodings"] = sd["encoder.embed_positions.weight"].half()
+    v["encoder/num_heads"] = torch.tensor(cfg.encoder_attention_heads, dtype=torch.int16)
+    for i in range(cfg.encoder_layers):
+        self_attention_and_ffn(f"encoder/layer_{i}", f"encoder.layers.{i}")
     ln("encoder/layer_norm", "encoder.layer_norm")
     v["decoder/embeddings/weight"] = sd["decoder.embed_tokens.weight"].half()
     v["decoder/position_encodings/encodings"] = sd["decoder.embed_positions.weight"].half()
@@ -65,16 +67,11 @@ def _ct2_variables(model) -> dict:
     v["decoder/pre_norm"] = torch.tensor(1, dtype=torch.int8)
     for i in range(cfg.decoder_layers):
         d, s = f"decoder/layer_{i}", f"decoder.layers.{i}"
-        fused(f"{d}/self_attention/linear_0", f"{s}.self_attn", ("q_proj", "k_proj", "v_proj"))
-        lin(f"{d}/self_attention/linear_1", f"{s}.self_attn.out_proj")
-        ln(f"{d}/self_attention/layer_norm", f"{s}.self_attn_layer_norm")
+        self_attention_and_ffn(d, s)
         lin(f"{d}/attention/linear_0", f"{s}.encoder_attn.q_proj")
         fused(f"{d}/attention/linear_1", f"{s}.encoder_attn", ("k_proj", "v_proj"))
         lin(f"{d}/attention/linear_2", f"{s}.encoder_attn.out_proj")
         ln(f"{d}/attention/layer_norm", f"{s}.encoder_attn_layer_norm")
-        lin(f"{d}/ffn/linear_0", f"{s}.fc1")
-        lin(f"{d}/ffn/linear_1", f"{s}.fc2")
-        ln(f"{d}/ffn/layer_norm", f"{s}.final_layer_norm")
     ln("decoder/layer_norm", "decoder.layer_norm")
     return v
 
