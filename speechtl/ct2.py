@@ -96,44 +96,43 @@ def read_ct2(path: str | os.PathLike) -> CT2Model:
         raise CT2FormatError(f"{path}: empty file")
     with open(path, "rb") as f:
         buf = f.read()
-    if True:
-        r = _Reader(buf, path)
-        version = r.unpack("I", "the binary version")
-        if version not in SUPPORTED_VERSIONS:
-            raise CT2FormatError(f"{path}: CTranslate2 binary version {version} is not supported "
-                                 f"(this reader knows {', '.join(map(str, SUPPORTED_VERSIONS))}); is it a CTranslate2 model?")
-        spec = r.string("the spec name")
-        revision = r.unpack("I", "the spec revision")
-        count = r.unpack("I", "the variable count")
-        variables: dict[str, torch.Tensor] = {}
-        for i in range(count):
-            name = r.string(f"variable {i}'s name")
-            rank = r.unpack("B", f"{name}'s rank")
-            if rank > MAX_RANK:
-                raise CT2FormatError(f"{path}: variable {name!r} has rank {rank}")
-            shape = [r.unpack("I", f"{name}'s shape") for _ in range(rank)]
-            dtype_id = r.unpack("B", f"{name}'s dtype")
-            if dtype_id not in DTYPES:
-                raise CT2FormatError(f"{path}: variable {name!r} has unknown dtype id {dtype_id}")
-            nbytes = r.unpack("I", f"{name}'s byte count")
-            dtype = DTYPES[dtype_id]
-            itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
-            if nbytes != math.prod(shape) * itemsize:
-                raise CT2FormatError(f"{path}: variable {name!r} declares {nbytes} bytes for shape {shape} "
-                                     f"of {itemsize}-byte values")
-            data = r.take(nbytes, f"variable {name!r}")
-            if dtype == "bfloat16":
-                t = torch.frombuffer(bytearray(data), dtype=torch.bfloat16)
-            else:
-                t = torch.from_numpy(np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).copy())
-            variables[name] = t.reshape(shape)
-        aliases = {}
-        if r.pos < size:
-            for _ in range(r.unpack("I", "the alias count")):
-                alias = r.string("an alias")
-                aliases[alias] = r.string(f"alias {alias!r}'s target")
-        if r.pos != size:
-            raise CT2FormatError(f"{path}: {size - r.pos} unexpected bytes after the last record")
+    r = _Reader(buf, path)
+    version = r.unpack("I", "the binary version")
+    if version not in SUPPORTED_VERSIONS:
+        raise CT2FormatError(f"{path}: CTranslate2 binary version {version} is not supported "
+                             f"(this reader knows {', '.join(map(str, SUPPORTED_VERSIONS))}); is it a CTranslate2 model?")
+    spec = r.string("the spec name")
+    revision = r.unpack("I", "the spec revision")
+    count = r.unpack("I", "the variable count")
+    variables: dict[str, torch.Tensor] = {}
+    for i in range(count):
+        name = r.string(f"variable {i}'s name")
+        rank = r.unpack("B", f"{name}'s rank")
+        if rank > MAX_RANK:
+            raise CT2FormatError(f"{path}: variable {name!r} has rank {rank}")
+        shape = [r.unpack("I", f"{name}'s shape") for _ in range(rank)]
+        dtype_id = r.unpack("B", f"{name}'s dtype")
+        if dtype_id not in DTYPES:
+            raise CT2FormatError(f"{path}: variable {name!r} has unknown dtype id {dtype_id}")
+        nbytes = r.unpack("I", f"{name}'s byte count")
+        dtype = DTYPES[dtype_id]
+        itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+        if nbytes != math.prod(shape) * itemsize:
+            raise CT2FormatError(f"{path}: variable {name!r} declares {nbytes} bytes for shape {shape} "
+                                 f"of {itemsize}-byte values")
+        data = r.take(nbytes, f"variable {name!r}")
+        if dtype == "bfloat16":
+            t = torch.frombuffer(bytearray(data), dtype=torch.bfloat16)
+        else:
+            t = torch.from_numpy(np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).copy())
+        variables[name] = t.reshape(shape)
+    aliases = {}
+    if r.pos < size:
+        for _ in range(r.unpack("I", "the alias count")):
+            alias = r.string("an alias")
+            aliases[alias] = r.string(f"alias {alias!r}'s target")
+    if r.pos != size:
+        raise CT2FormatError(f"{path}: {size - r.pos} unexpected bytes after the last record")
     for alias, target in aliases.items():
         if target not in variables:
             raise CT2FormatError(f"{path}: alias {alias!r} points at missing variable {target!r}")

