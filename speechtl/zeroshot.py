@@ -35,8 +35,14 @@ def whisper_zero_shot(model_dir: str, utterances: Sequence[Utterance], language:
     detect it (English-only models need none)."""
     from transformers import AutoProcessor, WhisperForConditionalGeneration
 
+    from .audio import check_readable
     from .encoder import resolve_encoder
 
+    # before any work: every file readable (all bad ones named at once), none beyond Whisper's 30 s
+    check_readable(utterances)
+    long = [u.id for u in utterances if u.duration > 30.0]
+    if long:
+        raise ValueError(f"zero-shot scoring takes clips of at most 30 s; {len(long)} are longer (first: {long[0]})")
     source = resolve_encoder(model_dir)
     processor = AutoProcessor.from_pretrained(source)
     model = WhisperForConditionalGeneration.from_pretrained(source, use_safetensors=True).to(device).eval()
@@ -55,9 +61,6 @@ def whisper_zero_shot(model_dir: str, utterances: Sequence[Utterance], language:
         for start in range(0, len(order), batch_size):
             batch = [utterances[i] for i in order[start:start + batch_size]]
             audio = [load_audio(u.audio) for u in batch]
-            long = [u.id for u, a in zip(batch, audio) if len(a) > 30 * 16_000]
-            if long:
-                raise ValueError(f"zero-shot scoring takes clips of at most 30 s; {long[0]} is longer")
             inputs = processor(audio, sampling_rate=16_000, return_tensors="pt", return_attention_mask=True)
             with torch.inference_mode():
                 ids = model.generate(inputs.input_features.to(device), attention_mask=inputs.attention_mask.to(device), **gen)

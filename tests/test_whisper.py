@@ -387,3 +387,18 @@ def test_transcription_window_longer_than_the_span_is_refused(whisper_dir):
     model = CTCModel(enc, 5, "finetune", HeadConfig(), enc.num_layers, enc.hidden_size)
     with pytest.raises(ValueError, match="longer than this encoder takes at once"):
         Transcriber(model, None, torch.device("cpu"), decoder=lambda *a: [], chunk_length_s=40.0)
+
+
+def test_zero_shot_names_bad_and_long_clips_before_loading_a_model(tmp_path):
+    from conftest import make_wav
+
+    from speechtl.manifest import Utterance
+    from speechtl.zeroshot import whisper_zero_shot
+
+    ok = Utterance("ok", str(make_wav(tmp_path / "ok.wav", 1.0)), "ab", 1.0)
+    gone = Utterance("gone", str(tmp_path / "gone.wav"), "ab", 1.0)
+    with pytest.raises(Exception, match="gone.wav"):
+        whisper_zero_shot(str(tmp_path / "no-such-model"), [ok, gone])
+    long = Utterance("long", str(make_wav(tmp_path / "long.wav", 31.0)), "ab", 31.0)
+    with pytest.raises(ValueError, match="at most 30 s; 1 are longer .first: long"):
+        whisper_zero_shot(str(tmp_path / "no-such-model"), [ok, long])
