@@ -42,10 +42,19 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def cmd_synth(args) -> int:
-    from .synth import SynthConfig, synthesize
+def _int_range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition("-")
+    try:
+        r = (int(lo), int(hi if sep else lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO-HI, e.g. 130-200, got {text!r}") from None
+    if r[0] > r[1]:
+        raise argparse.ArgumentTypeError(f"empty range {text!r}")
+    return r
 
-    from .synth import DEFAULT_VARIANTS
+
+def cmd_synth(args) -> int:
+    from .synth import DEFAULT_VARIANTS, SynthConfig, synthesize
 
     extra = {"workers": args.workers} if args.workers else {}
     variants = tuple(args.variants.split(",")) if args.variants else DEFAULT_VARIANTS
@@ -54,7 +63,8 @@ def cmd_synth(args) -> int:
     extra["variants"] = variants
     cfg = SynthConfig(lang=args.lang, minutes=args.minutes, out_dir=args.out, seed=args.seed, text_file=args.text_file,
                       noise_snr_db=args.noise_snr_db, prefix=args.prefix, n_speakers=args.speakers,
-                      min_words=args.min_words, max_words=args.max_words, **extra)
+                      min_words=args.min_words, max_words=args.max_words, vocab_size=args.vocab_size,
+                      rate_range=args.rate, pitch_range=args.pitch, **extra)
     utts = synthesize(cfg, progress=not args.quiet)
     print(f"synthesised {len(utts)} utterances, {sum(u.duration for u in utts) / 60:.2f} min, in {Path(args.out) / 'manifest.jsonl'}")
     return 0
@@ -298,7 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-file", help="sentences to speak, one per line (default: random word sequences from wordfreq)")
     s.add_argument("--min-words", type=int, default=2, help="fewest words per utterance (wordfreq text)")
     s.add_argument("--max-words", type=int, default=10, help="most words per utterance (wordfreq text)")
+    s.add_argument("--vocab-size", type=int, default=3000, help="draw words from the language's N most frequent (wordfreq text)")
     s.add_argument("--speakers", type=int, default=12, help="number of speaker profiles (voice variant, rate, pitch)")
+    s.add_argument("--rate", type=_int_range, default=(130, 200), metavar="LO-HI", help="speaking rates to draw from, words per minute (default 130-200)")
+    s.add_argument("--pitch", type=_int_range, default=(30, 70), metavar="LO-HI", help="pitches to draw from, espeak's 0-99 scale (default 30-70)")
     s.add_argument("--variants", help="comma-separated espeak-ng voice variants to draw speakers from (default: 17 variants)")
     s.add_argument("--exclude-variants", help="comma-separated variants never to use (e.g. those held out for a test set)")
     s.add_argument("--noise-snr-db", type=float, help="add white noise at this SNR")

@@ -79,7 +79,8 @@ class Speaker:
     pitch: int  # 0-99
 
     def name(self, lang: str) -> str:
-        return f"{lang}-{self.variant}-r{self.rate}-p{self.pitch}"
+        variant = f"-{self.variant}" if self.variant else ""
+        return f"{lang}{variant}-r{self.rate}-p{self.pitch}"
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,26 @@ def list_variants() -> list[str]:
     return names
 
 
+def is_mbrola(lang: str) -> bool:
+    """True for espeak-ng's MBROLA voices ("mb-de1"): diphones cut from human recordings."""
+    return lang.startswith("mb-")
+
+
+def mbrola_language(voice: str) -> str:
+    """The language an MBROLA voice speaks, from ``espeak-ng --voices=mb`` ("mb-de1" -> "de")."""
+    out = subprocess.run([check_espeak(), "--voices=mb"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines()[1:]:
+        cols = line.split()
+        if len(cols) >= 5 and cols[4].split("/")[-1] == voice:
+            return cols[1]
+    raise ValueError(f"espeak-ng lists no MBROLA voice {voice!r}; see espeak-ng --voices=mb")
+
+
 def wordfreq_lang(lang: str) -> str:
-    """Map an espeak voice name to a wordfreq language code ("en-us" -> "en", "cmn" -> "zh")."""
+    """Map an espeak voice name to a wordfreq language code ("en-us" -> "en", "cmn" -> "zh",
+    "mb-de1" -> "de")."""
+    if is_mbrola(lang):
+        lang = mbrola_language(lang)
     base = lang.lower().split("-")[0]
     return _WORDFREQ_ALIASES.get(base, base)
 
@@ -158,7 +177,7 @@ def _load_words(lang: str, vocab_size: int, normalizer: Normalizer) -> list[str]
 
 def make_speakers(config: SynthConfig, rng: random.Random) -> list[Speaker]:
     """Draw ``n_speakers`` distinct (variant, rate, pitch) profiles, spreading the variants evenly."""
-    pool = list(config.speakers or config.variants)
+    pool = [""] if is_mbrola(config.lang) else list(config.speakers or config.variants)
     if not pool or config.n_speakers < 1:
         raise ValueError("need at least one voice variant and n_speakers >= 1")
     rng.shuffle(pool)
@@ -219,7 +238,8 @@ def _synth_one(spec: UttSpec, lang: str, wav_dir: Path, tmp_dir: Path, noise_snr
 
     s = spec.speaker
     tmp = tmp_dir / f"{spec.id}.wav"
-    cmd = [check_espeak(), "-b", "1", "-v", f"{lang}+{s.variant}", "-s", str(s.rate), "-p", str(s.pitch),
+    voice = f"{lang}+{s.variant}" if s.variant else lang  # MBROLA voices take no variant
+    cmd = [check_espeak(), "-b", "1", "-v", voice, "-s", str(s.rate), "-p", str(s.pitch),
            "--ipa", "-w", str(tmp), "--stdin"]  # fmt: skip
     # text on stdin: a leading "-" can never be taken for an option
     proc = subprocess.run(cmd, input=spec.text.encode("utf-8"), capture_output=True, timeout=300)
@@ -281,7 +301,10 @@ def _check_voices(config: SynthConfig) -> None:
     exe = check_espeak()
     proc = subprocess.run([exe, "-q", "-v", config.lang, "a"], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ValueError(f"espeak-ng has no voice {config.lang!r} ({proc.stderr.strip()}); see espeak-ng --voices")
+        hint = f"install its MBROLA voice: apt-get install mbrola-{config.lang[3:]}" if is_mbrola(config.lang) else "see espeak-ng --voices"
+        raise ValueError(f"espeak-ng has no voice {config.lang!r} ({proc.stderr.strip()}); {hint}")
+    if is_mbrola(config.lang):
+        return
     known = set(list_variants())
     unknown = [v for v in (config.speakers or config.variants) if v not in known]
     if unknown:

@@ -104,3 +104,35 @@ def test_cli_variant_selection(tmp_path):
                  "--exclude-variants", "klatt", "--workers", "2", "-q"]) == 0
     variants = {u.speaker.split("-")[2] for u in read_manifest(tmp_path / "a" / "manifest.jsonl")}
     assert variants and variants <= {"m3", "f2"}
+
+
+def test_cli_rate_pitch_and_vocabulary_ranges(tmp_path):
+    from speechtl.cli import main
+
+    assert main(["synth", "--lang", "en-us", "--minutes", "0.1", "--out", str(tmp_path / "a"), "--rate", "150-160",
+                 "--pitch", "20-21", "--vocab-size", "50", "--speakers", "3", "-q"]) == 0
+    speakers = {u.speaker for u in read_manifest(tmp_path / "a" / "manifest.jsonl")}
+    for s in speakers:
+        rate, pitch = s.split("-")[-2:]
+        assert 150 <= int(rate[1:]) <= 160 and pitch in ("p20", "p21")
+    with pytest.raises(SystemExit):
+        main(["synth", "--lang", "en-us", "--minutes", "0.1", "--out", str(tmp_path / "b"), "--rate", "200-100"])
+
+
+def test_mbrola_voices_take_no_variant_and_read_their_language():
+    from speechtl.synth import Speaker, is_mbrola, make_speakers
+    import random
+
+    assert is_mbrola("mb-de1") and not is_mbrola("de")
+    speakers = make_speakers(SynthConfig(lang="mb-de1", minutes=1, out_dir="unused", n_speakers=4), random.Random(0))
+    assert {s.variant for s in speakers} == {""} and len(set(speakers)) == 4
+    assert Speaker("", 150, 40).name("mb-de1") == "mb-de1-r150-p40"
+    assert wordfreq_lang("mb-de1") == "de" and wordfreq_lang("mb-br1") == "pt"  # listed by espeak-ng, installed or not
+    with pytest.raises(ValueError, match="MBROLA voice 'mb-zz9'"):
+        wordfreq_lang("mb-zz9")
+
+
+@pytest.mark.skipif(shutil.which("mbrola") is None, reason="mbrola is not installed")
+def test_mbrola_voice_missing_names_its_package(tmp_path):
+    with pytest.raises(ValueError, match="apt-get install mbrola-zz9"):
+        _synth(tmp_path, "m", lang="mb-zz9")
