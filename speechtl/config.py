@@ -89,6 +89,14 @@ class TrainConfig:
                                            "(spans of mask_time_length frames)")
     frozen_mask_feature_prob: float = _f(0.0, "frozen mode: channel masking of the summed layer features while training "
                                               "(spans of mask_feature_length channels)")
+    augment: float = _f(0.0, "probability that a training clip is corrupted on the fly (reverb, telephone band, codec, "
+                              "noise, gain: speechtl.augment); audio modes only, not from a feature cache")
+    teacher: str | None = _f(None, "finetune/scratch: a frozen teacher encoder (e.g. whisper-base) whose hidden states "
+                                   "the encoder learns to predict (layer distillation: L1 + cosine), alongside CTC; it "
+                                   "hears the clean clip when augment is on")
+    teacher_layers: list = _f([], "teacher hidden-state indices to predict (default: three spread up to its last layer); "
+                                  "each is predicted from a student layer spread the same way")
+    distill_weight: float = _f(1.0, "weight of the distillation loss against CTC")
     # evaluation and checkpoints
     eval_every: int = _f(200, "updates between dev evaluations and checkpoints")
     save_every: int | None = _f(None, "updates between checkpoints (default: eval_every); resume loses at most this many")
@@ -135,7 +143,19 @@ class TrainConfig:
             v = getattr(self, key)
             if v is not None and not v > 0:
                 raise ValueError(f"config key {key!r}: must be greater than 0 (got {v!r})")
-        for key in ("lr", "encoder_lr", "weight_decay", "clip_norm", "warmup", "hold"):
+        if not 0 <= self.augment <= 1:
+            raise ValueError(f"config key 'augment': must be in [0, 1] (got {self.augment!r})")
+        if self.teacher is not None and self.mode == "frozen":
+            raise ValueError("config key 'teacher': distillation trains the encoder; use mode=finetune or scratch")
+        if self.teacher is not None and self.layerdrop > 0:
+            raise ValueError("config key 'layerdrop': distillation predicts the teacher from fixed encoder layers, "
+                             "which layerdrop would skip; set layerdrop=0 with a teacher")
+        if self.augment and self.mode == "frozen" and (self.cache_features or self.feature_cache):
+            raise ValueError("config key 'augment': frozen mode trains from cached clean features; set "
+                             "cache_features=false (and no feature_cache) to augment every step")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.teacher_layers):
+            raise ValueError(f"config key 'teacher_layers': expected non-negative integers, got {self.teacher_layers!r}")
+        for key in ("lr", "encoder_lr", "weight_decay", "clip_norm", "warmup", "hold", "distill_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"config key {key!r}: must not be negative (got {getattr(self, key)!r})")
         for key in ("head_dropout", "layerdrop", "mask_time_prob", "mask_feature_prob", "frozen_mask_time_prob",

@@ -36,9 +36,12 @@ class Batch:
     ids: list[str]
     texts: list[str]
     durations: list[float]
+    clean: torch.Tensor | None = None  # (B, S) the waveforms before augmentation, when kept (a teacher's input)
 
     def pin_memory(self) -> "Batch":
         self.waveforms = self.waveforms.pin_memory()
+        if self.clean is not None:
+            self.clean = self.clean.pin_memory()
         self.lengths = self.lengths.pin_memory()
         self.targets = self.targets.pin_memory()
         self.target_lengths = self.target_lengths.pin_memory()
@@ -53,6 +56,7 @@ class Batch:
             self.ids,
             self.texts,
             self.durations,
+            None if self.clean is None else self.clean.to(device, non_blocking=non_blocking),
         )
 
 
@@ -86,18 +90,31 @@ class UtteranceDataset(Dataset):
 
 
 class AudioDataset(UtteranceDataset):
-    """Items are ``dict(wav, ids, id, text, duration)``; audio is decoded on access."""
+    """Items are ``dict(wav, ids, id, text, duration)``; audio is decoded on access.
 
-    def __init__(self, utterances, normalize=None, encode=None, sample_rate: int = SAMPLE_RATE):
+    ``augment`` (a length-preserving ``wav -> wav`` such as :class:`speechtl.augment.Augmenter`)
+    corrupts each clip with probability ``augment_prob``; ``keep_clean`` adds the clip as it
+    was before that, as ``clean``."""
+
+    def __init__(self, utterances, normalize=None, encode=None, sample_rate: int = SAMPLE_RATE,
+                 augment: Callable[[np.ndarray], np.ndarray] | None = None, augment_prob: float = 1.0, keep_clean: bool = False):
         super().__init__(utterances, normalize, encode)
         self.sample_rate = sample_rate
+        self.augment, self.augment_prob, self.keep_clean = augment, augment_prob, keep_clean
 
     def __getitem__(self, i: int) -> dict:
         u = self.utterances[i]
         wav = load_audio(u.audio, self.sample_rate)
         if u.speed != 1:
             wav = change_speed(wav, u.speed, self.sample_rate)
-        return {"wav": torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)), **self.labels(u)}
+        clean = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+        item = {"wav": clean, **self.labels(u)}
+        # drawn from torch's stream (seeded per DataLoader worker), so an exact resume redraws the same
+        if self.augment is not None and float(torch.rand(())) < self.augment_prob:
+            item["wav"] = torch.from_numpy(np.ascontiguousarray(self.augment(wav), dtype=np.float32))
+        if self.keep_clean:
+            item["clean"] = clean
+        return item
 
 
 def speed_copies(utterances: Sequence[Utterance], factors: Sequence[float]) -> list[Utterance]:
@@ -138,9 +155,9 @@ def collate(items: Sequence[dict]) -> Batch:
     """Zero-pad waveforms and targets; lengths ride alongside."""
     waveforms, lengths = pad_waveforms([it["wav"] for it in items])
     targets, tlens = pad_targets(items)
-    return Batch(
-        waveforms, lengths, targets, tlens, [it["id"] for it in items], [it["text"] for it in items], [it["duration"] for it in items]
-    )
+    clean = pad_waveforms([it["clean"] for it in items])[0] if items and "clean" in items[0] else None
+    return Batch(waveforms, lengths, targets, tlens, [it["id"] for it in items], [it["text"] for it in items],
+                 [it["duration"] for it in items], clean)
 
 
 class DynamicBucketSampler(Sampler[list[int]]):

@@ -132,6 +132,17 @@ class CTCModel(nn.Module):
             out = self.encoder(waveforms, lengths, all_layers=self.mode == "frozen")
         return self.forward_features(out.hidden_states, out.lengths)
 
+    def forward_with_hidden(self, waveforms: torch.Tensor, lengths: torch.Tensor):
+        """``(logits, frame_lengths, hidden_states)``: :meth:`forward` that also returns every
+        encoder hidden state (for an auxiliary loss on them, such as distillation)."""
+        if self.encoder is None:
+            raise RuntimeError("this model was built without an encoder; use forward_features")
+        grad = self.encoder_trainable and torch.is_grad_enabled()
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            out = self.encoder(waveforms, lengths, all_layers=True)
+        logits, frames = self.forward_features(out.hidden_states, out.lengths)
+        return logits, frames, out.hidden_states
+
     def forward_features(self, hidden_states, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Head on precomputed encoder output: all layers (frozen) or the last one."""
         if self.layer_sum is not None:

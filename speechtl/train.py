@@ -37,8 +37,11 @@ from .audio import check_readable
 from .config import TrainConfig
 from .cache import FeatureCache, StaleCacheError, encoder_fingerprint, extract_to_cache
 from .features import FeatureDataset, autocast_dtype, collate_features, compute_dtype_name, estimate_bytes, extract_in_memory
+from .distill import Distiller, spread_layers
 from .distributed import DistContext
+from .encoder import load_encoder
 from .inference import decode_hyps, score_hyps
+from .augment import Augmenter
 from .loader import AudioDataset, DynamicBucketSampler, collate, decode_workers, speed_copies
 from .manifest import Utterance, read_manifest
 from .metrics import write_results
@@ -175,12 +178,20 @@ class _TrainStep(nn.Module):
     """One forward pass of a :class:`CTCModel`, from audio or from cached encoder features,
     behind a single ``forward`` so that DistributedDataParallel sees every pass."""
 
-    def __init__(self, model: CTCModel):
+    def __init__(self, model: CTCModel, distiller: Distiller | None = None):
         super().__init__()
         self.model = model
+        self.distiller = distiller
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor, from_features: bool = False):
-        return self.model.forward_features(x, lengths) if from_features else self.model(x, lengths)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, from_features: bool = False, clean: torch.Tensor | None = None):
+        """``(logits, frame_lengths, distillation loss or None)``; the teacher hears ``clean`` when given."""
+        if from_features:
+            return (*self.model.forward_features(x, lengths), None)
+        if self.distiller is None:
+            return (*self.model(x, lengths), None)
+        logits, frames, hidden = self.model.forward_with_hidden(x, lengths)
+        loss, _ = self.distiller(hidden, frames, x if clean is None else clean, lengths)
+        return logits, frames, loss
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -294,9 +305,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     overrides = {k: getattr(cfg, k) for k in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop",
                                               "frozen_mask_time_prob", "frozen_mask_feature_prob")}
     model = build_model(cfg.encoder, cfg.mode, len(vocab), head, cfg.seed, overrides, cfg.trust_remote_code, cfg.freeze_feature_encoder)
+    distiller = _build_distiller(cfg, model, device)
     # an encoder with a fixed span (Whisper: 30 s) cannot take longer clips; they are dropped and counted like others
     max_duration = cfg.max_duration
     span = model.encoder.max_seconds if model.encoder is not None else float("inf")
+    if distiller is not None:
+        span = min(span, distiller.teacher.max_seconds)
     if span < (max_duration if max_duration is not None else float("inf")):
         logger.info("max_duration %s s: this encoder takes clips of at most %g s", cfg.max_duration, span)
         max_duration = span
@@ -331,6 +345,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     groups = [{"params": model.head_parameters(), "lr": cfg.lr, "name": "head"}]
     if cfg.mode != "frozen":
         groups.append({"params": model.encoder_parameters(), "lr": cfg.encoder_lr, "name": "encoder"})
+    if distiller is not None:
+        groups.append({"params": list(distiller.parameters()), "lr": cfg.lr, "name": "distill"})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     # the updates the schedule spans: max_steps, or fewer when max_minutes binds (fitted as training goes)
     horizon = {"total": cfg.max_steps}
@@ -375,13 +391,15 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
                                        rank=ctx.rank, world_size=ctx.world_size)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_features, num_workers=0, generator=loader_gen)
     else:
-        dataset = AudioDataset(train_utts, normalize=normalizer, encode=vocab.encode)
+        augment = Augmenter() if cfg.augment > 0 else None
+        dataset = AudioDataset(train_utts, normalize=normalizer, encode=vocab.encode, augment=augment,
+                               augment_prob=cfg.augment, keep_clean=augment is not None and distiller is not None)
         sampler = DynamicBucketSampler(dataset.durations, cfg.max_batch_seconds, shuffle=True, seed=cfg.seed,
                                        rank=ctx.rank, world_size=ctx.world_size)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                             pin_memory=device.type == "cuda", generator=loader_gen, persistent_workers=False)
 
-    step_module: nn.Module = _TrainStep(model)
+    step_module: nn.Module = _TrainStep(model, distiller)
     if ctx.enabled:
         # a trained encoder can leave parameters unused in a step (a freeze period, layerdrop, the mask
         # embedding without masking); a frozen-mode head uses all of its own
@@ -397,6 +415,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
         missing, unexpected = model.load_state_dict(ck["model"], strict=False)
         if unexpected or any(not k.startswith("encoder.") for k in missing):
             raise RuntimeError(f"{ckpt_path}: checkpoint does not match the model ({unexpected or missing})")
+        if (distiller is None) != ("distill" not in ck):
+            raise ValueError(f"{ckpt_path}: written {'with' if 'distill' in ck else 'without'} a teacher; resume with the "
+                             "same teacher setting, or start afresh")
+        if distiller is not None:
+            distiller.load_state_dict(ck["distill"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
@@ -418,6 +441,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
         ck = {"model": _trainable_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
               "scaler": scaler.state_dict(), "state": dict(st), "rng": rngs[0], "loader_rng": loader_gen.get_state(),
               "vocab": vocab.tokens, "config": asdict(cfg)}
+        if distiller is not None:
+            ck["distill"] = distiller.state_dict()
         if ctx.enabled:
             ck["rng_ranks"] = rngs
         with atomic_path(ckpt_path) as tmp:
@@ -478,10 +503,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
             with contextlib.nullcontext() if sync else step_module.no_sync():
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     if features is not None:
-                        logits, frames = step_module(b.hidden, b.frame_lengths, from_features=True)
+                        logits, frames, aux = step_module(b.hidden, b.frame_lengths, from_features=True)
                     else:
-                        logits, frames = step_module(b.waveforms, b.lengths)
-                loss = ctc_loss(logits, frames, b.targets, b.target_lengths) / cfg.grad_accum
+                        logits, frames, aux = step_module(b.waveforms, b.lengths, clean=b.clean)
+                loss = ctc_loss(logits, frames, b.targets, b.target_lengths)
+                if aux is not None:
+                    loss = loss + cfg.distill_weight * aux
+                loss = loss / cfg.grad_accum
                 scaler.scale(loss).backward()
             loss_acc += loss.item()
             audio_acc += float(sum(b.durations))
@@ -579,6 +607,22 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     if ctx.is_main:
         write_json(out / "train_summary.json", summary)
     return summary
+
+
+def _build_distiller(cfg: TrainConfig, model: CTCModel, device: torch.device) -> Distiller | None:
+    """The frozen teacher and the student's projections, when ``cfg.teacher`` is set."""
+    if cfg.teacher is None:
+        return None
+    teacher = load_encoder(cfg.teacher, trust_remote_code=cfg.trust_remote_code).to(device)
+    student_n = model.encoder.num_layers - 1
+    teacher_layers = list(cfg.teacher_layers) or spread_layers(teacher.num_layers - 1, 3)
+    if abs(teacher.frame_rate - model.encoder.frame_rate) > 1e-6:
+        raise ValueError(f"config key 'teacher': {cfg.teacher} gives {teacher.frame_rate:g} frames/s and the encoder "
+                         f"{model.encoder.frame_rate:g}; distillation needs the same frame rate")
+    distiller = Distiller(teacher, teacher_layers, spread_layers(student_n, len(teacher_layers)), model.encoder.hidden_size)
+    logger.info("distilling %s hidden states %s into encoder layers %s", cfg.teacher, distiller.teacher_layers,
+                distiller.student_layers)
+    return distiller.to(device)
 
 
 def write_config_yaml(cfg: TrainConfig, path: Path) -> None:
