@@ -159,7 +159,7 @@ def main() -> None:
     # ---- 4. LM beam search against greedy
     if args.lm_text:
         from speechtl.lm import read_sentences, write_arpa
-        from speechtl.transcribe import BeamDecoder, GreedyDecoder
+        from speechtl.decode import BeamDecoder, GreedyDecoder
 
         lm_rec = speechtl.load(args.lm_model or args.model, device="cpu")
         norm = lm_rec.normalizer

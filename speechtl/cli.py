@@ -160,7 +160,8 @@ def cmd_transcribe(args) -> int:
 def cmd_align(args) -> int:
     from ._io import write_text
     from .inference import Recognizer
-    from .transcribe import Item, Transcript, align_words, render, segments_from_words
+    from .decode import align_words
+    from .transcribe import Item, Transcript, render, segments_from_words
 
     rec = Recognizer.load(args.model_dir, device=args.device)
     text = args.text

@@ -1,9 +1,33 @@
-"""CTC decoding. Greedy decoding: best class per frame, merge repeats, drop blanks."""
+"""CTC decoding and word timing.
+
+Greedy decoding takes the best class per frame, merges repeats and drops blanks; beam
+search (pyctcdecode) may add an n-gram LM and hotwords. Times come from CTC frame spans:
+a character's time is the run of frames on which it is the best class, a word runs from
+its first character's first frame to its last character's last frame, and its confidence
+is the mean best-class probability over those frames. Forced alignment of a known
+transcript gives word times the same way.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
 import numpy as np
 import torch
+
+from .text import UNK_TEXT, Vocabulary
+
+
+@dataclass
+class Word:
+    word: str
+    start: float
+    end: float
+    confidence: float
 
 
 def token_runs(best: np.ndarray, blank: int = 0) -> list[tuple[int, int, int]]:
@@ -20,3 +44,125 @@ def greedy_ids(logits: torch.Tensor, lengths: torch.Tensor, blank: int = 0) -> l
     """Args: logits (B, T, V); lengths (B,) valid frames. Returns token ids per clip."""
     best = logits.argmax(dim=-1).cpu().numpy()
     return [[tok for tok, _, _ in token_runs(row[:n], blank)] for row, n in zip(best, lengths.cpu().tolist())]
+
+
+def words_from_runs(runs, probs: np.ndarray, vocab: Vocabulary, frame_s: float) -> list[Word]:
+    """Group character runs into words at the delimiter (``|``)."""
+    words: list[Word] = []
+    chars: list[tuple[str, int, int]] = []
+
+    def close():
+        if chars:
+            conf = float(np.mean(np.concatenate([probs[s:e + 1] for _, s, e in chars])))
+            words.append(Word("".join(c for c, _, _ in chars), round(chars[0][1] * frame_s, 3),
+                              round((chars[-1][2] + 1) * frame_s, 3), round(conf, 4)))
+            chars.clear()
+
+    for tok, s, e in runs:
+        if tok == vocab.delimiter_id:
+            close()
+        else:
+            chars.append((vocab.tokens[tok] if tok != vocab.unk_id else UNK_TEXT, s, e))
+    close()
+    return words
+
+
+class GreedyDecoder:
+    """Best class per frame; times from the frame runs."""
+
+    def __init__(self, vocab: Vocabulary):
+        self.vocab = vocab
+
+    def __call__(self, log_probs: np.ndarray, frame_s: float) -> list[Word]:
+        best = log_probs.argmax(axis=-1)
+        probs = np.exp(log_probs.max(axis=-1))
+        return words_from_runs(token_runs(best), probs, self.vocab, frame_s)
+
+
+class BeamDecoder:
+    """pyctcdecode beam search, optionally with an n-gram LM (ARPA, or kenlm binary when
+    kenlm is installed) and hotwords. Needs the ``lm`` extra: ``pip install 'speechtl[lm]'``."""
+
+    def __init__(self, vocab: Vocabulary, lm: str | os.PathLike | None = None, alpha: float = 0.5, beta: float = 1.0,
+                 beam_width: int = 32, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0,
+                 unk_score_offset: float = -10.0):
+        from .lm import kenlm_available, pyctcdecode_language_model
+
+        if not kenlm_available():  # pyctcdecode warns about kenlm; our ARPA scorer stands in for it
+            for name in ("pyctcdecode.language_model", "pyctcdecode.decoder"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            from pyctcdecode.alphabet import Alphabet
+            from pyctcdecode.decoder import BeamSearchDecoderCTC
+        except ImportError:
+            raise RuntimeError("beam search needs pyctcdecode: pip install 'speechtl[lm]'") from None
+
+        if lm is not None and not Path(lm).is_file():
+            raise FileNotFoundError(f"{lm}: language model not found")
+        labels = ["", UNK_TEXT, " ", *vocab.tokens[3:]]  # blank, [UNK], word delimiter, characters
+        language_model = None
+        if lm is not None:
+            language_model = pyctcdecode_language_model(lm, alpha=alpha, beta=beta, unk_score_offset=unk_score_offset)
+        self.decoder = BeamSearchDecoderCTC(Alphabet.build_alphabet(labels), language_model)
+        self.beam_width = beam_width
+        self.hotwords = list(hotwords or [])
+        self.hotword_weight = hotword_weight
+
+    def __call__(self, log_probs: np.ndarray, frame_s: float) -> list[Word]:
+        if log_probs.shape[0] == 0:
+            return []
+        beams = self.decoder.decode_beams(log_probs, beam_width=self.beam_width, hotwords=self.hotwords or None,
+                                          hotword_weight=self.hotword_weight)
+        probs = np.exp(log_probs.max(axis=-1))
+        words = []
+        for w, (s, e) in beams[0][2]:
+            e = max(e, s + 1)
+            words.append(Word(w, round(s * frame_s, 3), round(e * frame_s, 3), round(float(np.mean(probs[s:e])), 4)))
+        return words
+
+
+MAX_ALIGN_CELLS = 1_000_000_000  # forced-alignment trellis cells (frames x states): about 1 GB (one byte each)
+
+
+def align_words(log_probs: np.ndarray, text: str, vocab: Vocabulary, frame_s: float, where: str = "audio") -> list[Word]:
+    """Word times of a known (normalised) transcript, by CTC forced alignment
+    (``torchaudio.functional.forced_align``). A word's confidence is the mean posterior
+    of its characters' aligned frames."""
+    import torchaudio.functional as taF
+
+    words = text.split()
+    if not words:
+        raise ValueError(f"{where}: the transcript is empty")
+    unknown = sorted({ch for w in words for ch in w if ch not in vocab.index or vocab.index[ch] < 3})
+    if unknown:
+        raise ValueError(f"{where}: characters outside the model's vocabulary: {' '.join(map(repr, unknown))}")
+    ids = vocab.encode(" ".join(words))
+    repeats = sum(a == b for a, b in zip(ids, ids[1:]))
+    if log_probs.shape[0] < len(ids) + repeats:
+        raise ValueError(f"{where}: {log_probs.shape[0]} frames ({log_probs.shape[0] * frame_s:.2f} s) are too few"
+                         f" for a transcript of {len(ids)} characters")
+    # the alignment trellis holds frames x (2 x characters + 1) cells; past the limit, refuse
+    # before allocating rather than exhaust the machine's memory
+    cells = log_probs.shape[0] * (2 * len(ids) + 1)
+    if cells > MAX_ALIGN_CELLS:
+        minutes = log_probs.shape[0] * frame_s / 60
+        piece = max(MAX_ALIGN_CELLS / cells * minutes, 0.1)
+        raise ValueError(f"{where}: aligning {minutes:.1f} min of audio with a {len(ids):,}-character transcript needs "
+                         f"{cells / 1e9:.1f} billion trellis cells (limit {MAX_ALIGN_CELLS / 1e9:g} billion); align it in "
+                         f"pieces of at most about {piece:.1f} min, each with its own part of the transcript")
+    emission = torch.from_numpy(np.ascontiguousarray(log_probs, dtype=np.float32))[None]
+    targets = torch.tensor([ids], dtype=torch.int32)
+    path, scores = taF.forced_align(emission, targets, blank=0)
+    spans = taF.merge_tokens(path[0], scores[0].exp())
+    out: list[Word] = []
+    chars: list = []
+    w_iter = iter(words)
+    for span in [*spans, None]:
+        if span is None or span.token == vocab.delimiter_id:
+            if chars:
+                conf = float(np.mean([c.score for c in chars]))
+                out.append(Word(next(w_iter), round(chars[0].start * frame_s, 3), round(chars[-1].end * frame_s, 3), round(conf, 4)))
+                chars = []
+            continue
+        chars.append(span)
+    return out

@@ -128,7 +128,8 @@ class Recognizer:
                     hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0):
         """A :class:`speechtl.transcribe.Transcriber` for this model. Greedy decoding unless
         ``lm``, ``beam_width`` or ``hotwords`` is given (pyctcdecode beam search)."""
-        from .transcribe import BeamDecoder, GreedyDecoder, Transcriber
+        from .decode import BeamDecoder, GreedyDecoder
+        from .transcribe import Transcriber
 
         if lm is not None or beam_width is not None or hotwords:
             decoder = BeamDecoder(self.vocab, lm, alpha, beta, beam_width or 32, hotwords, hotword_weight)

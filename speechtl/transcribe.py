@@ -29,21 +29,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_info, load_audio
-from .decode import token_runs
+from .decode import GreedyDecoder, Word
 from .loader import pad_waveforms
-from .text import UNK_TEXT, Vocabulary
+from .text import Vocabulary
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("txt", "json", "srt", "vtt")
-
-
-@dataclass
-class Word:
-    word: str
-    start: float
-    end: float
-    confidence: float
 
 
 @dataclass
@@ -128,27 +120,6 @@ def frame_seconds(model) -> float:
     return 320 / SAMPLE_RATE
 
 
-def words_from_runs(runs, probs: np.ndarray, vocab: Vocabulary, frame_s: float) -> list[Word]:
-    """Group character runs into words at the delimiter (``|``)."""
-    words: list[Word] = []
-    chars: list[tuple[str, int, int]] = []
-
-    def close():
-        if chars:
-            conf = float(np.mean(np.concatenate([probs[s:e + 1] for _, s, e in chars])))
-            words.append(Word("".join(c for c, _, _ in chars), round(chars[0][1] * frame_s, 3),
-                              round((chars[-1][2] + 1) * frame_s, 3), round(conf, 4)))
-            chars.clear()
-
-    for tok, s, e in runs:
-        if tok == vocab.delimiter_id:
-            close()
-        else:
-            chars.append((vocab.tokens[tok] if tok != vocab.unk_id else UNK_TEXT, s, e))
-    close()
-    return words
-
-
 def segments_from_words(words: Sequence[Word], max_gap_s: float = 1.0, max_segment_s: float = 10.0) -> list[Segment]:
     """Split words into subtitle-sized segments at pauses longer than ``max_gap_s`` or
     before a segment would exceed ``max_segment_s``."""
@@ -167,60 +138,6 @@ def segments_from_words(words: Sequence[Word], max_gap_s: float = 1.0, max_segme
         cur.append(w)
     close()
     return segments
-
-
-class GreedyDecoder:
-    """Best class per frame; times from the frame runs."""
-
-    def __init__(self, vocab: Vocabulary):
-        self.vocab = vocab
-
-    def __call__(self, log_probs: np.ndarray, frame_s: float) -> list[Word]:
-        best = log_probs.argmax(axis=-1)
-        probs = np.exp(log_probs.max(axis=-1))
-        return words_from_runs(token_runs(best), probs, self.vocab, frame_s)
-
-
-class BeamDecoder:
-    """pyctcdecode beam search, optionally with an n-gram LM (ARPA, or kenlm binary when
-    kenlm is installed) and hotwords. Needs the ``lm`` extra: ``pip install 'speechtl[lm]'``."""
-
-    def __init__(self, vocab: Vocabulary, lm: str | os.PathLike | None = None, alpha: float = 0.5, beta: float = 1.0,
-                 beam_width: int = 32, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0,
-                 unk_score_offset: float = -10.0):
-        from .lm import kenlm_available, pyctcdecode_language_model
-
-        if not kenlm_available():  # pyctcdecode warns about kenlm; our ARPA scorer stands in for it
-            for name in ("pyctcdecode.language_model", "pyctcdecode.decoder"):
-                logging.getLogger(name).setLevel(logging.ERROR)
-        try:
-            from pyctcdecode.alphabet import Alphabet
-            from pyctcdecode.decoder import BeamSearchDecoderCTC
-        except ImportError:
-            raise RuntimeError("beam search needs pyctcdecode: pip install 'speechtl[lm]'") from None
-
-        if lm is not None and not Path(lm).is_file():
-            raise FileNotFoundError(f"{lm}: language model not found")
-        labels = ["", UNK_TEXT, " ", *vocab.tokens[3:]]  # blank, [UNK], word delimiter, characters
-        language_model = None
-        if lm is not None:
-            language_model = pyctcdecode_language_model(lm, alpha=alpha, beta=beta, unk_score_offset=unk_score_offset)
-        self.decoder = BeamSearchDecoderCTC(Alphabet.build_alphabet(labels), language_model)
-        self.beam_width = beam_width
-        self.hotwords = list(hotwords or [])
-        self.hotword_weight = hotword_weight
-
-    def __call__(self, log_probs: np.ndarray, frame_s: float) -> list[Word]:
-        if log_probs.shape[0] == 0:
-            return []
-        beams = self.decoder.decode_beams(log_probs, beam_width=self.beam_width, hotwords=self.hotwords or None,
-                                          hotword_weight=self.hotword_weight)
-        probs = np.exp(log_probs.max(axis=-1))
-        words = []
-        for w, (s, e) in beams[0][2]:
-            e = max(e, s + 1)
-            words.append(Word(w, round(s * frame_s, 3), round(e * frame_s, 3), round(float(np.mean(probs[s:e])), 4)))
-        return words
 
 
 # ----------------------------------------------------------------------------- windows
@@ -366,55 +283,6 @@ class Transcriber:
         segments = segments_from_words(words, self.max_gap_s, self.max_segment_s)
         return Transcript(item.path, " ".join(w.word for w in words), round(duration, 3), segments,
                           id=item.key if item.key != item.path else None)
-
-
-# ----------------------------------------------------------------------------- alignment
-
-MAX_ALIGN_CELLS = 1_000_000_000  # forced-alignment trellis cells (frames x states): about 1 GB (one byte each)
-
-
-def align_words(log_probs: np.ndarray, text: str, vocab: Vocabulary, frame_s: float, where: str = "audio") -> list[Word]:
-    """Word times of a known (normalised) transcript, by CTC forced alignment
-    (``torchaudio.functional.forced_align``). A word's confidence is the mean posterior
-    of its characters' aligned frames."""
-    import torchaudio.functional as taF
-
-    words = text.split()
-    if not words:
-        raise ValueError(f"{where}: the transcript is empty")
-    unknown = sorted({ch for w in words for ch in w if ch not in vocab.index or vocab.index[ch] < 3})
-    if unknown:
-        raise ValueError(f"{where}: characters outside the model's vocabulary: {' '.join(map(repr, unknown))}")
-    ids = vocab.encode(" ".join(words))
-    repeats = sum(a == b for a, b in zip(ids, ids[1:]))
-    if log_probs.shape[0] < len(ids) + repeats:
-        raise ValueError(f"{where}: {log_probs.shape[0]} frames ({log_probs.shape[0] * frame_s:.2f} s) are too few"
-                         f" for a transcript of {len(ids)} characters")
-    # the alignment trellis holds frames x (2 x characters + 1) cells; past the limit, refuse
-    # before allocating rather than exhaust the machine's memory
-    cells = log_probs.shape[0] * (2 * len(ids) + 1)
-    if cells > MAX_ALIGN_CELLS:
-        minutes = log_probs.shape[0] * frame_s / 60
-        piece = max(MAX_ALIGN_CELLS / cells * minutes, 0.1)
-        raise ValueError(f"{where}: aligning {minutes:.1f} min of audio with a {len(ids):,}-character transcript needs "
-                         f"{cells / 1e9:.1f} billion trellis cells (limit {MAX_ALIGN_CELLS / 1e9:g} billion); align it in "
-                         f"pieces of at most about {piece:.1f} min, each with its own part of the transcript")
-    emission = torch.from_numpy(np.ascontiguousarray(log_probs, dtype=np.float32))[None]
-    targets = torch.tensor([ids], dtype=torch.int32)
-    path, scores = taF.forced_align(emission, targets, blank=0)
-    spans = taF.merge_tokens(path[0], scores[0].exp())
-    out: list[Word] = []
-    chars: list = []
-    w_iter = iter(words)
-    for span in [*spans, None]:
-        if span is None or span.token == vocab.delimiter_id:
-            if chars:
-                conf = float(np.mean([c.score for c in chars]))
-                out.append(Word(next(w_iter), round(chars[0].start * frame_s, 3), round(chars[-1].end * frame_s, 3), round(conf, 4)))
-                chars = []
-            continue
-        chars.append(span)
-    return out
 
 
 # ----------------------------------------------------------------------------- output

@@ -17,8 +17,8 @@ from speechtl.audio import load_audio
 from speechtl.cli import main
 from speechtl.lm import ArpaModel, build_arpa, kenlm_available
 from speechtl.text import Vocabulary
-from speechtl.transcribe import (BeamDecoder, GreedyDecoder, Item, Transcriber, Transcript, Word, align_words,
-                                 render, segments_from_words, token_runs)
+from speechtl.decode import BeamDecoder, GreedyDecoder, Word, align_words, token_runs
+from speechtl.transcribe import Item, Transcriber, Transcript, render, segments_from_words
 
 VOCAB = Vocabulary(["<pad>", "[UNK]", "|", "a", "b", "c", "k", "t", "s"])
 
