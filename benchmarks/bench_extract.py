@@ -41,7 +41,7 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from speechtl.config import AMP_CHOICES
+from speechtl.precision import AMP_CHOICES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,8 @@ def speechtl_extract(encoder, utts, device, out: Path, batch_seconds: float, wor
 
 def ceiling(encoder, utts, device, batch_seconds: float, amp_setting: str) -> tuple[float, str, dict]:
     from speechtl.audio import load_audio
-    from speechtl.features import cpu_streams, encoder_autocast_dtype
+    from speechtl.features import cpu_streams
+    from speechtl.precision import encoder_autocast_dtype
     from speechtl.loader import cut_batches, pad_waveforms
 
     waves = [torch.from_numpy(load_audio(u.audio)) for u in utts]
@@ -195,7 +196,7 @@ def main() -> None:
     from transformers import AutoModel, Wav2Vec2FeatureExtractor
 
     from speechtl.encoder import load_encoder, resolve_encoder
-    from speechtl.features import compute_dtype_name
+    from speechtl.precision import compute_dtype_name
 
     device = torch.device(args.device)
     batch_seconds = args.batch_seconds or (400.0 if device.type == "cuda" else 10.0)

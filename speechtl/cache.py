@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from ._io import atomic_path, write_json
 from .audio import SAMPLE_RATE
 from .encoder import SpeechEncoder
-from .features import AMP_FOR_COMPUTE, compute_dtype_name, encode_batches
+from .features import encode_batches
+from .precision import AMP_FOR_COMPUTE, compute_dtype_name
 from .loader import AudioDataset, collate, cut_batches, decode_workers, encoder_batch_seconds
 from .manifest import Utterance
 
@@ -213,7 +214,7 @@ def extract_to_cache(
     only take cores from the model, and to up to 8 on a GPU machine. ``streams`` (batches
     run at once on a CPU, each on one thread) defaults to one per core there. ``amp``
     (auto | bf16 | fp16 | none) picks the precision the encoder runs in
-    (:func:`~speechtl.features.encoder_autocast_dtype`: ``auto`` is bf16 on CUDA and on
+    (:func:`~speechtl.precision.encoder_autocast_dtype`: ``auto`` is bf16 on CUDA and on
     CPUs with AMX, float32 on other CPUs); it is part of the cache key. A shard holds at
     most ``shard_seconds`` of audio and about ``shard_gb`` of features, whichever is
     less: a shard is held in memory until it is written, so a big encoder (XLS-R 1B

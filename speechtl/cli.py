@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import AMP_CHOICES
+from .precision import AMP_CHOICES
 
 logger = logging.getLogger("speechtl")
 
@@ -210,7 +210,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_zeroshot(args) -> int:
-    from .inference import pick_device
+    from .distributed import pick_device
     from .manifest import read_manifest
     from .zeroshot import whisper_zero_shot
 
@@ -237,24 +237,13 @@ def cmd_fetch_encoder(args) -> int:
 def cmd_extract(args) -> int:
     import time
 
-    import torch
-
+    from . import distributed as dist_util
     from .cache import extract_to_cache
     from .encoder import load_encoder
-    from .inference import pick_device
     from .manifest import read_manifest
     from .audio import check_readable
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:  # torchrun: one process per rank, each on its own device
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-        device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-    else:
-        device = pick_device(args.device)
+    ctx, device = dist_util.setup(args.device)  # under torchrun: one process per rank, each on its own device
     try:
         encoder = load_encoder(args.encoder, trust_remote_code=args.trust_remote_code)
         utts = read_manifest(args.manifest)
@@ -265,8 +254,7 @@ def cmd_extract(args) -> int:
                                  shard_seconds=args.shard_minutes * 60, shard_gb=args.shard_gb, progress=not args.quiet)
         elapsed = time.perf_counter() - t0
     finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
+        dist_util.teardown(ctx)
     if cache is not None:
         hours = cache.meta["audio_hours"]
         print(f"cached {len(cache)} clips ({hours:.3f} h, layers {args.layers}, {args.dtype}, computed in "
@@ -379,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="DIR", help="write one file per input here (default: stdout)")
     s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer audio is decoded in windows of this length")
     s.add_argument("--stride-length-s", type=float, default=None, help="overlap on each side of a window (default: chunk/6)")
-    s.add_argument("--batch-seconds", type=float, default=None, help="cap on padded audio seconds per batch (default: 10 on CPU, 120 on GPU)")
+    s.add_argument("--batch-seconds", type=float, default=None, help="cap on padded audio seconds per batch (default: 10 on CPU, 300 on GPU)")
     s.add_argument("--lm", help="n-gram LM (.arpa; kenlm binary with kenlm installed) for beam search")
     s.add_argument("--alpha", type=float, default=0.5, help="LM weight")
     s.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")

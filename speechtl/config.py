@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+from .precision import AMP_CHOICES
 MODES = ("frozen", "finetune", "scratch")
 HEADS = ("linear", "bilstm")
 SCHEDULES = ("tristage", "linear", "constant")

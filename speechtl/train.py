@@ -36,7 +36,8 @@ from ._io import atomic_path, write_json
 from .audio import check_readable
 from .config import TrainConfig
 from .cache import FeatureCache, StaleCacheError, encoder_fingerprint, extract_to_cache
-from .features import FeatureDataset, autocast_dtype, collate_features, compute_dtype_name, estimate_bytes, extract_in_memory
+from .features import FeatureDataset, collate_features, estimate_bytes, extract_in_memory
+from .precision import autocast_dtype, compute_dtype_name
 from .distill import Distiller, spread_layers
 from .distributed import DistContext
 from .encoder import load_encoder

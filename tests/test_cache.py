@@ -185,18 +185,18 @@ def test_batches_run_side_by_side_give_the_same_features(tmp_path, tones, norm):
 
 
 def test_encoder_precision_policy(monkeypatch):
-    from speechtl import features
+    from speechtl import precision
 
     cpu = torch.device("cpu")
     for amx, auto in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr(features, "cpu_has_amx", lambda amx=amx: amx)
-        assert features.encoder_autocast_dtype(cpu, "auto") is auto  # bf16 only where the CPU has AMX
-        assert features.encoder_autocast_dtype(cpu, "bf16") is torch.bfloat16
-        assert features.encoder_autocast_dtype(cpu, "none") is None
-        assert features.compute_dtype_name(cpu, "auto") == ("bfloat16" if amx else "float32")
-    assert features.autocast_dtype(cpu, "auto") is None  # training never autocasts on a CPU
+        monkeypatch.setattr(precision, "cpu_has_amx", lambda amx=amx: amx)
+        assert precision.encoder_autocast_dtype(cpu, "auto") is auto  # bf16 only where the CPU has AMX
+        assert precision.encoder_autocast_dtype(cpu, "bf16") is torch.bfloat16
+        assert precision.encoder_autocast_dtype(cpu, "none") is None
+        assert precision.compute_dtype_name(cpu, "auto") == ("bfloat16" if amx else "float32")
+    assert precision.autocast_dtype(cpu, "auto") is None  # training never autocasts on a CPU
     with pytest.raises(ValueError, match="amp must be one of"):
-        features.encoder_autocast_dtype(cpu, "fp8")
+        precision.encoder_autocast_dtype(cpu, "fp8")
 
 
 def test_cache_records_its_precision_and_another_precision_is_stale(tmp_path, tiny_encoder, utts):
