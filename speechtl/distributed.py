@@ -36,6 +36,13 @@ class DistContext:
         return self.world_size > 1
 
 
+def pick_device(device: str | None = None) -> torch.device:
+    """``auto`` (or None): CUDA when there is a GPU, else the CPU; otherwise as named."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -45,8 +52,6 @@ def setup(device: str = "auto") -> tuple[DistContext, torch.device]:
 
     Single-process runs get ``DistContext()`` and ``device`` resolved as usual.
     """
-    from .inference import pick_device
-
     if not launched_by_torchrun() and not (dist.is_available() and dist.is_initialized()):
         return DistContext(), pick_device(device)
     if not dist.is_available():

@@ -13,20 +13,15 @@ from tqdm.auto import tqdm
 
 from .audio import AudioError
 from .decode import greedy_ids
+from .distributed import pick_device
 from .features import FeatureDataset, collate_features
-from .loader import AudioDataset, collate, sorted_loader
+from .loader import AudioDataset, collate, encoder_batch_seconds, sorted_loader
 from .manifest import Utterance
 from .metrics import ScoreReport, UtteranceResult, score, write_results
 from .model import CTCModel, load_model_dir
 from .text import Normalizer, Vocabulary
 
 logger = logging.getLogger(__name__)
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.inference_mode()
@@ -56,8 +51,8 @@ def decode_hyps(
     does), so a recording of hours needs no more memory than a window.
     """
     device = torch.device(device)
-    if max_batch_seconds is None:  # small batches run fastest on a CPU; a GPU wants large ones
-        max_batch_seconds = 10.0 if device.type == "cpu" else 120.0
+    if max_batch_seconds is None:
+        max_batch_seconds = encoder_batch_seconds(device)
     from_features = [u for u in utterances if features is not None and u.id in features]
     from_audio = [u for u in utterances if features is None or u.id not in features]
     if from_audio and model.encoder is None:

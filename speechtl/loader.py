@@ -283,7 +283,8 @@ def padding_overhead(batches: Sequence[Sequence[int]], durations: Sequence[float
 
 
 def encoder_batch_seconds(device: torch.device | str) -> float:
-    """Default cap on padded seconds per batch for running an encoder without gradients:
+    """The one default cap on padded seconds per batch for running a model without gradients
+    (feature extraction, evaluation, transcription):
     small on a CPU, where big batches leave the caches and run slower than small ones,
     large on a GPU, which needs big batches to stay busy."""
     return 300.0 if torch.device(device).type == "cuda" else 10.0

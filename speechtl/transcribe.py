@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_info, load_audio
 from .decode import GreedyDecoder, Word
-from .loader import pad_waveforms
+from .loader import encoder_batch_seconds, pad_waveforms
 from .text import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -184,8 +184,8 @@ class Transcriber:
             if int(frames_of(self.read_len)) < want:
                 raise ValueError(f"this model makes {int(frames_of(self.read_len))} frames from {self.read_len} samples; "
                                  f"windows need {want}")
-        if max_batch_seconds is None:  # small batches run fastest on a CPU (cache-sized); a GPU wants large ones
-            max_batch_seconds = 10.0 if torch.device(device).type == "cpu" else 120.0
+        if max_batch_seconds is None:
+            max_batch_seconds = encoder_batch_seconds(device)
         self.max_batch_seconds = max_batch_seconds
         self.max_gap_s = max_gap_s
         self.max_segment_s = max_segment_s

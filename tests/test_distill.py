@@ -122,7 +122,7 @@ def _cfg(tmp_path, corpus, encoder, **kw):
 
 
 def test_scratch_training_with_a_whisper_teacher_and_augmentation_resumes_exactly(tmp_path, tones, tiny_encoder):
-    from speechtl.whisper import WhisperSpeechEncoder, save_whisper_encoder, tiny_whisper_config  # noqa: F401
+    from speechtl.whisper import tiny_whisper_config
     from transformers import WhisperForConditionalGeneration
 
     torch.manual_seed(0)

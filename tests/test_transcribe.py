@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 from torch import nn
 
-from conftest import make_corrupt, make_wav
+from conftest import make_corrupt
 from speechtl.audio import load_audio
 from speechtl.cli import main
 from speechtl.lm import ArpaModel, build_arpa, kenlm_available
