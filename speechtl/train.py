@@ -21,7 +21,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -267,347 +267,499 @@ class _GracefulInterrupt:
         return False
 
 
+@dataclass
+class TrainState:
+    """A run's progress, as its checkpoint carries it (besides weights and random streams)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of the current epoch already consumed
+    audio_seconds: float = 0.0
+    elapsed: float = 0.0  # wall seconds, summed over resumed runs
+    best: dict | None = None  # {"metric", "wer", "cer"} of the best evaluation
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the best one (early stopping)
+    loss: float | None = None
+    world_size: int = 1
+    train_items: int = 0  # training items with the speed-perturbed copies: resume needs the same data
+    utterances: int = 0
+    schedule_total: int | None = None  # updates the LR schedule spans, when a time budget shortened it
+    finished: str | None = None  # why the run ended; resuming a finished run is then a no-op
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class _TrainData:
+    """The training and dev sets after checks, filtering and speed perturbation."""
+
+    normalizer: Normalizer
+    vocab: Vocabulary | None  # chosen once the checkpoint is read
+    train: list[Utterance]
+    dev: list[Utterance]
+    bad_train: list[dict]
+    bad_dev: list[dict]
+    originals: int = 0  # training clips kept, before speed-perturbed copies
+    dropped: dict = field(default_factory=dict)
+    dropped_ids: dict = field(default_factory=dict)
+    dropped_copies: int = 0
+
+
+class _Checkpointer:
+    """Saving and restoring a run's complete state at ``out/checkpoints/last.pt``, and the
+    metrics log that must agree with it: all of checkpointing lives here."""
+
+    def __init__(self, out: Path, ctx: DistContext):
+        self.path = out / "checkpoints" / "last.pt"
+        self.metrics = out / "metrics.csv"
+        self.ctx = ctx
+
+    def load(self, cfg: TrainConfig) -> dict | None:
+        if not (cfg.resume and self.path.is_file()):
+            if cfg.resume:
+                logger.warning("resume: no checkpoint at %s, starting fresh", self.path)
+            return None
+        ck = load_checkpoint(self.path)
+        written_by = ck["state"].get("world_size", 1)
+        if written_by != self.ctx.world_size:
+            raise ValueError(f"{self.path}: written by a {written_by}-process run; resume it with the same number of "
+                             f"processes (this run has {self.ctx.world_size}), or start afresh without resume=true")
+        return ck
+
+    def save(self, t: "_Trainer") -> None:
+        rngs = dist_util.gather_objects(_rng_state(), self.ctx)  # every rank's random streams, for an exact resume
+        if not self.ctx.is_main:
+            return
+        ck = {"model": _trainable_state(t.model), "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+              "scaler": t.scaler.state_dict(), "state": asdict(t.st), "rng": rngs[0], "loader_rng": t.loader_gen.get_state(),
+              "vocab": t.data.vocab.tokens, "config": asdict(t.cfg)}
+        if t.distiller is not None:
+            ck["distill"] = t.distiller.state_dict()
+        if self.ctx.enabled:
+            ck["rng_ranks"] = rngs
+        with atomic_path(self.path) as tmp:
+            torch.save(ck, tmp)
+
+    def restore(self, ck: dict, t: "_Trainer") -> None:
+        missing, unexpected = t.model.load_state_dict(ck["model"], strict=False)
+        if unexpected or any(not k.startswith("encoder.") for k in missing):
+            raise RuntimeError(f"{self.path}: checkpoint does not match the model ({unexpected or missing})")
+        if (t.distiller is None) != ("distill" not in ck):
+            raise ValueError(f"{self.path}: written {'with' if 'distill' in ck else 'without'} a teacher; resume with the "
+                             "same teacher setting, or start afresh")
+        if t.distiller is not None:
+            t.distiller.load_state_dict(ck["distill"])
+        t.optimizer.load_state_dict(ck["optimizer"])
+        t.scheduler.load_state_dict(ck["scheduler"])
+        t.scaler.load_state_dict(ck["scaler"])
+        t.st = TrainState.from_dict(ck["state"])
+        t.horizon["total"] = t.st.schedule_total or t.cfg.max_steps
+        _set_rng_state(ck["rng_ranks"][self.ctx.rank] if "rng_ranks" in ck else ck["rng"])
+        t.loader_gen.set_state(ck["loader_rng"])
+        logger.info("resumed from %s at step %d", self.path, t.st.step)
+
+    def trim_metrics(self, step: int) -> None:
+        """On resume, forget rows logged after the checkpoint (they will be redone), and a
+        last row cut short by a killed process."""
+        if not self.ctx.is_main or not self.metrics.exists():
+            return
+        text = self.metrics.read_text(encoding="utf-8")
+        if not text.endswith("\n"):  # a row cut short: drop it
+            text = text[: text.rfind("\n") + 1]
+        rows = [r for r in csv.DictReader(io.StringIO(text, newline=""))
+                if None not in r.values() and None not in r and r["step"].isdigit() and int(r["step"]) <= step]
+        with atomic_path(self.metrics) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def append_metrics(self, st: TrainState, optimizer, row: dict) -> None:
+        if not self.ctx.is_main:
+            return
+        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        new = not self.metrics.exists()
+        with open(self.metrics, "a", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow({"step": st.step, "epoch": st.epoch, "loss": st.loss, "lr_head": lrs.get("head"),
+                        "lr_encoder": lrs.get("encoder", ""), "audio_hours": round(st.audio_seconds / 3600, 5),
+                        "elapsed_s": round(st.elapsed, 2), "dev_wer": row.get("dev_wer", ""), "dev_cer": row.get("dev_cer", "")})
+
+
 def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: bool,
            should_stop: Callable[[int], bool] | None) -> dict:
     out = Path(cfg.out)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_config_yaml(cfg, out / "config.yaml")
-    ckpt_path = out / "checkpoints" / "last.pt"
     seed_everything(cfg.seed)
-    normalizer = Normalizer(NormalizerConfig(**cfg.normalizer))
-
-    # missing files are reported with the unreadable ones, all at once, by check_readable
-    hint = "; fix them, or train with on_bad_audio=skip, or re-run `speechtl prepare --on-bad-audio skip`"
-    train_utts, bad_train = check_readable(read_manifest(cfg.train, check_files=False), cfg.on_bad_audio, hint)
-    dev_utts, bad_dev = check_readable(read_manifest(cfg.dev, check_files=False), cfg.on_bad_audio, hint) if cfg.dev else ([], [])
-    train_texts = [normalizer(u.text) for u in train_utts]
-    ck = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.is_file() else None
-    if ck is not None and ck["state"].get("world_size", 1) != ctx.world_size:
-        raise ValueError(f"{ckpt_path}: written by a {ck['state'].get('world_size', 1)}-process run; resume it with the same"
-                         f" number of processes (this run has {ctx.world_size}), or start afresh without resume=true")
-    complete = ck is not None and _run_complete(ck["state"], cfg)
+    checkpointer = _Checkpointer(out, ctx)
+    data = _read_data(cfg)
+    ck = checkpointer.load(cfg)
+    complete = ck is not None and _run_complete(TrainState.from_dict(ck["state"]), cfg)
     if complete and (out / "train_summary.json").is_file():
         logger.warning("%s: this run is complete (%s at step %d); nothing to do. Raise max_steps to train on, "
                        "or start afresh without resume=true", out, ck["state"]["finished"], ck["state"]["step"])
         return json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
+    trainer = _Trainer(cfg, ctx, device, data, ck, checkpointer, progress)
+    return trainer.run(should_stop, complete)
+
+
+def _read_data(cfg: TrainConfig) -> _TrainData:
+    """Manifests (every unreadable or missing file reported at once) and the normaliser."""
+    normalizer = Normalizer(NormalizerConfig(**cfg.normalizer))
+    hint = "; fix them, or train with on_bad_audio=skip, or re-run `speechtl prepare --on-bad-audio skip`"
+    train_utts, bad_train = check_readable(read_manifest(cfg.train, check_files=False), cfg.on_bad_audio, hint)
+    dev_utts, bad_dev = check_readable(read_manifest(cfg.dev, check_files=False), cfg.on_bad_audio, hint) if cfg.dev else ([], [])
+    return _TrainData(normalizer, None, train_utts, dev_utts, bad_train, bad_dev)
+
+
+def _choose_vocab(cfg: TrainConfig, data: _TrainData, ck: dict | None) -> Vocabulary:
+    """The vocabulary file, else the checkpoint's, else one built from the training text."""
+    train_texts = [data.normalizer(u.text) for u in data.train]
     if cfg.vocab:
         vocab = Vocabulary.load(cfg.vocab)
     elif ck is not None:
         vocab = Vocabulary(ck["vocab"])
     else:
         vocab = Vocabulary.build(train_texts)
-    for name, texts in (("train", train_texts), ("dev", [normalizer(u.text) for u in dev_utts])):
+    for name, texts in (("train", train_texts), ("dev", [data.normalizer(u.text) for u in data.dev])):
         oov = vocab.oov_report(texts)
         if oov:
             logger.warning("%s set: %s (mapped to [UNK])", name, describe_oov(oov))
+    return vocab
 
-    head = HeadConfig(cfg.head, cfg.head_dropout, cfg.bilstm_hidden, cfg.bilstm_layers)
-    overrides = {k: getattr(cfg, k) for k in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length", "layerdrop",
-                                              "frozen_mask_time_prob", "frozen_mask_feature_prob")}
-    model = build_model(cfg.encoder, cfg.mode, len(vocab), head, cfg.seed, overrides, cfg.trust_remote_code, cfg.freeze_feature_encoder)
-    distiller = _build_distiller(cfg, model, device)
-    # an encoder with a fixed span (Whisper: 30 s) cannot take longer clips; they are dropped and counted like others
+
+def _filter_data(cfg: TrainConfig, data: _TrainData, frames_for: Callable[[int], int], span: float, ck: dict | None,
+                 ckpt_path: Path) -> None:
+    """Drop what CTC cannot train on (and clips over ``max_duration`` or the encoder's span),
+    then add the speed-perturbed copies, filtered in their turn."""
     max_duration = cfg.max_duration
-    span = model.encoder.max_seconds if model.encoder is not None else float("inf")
-    if distiller is not None:
-        span = min(span, distiller.teacher.max_seconds)
+    # an encoder with a fixed span (Whisper: 30 s) cannot take longer clips; they are dropped and counted like others
     if span < (max_duration if max_duration is not None else float("inf")):
         logger.info("max_duration %s s: this encoder takes clips of at most %g s", cfg.max_duration, span)
         max_duration = span
-    train_utts, dropped_ids = filter_trainable(train_utts, train_texts, vocab, model.frame_lengths, max_duration)
-    originals, dropped_copies = len(train_utts), 0
-    if cfg.speed_perturb:  # copies of the kept clips at other speeds, filtered in their turn
-        copies = speed_copies(train_utts, cfg.speed_perturb)[originals:]
-        kept, gone = filter_trainable(copies, [normalizer(u.text) for u in copies], vocab, model.frame_lengths, max_duration)
-        dropped_copies = sum(len(v) for v in gone.values())
-        train_utts = train_utts + kept
+    texts = [data.normalizer(u.text) for u in data.train]
+    data.train, dropped_ids = filter_trainable(data.train, texts, data.vocab, frames_for, max_duration)
+    data.originals = len(data.train)
+    if cfg.speed_perturb:
+        copies = speed_copies(data.train, cfg.speed_perturb)[data.originals:]
+        kept, gone = filter_trainable(copies, [data.normalizer(u.text) for u in copies], data.vocab, frames_for, max_duration)
+        data.dropped_copies = sum(len(v) for v in gone.values())
+        data.train = data.train + kept
         logger.info("speed perturbation %s: %d training items (%d copies dropped: too short for their transcript "
-                    "or too long)", ", ".join(f"{f:g}" for f in cfg.speed_perturb), len(train_utts), dropped_copies)
-    if ck is not None and ck["state"].get("train_items", len(train_utts)) != len(train_utts):
+                    "or too long)", ", ".join(f"{f:g}" for f in cfg.speed_perturb), len(data.train), data.dropped_copies)
+    if ck is not None and ck["state"].get("train_items", len(data.train)) != len(data.train):
         raise ValueError(f"{ckpt_path}: written for {ck['state']['train_items']} training items, this run has "
-                         f"{len(train_utts)} (the manifest, its filtering or speed_perturb changed); the batches would "
+                         f"{len(data.train)} (the manifest, its filtering or speed_perturb changed); the batches would "
                          "not continue where they stopped, so resume with the same data, or start afresh")
-    dropped = {k: len(v) for k, v in dropped_ids.items()}
-    if any(dropped.values()):
+    data.dropped_ids = dropped_ids
+    data.dropped = {k: len(v) for k, v in dropped_ids.items()}
+    if any(data.dropped.values()):
         logger.warning("dropped from training: %d with empty transcript, %d too short for their transcript under CTC, "
-                       "%d longer than max_duration=%s s", dropped["empty_transcript"], dropped["too_short_for_transcript"],
-                       dropped["too_long"], cfg.max_duration)
-    if not train_utts:
-        raise ValueError(f"{cfg.train}: no trainable utterances left after filtering ({dropped})")
-    model.to(device)
-    if ctx.rank:  # the same weights everywhere (built from cfg.seed), but each rank its own dropout and masks
-        seed_everything(cfg.seed + ctx.rank)
-    dev_mine = dev_utts[ctx.rank :: ctx.world_size]  # each rank scores its share of dev; results are gathered
-    global_seconds = ctx.world_size * cfg.grad_accum * cfg.max_batch_seconds
-    logger.info("global batch: %d process(es) x %d micro-batch(es) of <= %g s padded audio = <= %g s per update",
-                ctx.world_size, cfg.grad_accum, cfg.max_batch_seconds, global_seconds)
+                       "%d longer than max_duration=%s s", data.dropped["empty_transcript"],
+                       data.dropped["too_short_for_transcript"], data.dropped["too_long"], cfg.max_duration)
+    if not data.train:
+        raise ValueError(f"{cfg.train}: no trainable utterances left after filtering ({data.dropped})")
 
-    groups = [{"params": model.head_parameters(), "lr": cfg.lr, "name": "head"}]
-    if cfg.mode != "frozen":
-        groups.append({"params": model.encoder_parameters(), "lr": cfg.encoder_lr, "name": "encoder"})
-    if distiller is not None:
-        groups.append({"params": list(distiller.parameters()), "lr": cfg.lr, "name": "distill"})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    # the updates the schedule spans: max_steps, or fewer when max_minutes binds (fitted as training goes)
-    horizon = {"total": cfg.max_steps}
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, horizon))
-    amp_dtype = autocast_dtype(device, cfg.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-    features = dev_features = None
-    # dev recordings longer than a decoding window are scored from their audio, in windows
-    dev_short = [u for u in dev_utts if u.duration <= DEV_WINDOW_S]
-    # training features follow amp (bf16 on CUDA, and on CPUs with AMX); dev features are
-    # float32, as `speechtl evaluate` and transcription compute them, so the dev score
-    # logged here is the one the saved model gets
-    if cfg.mode == "frozen" and cfg.feature_cache:
-        features, dev_features = (
-            open_or_extract(model.encoder, utts, Path(cfg.feature_cache) / name, device, None, None, progress, ctx, amp)
-            for name, utts, amp in (("train", train_utts, cfg.amp), ("dev", dev_short, "none"))
-        )
-        if len(dev_short) == len(dev_utts):
-            model.drop_encoder(out / "encoder", save=ctx.is_main)  # the head trains on the cache alone
-        else:
-            logger.info("keeping the encoder for %d dev recording(s) longer than %g s", len(dev_utts) - len(dev_short), DEV_WINDOW_S)
-    elif cfg.mode == "frozen" and cfg.cache_features:
-        dev_mine_short = [u for u in dev_mine if u.duration <= DEV_WINDOW_S]
-        # every process on this machine holds its own copy of the training features
-        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-        need = estimate_bytes(model.encoder, train_utts) * per_machine + estimate_bytes(model.encoder, dev_short)
-        if need <= cfg.cache_max_gb * 1e9:
-            logger.info("computing frozen encoder features once (%.2f GB)", need / 1e9)
-            # one store per set: train and dev manifests may reuse the same utterance ids
-            features, dev_features = (
-                extract_in_memory(model.encoder, utts, device, None, decode_workers(device), progress, amp=amp)
-                for utts, amp in ((train_utts, cfg.amp), (dev_mine_short, "none"))
+class _Trainer:
+    """One training run: built phase by phase in ``__init__``, then :meth:`run`."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, device: torch.device, data: _TrainData, ck: dict | None,
+                 checkpointer: _Checkpointer, progress: bool):
+        self.cfg, self.ctx, self.device, self.data, self.checkpointer = cfg, ctx, device, data, checkpointer
+        self.out = Path(cfg.out)
+        self.progress = progress
+        data.vocab = _choose_vocab(cfg, data, ck)
+        self._build_model()
+        span = self.model.encoder.max_seconds if self.model.encoder is not None else float("inf")
+        if self.distiller is not None:
+            span = min(span, self.distiller.teacher.max_seconds)
+        _filter_data(cfg, data, self.model.frame_lengths, span, ck, checkpointer.path)
+        self.model.to(device)
+        if ctx.rank:  # the same weights everywhere (built from cfg.seed), but each rank its own dropout and masks
+            seed_everything(cfg.seed + ctx.rank)
+        self.dev_mine = data.dev[ctx.rank :: ctx.world_size]  # each rank scores its share of dev; results are gathered
+        self.global_seconds = ctx.world_size * cfg.grad_accum * cfg.max_batch_seconds
+        logger.info("global batch: %d process(es) x %d micro-batch(es) of <= %g s padded audio = <= %g s per update",
+                    ctx.world_size, cfg.grad_accum, cfg.max_batch_seconds, self.global_seconds)
+        self._build_optimizer()
+        self._prepare_features()
+        self._build_loader()
+        self.step_module: nn.Module = _TrainStep(self.model, self.distiller)
+        if ctx.enabled:
+            # a trained encoder can leave parameters unused in a step (a freeze period, layerdrop, the mask
+            # embedding without masking); a frozen-mode head uses all of its own
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=cfg.mode != "frozen", broadcast_buffers=False)
+        self.st = TrainState(world_size=ctx.world_size, train_items=len(data.train))
+        if ck is not None:
+            checkpointer.restore(ck, self)
+        checkpointer.trim_metrics(self.st.step)
+        self.shown: dict = {}  # the progress bar's postfix: loss, and dev WER/CER since the last evaluation
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        head = HeadConfig(cfg.head, cfg.head_dropout, cfg.bilstm_hidden, cfg.bilstm_layers)
+        overrides = {k: getattr(cfg, k) for k in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length",
+                                                  "layerdrop", "frozen_mask_time_prob", "frozen_mask_feature_prob")}
+        self.model = build_model(cfg.encoder, cfg.mode, len(self.data.vocab), head, cfg.seed, overrides, cfg.trust_remote_code,
+                                 cfg.freeze_feature_encoder)
+        self.distiller = _build_distiller(cfg, self.model, self.device)
+
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
+        self.groups = [{"params": self.model.head_parameters(), "lr": cfg.lr, "name": "head"}]
+        if cfg.mode != "frozen":
+            self.groups.append({"params": self.model.encoder_parameters(), "lr": cfg.encoder_lr, "name": "encoder"})
+        if self.distiller is not None:
+            self.groups.append({"params": list(self.distiller.parameters()), "lr": cfg.lr, "name": "distill"})
+        self.optimizer = torch.optim.AdamW(self.groups, weight_decay=cfg.weight_decay)
+        # the updates the schedule spans: max_steps, or fewer when max_minutes binds (fitted as training goes)
+        self.horizon = {"total": cfg.max_steps}
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.horizon))
+        self.amp_dtype = autocast_dtype(self.device, cfg.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def _prepare_features(self) -> None:
+        """Frozen mode: the encoder's outputs computed once (on disk or in memory), when they fit.
+
+        Training features follow amp (bf16 on CUDA, and on CPUs with AMX); dev features are
+        float32, as ``speechtl evaluate`` and transcription compute them, so the dev score
+        logged here is the one the saved model gets."""
+        cfg, model, data, ctx, device = self.cfg, self.model, self.data, self.ctx, self.device
+        self.features = self.dev_features = None
+        # dev recordings longer than a decoding window are scored from their audio, in windows
+        dev_short = [u for u in data.dev if u.duration <= DEV_WINDOW_S]
+        if cfg.mode == "frozen" and cfg.feature_cache:
+            self.features, self.dev_features = (
+                open_or_extract(model.encoder, utts, Path(cfg.feature_cache) / name, device, None, None, self.progress, ctx, amp)
+                for name, utts, amp in (("train", data.train, cfg.amp), ("dev", dev_short, "none"))
             )
-        else:
-            logger.warning("features need %.1f GB > cache_max_gb=%.1f: running the encoder every step", need / 1e9, cfg.cache_max_gb)
-    loader_gen = torch.Generator()  # keeps worker seeding off the global RNG, so resume is exact
-    loader_gen.manual_seed(cfg.seed)
-    if features is not None:
-        dataset = FeatureDataset(train_utts, features, normalize=normalizer, encode=vocab.encode)
-        sampler = DynamicBucketSampler(dataset.durations, cfg.max_batch_seconds, shuffle=True, seed=cfg.seed,
-                                       rank=ctx.rank, world_size=ctx.world_size)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_features, num_workers=0, generator=loader_gen)
-    else:
-        augment = Augmenter() if cfg.augment > 0 else None
-        dataset = AudioDataset(train_utts, normalize=normalizer, encode=vocab.encode, augment=augment,
-                               augment_prob=cfg.augment, keep_clean=augment is not None and distiller is not None)
-        sampler = DynamicBucketSampler(dataset.durations, cfg.max_batch_seconds, shuffle=True, seed=cfg.seed,
-                                       rank=ctx.rank, world_size=ctx.world_size)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                            pin_memory=device.type == "cuda", generator=loader_gen, persistent_workers=False)
-
-    step_module: nn.Module = _TrainStep(model, distiller)
-    if ctx.enabled:
-        # a trained encoder can leave parameters unused in a step (a freeze period, layerdrop, the mask
-        # embedding without masking); a frozen-mode head uses all of its own
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.mode != "frozen", broadcast_buffers=False)
-
-    st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "audio_seconds": 0.0, "elapsed": 0.0,
-          "best": None, "best_step": None, "bad_evals": 0, "loss": None, "world_size": ctx.world_size,
-          "train_items": len(train_utts),
-          "utterances": 0}
-    if ck is not None:
-        missing, unexpected = model.load_state_dict(ck["model"], strict=False)
-        if unexpected or any(not k.startswith("encoder.") for k in missing):
-            raise RuntimeError(f"{ckpt_path}: checkpoint does not match the model ({unexpected or missing})")
-        if (distiller is None) != ("distill" not in ck):
-            raise ValueError(f"{ckpt_path}: written {'with' if 'distill' in ck else 'without'} a teacher; resume with the "
-                             "same teacher setting, or start afresh")
-        if distiller is not None:
-            distiller.load_state_dict(ck["distill"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        st.update(ck["state"])
-        horizon["total"] = st.get("schedule_total", cfg.max_steps)
-        _set_rng_state(ck["rng_ranks"][ctx.rank] if "rng_ranks" in ck else ck["rng"])
-        loader_gen.set_state(ck["loader_rng"])
-        logger.info("resumed from %s at step %d", ckpt_path, st["step"])
-    elif cfg.resume:
-        logger.warning("resume: no checkpoint at %s, starting fresh", ckpt_path)
-    metrics_path = out / "metrics.csv"
-    if ctx.is_main:
-        _trim_metrics(metrics_path, st["step"])
-
-    def save_checkpoint() -> None:
-        rngs = dist_util.gather_objects(_rng_state(), ctx)  # every rank's random streams, for an exact resume
-        if not ctx.is_main:
-            return
-        ck = {"model": _trainable_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-              "scaler": scaler.state_dict(), "state": dict(st), "rng": rngs[0], "loader_rng": loader_gen.get_state(),
-              "vocab": vocab.tokens, "config": asdict(cfg)}
-        if distiller is not None:
-            ck["distill"] = distiller.state_dict()
-        if ctx.enabled:
-            ck["rng_ranks"] = rngs
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(ck, tmp)
-
-    def score_dev():
-        # each rank decodes its share; the hypotheses are gathered and scored once, as in one process
-        hyps = decode_hyps(model, vocab, normalizer, dev_mine, device, max_batch_seconds=max(cfg.max_batch_seconds, 60.0),
-                           features=dev_features, chunk_length_s=DEV_WINDOW_S)
-        if ctx.enabled:
-            hyps = {k: v for part in dist_util.gather_objects(hyps, ctx) for k, v in part.items()}
-        return score_hyps(dev_utts, hyps, normalizer)
-
-    def save_model() -> None:
-        if ctx.is_main:
-            save_model_dir(model, vocab, normalizer, out / "model", extra={"step": st["step"], "train_config": asdict(cfg)})
-
-    def evaluate_and_keep() -> dict:
-        row = {}
-        if dev_utts:
-            report = score_dev()
-            row = {"dev_wer": report.wer, "dev_cer": report.cer}
-            metric = report.cer if cfg.best_metric == "cer" else report.wer
-            shown.update(dev_wer=f"{report.wer:.3f}", dev_cer=f"{report.cer:.3f}")
-            logger.info("step %d: dev WER %.4f CER %.4f (loss %.4f)", st["step"], report.wer, report.cer, st["loss"] or 0.0)
-            if st["best"] is None or metric < st["best"]["metric"]:
-                st["best"] = {"metric": metric, "wer": report.wer, "cer": report.cer}
-                st["best_step"] = st["step"]
-                st["bad_evals"] = 0
-                save_model()
-                if ctx.is_main:
-                    write_results(report, out / "dev")
+            if len(dev_short) == len(data.dev):
+                model.drop_encoder(self.out / "encoder", save=ctx.is_main)  # the head trains on the cache alone
             else:
-                st["bad_evals"] += 1
-        else:
-            save_model()
-        return row
+                logger.info("keeping the encoder for %d dev recording(s) longer than %g s", len(data.dev) - len(dev_short),
+                            DEV_WINDOW_S)
+        elif cfg.mode == "frozen" and cfg.cache_features:
+            dev_mine_short = [u for u in self.dev_mine if u.duration <= DEV_WINDOW_S]
+            # every process on this machine holds its own copy of the training features
+            per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+            need = estimate_bytes(model.encoder, data.train) * per_machine + estimate_bytes(model.encoder, dev_short)
+            if need <= cfg.cache_max_gb * 1e9:
+                logger.info("computing frozen encoder features once (%.2f GB)", need / 1e9)
+                # one store per set: train and dev manifests may reuse the same utterance ids
+                self.features, self.dev_features = (
+                    extract_in_memory(model.encoder, utts, device, None, decode_workers(device), self.progress, amp=amp)
+                    for utts, amp in ((data.train, cfg.amp), (dev_mine_short, "none"))
+                )
+            else:
+                logger.warning("features need %.1f GB > cache_max_gb=%.1f: running the encoder every step", need / 1e9,
+                               cfg.cache_max_gb)
 
-    start = time.monotonic() - st["elapsed"]
-    budget = None if cfg.max_minutes is None else cfg.max_minutes * 60
-    shown: dict = {}  # the progress bar's postfix: loss, and dev WER/CER since the last evaluation
-    bar = tqdm(total=cfg.max_steps, initial=st["step"], desc=f"train[{cfg.mode}]", unit="step", disable=not progress)
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    # a complete run resumed (killed before its summary was written) goes straight to the summary
-    stop_reason = st.get("finished") if complete else None
-    micro, loss_acc, audio_acc, utt_acc = 0, 0.0, 0.0, 0
-    save_every = cfg.save_every or cfg.eval_every
-    while stop_reason is None:
-        sampler.set_epoch(st["epoch"])
-        sampler.skip = st["batch_in_epoch"]
-        for batch in loader:
-            st["batch_in_epoch"] += 1
-            model.encoder_trainable = cfg.mode != "frozen" and st["step"] >= cfg.freeze_encoder_steps
-            b = batch.to(device, non_blocking=True)
-            # gradients are averaged across ranks on the last micro-batch of an update only
-            sync = micro + 1 >= cfg.grad_accum or not ctx.enabled
-            with contextlib.nullcontext() if sync else step_module.no_sync():
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    if features is not None:
-                        logits, frames, aux = step_module(b.hidden, b.frame_lengths, from_features=True)
-                    else:
-                        logits, frames, aux = step_module(b.waveforms, b.lengths, clean=b.clean)
-                loss = ctc_loss(logits, frames, b.targets, b.target_lengths)
-                if aux is not None:
-                    loss = loss + cfg.distill_weight * aux
-                loss = loss / cfg.grad_accum
-                scaler.scale(loss).backward()
-            loss_acc += loss.item()
-            audio_acc += float(sum(b.durations))
-            utt_acc += len(b.durations)
-            micro += 1
-            if micro < cfg.grad_accum:
-                continue
-            scaler.unscale_(optimizer)
-            if cfg.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            st["step"] += 1
-            st["elapsed"] = time.monotonic() - start
-            # re-estimated every 5 % of the planned updates: the machine's speed may change
-            if budget is not None and (st["step"] == CALIBRATION_STEPS
-                                       or st["step"] % max(CALIBRATION_STEPS, horizon["total"] // 20) == 0):
-                _fit_schedule_to_budget(horizon, st, budget, cfg.max_steps, ctx, device)
-            # one collective per update: mean loss, audio seen, and the stop votes, so every rank
-            # stops at the same update (a rank that stopped alone would hang the others)
-            time_up = budget is not None and st["elapsed"] >= budget
-            asked = should_stop is not None and should_stop(st["step"])
-            loss_sum, audio, utts, time_votes, stop_votes = dist_util.sum_across(
-                [loss_acc, audio_acc, utt_acc, time_up, asked], ctx, device)
-            st["loss"], st["audio_seconds"] = loss_sum / ctx.world_size, st["audio_seconds"] + audio
-            st["utterances"] += int(utts)
-            micro, loss_acc, audio_acc, utt_acc = 0, 0.0, 0.0, 0
-            bar.update(1)
-            shown["loss"] = f"{st['loss']:.3f}"
-            bar.set_postfix(shown)
-            # the metrics row goes out before the checkpoint: a kill between the two leaves a row
-            # that resume trims and writes again, never a checkpoint whose row is lost
-            evaluated = st["step"] % cfg.eval_every == 0 or st["step"] >= cfg.max_steps
-            row = evaluate_and_keep() if evaluated else {} if st["step"] % cfg.log_every == 0 else None
-            if row is not None and ctx.is_main:
-                _append_metrics(metrics_path, st, optimizer, row)
-            if evaluated or st["step"] % save_every == 0:
-                save_checkpoint()
-            if st["step"] >= cfg.max_steps:
-                stop_reason = "max_steps"
-            elif time_votes:
-                stop_reason = "max_minutes"
-            elif cfg.patience and st["bad_evals"] >= cfg.patience:
-                stop_reason = "early_stopping"
-            elif stop_votes:
-                save_checkpoint()
-                bar.close()
-                raise TrainingInterrupted(f"stopped at step {st['step']}")
-            if stop_reason:
-                break
+    def _build_loader(self) -> None:
+        cfg, data, ctx = self.cfg, self.data, self.ctx
+        self.loader_gen = torch.Generator()  # keeps worker seeding off the global RNG, so resume is exact
+        self.loader_gen.manual_seed(cfg.seed)
+        if self.features is not None:
+            dataset = FeatureDataset(data.train, self.features, normalize=data.normalizer, encode=data.vocab.encode)
+            collate_fn, workers = collate_features, 0
         else:
-            st["epoch"] += 1
-            st["batch_in_epoch"] = 0
-    if not complete:
-        if st["step"] % cfg.eval_every != 0 and st["step"] < cfg.max_steps:
-            row = evaluate_and_keep()  # every rank: it gathers dev results
-            if ctx.is_main:
-                _append_metrics(metrics_path, st, optimizer, row)
-        st["finished"] = stop_reason  # resume=true on this checkpoint is then a no-op
-        save_checkpoint()
-    bar.close()
+            augment = Augmenter() if cfg.augment > 0 else None
+            dataset = AudioDataset(data.train, normalize=data.normalizer, encode=data.vocab.encode, augment=augment,
+                                   augment_prob=cfg.augment, keep_clean=augment is not None and self.distiller is not None)
+            collate_fn, workers = collate, cfg.num_workers
+        self.sampler = DynamicBucketSampler(dataset.durations, cfg.max_batch_seconds, shuffle=True, seed=cfg.seed,
+                                            rank=ctx.rank, world_size=ctx.world_size)
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate_fn, num_workers=workers,
+                                 pin_memory=self.features is None and self.device.type == "cuda", generator=self.loader_gen,
+                                 persistent_workers=False)
 
-    summary = {
-        "mode": cfg.mode,
-        "encoder": cfg.encoder,
-        "steps": st["step"],
-        "epochs": st["epoch"] + st["batch_in_epoch"] / max(len(sampler), 1),
-        "stop_reason": stop_reason,
-        "wall_time_s": round(time.monotonic() - start, 2),
-        "audio_hours_seen": st["audio_seconds"] / 3600,
-        "utterances_seen": st["utterances"],
-        "train_utterances": originals,
-        "train_hours": sum(u.duration for u in train_utts[:originals]) / 3600,
-        "speed_perturb": list(cfg.speed_perturb),
-        "train_items": len(train_utts),  # with the speed-perturbed copies
-        "dropped_copies": dropped_copies,
-        "dropped": dropped,
-        "dropped_ids": {k: v[:100] for k, v in dropped_ids.items() if v},  # the first 100 of each reason
-        "skipped_audio": (bad_train + [{**b, "set": "dev"} for b in bad_dev])[:100],
-        "final_train_loss": st["loss"],
-        "best_step": st["best_step"],
-        "best_dev_wer": st["best"]["wer"] if st["best"] else None,
-        "best_dev_cer": st["best"]["cer"] if st["best"] else None,
-        "trainable_parameters": sum(p.numel() for g in groups for p in g["params"]),
-        "world_size": ctx.world_size,
-        "global_batch": {"processes": ctx.world_size, "grad_accum": cfg.grad_accum,
-                         "max_batch_seconds": cfg.max_batch_seconds, "max_seconds_per_update": global_seconds},
-        "device": str(device),
-        "amp": str(amp_dtype) if amp_dtype else "none",
-        "model_dir": str(out / "model"),
-        "config": {k: v for k, v in asdict(cfg).items()},
-    }
-    if ctx.is_main:
-        write_json(out / "train_summary.json", summary)
-    return summary
+    # ------------------------------------------------------------------ evaluation
+
+    def score_dev(self):
+        # each rank decodes its share; the hypotheses are gathered and scored once, as in one process
+        data = self.data
+        hyps = decode_hyps(self.model, data.vocab, data.normalizer, self.dev_mine, self.device,
+                           max_batch_seconds=max(self.cfg.max_batch_seconds, 60.0), features=self.dev_features,
+                           chunk_length_s=DEV_WINDOW_S)
+        if self.ctx.enabled:
+            hyps = {k: v for part in dist_util.gather_objects(hyps, self.ctx) for k, v in part.items()}
+        return score_hyps(data.dev, hyps, data.normalizer)
+
+    def save_model(self) -> None:
+        if self.ctx.is_main:
+            save_model_dir(self.model, self.data.vocab, self.data.normalizer, self.out / "model",
+                           extra={"step": self.st.step, "train_config": asdict(self.cfg)})
+
+    def evaluate_and_keep(self) -> dict:
+        """Score dev (when there is one) and keep the model if it is the best so far; the metrics row."""
+        st = self.st
+        if not self.data.dev:
+            self.save_model()
+            return {}
+        report = self.score_dev()
+        metric = report.cer if self.cfg.best_metric == "cer" else report.wer
+        self.shown.update(dev_wer=f"{report.wer:.3f}", dev_cer=f"{report.cer:.3f}")
+        logger.info("step %d: dev WER %.4f CER %.4f (loss %.4f)", st.step, report.wer, report.cer, st.loss or 0.0)
+        if st.best is None or metric < st.best["metric"]:
+            st.best = {"metric": metric, "wer": report.wer, "cer": report.cer}
+            st.best_step = st.step
+            st.bad_evals = 0
+            self.save_model()
+            if self.ctx.is_main:
+                write_results(report, self.out / "dev")
+        else:
+            st.bad_evals += 1
+        return {"dev_wer": report.wer, "dev_cer": report.cer}
+
+    # ------------------------------------------------------------------ the loop
+
+    def micro_step(self, batch) -> float:
+        """Forward and backward of one micro-batch; its share of the update's loss."""
+        cfg = self.cfg
+        b = batch.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            if self.features is not None:
+                logits, frames, aux = self.step_module(b.hidden, b.frame_lengths, from_features=True)
+            else:
+                logits, frames, aux = self.step_module(b.waveforms, b.lengths, clean=b.clean)
+        loss = ctc_loss(logits, frames, b.targets, b.target_lengths)
+        if aux is not None:
+            loss = loss + cfg.distill_weight * aux
+        loss = loss / cfg.grad_accum
+        self.scaler.scale(loss).backward()
+        return loss.item()
+
+    def optimizer_step(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in self.groups for p in g["params"]], self.cfg.clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def run(self, should_stop: Callable[[int], bool] | None, complete: bool) -> dict:
+        cfg, st, ctx = self.cfg, self.st, self.ctx
+        start = time.monotonic() - st.elapsed
+        budget = None if cfg.max_minutes is None else cfg.max_minutes * 60
+        bar = tqdm(total=cfg.max_steps, initial=st.step, desc=f"train[{cfg.mode}]", unit="step", disable=not self.progress)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        # a complete run resumed (killed before its summary was written) goes straight to the summary
+        stop_reason = st.finished if complete else None
+        micro, acc = 0, [0.0, 0.0, 0]  # loss, audio seconds, utterances since the last update
+        save_every = cfg.save_every or cfg.eval_every
+        while stop_reason is None:
+            self.sampler.set_epoch(st.epoch)
+            self.sampler.skip = st.batch_in_epoch
+            for batch in self.loader:
+                st.batch_in_epoch += 1
+                self.model.encoder_trainable = cfg.mode != "frozen" and st.step >= cfg.freeze_encoder_steps
+                # gradients are averaged across ranks on the last micro-batch of an update only
+                sync = micro + 1 >= cfg.grad_accum or not ctx.enabled
+                with contextlib.nullcontext() if sync else self.step_module.no_sync():
+                    acc[0] += self.micro_step(batch)
+                acc[1] += float(sum(batch.durations))
+                acc[2] += len(batch.durations)
+                micro += 1
+                if micro < cfg.grad_accum:
+                    continue
+                self.optimizer_step()
+                st.step += 1
+                st.elapsed = time.monotonic() - start
+                # re-estimated every 5 % of the planned updates: the machine's speed may change
+                if budget is not None and (st.step == CALIBRATION_STEPS
+                                           or st.step % max(CALIBRATION_STEPS, self.horizon["total"] // 20) == 0):
+                    _fit_schedule_to_budget(self.horizon, st, budget, cfg.max_steps, ctx, self.device)
+                # one collective per update: mean loss, audio seen, and the stop votes, so every rank
+                # stops at the same update (a rank that stopped alone would hang the others)
+                time_up = budget is not None and st.elapsed >= budget
+                asked = should_stop is not None and should_stop(st.step)
+                loss_sum, audio, utts, time_votes, stop_votes = dist_util.sum_across([*acc, time_up, asked], ctx, self.device)
+                st.loss, st.audio_seconds, st.utterances = loss_sum / ctx.world_size, st.audio_seconds + audio, st.utterances + int(utts)
+                micro, acc = 0, [0.0, 0.0, 0]
+                bar.update(1)
+                self.shown["loss"] = f"{st.loss:.3f}"
+                bar.set_postfix(self.shown)
+                # the metrics row goes out before the checkpoint: a kill between the two leaves a row
+                # that resume trims and writes again, never a checkpoint whose row is lost
+                evaluated = st.step % cfg.eval_every == 0 or st.step >= cfg.max_steps
+                row = self.evaluate_and_keep() if evaluated else {} if st.step % cfg.log_every == 0 else None
+                if row is not None:
+                    self.checkpointer.append_metrics(st, self.optimizer, row)
+                if evaluated or st.step % save_every == 0:
+                    self.checkpointer.save(self)
+                stop_reason = _stop_reason(cfg, st, time_votes)
+                if stop_reason is None and stop_votes:
+                    self.checkpointer.save(self)
+                    bar.close()
+                    raise TrainingInterrupted(f"stopped at step {st.step}")
+                if stop_reason:
+                    break
+            else:
+                st.epoch += 1
+                st.batch_in_epoch = 0
+        if not complete:
+            if st.step % cfg.eval_every != 0 and st.step < cfg.max_steps:
+                self.checkpointer.append_metrics(st, self.optimizer, self.evaluate_and_keep())  # every rank: it gathers dev results
+            st.finished = stop_reason  # resume=true on this checkpoint is then a no-op
+            self.checkpointer.save(self)
+        bar.close()
+        return self.summary(stop_reason, time.monotonic() - start)
+
+    def summary(self, stop_reason: str | None, wall_s: float) -> dict:
+        cfg, st, data = self.cfg, self.st, self.data
+        summary = {
+            "mode": cfg.mode,
+            "encoder": cfg.encoder,
+            "steps": st.step,
+            "epochs": st.epoch + st.batch_in_epoch / max(len(self.sampler), 1),
+            "stop_reason": stop_reason,
+            "wall_time_s": round(wall_s, 2),
+            "audio_hours_seen": st.audio_seconds / 3600,
+            "utterances_seen": st.utterances,
+            "train_utterances": data.originals,
+            "train_hours": sum(u.duration for u in data.train[: data.originals]) / 3600,
+            "speed_perturb": list(cfg.speed_perturb),
+            "train_items": len(data.train),  # with the speed-perturbed copies
+            "dropped_copies": data.dropped_copies,
+            "dropped": data.dropped,
+            "dropped_ids": {k: v[:100] for k, v in data.dropped_ids.items() if v},  # the first 100 of each reason
+            "skipped_audio": (data.bad_train + [{**b, "set": "dev"} for b in data.bad_dev])[:100],
+            "final_train_loss": st.loss,
+            "best_step": st.best_step,
+            "best_dev_wer": st.best["wer"] if st.best else None,
+            "best_dev_cer": st.best["cer"] if st.best else None,
+            "trainable_parameters": sum(p.numel() for g in self.groups for p in g["params"]),
+            "world_size": self.ctx.world_size,
+            "global_batch": {"processes": self.ctx.world_size, "grad_accum": cfg.grad_accum,
+                             "max_batch_seconds": cfg.max_batch_seconds, "max_seconds_per_update": self.global_seconds},
+            "device": str(self.device),
+            "amp": str(self.amp_dtype) if self.amp_dtype else "none",
+            "model_dir": str(self.out / "model"),
+            "config": {k: v for k, v in asdict(cfg).items()},
+        }
+        if self.ctx.is_main:
+            write_json(self.out / "train_summary.json", summary)
+        return summary
+
+
+def _stop_reason(cfg: TrainConfig, st: TrainState, time_votes: float) -> str | None:
+    if st.step >= cfg.max_steps:
+        return "max_steps"
+    if time_votes:
+        return "max_minutes"
+    if cfg.patience and st.bad_evals >= cfg.patience:
+        return "early_stopping"
+    return None
 
 
 def _build_distiller(cfg: TrainConfig, model: CTCModel, device: torch.device) -> Distiller | None:
@@ -642,59 +794,31 @@ def write_config_yaml(cfg: TrainConfig, path: Path) -> None:
                        + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
-def _fit_schedule_to_budget(horizon: dict, st: dict, budget: float, max_steps: int, ctx, device) -> None:
+def _fit_schedule_to_budget(horizon: dict, st: TrainState, budget: float, max_steps: int, ctx, device) -> None:
     """When ``max_minutes`` will stop training before ``max_steps``, fit the schedule to the
     updates the budget allows (estimated from the time per update so far, evaluations
     included), so that warm-up, hold and decay all happen. Ranks agree on the estimate."""
-    per_update = dist_util.sum_across([st["elapsed"] / st["step"]], ctx, device)[0] / ctx.world_size
-    affordable = st["step"] + int(max(budget - st["elapsed"], 0.0) / max(per_update, 1e-9))
-    total = max(min(affordable, max_steps), st["step"] + 1)
+    per_update = dist_util.sum_across([st.elapsed / st.step], ctx, device)[0] / ctx.world_size
+    affordable = st.step + int(max(budget - st.elapsed, 0.0) / max(per_update, 1e-9))
+    total = max(min(affordable, max_steps), st.step + 1)
     if total < max_steps and abs(total - horizon["total"]) > 0.02 * horizon["total"]:
         if horizon["total"] == max_steps:
             logger.info("max_minutes binds before max_steps=%d: the learning-rate schedule is fitted to about %d "
                         "updates (%.2f s each so far)", max_steps, total, per_update)
         horizon["total"] = total
-        st["schedule_total"] = total
+        st.schedule_total = total
 
 
-def _run_complete(state: dict, cfg: TrainConfig) -> bool:
+def _run_complete(state: TrainState, cfg: TrainConfig) -> bool:
     """Whether a checkpoint's run ended and this configuration would not take it further."""
-    reason = state.get("finished")
+    reason = state.finished
     if reason is None:
         return False
-    if state["step"] < cfg.max_steps and reason == "max_steps":
+    if state.step < cfg.max_steps and reason == "max_steps":
         return False  # max_steps was raised: train on
-    if reason == "max_minutes" and (cfg.max_minutes is None or state["elapsed"] < cfg.max_minutes * 60):
+    if reason == "max_minutes" and (cfg.max_minutes is None or state.elapsed < cfg.max_minutes * 60):
         return False  # the time budget was raised or lifted
     return True
 
 
-def _append_metrics(path: Path, st: dict, optimizer, row: dict) -> None:
-    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-    new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({"step": st["step"], "epoch": st["epoch"], "loss": st["loss"], "lr_head": lrs.get("head"),
-                    "lr_encoder": lrs.get("encoder", ""), "audio_hours": round(st["audio_seconds"] / 3600, 5),
-                    "elapsed_s": round(st["elapsed"], 2), "dev_wer": row.get("dev_wer", ""), "dev_cer": row.get("dev_cer", "")})
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """On resume, forget rows logged after the checkpoint (they will be redone), and a
-    last row cut short by a killed process."""
-    if not path.exists():
-        return
-    text = path.read_text(encoding="utf-8")
-    if not text.endswith("\n"):  # a row cut short: drop it
-        text = text[: text.rfind("\n") + 1]
-    rows = [r for r in csv.DictReader(io.StringIO(text, newline=""))
-            if None not in r.values() and None not in r and r["step"].isdigit() and int(r["step"]) <= step]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-
-
-__all__ = ["TrainConfig", "TrainingInterrupted", "lr_lambda", "min_ctc_frames", "train"]
+__all__ = ["TrainConfig", "TrainState", "TrainingInterrupted", "lr_lambda", "min_ctc_frames", "train"]
