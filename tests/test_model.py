@@ -229,7 +229,7 @@ def test_time_major_cnn_equals_transformers(tmp_path, family, norm):
 
 @pytest.mark.parametrize("norm", ["layer", "group"])
 def test_time_major_cnn_in_blocks_and_under_cpu_bf16_autocast(tmp_path, norm):
-    import speechtl.encoder as enc_mod
+    import speechtl.fast_cnn as enc_mod
 
     enc = load_encoder(str(tiny_encoder_dir(tmp_path, "wav2vec2", feat_extract_norm=norm, conv_bias=True))).eval()
     layers = enc.model.feature_extractor.conv_layers
@@ -237,13 +237,13 @@ def test_time_major_cnn_in_blocks_and_under_cpu_bf16_autocast(tmp_path, norm):
     enc.fast_cnn = False
     with torch.inference_mode():
         ref = enc.model.feature_extractor(x)  # transformers' own, float32
-        whole = enc_mod._time_major_cnn(layers, x, chunk_values=1 << 40)
-        blocks = enc_mod._time_major_cnn(layers, x, chunk_values=1)  # blocks of 64 frames
+        whole = enc_mod.time_major_cnn(layers, x, chunk_values=1 << 40)
+        blocks = enc_mod.time_major_cnn(layers, x, chunk_values=1)  # blocks of 64 frames
         assert whole.shape == blocks.shape == ref.shape
         torch.testing.assert_close(blocks, whole, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(blocks, ref, atol=1e-4, rtol=1e-4)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = enc_mod._time_major_cnn(layers, x, chunk_values=1)
+            low = enc_mod.time_major_cnn(layers, x, chunk_values=1)
             theirs = enc.model.feature_extractor(x)  # transformers' CNN under the same autocast
     assert low.dtype == torch.bfloat16
     for other in (ref, theirs.float()):
@@ -251,11 +251,11 @@ def test_time_major_cnn_in_blocks_and_under_cpu_bf16_autocast(tmp_path, norm):
 
 
 def test_time_major_cnn_only_without_cnn_gradients(tiny_encoder):
-    import speechtl.encoder as enc_mod
+    import speechtl.fast_cnn as enc_mod
 
     calls = []
-    real = enc_mod._time_major_cnn
-    enc_mod._time_major_cnn = lambda *a: calls.append(1) or real(*a)
+    real = enc_mod.time_major_cnn
+    enc_mod.time_major_cnn = lambda *a: calls.append(1) or real(*a)
     try:
         model = build_model(str(tiny_encoder), "scratch", vocab_size=5).train()  # trains its CNN
         values, lengths = pad_waveforms(_waves())
@@ -267,7 +267,7 @@ def test_time_major_cnn_only_without_cnn_gradients(tiny_encoder):
             model(values, lengths)
         assert calls
     finally:
-        enc_mod._time_major_cnn = real
+        enc_mod.time_major_cnn = real
 
 
 @pytest.mark.parametrize("norm", ["layer", "group"])
