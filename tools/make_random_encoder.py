@@ -15,6 +15,11 @@ SIZES = {
     "small": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024,
                   conv_dim=(256,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
                   num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16),
+    # the second-generation default: a narrower 5-layer CNN (same 320-sample hop; the CNN
+    # dominates a CPU step) under 8 transformer layers
+    "small2": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, intermediate_size=1024,
+                   conv_dim=(128, 128, 192, 256, 256), conv_kernel=(10, 8, 4, 4, 2), conv_stride=(5, 4, 4, 2, 2),
+                   num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16),
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                  conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
                  num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16),

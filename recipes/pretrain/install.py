@@ -1,69 +1,109 @@
 #!/usr/bin/env python
 """Install a pretraining run's encoder as the bundled default, with its model card.
 
-Copies ``RUN/model/encoder`` (config, safetensors, preprocessor config) to ``--dest`` and
-writes ``README.md`` there from ``RUN/train_summary.json`` and the run's dev scoring.
+Copies ``RUN/model/encoder`` (config, safetensors as float16, preprocessor config) to
+``--dest`` and writes ``README.md`` there: the data by source (hours, languages,
+licences), the objective, the compute, and the held-out phoneme error rates that stage 5
+wrote (``--eval DIR``: ``dev-synth.json`` and ``dev-real.json``).
 """
 
 import argparse
 import json
 import shutil
-from collections import Counter
+from collections import defaultdict
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from speechtl.manifest import read_manifest
 
+LICENCES = {
+    "espeak-ng": "espeak-ng (GPL-3.0), texts from wordfreq word lists (CC BY-SA 4.0)",
+    "MBROLA": "MBROLA voices through espeak-ng (each voice's own licence: free use for synthesis with mbrola; "
+              "the databases are not part of this encoder)",
+    "asterisk": "Asterisk core sound prompts, Debian asterisk-core-sounds-{en,es,fr,ru} (CC BY-SA 3.0)",
+    "tuxpaint": "Tux Paint stamp descriptions, Debian tuxpaint-stamps-default (GPL-2)",
+    "pocketsphinx": "CMU Sphinx test recordings, Debian pocketsphinx-testdata (BSD)",
+}
+
+
+def source_of(u) -> str:
+    if u.id.startswith(("asterisk-", "tuxpaint-", "pocketsphinx-")):
+        return u.id.split("-")[0]
+    return "MBROLA" if u.lang.startswith("mb-") else "espeak-ng"
+
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="output folder of the pretraining `speechtl train` run")
     p.add_argument("--dest", required=True)
+    p.add_argument("--eval", help="folder with dev-synth.json and dev-real.json (default: RUN/../eval)")
     p.add_argument("--hardware", default="", help="what it was trained on, for the model card")
+    p.add_argument("--cpu-hours", type=float, help="total CPU hours, when it ran on CPUs over several sessions")
     p.add_argument("--train", help="training manifest, if not where the run's config says")
     args = p.parse_args()
     run, dest = Path(args.run), Path(args.dest)
     summary = json.loads((run / "train_summary.json").read_text())
-    dev = json.loads((run / "dev" / "summary.json").read_text())
     cfg = summary["config"]
+    evals = Path(args.eval) if args.eval else run.parent / "eval"
+    scores = {name: json.loads((evals / f"{name}.json").read_text()) for name in ("dev-synth", "dev-real")
+              if (evals / f"{name}.json").is_file()}
     train = read_manifest(args.train or cfg["train"], check_files=False)
-    langs = Counter(u.lang for u in train)
-    hours = Counter()
+    hours, langs, speakers = defaultdict(float), defaultdict(set), defaultdict(set)
     for u in train:
-        hours[u.lang] += u.duration / 3600
-    voices = {u.speaker.split("-")[-3] for u in train if u.speaker}
+        src = source_of(u)
+        hours[src] += u.duration / 3600
+        langs[src].add(u.lang.removeprefix("mb-"))
+        speakers[src].add(u.speaker)
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "preprocessor_config.json"):
         shutil.copyfile(run / "model" / "encoder" / name, dest / name)
     # float16 storage halves the file (the model computes in float32 after loading)
     weights = load_file(str(run / "model" / "encoder" / "model.safetensors"))
     save_file({k: v.half().contiguous() for k, v in weights.items()}, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    enc_cfg = json.loads((dest / "config.json").read_text())
+    enc = json.loads((dest / "config.json").read_text())
     params = sum(v.numel() for v in weights.values())
-    cnn_frozen = cfg.get("freeze_feature_encoder", True) is not False
+    teacher = cfg.get("teacher")
     lines = [
         "# speechtl default encoder",
         "",
-        f"A small wav2vec2-architecture encoder ({enc_cfg['num_hidden_layers']} transformer layers, "
-        f"{enc_cfg['hidden_size']} wide, {params / 1e6:.2f}M parameters, stored as float16), pretrained by "
-        "`recipes/pretrain` with multilingual phoneme CTC on speech synthesised by espeak-ng. "
-        "`encoder=default` loads it; `transformers.AutoModel.from_pretrained` loads this folder like any wav2vec2 checkpoint.",
+        f"A small wav2vec2-architecture encoder ({len(enc['conv_dim'])}-layer CNN of {max(enc['conv_dim'])} channels at most, "
+        f"{enc['num_hidden_layers']} transformer layers {enc['hidden_size']} wide, {params / 1e6:.2f}M parameters, stored as "
+        "float16), pretrained by `recipes/pretrain` on synthesised and real speech. `encoder=default` loads it; "
+        "`transformers.AutoModel.from_pretrained` loads this folder like any wav2vec2 checkpoint.",
+        "",
+        "| source | hours | languages or voices | speakers |",
+        "|---|---:|---|---:|",
+    ]
+    for src in sorted(hours, key=lambda s: -hours[s]):
+        lines.append(f"| {LICENCES.get(src, src)} | {hours[src]:.2f} | {', '.join(sorted(langs[src]))} | {len(speakers[src])} |")
+    lines += [
+        f"| **total** | **{sum(hours.values()):.2f}** | | |",
         "",
         "| | |",
         "|---|---|",
-        f"| languages | {', '.join(f'{k} ({hours[k]:.2f} h)' for k in sorted(langs))} |",
-        f"| training audio | {sum(hours.values()):.2f} h, {len(train)} utterances |",
-        f"| voices | {len(voices)} espeak-ng variants ({', '.join(sorted(voices))}), random rate and pitch per speaker profile |",
-        "| objective | CTC on IPA phonemes printed by espeak-ng (stress marks removed); one shared phoneme set for all languages |",
-        f"| CNN feature encoder | {'kept at its random initialisation (frozen); only the projection and transformer were trained' if cnn_frozen else 'trained'} |",
-        f"| steps | {summary['steps']} (batches of at most {cfg['max_batch_seconds']} s of padded audio) |",
-        f"| wall time | {summary['wall_time_s'] / 60:.1f} min |",
-        f"| hardware | {args.hardware or summary['device']} |",
-        f"| held-out phoneme error rate | {dev['cer']:.3f} (PER over {dev['utterances']} utterances, {dev['audio_seconds'] / 60:.1f} min, "
-        "same languages, texts and speaker profiles not seen in training) |",
+        "| objective | CTC on IPA phonemes printed by espeak-ng (stress marks removed; one phoneme set for all languages)"
+        + (f", plus prediction of {teacher}'s encoder hidden states {cfg.get('teacher_layers') or '(three, spread)'} "
+           f"from three of its layers (L1 + cosine, weight {cfg.get('distill_weight', 1.0)}; the teacher, MIT-licensed, "
+           "hears the clean clip)" if teacher else "") + " |",
+        f"| augmentation | {cfg.get('augment', 0):.0%} of clips: reverberation, telephone band and 8 kHz mu-law, MP3/Vorbis, "
+        "noise at 0-30 dB SNR, gain (speechtl.augment) |",
+        f"| CNN feature encoder | {'trained' if cfg.get('freeze_feature_encoder') is False else 'frozen at random initialisation'} |",
+        f"| updates | {summary['steps']} of at most {cfg['max_batch_seconds']} s of padded audio "
+        f"({summary['audio_hours_seen']:.1f} h of audio seen) |",
+        f"| compute | {args.hardware or summary['device']}; {summary['wall_time_s'] / 3600:.2f} h of training"
+        + (f", {args.cpu_hours:.1f} CPU hours" if args.cpu_hours else "") + " |",
+    ]
+    for name, label in (("dev-synth", "synthesised speech, unseen texts and speaker profiles"),
+                        ("dev-real", "real recordings held out from training (unseen texts)")):
+        if name in scores:
+            s = scores[name]
+            lines.append(f"| held-out phoneme error rate, {label} | {s['cer']:.3f} ({s['utterances']} utterances, "
+                         f"{s['audio_seconds'] / 60:.1f} min) |")
+    lines += [
         "",
-        "Reserved for transfer evaluation and never used here: Czech, Italian, Polish, Swahili, Dutch, Turkish.",
+        "Reserved for transfer evaluation and never used here, from any source: Czech, Italian, Polish, Swahili, "
+        "Dutch, Turkish.",
         "Reproduce with `recipes/pretrain/run.sh` (see its README).",
         "",
     ]
