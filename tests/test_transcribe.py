@@ -308,7 +308,11 @@ def test_srt_cli_and_python_api(tmp_path, model_dir, speech_clips, capsys):
     t = rec.transcribe(clip, return_timestamps=True)
     assert isinstance(t, Transcript) and t.text == rec.transcribe(str(clip))
     assert t.words and t.text == " ".join(w.word for w in t.words)
+    # word times lie inside the clip, in order, without overlap (20 ms frames)
+    assert all(0 <= w.start < w.end <= t.duration + 0.02 for w in t.words)
+    assert all(a.end <= b.start for a, b in zip(t.words, t.words[1:]))
     assert " ".join(c.content.replace("\n", " ") for c in cues) == t.text
+    assert [round(c.start.total_seconds(), 3) for c in cues] == [s.start for s in t.segments]
     silence = np.zeros(8000, np.float32)
     both = rec.transcribe([clip, silence], chunk_length_s=1.0)
     assert both == [rec.transcribe(clip, chunk_length_s=1.0), rec.transcribe(silence)] and both[0]
