@@ -70,6 +70,10 @@ class TrainConfig:
     warmup: float = _f(0.1, "warm-up: steps, or a fraction of max_steps if < 1")
     hold: float = _f(0.4, "tristage hold: steps, or a fraction of max_steps if < 1")
     freeze_encoder_steps: int = _f(0, "finetune: keep the transformer frozen for this many updates")
+    freeze_layers: int = _f(0, "finetune: keep the CNN, what feeds the first transformer layer, and the first N layers "
+                              "fixed; train the layers above (and the head)")
+    layer_lr_decay: float = _f(1.0, "finetune/scratch: each encoder layer's learning rate is encoder_lr x this per "
+                                    "layer below the top (1 = one rate for the whole encoder)")
     freeze_feature_encoder: bool | None = _f(None, "freeze the CNN feature encoder (default: yes for finetune, no for scratch)")
     max_batch_seconds: float = _f(60.0, "cap on padded audio seconds per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimiser update")
@@ -133,7 +137,7 @@ class TrainConfig:
             raise ValueError(f"config key 'device': {self.device!r} is not auto, cpu, cuda or cuda:N")
         at_least = {"max_steps": 1, "grad_accum": 1, "eval_every": 1, "log_every": 1, "bilstm_hidden": 1,
                     "bilstm_layers": 1, "mask_time_length": 1, "mask_feature_length": 1, "patience": 0,
-                    "freeze_encoder_steps": 0, "num_workers": 0, "save_every": 1}
+                    "freeze_encoder_steps": 0, "num_workers": 0, "save_every": 1, "freeze_layers": 0}
         for key, low in at_least.items():
             v = getattr(self, key)
             if v is not None and v < low:
@@ -143,6 +147,10 @@ class TrainConfig:
             v = getattr(self, key)
             if v is not None and not v > 0:
                 raise ValueError(f"config key {key!r}: must be greater than 0 (got {v!r})")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise ValueError(f"config key 'layer_lr_decay': must be in (0, 1] (got {self.layer_lr_decay!r})")
+        if self.freeze_layers and self.mode != "finetune":
+            raise ValueError(f"config key 'freeze_layers': for mode=finetune (got mode={self.mode})")
         if not 0 <= self.augment <= 1:
             raise ValueError(f"config key 'augment': must be in [0, 1] (got {self.augment!r})")
         if self.teacher is not None and self.mode == "frozen":

@@ -365,6 +365,17 @@ def save_encoder(encoder: SpeechEncoder, out_dir: str | os.PathLike) -> None:
     ).save_pretrained(str(out_dir))
 
 
+def transformer_layers(encoder: SpeechEncoder) -> nn.ModuleList:
+    """The encoder's transformer layers, bottom to top (wav2vec2 family and Whisper alike)."""
+    inner = getattr(encoder.model, "encoder", None)
+    layers = getattr(inner, "layers", None) if inner is not None else None
+    if layers is None:
+        layers = getattr(encoder.model, "layers", None)
+    if layers is None:
+        raise ValueError(f"{encoder.config.model_type}: cannot find this encoder's transformer layers")
+    return layers
+
+
 def parameter_groups(encoder: SpeechEncoder) -> dict[str, list[nn.Parameter]]:
     """Split encoder parameters into the convolutional feature encoder and the rest."""
     cnn = {id(p) for p in encoder.feature_encoder.parameters()}

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import __version__
 from ._io import atomic_dir, write_json
-from .encoder import SpeechEncoder, load_encoder, parameter_groups, save_encoder
+from .encoder import SpeechEncoder, load_encoder, parameter_groups, save_encoder, transformer_layers
 from .heads import WeightedLayerSum, build_head, mask_spans
 from .text import Normalizer, Vocabulary, load_normalizer, save_normalizer
 
@@ -50,7 +50,7 @@ class CTCModel(nn.Module):
     ``(logits (B,T,V), frame_lengths (B,))``."""
 
     def __init__(self, encoder: SpeechEncoder | None, vocab_size: int, mode: str, head: HeadConfig, num_layers: int, hidden_size: int,
-                 freeze_feature_encoder: bool | None = None):
+                 freeze_feature_encoder: bool | None = None, freeze_layers: int = 0):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -63,6 +63,7 @@ class CTCModel(nn.Module):
         self.encoder_info = {} if encoder is None else {
             "source": encoder.source, "model_type": encoder.config.model_type,
             "num_layers": encoder.num_layers, "hidden_size": encoder.hidden_size,
+            "parameters": sum(p.numel() for p in encoder.parameters()),
         }
         self.layer_sum = WeightedLayerSum(num_layers) if mode == "frozen" else None
         self.head = build_head(head.kind, hidden_size, vocab_size, head.dropout, head.hidden_size, head.num_layers)
@@ -72,6 +73,14 @@ class CTCModel(nn.Module):
         self.encoder_trainable = mode != "frozen"  # finetune's freeze period switches this off
         # a pretrained CNN is kept as it is (as Wav2Vec2ForCTC does); a random one must learn
         self.freeze_feature_encoder = mode == "finetune" if freeze_feature_encoder is None else freeze_feature_encoder
+        # finetune: the CNN, what feeds the first layer, and the first ``freeze_layers`` layers stay fixed
+        self.freeze_layers = freeze_layers
+        if freeze_layers and mode != "finetune":
+            raise ValueError(f"config key 'freeze_layers': {mode} mode trains {'nothing' if mode == 'frozen' else 'everything'} "
+                             "in the encoder; freeze_layers is for mode=finetune")
+        if encoder is not None and not 0 <= freeze_layers <= num_layers - 1:
+            raise ValueError(f"config key 'freeze_layers': {freeze_layers} is beyond this encoder's "
+                             f"{num_layers - 1} transformer layers")
         if encoder is not None:
             self.apply_freezing()
 
@@ -88,6 +97,9 @@ class CTCModel(nn.Module):
             fe._requires_grad = train_cnn
         for p in groups["transformer"]:
             p.requires_grad_(self.mode != "frozen")
+        if self.freeze_layers:
+            for p in self._below_layer(self.freeze_layers):
+                p.requires_grad_(False)
         for p in getattr(self.encoder, "fixed_parameters", ()):
             p.requires_grad_(False)
         if self.mode == "frozen":
@@ -109,6 +121,40 @@ class CTCModel(nn.Module):
             save_encoder(self.encoder, saved_dir)
         self.encoder_dir = Path(saved_dir)
         self.encoder = None
+
+    def _below_layer(self, n: int) -> list[nn.Parameter]:
+        """Encoder parameters that the output of transformer layer ``n`` does not depend on
+        beyond layers 0..n-1: everything but layers n.. and a final layer norm after them."""
+        layers = transformer_layers(self.encoder)
+        above = {id(p) for layer in layers[n:] for p in layer.parameters()}
+        cfg = self.encoder.config
+        # a layer norm after the top layer (stable-layer-norm wav2vec2 variants, Whisper) acts above them
+        final = getattr(getattr(self.encoder.model, "encoder", None), "layer_norm", None) if getattr(cfg, "do_stable_layer_norm", False) \
+            else getattr(self.encoder.model, "layer_norm", None) if cfg.model_type == "whisper" else None
+        if final is not None:
+            above |= {id(p) for p in final.parameters()}
+        return [p for p in self.encoder.model.parameters() if id(p) not in above]
+
+    def encoder_groups(self, lr: float, decay: float = 1.0) -> list[dict]:
+        """Optimiser groups of the trainable encoder parameters: one at ``lr``, or with
+        ``decay`` < 1 one per transformer layer at ``lr * decay**k`` for the layer k below the
+        top (what feeds the first layer gets the lowest rate; a final layer norm the top's)."""
+        trainable = [p for p in self.encoder.parameters() if p.requires_grad] if self.encoder is not None else []
+        if decay == 1.0 or not trainable:
+            return [{"params": trainable, "lr": lr, "name": "encoder"}]
+        layers = transformer_layers(self.encoder)
+        top = len(layers) - 1
+        where = {}
+        for k, layer in enumerate(layers):
+            for p in layer.parameters():
+                where[id(p)] = k
+        below = set(map(id, self._below_layer(0)))
+        groups: dict[int, list] = {}
+        for p in trainable:
+            k = where.get(id(p), -1 if id(p) in below else top)
+            groups.setdefault(k, []).append(p)
+        return [{"params": ps, "lr": lr * decay ** (top - k), "name": "encoder" if k == top else f"encoder.layer{k}"}
+                for k, ps in sorted(groups.items(), reverse=True)]
 
     def head_parameters(self) -> list[nn.Parameter]:
         params = list(self.head.parameters())
@@ -172,6 +218,7 @@ def build_model(
     config_overrides: dict | None = None,
     trust_remote_code: bool = False,
     freeze_feature_encoder: bool | None = None,
+    freeze_layers: int = 0,
 ) -> CTCModel:
     """Load the encoder for ``mode`` and attach a fresh head (seeded)."""
     overrides = dict(config_overrides or {})
@@ -188,7 +235,8 @@ def build_model(
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = CTCModel(encoder, vocab_size, mode, head, encoder.num_layers, encoder.hidden_size, freeze_feature_encoder)
+        model = CTCModel(encoder, vocab_size, mode, head, encoder.num_layers, encoder.hidden_size, freeze_feature_encoder,
+                         freeze_layers)
     model.feature_masking = masking
     return model
 

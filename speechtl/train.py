@@ -510,14 +510,14 @@ class _Trainer:
         overrides = {k: getattr(cfg, k) for k in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length",
                                                   "layerdrop", "frozen_mask_time_prob", "frozen_mask_feature_prob")}
         self.model = build_model(cfg.encoder, cfg.mode, len(self.data.vocab), head, cfg.seed, overrides, cfg.trust_remote_code,
-                                 cfg.freeze_feature_encoder)
+                                 cfg.freeze_feature_encoder, cfg.freeze_layers)
         self.distiller = _build_distiller(cfg, self.model, self.device)
 
     def _build_optimizer(self) -> None:
         cfg = self.cfg
         self.groups = [{"params": self.model.head_parameters(), "lr": cfg.lr, "name": "head"}]
         if cfg.mode != "frozen":
-            self.groups.append({"params": self.model.encoder_parameters(), "lr": cfg.encoder_lr, "name": "encoder"})
+            self.groups += self.model.encoder_groups(cfg.encoder_lr, cfg.layer_lr_decay)
         if self.distiller is not None:
             self.groups.append({"params": list(self.distiller.parameters()), "lr": cfg.lr, "name": "distill"})
         self.optimizer = torch.optim.AdamW(self.groups, weight_decay=cfg.weight_decay)
@@ -739,6 +739,7 @@ class _Trainer:
             "best_dev_wer": st.best["wer"] if st.best else None,
             "best_dev_cer": st.best["cer"] if st.best else None,
             "trainable_parameters": sum(p.numel() for g in self.groups for p in g["params"]),
+            "total_parameters": self.model.encoder_info.get("parameters", 0) + sum(p.numel() for p in self.model.head_parameters()),
             "world_size": self.ctx.world_size,
             "global_batch": {"processes": self.ctx.world_size, "grad_accum": cfg.grad_accum,
                              "max_batch_seconds": cfg.max_batch_seconds, "max_seconds_per_update": self.global_seconds},
