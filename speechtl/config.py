@@ -113,6 +113,9 @@ class TrainConfig:
     max_duration: float | None = _f(60.0, "training clips longer than this many seconds are dropped with a count "
                                           "(dev recordings of any length are scored; those over 30 s from audio, in windows); none = keep all")
     vocab: str | None = _f(None, "vocab.json to use instead of building one from the training text")
+    init_from: str | None = _f(None, "start from this trained speechtl model (or run folder): its encoder and head; the "
+                                     "output rows of characters it shares with this run's vocabulary are kept, new ones "
+                                     "start fresh, removed ones are dropped (extend a model to a new character set)")
     normalizer: dict = _f({}, "NormalizerConfig fields, e.g. {lowercase: true, mappings: {'ß': 'ss'}}")
     cache_features: bool = _f(True, "frozen mode: run the encoder once and train the head on its stored outputs")
     cache_max_gb: float = _f(4.0, "largest in-memory feature cache; bigger sets recompute the encoder each step")
@@ -149,6 +152,8 @@ class TrainConfig:
                 raise ValueError(f"config key {key!r}: must be greater than 0 (got {v!r})")
         if not 0 < self.layer_lr_decay <= 1:
             raise ValueError(f"config key 'layer_lr_decay': must be in (0, 1] (got {self.layer_lr_decay!r})")
+        if self.init_from is not None and self.mode == "scratch":
+            raise ValueError("config key 'init_from': scratch mode starts from random weights; use finetune or frozen")
         if self.freeze_layers and self.mode != "finetune":
             raise ValueError(f"config key 'freeze_layers': for mode=finetune (got mode={self.mode})")
         if not 0 <= self.augment <= 1:
@@ -181,7 +186,7 @@ class TrainConfig:
     def resolve_paths(self, base: Path) -> "TrainConfig":
         """Make manifest/vocab paths given in a YAML file relative to that file."""
         changes = {}
-        for k in ("train", "dev", "vocab"):
+        for k in ("train", "dev", "vocab", "init_from"):
             v = getattr(self, k)
             if v and not os.path.isabs(v) and not Path(v).exists() and (base / v).exists():
                 changes[k] = str(base / v)
@@ -267,7 +272,7 @@ def load_train_config(path: str | os.PathLike | None, overrides: list[str] | dic
     cfg = TrainConfig(**data)
     # paths in the YAML are relative to it; paths from the command line to the cwd
     yaml_only = {k for k in data if k not in over}
-    if path is not None and yaml_only & {"train", "dev", "vocab"}:
+    if path is not None and yaml_only & {"train", "dev", "vocab", "init_from"}:
         cfg = cfg.resolve_paths(base)
     if not cfg.train:
         raise ValueError("no training manifest: set train=PATH")

@@ -280,6 +280,40 @@ def save_model_dir(
     return out_dir
 
 
+def init_from_model(model: CTCModel, vocab: Vocabulary, model_dir: str | os.PathLike) -> dict:
+    """Start ``model`` (whose encoder was loaded from ``model_dir/encoder``) from the trained
+    recogniser in ``model_dir``, whose vocabulary may differ from ``vocab``: the head and
+    the layer weights are copied, and the output layer keeps the rows (and biases) of the
+    tokens both vocabularies have; rows of new tokens keep their fresh initialisation.
+    Returns ``{"kept": [...], "added": [...], "removed": [...]}``."""
+    model_dir = resolve_model_dir(model_dir)
+    meta = json.loads((model_dir / MODEL_FILE).read_text(encoding="utf-8"))
+    if meta["mode"] != model.mode and "frozen" in (meta["mode"], model.mode):
+        raise ValueError(f"config key 'init_from': {model_dir} is a {meta['mode']} model and this run is {model.mode}; "
+                         "a frozen model's head sits on a weighted layer sum, a fine-tuned one's on the last layer")
+    old_head, new_head = HeadConfig(**meta["head"]), model.head_config
+    shape = ("kind",) if new_head.kind == "linear" else ("kind", "hidden_size", "num_layers")
+    if any(getattr(old_head, k) != getattr(new_head, k) for k in shape):
+        raise ValueError(f"config key 'init_from': {model_dir} has a {old_head.kind} head ({asdict(old_head)}), this run "
+                         f"{asdict(new_head)}; use the same head type and size (head, bilstm_hidden, bilstm_layers)")
+    old_vocab = Vocabulary.load(model_dir / "vocab.json")
+    state = load_file(str(model_dir / "head.safetensors"))
+    head_state = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+    out_keys = [k for k in head_state if k.startswith("proj.")]
+    fresh = model.head.state_dict()
+    rows_new = [i for i, t in enumerate(vocab.tokens) if t in old_vocab.index]
+    rows_old = [old_vocab.index[vocab.tokens[i]] for i in rows_new]
+    for k in out_keys:
+        carried = fresh[k].clone()
+        carried[rows_new] = head_state[k][rows_old]
+        head_state[k] = carried
+    model.head.load_state_dict(head_state)
+    if model.layer_sum is not None:
+        model.layer_sum.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("layer_sum.")})
+    return {"kept": [vocab.tokens[i] for i in rows_new], "added": [t for t in vocab.tokens if t not in old_vocab.index],
+            "removed": [t for t in old_vocab.tokens if t not in vocab.index]}
+
+
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """A model directory, or a training run's folder (its ``model/``)."""
     path = Path(path)

@@ -155,12 +155,20 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocabulary":
-        with open(path, encoding="utf-8") as f:
-            mapping = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                mapping = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a vocabulary file (expected JSON: {{token: id}}; {e})") from None
+        if not isinstance(mapping, dict) or not all(isinstance(t, str) and isinstance(i, int) for t, i in mapping.items()):
+            raise ValueError(f"{path}: not a vocabulary file (expected a JSON object of token: integer id)")
         tokens = [t for t, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
         if [mapping[t] for t in tokens] != list(range(len(tokens))):
             raise ValueError(f"{path}: vocabulary ids must be 0..N-1 without gaps")
-        return cls(tokens)
+        try:
+            return cls(tokens)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def describe_oov(counts: Counter, limit: int = 20) -> str:

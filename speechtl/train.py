@@ -46,7 +46,7 @@ from .augment import Augmenter
 from .loader import AudioDataset, DynamicBucketSampler, collate, decode_workers, speed_copies
 from .manifest import Utterance, read_manifest
 from .metrics import write_results
-from .model import CTCModel, HeadConfig, build_model, ctc_loss, save_model_dir
+from .model import CTCModel, HeadConfig, build_model, ctc_loss, init_from_model, resolve_model_dir, save_model_dir
 from .text import Normalizer, NormalizerConfig, Vocabulary, describe_oov
 
 logger = logging.getLogger(__name__)
@@ -509,8 +509,16 @@ class _Trainer:
         head = HeadConfig(cfg.head, cfg.head_dropout, cfg.bilstm_hidden, cfg.bilstm_layers)
         overrides = {k: getattr(cfg, k) for k in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length",
                                                   "layerdrop", "frozen_mask_time_prob", "frozen_mask_feature_prob")}
-        self.model = build_model(cfg.encoder, cfg.mode, len(self.data.vocab), head, cfg.seed, overrides, cfg.trust_remote_code,
+        encoder = str(resolve_model_dir(cfg.init_from) / "encoder") if cfg.init_from else cfg.encoder
+        if cfg.init_from and cfg.encoder != "default":
+            logger.warning("encoder=%s is not used: init_from=%s brings its own encoder", cfg.encoder, cfg.init_from)
+        self.model = build_model(encoder, cfg.mode, len(self.data.vocab), head, cfg.seed, overrides, cfg.trust_remote_code,
                                  cfg.freeze_feature_encoder, cfg.freeze_layers)
+        if cfg.init_from:
+            carried = init_from_model(self.model, self.data.vocab, cfg.init_from)
+            logger.info("started from %s: %d output rows kept, %d new (%s), %d dropped (%s)", cfg.init_from,
+                        len(carried["kept"]), len(carried["added"]), " ".join(carried["added"][:20]),
+                        len(carried["removed"]), " ".join(carried["removed"][:20]))
         self.distiller = _build_distiller(cfg, self.model, self.device)
 
     def _build_optimizer(self) -> None:
@@ -785,7 +793,7 @@ def write_config_yaml(cfg: TrainConfig, path: Path) -> None:
     import yaml
 
     data = asdict(cfg)
-    for key in ("train", "dev", "vocab", "feature_cache", "out", "encoder"):
+    for key in ("train", "dev", "vocab", "init_from", "feature_cache", "out", "encoder"):
         value = data.get(key)
         if isinstance(value, str) and value and (key != "encoder" or Path(value).exists()):
             data[key] = str(Path(value).resolve())

@@ -64,3 +64,69 @@ def test_layer_lr_decay_trains_with_the_decayed_rates(tmp_path, tones, tiny_enco
     ck = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)
     lrs = sorted(g["lr"] for g in ck["optimizer"]["param_groups"])
     assert lrs == [0.00075, 0.0015, 0.003, 0.003]  # below the first layer, layer 0, layer 1, the head
+
+
+def test_init_from_carries_a_trained_model_into_a_new_vocabulary(tmp_path, tones, tiny_encoder):
+    import json
+
+    from speechtl.text import Vocabulary
+
+    train(_cfg(tmp_path / "a", tones, tiny_encoder, max_steps=4), progress=False)
+    old_dir = tmp_path / "a" / "out" / "model"
+    old = Vocabulary.load(old_dir / "vocab.json")
+    assert "a" in old.index and "b" in old.index
+    # the new character set drops "b" and adds two characters
+    new_tokens = [t for t in old.tokens if t != "b"] + ["x", "ž"]
+    vocab_file = tmp_path / "vocab.json"
+    vocab_file.write_text(json.dumps({t: i for i, t in enumerate(new_tokens)}, ensure_ascii=False))
+    # lr 0: what init_from carried is what gets saved
+    summary = train(_cfg(tmp_path / "b", tones, tiny_encoder, init_from=str(tmp_path / "a" / "out"), vocab=str(vocab_file),
+                         max_steps=1, lr=0.0, encoder_lr=0.0), progress=False)
+    assert summary["steps"] == 1
+    new_dir = tmp_path / "b" / "out" / "model"
+    a_head, b_head = load_file(str(old_dir / "head.safetensors")), load_file(str(new_dir / "head.safetensors"))
+    for key in ("head.proj.weight", "head.proj.bias"):
+        assert b_head[key].shape[0] == len(new_tokens)
+        for i, t in enumerate(new_tokens):
+            if t in old.index:
+                assert torch.equal(b_head[key][i], a_head[key][old.index[t]]), (key, t)
+    a_enc = load_file(str(old_dir / "encoder" / "model.safetensors"))
+    b_enc = load_file(str(new_dir / "encoder" / "model.safetensors"))
+    assert all(torch.equal(a_enc[k], b_enc[k]) for k in a_enc)
+    # and it trains on from there
+    cont = train(_cfg(tmp_path / "c", tones, tiny_encoder, init_from=str(old_dir), vocab=str(vocab_file), max_steps=2),
+                 progress=False)
+    assert cont["steps"] == 2
+
+
+def test_init_from_and_vocabulary_mistakes_are_named(tmp_path, tones, tiny_encoder):
+    train(_cfg(tmp_path / "a", tones, tiny_encoder, max_steps=1), progress=False)
+    frozen = dict(mode="frozen", head="bilstm", bilstm_layers=1)
+    train(_cfg(tmp_path / "f", tones, tiny_encoder, max_steps=1, bilstm_hidden=8, **frozen), progress=False)
+    with pytest.raises(ValueError, match="init_from.*same head type and size"):
+        train(_cfg(tmp_path / "b", tones, tiny_encoder, init_from=str(tmp_path / "f" / "out"), bilstm_hidden=16, **frozen),
+              progress=False)
+    with pytest.raises(ValueError, match="init_from.*frozen"):
+        train(_cfg(tmp_path / "c", tones, tiny_encoder, init_from=str(tmp_path / "a" / "out"), mode="frozen",
+                   head="linear"), progress=False)
+    with pytest.raises(ValueError, match="init_from"):
+        load_train_config(None, {"train": "x", "mode": "scratch", "init_from": "m"})
+    bad = tmp_path / "list.json"
+    bad.write_text('["<pad>", "[UNK]", "|", "a"]')
+    with pytest.raises(ValueError, match="list.json: not a vocabulary file"):
+        train(_cfg(tmp_path / "d", tones, tiny_encoder, vocab=str(bad)), progress=False)
+    nospecial = tmp_path / "v.json"
+    nospecial.write_text('{"a": 0, "b": 1}')
+    with pytest.raises(ValueError, match="v.json: vocabulary must start with"):
+        train(_cfg(tmp_path / "e", tones, tiny_encoder, vocab=str(nospecial)), progress=False)
+
+
+def test_init_from_a_frozen_model_keeps_its_layer_weights(tmp_path, tones, tiny_encoder):
+    frozen = dict(mode="frozen", head="bilstm", bilstm_layers=1, bilstm_hidden=8)
+    train(_cfg(tmp_path / "a", tones, tiny_encoder, max_steps=3, lr=3e-2, **frozen), progress=False)
+    train(_cfg(tmp_path / "b", tones, tiny_encoder, init_from=str(tmp_path / "a" / "out"), max_steps=1, lr=0.0, **frozen),
+          progress=False)
+    a = load_file(str(tmp_path / "a" / "out" / "model" / "head.safetensors"))
+    b = load_file(str(tmp_path / "b" / "out" / "model" / "head.safetensors"))
+    assert not torch.all(a["layer_sum.weights"] == 0)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
