@@ -229,6 +229,14 @@ def cmd_lm_tune(args) -> int:
     return 0
 
 
+def cmd_average(args) -> int:
+    from .average import average_model_dirs
+
+    out = average_model_dirs(args.model_dirs, args.out)
+    print(f"averaged {len(args.model_dirs)} models into {out}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export_hf
 
@@ -464,6 +472,16 @@ def _add_export(sub) -> None:
     s.set_defaults(func=cmd_export)
 
 
+def _add_average(sub) -> None:
+    s = sub.add_parser("average", help="average the weights of several models of one architecture",
+                       description="Write a model whose weights are the element-wise mean of MODEL_DIRs' (same mode, "
+                                   "head and vocabulary: e.g. the last checkpoints of one run, or runs with other seeds). "
+                                   "Training does this itself with average_last=K.")
+    s.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_average)
+
+
 def _add_zeroshot(sub) -> None:
     s = sub.add_parser("zeroshot", help="score Whisper's own decoder, unadapted, on a manifest (a baseline)",
                        description="Transcribe a manifest with an unadapted Whisper model (greedy, language and "
@@ -505,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_align(sub)
     _add_lm(sub)
     _add_export(sub)
+    _add_average(sub)
     _add_zeroshot(sub)
     _add_fetch_encoder(sub)
 

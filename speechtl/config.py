@@ -106,6 +106,8 @@ class TrainConfig:
     save_every: int | None = _f(None, "updates between checkpoints (default: eval_every); resume loses at most this many")
     best_metric: str = _f("cer", "dev metric that selects the best checkpoint: cer | wer")
     patience: int = _f(0, "stop after this many evaluations without improvement (0 = never)")
+    average_last: int = _f(0, "keep the weights of the last K evaluations and write their mean to out/model_avg, "
+                              "scored on dev (0 = off)")
     resume: bool = _f(False, "continue from out/checkpoints/last.pt if it exists")
     # data
     on_bad_audio: str = _f("error", "unreadable or missing audio in train/dev: error (stop before the first update, naming "
@@ -140,7 +142,7 @@ class TrainConfig:
             raise ValueError(f"config key 'device': {self.device!r} is not auto, cpu, cuda or cuda:N")
         at_least = {"max_steps": 1, "grad_accum": 1, "eval_every": 1, "log_every": 1, "bilstm_hidden": 1,
                     "bilstm_layers": 1, "mask_time_length": 1, "mask_feature_length": 1, "patience": 0,
-                    "freeze_encoder_steps": 0, "num_workers": 0, "save_every": 1, "freeze_layers": 0}
+                    "freeze_encoder_steps": 0, "num_workers": 0, "save_every": 1, "freeze_layers": 0, "average_last": 0}
         for key, low in at_least.items():
             v = getattr(self, key)
             if v is not None and v < low:

@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -43,6 +44,7 @@ from .distributed import DistContext
 from .encoder import load_encoder
 from .inference import decode_hyps, score_hyps
 from .augment import Augmenter
+from .average import average_state_dicts
 from .loader import AudioDataset, DynamicBucketSampler, collate, decode_workers, speed_copies
 from .manifest import Utterance, read_manifest
 from .metrics import write_results
@@ -609,6 +611,8 @@ class _Trainer:
     def evaluate_and_keep(self) -> dict:
         """Score dev (when there is one) and keep the model if it is the best so far; the metrics row."""
         st = self.st
+        if self.cfg.average_last:
+            self.snapshot()
         if not self.data.dev:
             self.save_model()
             return {}
@@ -626,6 +630,42 @@ class _Trainer:
         else:
             st.bad_evals += 1
         return {"dev_wer": report.wer, "dev_cer": report.cer}
+
+    def snapshot(self) -> None:
+        """The trainable weights at this evaluation, for ``average_last``; the last K are kept."""
+        if not self.ctx.is_main:
+            return
+        folder = self.out / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in _trainable_state(self.model).items()}
+        with atomic_path(folder / f"eval-{self.st.step:08d}.safetensors") as tmp:
+            save_file(state, str(tmp))
+        for old in sorted(folder.glob("eval-*.safetensors"))[: -self.cfg.average_last]:
+            old.unlink()
+
+    def average_snapshots(self) -> dict | None:
+        """Write the mean of the kept snapshots to ``out/model_avg`` and score it on dev (every
+        rank takes part: dev scoring is gathered across ranks)."""
+        dist_util.barrier(self.ctx)  # rank 0 wrote the snapshots
+        files = sorted((self.out / "checkpoints").glob("eval-*.safetensors"))[-self.cfg.average_last :]
+        if len(files) < 2:
+            logger.warning("average_last=%d: only %d evaluation(s) to average; no model_avg written", self.cfg.average_last,
+                           len(files))
+            return None
+        mean = average_state_dicts([load_file(str(f)) for f in files], [f.name for f in files])
+        self.model.load_state_dict(mean, strict=False)
+        data, steps = self.data, [int(f.stem.split("-")[1]) for f in files]
+        if self.ctx.is_main:
+            save_model_dir(self.model, data.vocab, data.normalizer, self.out / "model_avg",
+                           extra={"averaged_steps": steps, "train_config": asdict(self.cfg)})
+        result: dict = {"steps": steps, "model_dir": str(self.out / "model_avg")}
+        if data.dev:
+            report = self.score_dev()
+            if self.ctx.is_main:
+                write_results(report, self.out / "dev_avg")
+            result.update(dev_wer=report.wer, dev_cer=report.cer)
+            logger.info("average of steps %s: dev WER %.4f CER %.4f", steps, report.wer, report.cer)
+        return result
 
     # ------------------------------------------------------------------ the loop
 
@@ -721,9 +761,10 @@ class _Trainer:
             st.finished = stop_reason  # resume=true on this checkpoint is then a no-op
             self.checkpointer.save(self)
         bar.close()
-        return self.summary(stop_reason, time.monotonic() - start)
+        averaged = self.average_snapshots() if cfg.average_last else None
+        return self.summary(stop_reason, time.monotonic() - start, averaged)
 
-    def summary(self, stop_reason: str | None, wall_s: float) -> dict:
+    def summary(self, stop_reason: str | None, wall_s: float, averaged: dict | None = None) -> dict:
         cfg, st, data = self.cfg, self.st, self.data
         summary = {
             "mode": cfg.mode,
@@ -756,6 +797,8 @@ class _Trainer:
             "model_dir": str(self.out / "model"),
             "config": {k: v for k, v in asdict(cfg).items()},
         }
+        if averaged is not None:
+            summary["average"] = averaged
         if self.ctx.is_main:
             write_json(self.out / "train_summary.json", summary)
         return summary

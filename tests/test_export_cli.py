@@ -12,8 +12,8 @@ from speechtl.config import load_train_config
 from speechtl.manifest import read_manifest
 from speechtl.train import train
 
-SUBCOMMANDS = ["prepare", "synth", "train", "extract", "evaluate", "transcribe", "align", "lm", "export", "zeroshot",
-               "fetch-encoder"]
+SUBCOMMANDS = ["prepare", "synth", "train", "extract", "evaluate", "transcribe", "align", "lm", "export", "average",
+               "zeroshot", "fetch-encoder"]
 
 
 @pytest.fixture(scope="module")

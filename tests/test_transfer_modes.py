@@ -130,3 +130,50 @@ def test_init_from_a_frozen_model_keeps_its_layer_weights(tmp_path, tones, tiny_
     b = load_file(str(tmp_path / "b" / "out" / "model" / "head.safetensors"))
     assert not torch.all(a["layer_sum.weights"] == 0)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_average_last_is_the_mean_of_the_last_evaluations(tmp_path, tones, tiny_encoder):
+    summary = train(_cfg(tmp_path, tones, tiny_encoder, max_steps=4, eval_every=1, average_last=3, dev=str(tones)),
+                    progress=False)
+    out = tmp_path / "out"
+    snaps = sorted((out / "checkpoints").glob("eval-*.safetensors"))
+    assert [s.name for s in snaps] == ["eval-00000002.safetensors", "eval-00000003.safetensors", "eval-00000004.safetensors"]
+    states = [load_file(str(s)) for s in snaps]
+    head = load_file(str(out / "model_avg" / "head.safetensors"))
+    enc = load_file(str(out / "model_avg" / "encoder" / "model.safetensors"))
+    for k, v in head.items():
+        torch.testing.assert_close(v, sum(s[k] for s in states) / 3)
+    w = "encoder.layers.1.feed_forward.output_dense.weight"
+    assert not torch.equal(states[0][f"encoder.model.{w}"], states[2][f"encoder.model.{w}"])
+    torch.testing.assert_close(enc[w], sum(s[f"encoder.model.{w}"] for s in states) / 3)
+    assert summary["average"]["steps"] == [2, 3, 4] and 0 <= summary["average"]["dev_cer"]
+    assert (out / "dev_avg" / "summary.json").is_file()
+
+
+def test_average_command_and_its_refusals(tmp_path, tones, tiny_encoder, capsys):
+    from speechtl.cli import main
+
+    for seed in (0, 1):
+        train(_cfg(tmp_path / f"s{seed}", tones, tiny_encoder, seed=seed), progress=False)
+    a, b = (tmp_path / f"s{s}" / "out" / "model" for s in (0, 1))
+    assert main(["average", str(a), str(b), "--out", str(tmp_path / "avg"), "-q"]) == 0
+    ha, hb = (load_file(str(d / "head.safetensors")) for d in (a, b))
+    avg = load_file(str(tmp_path / "avg" / "head.safetensors"))
+    for k in ha:
+        torch.testing.assert_close(avg[k], (ha[k] + hb[k]) / 2)
+    import speechtl
+
+    assert isinstance(speechtl.load(tmp_path / "avg").transcribe(read_first(tones)), str)
+    train(_cfg(tmp_path / "big", tones, tiny_encoder, mode="frozen", head="bilstm", bilstm_hidden=8), progress=False)
+    assert main(["average", str(a), str(tmp_path / "big" / "out"), "--out", str(tmp_path / "bad")]) == 1
+    assert "only models of one architecture" in capsys.readouterr().err
+    from speechtl.average import average_state_dicts
+
+    with pytest.raises(ValueError, match="w has shape"):
+        average_state_dicts([{"w": torch.zeros(2)}, {"w": torch.zeros(3)}], ["a", "b"])
+
+
+def read_first(manifest):
+    from speechtl.manifest import read_manifest
+
+    return read_manifest(manifest)[0].audio
