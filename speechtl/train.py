@@ -53,7 +53,7 @@ from .text import Normalizer, NormalizerConfig, Vocabulary, describe_oov
 
 logger = logging.getLogger(__name__)
 
-CSV_FIELDS = ["step", "epoch", "loss", "lr_head", "lr_encoder", "audio_hours", "elapsed_s", "dev_wer", "dev_cer"]
+CSV_FIELDS = ["step", "epoch", "loss", "lr_head", "lr_encoder", "audio_hours", "elapsed_s", "dev_wer", "dev_cer", "distill_loss"]
 
 
 DEV_WINDOW_S = 30.0
@@ -282,6 +282,7 @@ class TrainState:
     best_step: int | None = None
     bad_evals: int = 0  # evaluations since the best one (early stopping)
     loss: float | None = None
+    distill_loss: float | None = None  # its distillation part, with a teacher
     world_size: int = 1
     train_items: int = 0  # training items with the speed-perturbed copies: resume needs the same data
     utterances: int = 0
@@ -389,7 +390,8 @@ class _Checkpointer:
                 w.writeheader()
             w.writerow({"step": st.step, "epoch": st.epoch, "loss": st.loss, "lr_head": lrs.get("head"),
                         "lr_encoder": lrs.get("encoder", ""), "audio_hours": round(st.audio_seconds / 3600, 5),
-                        "elapsed_s": round(st.elapsed, 2), "dev_wer": row.get("dev_wer", ""), "dev_cer": row.get("dev_cer", "")})
+                        "elapsed_s": round(st.elapsed, 2), "dev_wer": row.get("dev_wer", ""), "dev_cer": row.get("dev_cer", ""),
+                        "distill_loss": "" if st.distill_loss is None else st.distill_loss})
 
 
 def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: bool,
@@ -669,8 +671,9 @@ class _Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def micro_step(self, batch) -> float:
-        """Forward and backward of one micro-batch; its share of the update's loss."""
+    def micro_step(self, batch) -> tuple[float, float]:
+        """Forward and backward of one micro-batch; its share of the update's loss, and of
+        the distillation loss within it."""
         cfg = self.cfg
         b = batch.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
@@ -683,7 +686,7 @@ class _Trainer:
             loss = loss + cfg.distill_weight * aux
         loss = loss / cfg.grad_accum
         self.scaler.scale(loss).backward()
-        return loss.item()
+        return loss.item(), 0.0 if aux is None else aux.item() / cfg.grad_accum
 
     def optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
@@ -703,7 +706,7 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # a complete run resumed (killed before its summary was written) goes straight to the summary
         stop_reason = st.finished if complete else None
-        micro, acc = 0, [0.0, 0.0, 0]  # loss, audio seconds, utterances since the last update
+        micro, acc = 0, [0.0, 0.0, 0.0, 0]  # loss, distillation loss, audio seconds, utterances since the last update
         save_every = cfg.save_every or cfg.eval_every
         while stop_reason is None:
             self.sampler.set_epoch(st.epoch)
@@ -714,9 +717,11 @@ class _Trainer:
                 # gradients are averaged across ranks on the last micro-batch of an update only
                 sync = micro + 1 >= cfg.grad_accum or not ctx.enabled
                 with contextlib.nullcontext() if sync else self.step_module.no_sync():
-                    acc[0] += self.micro_step(batch)
-                acc[1] += float(sum(batch.durations))
-                acc[2] += len(batch.durations)
+                    loss, aux = self.micro_step(batch)
+                acc[0] += loss
+                acc[1] += aux
+                acc[2] += float(sum(batch.durations))
+                acc[3] += len(batch.durations)
                 micro += 1
                 if micro < cfg.grad_accum:
                     continue
@@ -731,11 +736,15 @@ class _Trainer:
                 # stops at the same update (a rank that stopped alone would hang the others)
                 time_up = budget is not None and st.elapsed >= budget
                 asked = should_stop is not None and should_stop(st.step)
-                loss_sum, audio, utts, time_votes, stop_votes = dist_util.sum_across([*acc, time_up, asked], ctx, self.device)
+                loss_sum, aux_sum, audio, utts, time_votes, stop_votes = dist_util.sum_across([*acc, time_up, asked], ctx, self.device)
                 st.loss, st.audio_seconds, st.utterances = loss_sum / ctx.world_size, st.audio_seconds + audio, st.utterances + int(utts)
-                micro, acc = 0, [0.0, 0.0, 0]
+                if self.distiller is not None:
+                    st.distill_loss = aux_sum / ctx.world_size
+                micro, acc = 0, [0.0, 0.0, 0.0, 0]
                 bar.update(1)
                 self.shown["loss"] = f"{st.loss:.3f}"
+                if st.distill_loss is not None:
+                    self.shown["distill"] = f"{st.distill_loss:.3f}"
                 bar.set_postfix(self.shown)
                 # the metrics row goes out before the checkpoint: a kill between the two leaves a row
                 # that resume trims and writes again, never a checkpoint whose row is lost

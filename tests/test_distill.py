@@ -142,10 +142,15 @@ def test_scratch_training_with_a_whisper_teacher_and_augmentation_resumes_exactl
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the saved encoder is a plain encoder: no projections, no teacher
     assert load_encoder(str(tmp_path / "a" / "out" / "model" / "encoder")).num_layers == 3
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "a" / "out" / "metrics.csv")))
+    assert rows and all(0 < float(r["distill_loss"]) < float(r["loss"]) for r in rows)
     no_teacher = train(_cfg(tmp_path / "c", tones, tiny_encoder, **{**kw, "teacher": None}), progress=False)
     c = load_file(str(tmp_path / "c" / "out" / "model" / "encoder" / "model.safetensors"))
     assert any(not torch.equal(a[k], c[k]) for k in a), "the teacher changed nothing"
     assert no_teacher["steps"] == 5
+    assert all(r["distill_loss"] == "" for r in csv.DictReader(open(tmp_path / "c" / "out" / "metrics.csv")))
     with pytest.raises(ValueError, match="teacher"):
         train(_cfg(tmp_path / "b", tones, tiny_encoder, resume=True, **{**kw, "teacher": None, "max_steps": 6}), progress=False)
 
@@ -169,3 +174,21 @@ def test_teacher_with_another_frame_rate_is_refused(tmp_path, tones, tiny_encode
 def test_bad_distillation_settings_are_refused_by_name(bad, match):
     with pytest.raises(ValueError, match=match):
         load_train_config(None, {"train": "x", "mode": "scratch", **bad})
+
+
+def test_resume_reads_a_metrics_log_written_before_the_distillation_column(tmp_path, tones, tiny_encoder):
+    import csv
+
+    kw = dict(mode="finetune", max_steps=4, eval_every=2, log_every=1)
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tmp_path, tones, tiny_encoder, **kw), progress=False, should_stop=lambda step: step == 2)
+    log = tmp_path / "out" / "metrics.csv"
+    old_fields = ["step", "epoch", "loss", "lr_head", "lr_encoder", "audio_hours", "elapsed_s", "dev_wer", "dev_cer"]
+    rows = list(csv.DictReader(open(log)))
+    with open(log, "w", newline="") as f:  # as the previous release wrote it
+        w = csv.DictWriter(f, fieldnames=old_fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    train(_cfg(tmp_path, tones, tiny_encoder, resume=True, **kw), progress=False)
+    rows = list(csv.DictReader(open(log)))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and all(None not in r.values() for r in rows)
