@@ -100,6 +100,8 @@ class TrainConfig:
                                    "hears the clean clip when augment is on")
     teacher_layers: list = _f([], "teacher hidden-state indices to predict (default: three spread up to its last layer); "
                                   "each is predicted from a student layer spread the same way")
+    student_layers: list = _f([], "encoder hidden-state indices that predict teacher_layers, one each (default: spread "
+                                  "the same way up to the encoder's last layer)")
     distill_weight: float = _f(1.0, "weight of the distillation loss against CTC")
     # evaluation and checkpoints
     eval_every: int = _f(200, "updates between dev evaluations and checkpoints")
@@ -168,8 +170,12 @@ class TrainConfig:
         if self.augment and self.mode == "frozen" and (self.cache_features or self.feature_cache):
             raise ValueError("config key 'augment': frozen mode trains from cached clean features; set "
                              "cache_features=false (and no feature_cache) to augment every step")
-        if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.teacher_layers):
-            raise ValueError(f"config key 'teacher_layers': expected non-negative integers, got {self.teacher_layers!r}")
+        for key in ("teacher_layers", "student_layers"):
+            if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in getattr(self, key)):
+                raise ValueError(f"config key {key!r}: expected non-negative integers, got {getattr(self, key)!r}")
+        if self.student_layers and len(self.student_layers) != len(self.teacher_layers):
+            raise ValueError(f"config key 'student_layers': {self.student_layers} needs one entry per teacher_layers entry "
+                             f"({self.teacher_layers})")
         for key in ("lr", "encoder_lr", "weight_decay", "clip_norm", "warmup", "hold", "distill_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"config key {key!r}: must not be negative (got {getattr(self, key)!r})")

@@ -45,6 +45,11 @@ class Distiller(nn.Module):
         self.teacher_layers = list(teacher_layers)
         self.student_layers = list(student_layers)
         self.proj = nn.ModuleList(nn.Linear(student_hidden, teacher.hidden_size) for _ in teacher_layers)
+        if student_hidden == teacher.hidden_size:  # same width: start from the identity (a student made from the teacher)
+            with torch.no_grad():
+                for p in self.proj:
+                    p.weight.copy_(torch.eye(student_hidden))
+                    p.bias.zero_()
 
     @torch.no_grad()
     def targets(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -833,7 +833,10 @@ def _build_distiller(cfg: TrainConfig, model: CTCModel, device: torch.device) ->
     if abs(teacher.frame_rate - model.encoder.frame_rate) > 1e-6:
         raise ValueError(f"config key 'teacher': {cfg.teacher} gives {teacher.frame_rate:g} frames/s and the encoder "
                          f"{model.encoder.frame_rate:g}; distillation needs the same frame rate")
-    distiller = Distiller(teacher, teacher_layers, spread_layers(student_n, len(teacher_layers)), model.encoder.hidden_size)
+    student_layers = list(cfg.student_layers) or spread_layers(student_n, len(teacher_layers))
+    if max(student_layers) > student_n:
+        raise ValueError(f"config key 'student_layers': {student_layers} outside the encoder's hidden states 0..{student_n}")
+    distiller = Distiller(teacher, teacher_layers, student_layers, model.encoder.hidden_size)
     logger.info("distilling %s hidden states %s into encoder layers %s", cfg.teacher, distiller.teacher_layers,
                 distiller.student_layers)
     return distiller.to(device)

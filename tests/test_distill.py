@@ -192,3 +192,43 @@ def test_resume_reads_a_metrics_log_written_before_the_distillation_column(tmp_p
     train(_cfg(tmp_path, tones, tiny_encoder, resume=True, **kw), progress=False)
     rows = list(csv.DictReader(open(log)))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and all(None not in r.values() for r in rows)
+
+
+def test_student_layers_pair_with_teacher_layers_and_same_width_starts_from_identity():
+    teacher = _tiny(1)
+    d = Distiller(teacher, [1, 2], [1, 2], teacher.hidden_size)
+    x, lengths = torch.randn(1, 16000) * 0.1, torch.tensor([16000])
+    with torch.no_grad():
+        own = teacher(x, lengths)
+        loss, parts = d(own.hidden_states, own.lengths, x, lengths)
+    assert float(parts["l1_0"]) == 0 and float(parts["l1_1"]) == 0  # a student equal to its teacher
+    with pytest.raises(ValueError, match="student_layers"):
+        load_train_config(None, {"train": "x", "mode": "scratch", "teacher_layers": [1, 2], "student_layers": [1]})
+
+
+def test_a_wav2vec2_encoder_made_from_whisper_reproduces_its_layers(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import WhisperForConditionalGeneration
+
+    from speechtl.whisper import tiny_whisper_config
+
+    torch.manual_seed(0)
+    WhisperForConditionalGeneration(tiny_whisper_config()).save_pretrained(str(tmp_path / "w"))
+    path = Path(__file__).parent.parent / "recipes" / "pretrain" / "init_from_whisper.py"
+    spec = importlib.util.spec_from_file_location("init_from_whisper", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    student, teacher = mod.convert(str(tmp_path / "w"))
+    student.eval()
+    x = torch.randn(1, 16000) * 0.1
+    with torch.no_grad():
+        t = teacher(x, torch.tensor([16000]))
+        h = t.hidden_states[0]
+        for layer in student.model.encoder.layers:
+            h = layer(h)
+            h = h[0] if isinstance(h, tuple) else h
+        h = student.model.encoder.layer_norm(h)
+    torch.testing.assert_close(h, t.hidden_states[-1], atol=1e-5, rtol=1e-5)
+    assert student.config.model_type == "wav2vec2" and student.num_layers == teacher.num_layers
