@@ -84,11 +84,13 @@ def main() -> None:
         "|---|---|",
         "| objective | CTC on IPA phonemes printed by espeak-ng (stress marks removed; one phoneme set for all languages)"
         + (f", plus prediction of {teacher}'s encoder hidden states {cfg.get('teacher_layers') or '(three, spread)'} "
-           f"from three of its layers (L1 + cosine, weight {cfg.get('distill_weight', 1.0)}; the teacher, MIT-licensed, "
-           "hears the clean clip)" if teacher else "") + " |",
+           f"from its own {cfg.get('student_layers') or '(spread the same way)'} (L1 + cosine, weight "
+           f"{cfg.get('distill_weight', 1.0)}; the teacher, MIT-licensed, hears the clean clip)" if teacher else "") + " |",
         f"| augmentation | {cfg.get('augment', 0):.0%} of clips: reverberation, telephone band and 8 kHz mu-law, MP3/Vorbis, "
         "noise at 0-30 dB SNR, gain (speechtl.augment) |",
         f"| CNN feature encoder | {'trained' if cfg.get('freeze_feature_encoder') is False else 'frozen at random initialisation'} |",
+        *(["| transformer initialisation | Whisper tiny.en's encoder layers (OpenAI, MIT licence; trained on English "
+           "only), copied by `init_from_whisper.py` |"] if cfg.get("mode") == "finetune" else []),
         f"| updates | {summary['steps']} of at most {cfg['max_batch_seconds']} s of padded audio "
         f"({summary['audio_hours_seen']:.1f} h of audio seen) |",
         f"| compute | {args.hardware or summary['device']}; {summary['wall_time_s'] / 3600:.2f} h of training"
