@@ -47,26 +47,38 @@ def average_state_dicts(states: Sequence[dict[str, torch.Tensor]], names: Sequen
 WEIGHT_FILES = ("head.safetensors", "encoder/model.safetensors")
 
 
+def _weight_files(model_dir: Path) -> list[str]:
+    """The weight files of a model directory: head and encoder, and an adapter model's languages."""
+    return [n for n in WEIGHT_FILES if (model_dir / n).is_file()] + sorted(p.name for p in model_dir.glob("adapter.*.safetensors"))
+
+
+def _vocabularies(model_dir: Path) -> dict:
+    return {p.name: json.loads(p.read_text(encoding="utf-8")) for p in sorted(model_dir.glob("vocab*.json"))}
+
+
 def average_model_dirs(model_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
     """Write ``out_dir``: the first model directory with every weight file replaced by the
-    mean over all of them. They must share mode, head and vocabulary."""
+    mean over all of them. They must share mode, head and vocabulary (adapter models: the
+    adapters, languages and each language's vocabulary)."""
     from .model import MODEL_FILE, resolve_model_dir
 
     dirs = [resolve_model_dir(d) for d in model_dirs]
     if len(dirs) < 2:
         raise ValueError("give at least two model directories to average")
     metas = [json.loads((d / MODEL_FILE).read_text(encoding="utf-8")) for d in dirs]
-    vocabs = [(d / "vocab.json").read_text(encoding="utf-8") for d in dirs]
-    for d, m, v in zip(dirs[1:], metas[1:], vocabs[1:]):
-        if (m["mode"], m["head"]) != (metas[0]["mode"], metas[0]["head"]) or json.loads(v) != json.loads(vocabs[0]):
-            raise ValueError(f"{d}: its mode, head or vocabulary differs from {dirs[0]}'s; only models of one "
-                             "architecture and vocabulary can be averaged")
+
+    def shape(d: Path, m: dict):
+        return m["mode"], m["head"], m.get("adapter"), _vocabularies(d), _weight_files(d)
+
+    for d, m in zip(dirs[1:], metas[1:]):
+        if shape(d, m) != shape(dirs[0], metas[0]):
+            raise ValueError(f"{d}: its mode, head, adapters, languages or vocabulary differ from {dirs[0]}'s; only models "
+                             "of one architecture and vocabulary can be averaged")
     with atomic_dir(out_dir) as tmp:
         shutil.copytree(dirs[0], tmp, dirs_exist_ok=True)
-        for name in WEIGHT_FILES:
-            if (dirs[0] / name).is_file():
-                states = [load_file(str(d / name)) for d in dirs]
-                save_file(average_state_dicts(states, [str(d / name) for d in dirs]), str(tmp / name), metadata={"format": "pt"})
+        for name in _weight_files(dirs[0]):
+            states = [load_file(str(d / name)) for d in dirs]
+            save_file(average_state_dicts(states, [str(d / name) for d in dirs]), str(tmp / name), metadata={"format": "pt"})
         meta = dict(metas[0], averaged_from=[str(d) for d in dirs])
         (tmp / MODEL_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return Path(out_dir)

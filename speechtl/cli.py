@@ -100,7 +100,7 @@ def cmd_evaluate(args) -> int:
     from .inference import Recognizer
     from .manifest import read_manifest
 
-    rec = Recognizer.load(args.model_dir, device=args.device)
+    rec = Recognizer.load(args.model_dir, device=args.device, lang=args.lang)
     utts = read_manifest(args.manifest, check_files=False)
     # artefacts of `--json DIR/x.json` go to DIR/x/, so that two test sets scored into one folder keep theirs apart
     out_dir = Path(args.out_dir) if args.out_dir else (Path(args.json).with_suffix("") if args.json else Path(args.model_dir) / "eval")
@@ -144,7 +144,7 @@ def cmd_transcribe(args) -> int:
     if args.format in ("srt", "vtt") and args.out is None and len(items) > 1:
         print(f"speechtl transcribe: error: --format {args.format} with several inputs needs --out DIR", file=sys.stderr)
         return 2
-    rec = Recognizer.load(args.model_dir, device=args.device)
+    rec = Recognizer.load(args.model_dir, device=args.device, lang=args.lang)
     hotwords = [w for w in (args.hotwords or "").split(",") if w.strip()]
     tr = rec.transcriber(args.chunk_length_s, args.stride_length_s, args.batch_seconds, args.lm, args.beam_width,
                          args.alpha, args.beta, hotwords, args.hotword_weight)
@@ -174,7 +174,7 @@ def cmd_align(args) -> int:
     from .decode import align_words
     from .transcribe import Item, Transcript, render, segments_from_words
 
-    rec = Recognizer.load(args.model_dir, device=args.device)
+    rec = Recognizer.load(args.model_dir, device=args.device, lang=args.lang)
     text = args.text
     if Path(text).is_file():
         text = Path(text).read_text(encoding="utf-8")
@@ -195,9 +195,9 @@ def cmd_align(args) -> int:
 
 def cmd_lm_build(args) -> int:
     from .lm import read_sentences, wordlist_sentences, write_arpa
-    from .text import load_normalizer
+    from .model import load_model_normalizer
 
-    norm = load_normalizer(Path(args.model) / "normalizer.json") if args.model else None
+    norm = load_model_normalizer(args.model, args.lang) if args.model else None
     lines = []
     for text in args.text:
         lines += read_sentences(text, norm)
@@ -216,7 +216,7 @@ def cmd_lm_tune(args) -> int:
 
     if not Path(args.lm).is_file():
         raise FileNotFoundError(f"{args.lm}: language model not found")
-    rec = Recognizer.load(args.model_dir, device=args.device)
+    rec = Recognizer.load(args.model_dir, device=args.device, lang=args.lang)
     result = rec.tune_lm(read_manifest(args.manifest, check_files=False), args.lm, args.alphas, args.betas,
                          args.beam_width, progress=not args.quiet)
     if args.json:
@@ -240,7 +240,7 @@ def cmd_average(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_hf
 
-    out = export_hf(args.model_dir, args.out)
+    out = export_hf(args.model_dir, args.out, lang=args.lang)
     print(f"exported a transformers model and processor to {out}")
     return 0
 
@@ -346,7 +346,7 @@ def _add_synth(sub) -> None:
 def _add_train(sub) -> None:
     from .config import config_help
 
-    s = sub.add_parser("train", help="adapt an encoder: frozen | finetune | scratch", formatter_class=argparse.RawDescriptionHelpFormatter,
+    s = sub.add_parser("train", help="adapt an encoder: frozen | finetune | scratch | adapter", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a CTC recogniser. Keys from CONFIG.yaml, overridden by key=value arguments:\n\n" + config_help())
     s.add_argument("config", nargs="?", help="YAML config (optional if every key is given as key=value)")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. mode=finetune max_steps=500")
@@ -397,6 +397,8 @@ def _add_evaluate(sub) -> None:
     s.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
     s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer recordings are decoded in windows of this length")
     s.add_argument("--batch-seconds", type=float, default=None, help="cap on padded audio seconds per batch (default: 10 on CPU, 300 on GPU)")
+    s.add_argument("--lang", help="language of a model trained with mode=adapter (default: the one trained last); "
+                   "an error lists the languages the model has")
     s.set_defaults(func=cmd_evaluate)
 
 
@@ -419,6 +421,8 @@ def _add_transcribe(sub) -> None:
     s.add_argument("--hotwords", help="comma-separated words to favour in beam search")
     s.add_argument("--hotword-weight", type=float, default=10.0)
     s.add_argument("--device", default="auto")
+    s.add_argument("--lang", help="language of a model trained with mode=adapter (default: the one trained last); "
+                   "an error lists the languages the model has")
     s.set_defaults(func=cmd_transcribe)
 
 
@@ -432,6 +436,8 @@ def _add_align(sub) -> None:
     s.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
     s.add_argument("--chunk-length-s", type=float, default=30.0)
     s.add_argument("--device", default="auto")
+    s.add_argument("--lang", help="language of a model trained with mode=adapter (default: the one trained last); "
+                   "an error lists the languages the model has")
     s.set_defaults(func=cmd_align)
 
 
@@ -447,6 +453,7 @@ def _add_lm(sub) -> None:
     b.add_argument("--order", type=int, default=3)
     b.add_argument("--out", required=True, metavar="LM.arpa")
     b.add_argument("--model", metavar="MODEL_DIR", help="normalise the text as this model's transcripts are (default: the standard normaliser)")
+    b.add_argument("--lang", help="with --model, an adapter model's language whose normaliser to use (default: the one trained last)")
     b.set_defaults(func=cmd_lm_build)
     _add_common(b)
     t = lm_sub.add_parser("tune", help="search the LM weight (alpha) and word bonus (beta) on a dev set",
@@ -460,15 +467,22 @@ def _add_lm(sub) -> None:
     t.add_argument("--beam-width", type=int, default=32)
     t.add_argument("--json", help="write every pair's WER and CER here")
     t.add_argument("--device", default="auto")
+    t.add_argument("--lang", help="language of a model trained with mode=adapter (default: the one trained last)")
     t.set_defaults(func=cmd_lm_tune)
     _add_common(t)
 
 
 def _add_export(sub) -> None:
-    s = sub.add_parser("export", help="export a finetune/scratch model as a transformers model directory",
-                       description="Write a standard *ForCTC model plus Wav2Vec2Processor that transformers.pipeline('automatic-speech-recognition') loads.")
+    s = sub.add_parser("export", help="export a finetune/scratch/adapter model as a transformers model directory",
+                       description="Write a standard *ForCTC model plus Wav2Vec2Processor that transformers.pipeline("
+                                   "'automatic-speech-recognition') loads. An adapter=mms model exports as an MMS-style "
+                                   "Wav2Vec2ForCTC with every language's adapter.<lang>.safetensors (model.load_adapter(lang), "
+                                   "processor.tokenizer.set_target_lang(lang)); an adapter=lora model exports one language, "
+                                   "its LoRA updates merged into the weights.")
     s.add_argument("model_dir")
     s.add_argument("--out", required=True)
+    s.add_argument("--lang", help="adapter models: the language loaded by default (mms) or the one exported (lora); "
+                   "default: the one trained last")
     s.set_defaults(func=cmd_export)
 
 

@@ -11,8 +11,10 @@ from typing import Any
 import yaml
 
 
+from .adapters import ADAPTER_KINDS, check_lang
 from .precision import AMP_CHOICES
-MODES = ("frozen", "finetune", "scratch")
+
+MODES = ("frozen", "finetune", "scratch", "adapter")
 HEADS = ("linear", "bilstm")
 SCHEDULES = ("tristage", "linear", "constant")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
@@ -50,7 +52,8 @@ def _f(default: Any, help: str):
 @dataclass(frozen=True)
 class TrainConfig:
     encoder: str = _f("default", "encoder: local HF directory, hub id, or 'default' (the bundled encoder)")
-    mode: str = _f("frozen", "frozen | finetune | scratch")
+    mode: str = _f("frozen", "frozen | finetune | scratch | adapter (encoder fixed, small adapters and the head train; "
+                              "one set per language)")
     train: str = _f("", "training manifest (JSONL)")
     dev: str | None = _f(None, "dev manifest for WER/CER, best-checkpoint selection and early stopping")
     out: str = _f("exp/run", "output directory (checkpoints, metrics.csv, model/)")
@@ -63,7 +66,7 @@ class TrainConfig:
     bilstm_hidden: int = _f(256, "BiLSTM units per direction")
     bilstm_layers: int = _f(2, "BiLSTM layers")
     # optimisation
-    lr: float = _f(1e-3, "peak learning rate of the head (and layer weights)")
+    lr: float = _f(1e-3, "peak learning rate of the head (and layer weights; and adapters, in adapter mode)")
     encoder_lr: float = _f(5e-5, "peak learning rate of the encoder (finetune/scratch)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     schedule: str = _f("tristage", "tristage (warm-up, hold, exponential decay) | linear | constant")
@@ -74,6 +77,19 @@ class TrainConfig:
                               "fixed; train the layers above (and the head)")
     layer_lr_decay: float = _f(1.0, "finetune/scratch: each encoder layer's learning rate is encoder_lr x this per "
                                     "layer below the top (1 = one rate for the whole encoder)")
+    # adapters (mode=adapter)
+    adapter: str | None = _f(None, "mode=adapter: lora (LoRA on every layer's attention and feed-forward projections, via "
+                                   "peft; any encoder) | mms (a bottleneck adapter in every layer, transformers' "
+                                   "wav2vec2 adapter_attn_dim; wav2vec2 encoders); unset: the init_from model's kind, "
+                                   "else lora")
+    lang: str | None = _f(None, "mode=adapter: the language this run trains, saved as adapter.<lang>.safetensors beside the "
+                                "base encoder; with init_from=ADAPTER_MODEL it joins the languages that model has "
+                                "(unset: the lang of the training manifest, when it names one)")
+    lora_rank: int | None = _f(None, "adapter=lora: rank of the LoRA update matrices (unset: 8, or the init_from model's)")
+    lora_alpha: float | None = _f(None, "adapter=lora: LoRA scale; updates are multiplied by lora_alpha / lora_rank "
+                                        "(unset: 2 x lora_rank, or the init_from model's)")
+    adapter_dim: int | None = _f(None, "adapter=mms: bottleneck width of each layer's adapter, transformers' "
+                                       "adapter_attn_dim (unset: 16, or the init_from model's)")
     freeze_feature_encoder: bool | None = _f(None, "freeze the CNN feature encoder (default: yes for finetune, no for scratch)")
     max_batch_seconds: float = _f(60.0, "cap on padded audio seconds per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimiser update")
@@ -119,7 +135,9 @@ class TrainConfig:
     vocab: str | None = _f(None, "vocab.json to use instead of building one from the training text")
     init_from: str | None = _f(None, "start from this trained speechtl model (or run folder): its encoder and head; the "
                                      "output rows of characters it shares with this run's vocabulary are kept, new ones "
-                                     "start fresh, removed ones are dropped (extend a model to a new character set)")
+                                     "start fresh, removed ones are dropped (extend a model to a new character set). "
+                                     "mode=adapter: its encoder is the base; an adapter model's languages are kept "
+                                     "and lang is added (or trained on, if it has it)")
     normalizer: dict = _f({}, "NormalizerConfig fields, e.g. {lowercase: true, mappings: {'ß': 'ss'}}")
     cache_features: bool = _f(True, "frozen mode: run the encoder once and train the head on its stored outputs")
     cache_max_gb: float = _f(4.0, "largest in-memory feature cache; bigger sets recompute the encoder each step")
@@ -144,12 +162,13 @@ class TrainConfig:
             raise ValueError(f"config key 'device': {self.device!r} is not auto, cpu, cuda or cuda:N")
         at_least = {"max_steps": 1, "grad_accum": 1, "eval_every": 1, "log_every": 1, "bilstm_hidden": 1,
                     "bilstm_layers": 1, "mask_time_length": 1, "mask_feature_length": 1, "patience": 0,
-                    "freeze_encoder_steps": 0, "num_workers": 0, "save_every": 1, "freeze_layers": 0, "average_last": 0}
+                    "freeze_encoder_steps": 0, "num_workers": 0, "save_every": 1, "freeze_layers": 0, "average_last": 0,
+                    "lora_rank": 1, "adapter_dim": 1}
         for key, low in at_least.items():
             v = getattr(self, key)
             if v is not None and v < low:
                 raise ValueError(f"config key {key!r}: must be at least {low} (got {v!r})")
-        positive = ("max_minutes", "max_batch_seconds", "cache_max_gb", "max_duration")
+        positive = ("max_minutes", "max_batch_seconds", "cache_max_gb", "max_duration", "lora_alpha")
         for key in positive:
             v = getattr(self, key)
             if v is not None and not v > 0:
@@ -158,11 +177,12 @@ class TrainConfig:
             raise ValueError(f"config key 'layer_lr_decay': must be in (0, 1] (got {self.layer_lr_decay!r})")
         if self.init_from is not None and self.mode == "scratch":
             raise ValueError("config key 'init_from': scratch mode starts from random weights; use finetune or frozen")
+        self._check_adapter_keys()
         if self.freeze_layers and self.mode != "finetune":
             raise ValueError(f"config key 'freeze_layers': for mode=finetune (got mode={self.mode})")
         if not 0 <= self.augment <= 1:
             raise ValueError(f"config key 'augment': must be in [0, 1] (got {self.augment!r})")
-        if self.teacher is not None and self.mode == "frozen":
+        if self.teacher is not None and self.mode in ("frozen", "adapter"):
             raise ValueError("config key 'teacher': distillation trains the encoder; use mode=finetune or scratch")
         if self.teacher is not None and self.layerdrop > 0:
             raise ValueError("config key 'layerdrop': distillation predicts the teacher from fixed encoder layers, "
@@ -190,6 +210,29 @@ class TrainConfig:
                                  f"(got {f!r}); the clips at their own speed are always used")
         if len({f"{f:g}" for f in self.speed_perturb}) != len(self.speed_perturb):
             raise ValueError(f"config key 'speed_perturb': repeated factor in {self.speed_perturb}")
+
+    def _check_adapter_keys(self) -> None:
+        adapter_keys = ("adapter", "lang", "lora_rank", "lora_alpha", "adapter_dim")
+        if self.mode != "adapter":
+            for key in adapter_keys:
+                if getattr(self, key) is not None:
+                    raise ValueError(f"config key {key!r}: for mode=adapter (this run is mode={self.mode})")
+            return
+        if self.adapter is not None and self.adapter not in ADAPTER_KINDS:
+            raise ValueError(f"config key 'adapter': {self.adapter!r} is not one of {', '.join(ADAPTER_KINDS)}")
+        if self.lang is not None:
+            check_lang(self.lang)
+        if self.adapter == "mms" and (self.lora_rank is not None or self.lora_alpha is not None):
+            raise ValueError("config key 'lora_rank'/'lora_alpha': for adapter=lora (adapter=mms takes adapter_dim)")
+        if self.adapter == "lora" and self.adapter_dim is not None:
+            raise ValueError("config key 'adapter_dim': for adapter=mms (adapter=lora takes lora_rank and lora_alpha)")
+        if self.layer_lr_decay != 1.0:
+            raise ValueError("config key 'layer_lr_decay': for mode=finetune or scratch; in adapter mode the encoder "
+                             "stays fixed")
+        if self.freeze_feature_encoder is False:
+            raise ValueError("config key 'freeze_feature_encoder': adapter mode keeps the whole base encoder fixed")
+        if self.head != "linear":
+            raise ValueError(f"config key 'head': adapter mode uses a linear head on the last layer (got {self.head!r})")
 
     def resolve_paths(self, base: Path) -> "TrainConfig":
         """Make manifest/vocab paths given in a YAML file relative to that file."""
@@ -236,13 +279,19 @@ def _coerce(key: str, v: Any, t: type) -> Any:
     raise ValueError(f"config key {key!r}: expected {t.__name__}, got {v!r}")
 
 
+# keys whose values are names, taken as written: YAML would read lang=no (Norwegian) as false
+_VERBATIM = ("lang",)
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     out = {}
     for p in pairs:
         if "=" not in p:
             raise ValueError(f"override {p!r} is not key=value")
         k, v = p.split("=", 1)
-        out[k.strip()] = parse_value(v)
+        k = k.strip()
+        value = parse_value(v)
+        out[k] = v.strip() if k in _VERBATIM and value is not None else value
     return out
 
 

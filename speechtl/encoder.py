@@ -340,7 +340,8 @@ def encoder_from_config(config, normalize_waveform: bool = True, seed: int = 0) 
 
 
 def save_encoder(encoder: SpeechEncoder, out_dir: str | os.PathLike) -> None:
-    """Save as a standard HF model directory (config + safetensors + preprocessor config)."""
+    """Save as a standard HF model directory (config + safetensors + preprocessor config),
+    without any adapters attached to it (:mod:`speechtl.adapters`)."""
     from transformers import Wav2Vec2FeatureExtractor
 
     from .whisper import WhisperSpeechEncoder, save_whisper_encoder
@@ -349,9 +350,12 @@ def save_encoder(encoder: SpeechEncoder, out_dir: str | os.PathLike) -> None:
         save_whisper_encoder(encoder, out_dir)
         return
 
+    from .adapters import base_state_dict
+
     # a model built from this config has a mask embedding only if the config masks;
-    # keep the saved weights consistent with the saved config
-    state = encoder.model.state_dict()
+    # keep the saved weights consistent with the saved config. Adapters are not part of
+    # the encoder: it is saved as it was before they were attached
+    state = base_state_dict(encoder.model, getattr(encoder, "adapter_keys", ()))
     cfg = encoder.model.config
     if not (getattr(cfg, "mask_time_prob", 0) > 0 or getattr(cfg, "mask_feature_prob", 0) > 0):
         state.pop("masked_spec_embed", None)

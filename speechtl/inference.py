@@ -104,20 +104,59 @@ def decode_utterances(model: CTCModel, vocab: Vocabulary, normalizer: Normalizer
 
 
 class Recognizer:
-    """A loaded speechtl model. ``Recognizer.load(dir).transcribe(paths_or_arrays)``."""
+    """A loaded speechtl model. ``Recognizer.load(dir).transcribe(paths_or_arrays)``.
 
-    def __init__(self, model: CTCModel, vocab: Vocabulary, normalizer: Normalizer, meta: dict | None = None, device: str | None = None):
+    A model trained with ``mode=adapter`` holds one base encoder and an adapter and head
+    per language: ``Recognizer.load(dir, lang="cs")`` picks one, and
+    :meth:`set_language` switches to another without loading the base again."""
+
+    def __init__(self, model: CTCModel, vocab: Vocabulary, normalizer: Normalizer, meta: dict | None = None,
+                 device: str | None = None, model_dir: str | os.PathLike | None = None):
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.vocab = vocab
         self.normalizer = normalizer
         self.meta = meta or {}
+        self.model_dir = None if model_dir is None else Path(model_dir)  # where other languages are read from
         self._decoders: dict = {}  # beam decoders (and their LMs) by setting
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike, device: str | None = None) -> "Recognizer":
-        model, vocab, normalizer, meta = load_model_dir(model_dir)
-        return cls(model, vocab, normalizer, meta, device)
+    def load(cls, model_dir: str | os.PathLike, device: str | None = None, lang: str | None = None) -> "Recognizer":
+        """Load a model directory (or a training run's folder); ``lang`` picks the language of
+        an adapter model (default: the one trained last)."""
+        from .model import resolve_model_dir
+
+        model_dir = resolve_model_dir(model_dir)
+        model, vocab, normalizer, meta = load_model_dir(model_dir, lang=lang)
+        return cls(model, vocab, normalizer, meta, device, model_dir)
+
+    @property
+    def language(self) -> str | None:
+        """The language in use (adapter models; None for others)."""
+        return self.model.language
+
+    @property
+    def languages(self) -> list[str]:
+        """The languages this model has adapters for (empty for models without adapters)."""
+        return sorted(self.meta.get("languages", {}))
+
+    def set_language(self, lang: str) -> "Recognizer":
+        """Use ``lang``'s adapters, head, vocabulary and normaliser (an adapter model's); the
+        base encoder stays loaded as it is. A language the model lacks is an error that lists
+        those it has. Transcribers made before (:meth:`transcriber`) keep the vocabulary of
+        the language they were made for; make new ones."""
+        from .model import use_language
+
+        if self.model.mode != "adapter":
+            raise ValueError(f"a {self.model.mode}-mode model has one language and no per-language adapters; "
+                             "set_language is for models trained with mode=adapter")
+        if self.model_dir is None:
+            raise ValueError("this recogniser was not loaded from a model directory; use Recognizer.load(dir, lang=...)")
+        if lang != self.model.language:
+            self.vocab, self.normalizer = use_language(self.model, self.model_dir, lang)
+            self.model.eval()
+            self._decoders.clear()  # their vocabularies were the previous language's
+        return self
 
     def decoder(self, lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float = 0.5,
                 beta: float = 1.0, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0):

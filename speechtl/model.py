@@ -1,16 +1,21 @@
 """The CTC recogniser: an encoder and a head joined by a thin wrapper, and its model directory.
 
-The three training modes differ only in what is trainable:
+The training modes differ only in what is trainable:
 
 - ``frozen``: encoder fixed and in eval mode; a weighted sum of all its layers feeds
   a ``linear`` or ``bilstm`` head.
 - ``finetune``: pretrained encoder + linear head on the last layer (the
   ``Wav2Vec2ForCTC`` shape); the CNN feature encoder stays frozen.
 - ``scratch``: ``finetune``'s architecture with random encoder weights.
+- ``adapter``: the pretrained encoder fixed, small adapters in it (LoRA or MMS-style,
+  :mod:`speechtl.adapters`) and a linear head on the last layer train; one set of
+  adapters and head per language beside one base encoder.
 
 A model directory holds ``speechtl.json`` (mode, head, encoder record),
 ``encoder/`` (a standard HF model directory), ``head.safetensors``, ``vocab.json``
-and ``normalizer.json``.
+and ``normalizer.json``. An adapter model holds, instead of the last three, for each
+language ``adapter.<lang>.safetensors`` (adapter weights and head), ``vocab.<lang>.json``
+and ``normalizer.<lang>.json``; ``encoder/`` is the base encoder, unchanged.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from . import adapters as adapter_lib
 from ._io import atomic_dir, write_json
+from .adapters import AdapterConfig
 from .encoder import SpeechEncoder, load_encoder, parameter_groups, save_encoder, transformer_layers
 from .heads import WeightedLayerSum, build_head, mask_spans
 from .text import Normalizer, Vocabulary, load_normalizer, save_normalizer
 
-MODES = ("frozen", "finetune", "scratch")
+MODES = ("frozen", "finetune", "scratch", "adapter")
 MODEL_FILE = "speechtl.json"
 
 
@@ -50,7 +57,8 @@ class CTCModel(nn.Module):
     ``(logits (B,T,V), frame_lengths (B,))``."""
 
     def __init__(self, encoder: SpeechEncoder | None, vocab_size: int, mode: str, head: HeadConfig, num_layers: int, hidden_size: int,
-                 freeze_feature_encoder: bool | None = None, freeze_layers: int = 0):
+                 freeze_feature_encoder: bool | None = None, freeze_layers: int = 0, adapter: AdapterConfig | None = None,
+                 language: str | None = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -63,8 +71,17 @@ class CTCModel(nn.Module):
         self.encoder_info = {} if encoder is None else {
             "source": encoder.source, "model_type": encoder.config.model_type,
             "num_layers": encoder.num_layers, "hidden_size": encoder.hidden_size,
-            "parameters": sum(p.numel() for p in encoder.parameters()),
+            "parameters": sum(p.numel() for p in encoder.parameters()),  # the base, before any adapters
         }
+        # adapter mode: the adapters' kind and size, the language they are for, and the files of
+        # other languages of the same base (from init_from) that its model directory keeps
+        if (mode == "adapter") != (adapter is not None):
+            raise ValueError("adapters (an AdapterConfig) go with mode='adapter', and that mode needs them")
+        self.adapter_config = adapter
+        self.language = language
+        self.other_languages: dict[str, dict] = {}
+        if adapter is not None and encoder is not None:
+            adapter_lib.attach(encoder, adapter)
         self.layer_sum = WeightedLayerSum(num_layers) if mode == "frozen" else None
         self.head = build_head(head.kind, hidden_size, vocab_size, head.dropout, head.hidden_size, head.num_layers)
         # frozen mode: SpecAugment-style masking of the summed features while training,
@@ -72,12 +89,13 @@ class CTCModel(nn.Module):
         self.feature_masking: tuple[float, int, float, int] = (0.0, 10, 0.0, 10)
         self.encoder_trainable = mode != "frozen"  # finetune's freeze period switches this off
         # a pretrained CNN is kept as it is (as Wav2Vec2ForCTC does); a random one must learn
-        self.freeze_feature_encoder = mode == "finetune" if freeze_feature_encoder is None else freeze_feature_encoder
+        self.freeze_feature_encoder = mode in ("finetune", "adapter") if freeze_feature_encoder is None else freeze_feature_encoder
         # finetune: the CNN, what feeds the first layer, and the first ``freeze_layers`` layers stay fixed
         self.freeze_layers = freeze_layers
         if freeze_layers and mode != "finetune":
-            raise ValueError(f"config key 'freeze_layers': {mode} mode trains {'nothing' if mode == 'frozen' else 'everything'} "
-                             "in the encoder; freeze_layers is for mode=finetune")
+            trains = {"frozen": "nothing", "scratch": "everything", "adapter": "only adapters"}[mode]
+            raise ValueError(f"config key 'freeze_layers': {mode} mode trains {trains} in the encoder; freeze_layers is "
+                             "for mode=finetune")
         if encoder is not None and not 0 <= freeze_layers <= num_layers - 1:
             raise ValueError(f"config key 'freeze_layers': {freeze_layers} is beyond this encoder's "
                              f"{num_layers - 1} transformer layers")
@@ -86,6 +104,13 @@ class CTCModel(nn.Module):
 
     def apply_freezing(self) -> None:
         """The freezing policy: which encoder parameters get gradients."""
+        if self.mode == "adapter":  # the base stays as it is; only the adapters train
+            keys = set(self.encoder.adapter_keys)
+            for name, p in self.encoder.model.named_parameters():
+                p.requires_grad_(name in keys)
+            if hasattr(self.encoder.feature_encoder, "_requires_grad"):
+                self.encoder.feature_encoder._requires_grad = False
+            return
         groups = parameter_groups(self.encoder)
         train_cnn = self.mode != "frozen" and not self.freeze_feature_encoder
         for p in groups["feature_encoder"]:
@@ -156,6 +181,10 @@ class CTCModel(nn.Module):
         return [{"params": ps, "lr": lr * decay ** (top - k), "name": "encoder" if k == top else f"encoder.layer{k}"}
                 for k, ps in sorted(groups.items(), reverse=True)]
 
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The adapters' parameters (adapter mode; otherwise none)."""
+        return list(adapter_lib.adapter_parameters(self.encoder).values()) if self.encoder is not None else []
+
     def head_parameters(self) -> list[nn.Parameter]:
         params = list(self.head.parameters())
         if self.layer_sum is not None:
@@ -219,8 +248,10 @@ def build_model(
     trust_remote_code: bool = False,
     freeze_feature_encoder: bool | None = None,
     freeze_layers: int = 0,
+    adapter: AdapterConfig | None = None,
+    language: str | None = None,
 ) -> CTCModel:
-    """Load the encoder for ``mode`` and attach a fresh head (seeded)."""
+    """Load the encoder for ``mode`` and attach a fresh head (and adapters, in adapter mode), seeded."""
     overrides = dict(config_overrides or {})
     masking = (0.0, 10, 0.0, 10)
     if mode == "frozen":
@@ -236,9 +267,14 @@ def build_model(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = CTCModel(encoder, vocab_size, mode, head, encoder.num_layers, encoder.hidden_size, freeze_feature_encoder,
-                         freeze_layers)
+                         freeze_layers, adapter, language)
     model.feature_masking = masking
     return model
+
+
+def language_files(lang: str) -> tuple[str, str, str]:
+    """An adapter model's files for one language: adapter and head, vocabulary, normaliser."""
+    return f"adapter.{lang}.safetensors", f"vocab.{lang}.json", f"normalizer.{lang}.json"
 
 
 def save_model_dir(
@@ -249,7 +285,8 @@ def save_model_dir(
     encoder_record: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write a complete, reloadable model directory atomically."""
+    """Write a complete, reloadable model directory atomically. An adapter model's holds the
+    base encoder, this language's files and those of the other languages it carries."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         if model.encoder is not None:
@@ -261,9 +298,6 @@ def save_model_dir(
         head_state = {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
         if model.layer_sum is not None:
             head_state.update({f"layer_sum.{k}": v.detach().cpu().contiguous() for k, v in model.layer_sum.state_dict().items()})
-        save_file(head_state, str(tmp / "head.safetensors"))
-        vocab.save(tmp / "vocab.json")
-        save_normalizer(tmp / "normalizer.json", normalizer)
         meta = {
             "speechtl_version": __version__,
             "mode": model.mode,
@@ -272,6 +306,13 @@ def save_model_dir(
             "sample_rate": 16_000,
             "encoder": {**model.encoder_info, **(encoder_record or {})},
         }
+        if model.mode == "adapter":
+            meta.update(adapter=model.adapter_config.to_dict(), language=model.language,
+                        languages=_write_languages(tmp, model, vocab, normalizer, head_state))
+        else:
+            save_file(head_state, str(tmp / "head.safetensors"))
+            vocab.save(tmp / "vocab.json")
+            save_normalizer(tmp / "normalizer.json", normalizer)
         if model.layer_sum is not None:
             meta["layer_weights"] = [round(float(w), 4) for w in torch.softmax(model.layer_sum.weights.detach(), 0)]
         if extra:
@@ -280,14 +321,98 @@ def save_model_dir(
     return out_dir
 
 
+def _write_languages(folder: Path, model: CTCModel, vocab: Vocabulary, normalizer: Normalizer, head_state: dict) -> dict:
+    """Write the model's language and the other languages it carries; their records by code."""
+    languages = {}
+    for lang, carried in model.other_languages.items():
+        if lang != model.language:
+            for name, data in carried["files"].items():
+                (folder / name).write_bytes(data)
+            languages[lang] = carried["meta"]
+    weights, vocab_file, norm_file = language_files(model.language)
+    state = {f"adapter.{k}": v for k, v in adapter_lib.adapter_state(model.encoder).items()} | head_state
+    save_file(state, str(folder / weights),
+              metadata={"format": "pt", "language": model.language, "adapter": model.adapter_config.kind})
+    vocab.save(folder / vocab_file)
+    save_normalizer(folder / norm_file, normalizer)
+    languages[model.language] = {"vocab_size": len(vocab)}
+    return dict(sorted(languages.items()))
+
+
+def read_meta(model_dir: str | os.PathLike) -> dict:
+    return json.loads((resolve_model_dir(model_dir) / MODEL_FILE).read_text(encoding="utf-8"))
+
+
+def pick_language(model_dir: str | os.PathLike, meta: dict, lang: str | None) -> str | None:
+    """The language to load from a model directory: ``lang`` if it has it (an error listing
+    those it has otherwise), the one trained last when ``lang`` is None; None for a model
+    without per-language adapters (where asking for a language is an error)."""
+    if meta["mode"] != "adapter":
+        if lang is not None:
+            raise ValueError(f"{model_dir}: a {meta['mode']}-mode model has one language and no per-language adapters; "
+                             f"a language ({lang!r}) can be chosen in models trained with mode=adapter")
+        return None
+    have = sorted(meta.get("languages", {}))
+    if lang is None:
+        return meta.get("language") or have[0]
+    if lang not in have:
+        raise ValueError(f"{model_dir}: no adapter for language {lang!r}; this model has {', '.join(have) or 'none'}")
+    return lang
+
+
+def _read_language(model_dir: Path, lang: str) -> tuple[Vocabulary, Normalizer, dict, dict]:
+    """One language of an adapter model: vocabulary, normaliser, adapter and head weights."""
+    weights, vocab_file, norm_file = language_files(lang)
+    for name in (weights, vocab_file, norm_file):
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(f"{model_dir}: {name} is missing (speechtl.json lists language {lang!r})")
+    state = load_file(str(model_dir / weights))
+    adapters = {k[8:]: v for k, v in state.items() if k.startswith("adapter.")}
+    head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+    return Vocabulary.load(model_dir / vocab_file), load_normalizer(model_dir / norm_file), adapters, head
+
+
+def use_language(model: CTCModel, model_dir: str | os.PathLike, lang: str) -> tuple[Vocabulary, Normalizer]:
+    """Put ``lang``'s adapters and head (from ``model_dir``) into an adapter model in place:
+    the base encoder is not touched. Returns the language's vocabulary and normaliser."""
+    model_dir = resolve_model_dir(model_dir)
+    if model.mode != "adapter":
+        raise ValueError(f"a {model.mode}-mode model has no per-language adapters to switch")
+    lang = pick_language(model_dir, read_meta(model_dir), lang)
+    vocab, normalizer, adapters, head = _read_language(model_dir, lang)
+    adapter_lib.load_adapter_state(model.encoder, adapters, where=str(model_dir / language_files(lang)[0]))
+    if head["proj.weight"].shape[0] != model.head.proj.out_features:  # another character set: another output layer
+        old = next(model.head.parameters())
+        model.head = build_head("linear", model.head.proj.in_features, head["proj.weight"].shape[0],
+                                model.head_config.dropout).to(device=old.device, dtype=old.dtype).train(model.training)
+    model.head.load_state_dict(head)
+    model.language = lang
+    return vocab, normalizer
+
+
+def load_model_normalizer(model_dir: str | os.PathLike, lang: str | None = None) -> Normalizer:
+    """The normaliser of a model directory (of ``lang``, or the default language, in an adapter model)."""
+    model_dir = resolve_model_dir(model_dir)
+    lang = pick_language(model_dir, read_meta(model_dir), lang)
+    return load_normalizer(model_dir / ("normalizer.json" if lang is None else language_files(lang)[2]))
+
+
 def init_from_model(model: CTCModel, vocab: Vocabulary, model_dir: str | os.PathLike) -> dict:
     """Start ``model`` (whose encoder was loaded from ``model_dir/encoder``) from the trained
     recogniser in ``model_dir``, whose vocabulary may differ from ``vocab``: the head and
     the layer weights are copied, and the output layer keeps the rows (and biases) of the
     tokens both vocabularies have; rows of new tokens keep their fresh initialisation.
+
+    An adapter model started from an adapter model keeps that model's other languages (to
+    be written beside its own), and starts from its language's adapters and head when the
+    model has it; a new language starts fresh.
     Returns ``{"kept": [...], "added": [...], "removed": [...]}``."""
     model_dir = resolve_model_dir(model_dir)
-    meta = json.loads((model_dir / MODEL_FILE).read_text(encoding="utf-8"))
+    meta = read_meta(model_dir)
+    if meta["mode"] == "adapter" and model.mode != "adapter":
+        raise ValueError(f"config key 'init_from': {model_dir} is an adapter model (languages "
+                         f"{', '.join(sorted(meta.get('languages', {})))}); add a language to it with mode=adapter "
+                         f"lang=L, or fine-tune its base encoder with encoder={model_dir / 'encoder'}")
     if meta["mode"] != model.mode and "frozen" in (meta["mode"], model.mode):
         raise ValueError(f"config key 'init_from': {model_dir} is a {meta['mode']} model and this run is {model.mode}; "
                          "a frozen model's head sits on a weighted layer sum, a fine-tuned one's on the last layer")
@@ -296,9 +421,23 @@ def init_from_model(model: CTCModel, vocab: Vocabulary, model_dir: str | os.Path
     if any(getattr(old_head, k) != getattr(new_head, k) for k in shape):
         raise ValueError(f"config key 'init_from': {model_dir} has a {old_head.kind} head ({asdict(old_head)}), this run "
                          f"{asdict(new_head)}; use the same head type and size (head, bilstm_hidden, bilstm_layers)")
-    old_vocab = Vocabulary.load(model_dir / "vocab.json")
-    state = load_file(str(model_dir / "head.safetensors"))
-    head_state = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+    if meta["mode"] == "adapter":
+        if AdapterConfig.from_dict(meta["adapter"]) != model.adapter_config:
+            raise ValueError(f"config key 'init_from': {model_dir} holds {meta['adapter']} adapters, this run "
+                             f"{model.adapter_config.to_dict()}")
+        for lang, record in meta["languages"].items():
+            if lang != model.language:
+                model.other_languages[lang] = {"meta": record, "files": {name: (model_dir / name).read_bytes()
+                                                                        for name in language_files(lang)}}
+        if model.language not in meta["languages"]:
+            return {"kept": [], "added": list(vocab.tokens), "removed": [], "new_language": model.language}
+        old_vocab, _, adapters, head_state = _read_language(model_dir, model.language)
+        adapter_lib.load_adapter_state(model.encoder, adapters, where=str(model_dir / language_files(model.language)[0]))
+        state = {}
+    else:
+        old_vocab = Vocabulary.load(model_dir / "vocab.json")
+        state = load_file(str(model_dir / "head.safetensors"))
+        head_state = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
     out_keys = [k for k in head_state if k.startswith("proj.")]
     fresh = model.head.state_dict()
     rows_new = [i for i, t in enumerate(vocab.tokens) if t in old_vocab.index]
@@ -325,16 +464,24 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
                             f"its model/)")
 
 
-def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CTCModel, Vocabulary, Normalizer, dict]:
-    """Load what :func:`save_model_dir` wrote; the model comes back in eval mode."""
+def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                   lang: str | None = None) -> tuple[CTCModel, Vocabulary, Normalizer, dict]:
+    """Load what :func:`save_model_dir` wrote; the model comes back in eval mode. ``lang``
+    chooses the language of an adapter model (default: the one trained last)."""
     model_dir = resolve_model_dir(model_dir)
-    meta_path = model_dir / MODEL_FILE
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    vocab = Vocabulary.load(model_dir / "vocab.json")
-    normalizer = load_normalizer(model_dir / "normalizer.json")
+    meta = read_meta(model_dir)
+    lang = pick_language(model_dir, meta, lang)
     encoder = load_encoder(str(model_dir / "encoder"))
     encoder.source = meta["encoder"].get("source", encoder.source)
     head = HeadConfig(**meta["head"])
+    if lang is not None:
+        adapter = AdapterConfig.from_dict(meta["adapter"])
+        model = CTCModel(encoder, meta["languages"][lang]["vocab_size"], "adapter", head, encoder.num_layers,
+                         encoder.hidden_size, adapter=adapter, language=lang)
+        vocab, normalizer = use_language(model, model_dir, lang)
+        return model.to(device).eval(), vocab, normalizer, meta
+    vocab = Vocabulary.load(model_dir / "vocab.json")
+    normalizer = load_normalizer(model_dir / "normalizer.json")
     model = CTCModel(encoder, len(vocab), meta["mode"], head, encoder.num_layers, encoder.hidden_size)
     state = load_file(str(model_dir / "head.safetensors"))
     model.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})

@@ -1,8 +1,8 @@
-"""The training loop shared by all three modes.
+"""The training loop shared by all modes.
 
-One loop, one code path: ``frozen``, ``finetune`` and ``scratch`` differ only in the
-freezing policy of :class:`speechtl.model.CTCModel` and in which parameter groups
-the optimiser sees.
+One loop, one code path: ``frozen``, ``finetune``, ``scratch`` and ``adapter`` differ
+only in the freezing policy of :class:`speechtl.model.CTCModel` and in which parameter
+groups the optimiser sees.
 
 Outputs in ``cfg.out``: ``checkpoints/last.pt`` (full training state, for
 ``resume``), ``model/`` (best model by dev error, or the last one without a dev set),
@@ -48,7 +48,9 @@ from .average import average_state_dicts
 from .loader import AudioDataset, DynamicBucketSampler, collate, decode_workers, speed_copies
 from .manifest import Utterance, read_manifest
 from .metrics import write_results
-from .model import CTCModel, HeadConfig, build_model, ctc_loss, init_from_model, resolve_model_dir, save_model_dir
+from .adapters import resolve_config as resolve_adapter_config
+from .adapters import training_language
+from .model import CTCModel, HeadConfig, build_model, ctc_loss, init_from_model, read_meta, resolve_model_dir, save_model_dir
 from .text import Normalizer, NormalizerConfig, Vocabulary, describe_oov
 
 logger = logging.getLogger(__name__)
@@ -147,7 +149,10 @@ def seed_everything(seed: int) -> None:
 
 
 def _trainable_state(model: CTCModel) -> dict:
-    # a frozen encoder never changes and is reloaded from its source on resume
+    # a frozen encoder (and an adapter model's base) never changes and is reloaded from its source on resume
+    if model.mode == "adapter":
+        adapters = {f"encoder.model.{k}" for k in model.encoder.adapter_keys}
+        return {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.") or k in adapters}
     return {k: v for k, v in model.state_dict().items() if model.mode != "frozen" or not k.startswith("encoder.")}
 
 
@@ -389,7 +394,7 @@ class _Checkpointer:
             if new:
                 w.writeheader()
             w.writerow({"step": st.step, "epoch": st.epoch, "loss": st.loss, "lr_head": lrs.get("head"),
-                        "lr_encoder": lrs.get("encoder", ""), "audio_hours": round(st.audio_seconds / 3600, 5),
+                        "lr_encoder": lrs.get("encoder", lrs.get("adapter", "")), "audio_hours": round(st.audio_seconds / 3600, 5),
                         "elapsed_s": round(st.elapsed, 2), "dev_wer": row.get("dev_wer", ""), "dev_cer": row.get("dev_cer", ""),
                         "distill_loss": "" if st.distill_loss is None else st.distill_loss})
 
@@ -516,19 +521,39 @@ class _Trainer:
         encoder = str(resolve_model_dir(cfg.init_from) / "encoder") if cfg.init_from else cfg.encoder
         if cfg.init_from and cfg.encoder != "default":
             logger.warning("encoder=%s is not used: init_from=%s brings its own encoder", cfg.encoder, cfg.init_from)
+        source = read_meta(cfg.init_from) if cfg.init_from else None
+        if source is not None and source["mode"] == "adapter" and cfg.mode != "adapter":
+            raise ValueError(f"config key 'init_from': {cfg.init_from} is an adapter model; add a language to it with "
+                             f"mode=adapter lang=L, or fine-tune its base encoder with encoder={encoder}")
+        adapter, lang = None, None
+        if cfg.mode == "adapter":
+            existing = source.get("adapter") if source is not None and source["mode"] == "adapter" else None
+            adapter = resolve_adapter_config(cfg.adapter, cfg.lora_rank, cfg.lora_alpha, cfg.adapter_dim, existing,
+                                             str(cfg.init_from))
+            lang = training_language(cfg.lang, self.data.train)
         self.model = build_model(encoder, cfg.mode, len(self.data.vocab), head, cfg.seed, overrides, cfg.trust_remote_code,
-                                 cfg.freeze_feature_encoder, cfg.freeze_layers)
+                                 cfg.freeze_feature_encoder, cfg.freeze_layers, adapter, lang)
         if cfg.init_from:
             carried = init_from_model(self.model, self.data.vocab, cfg.init_from)
-            logger.info("started from %s: %d output rows kept, %d new (%s), %d dropped (%s)", cfg.init_from,
-                        len(carried["kept"]), len(carried["added"]), " ".join(carried["added"][:20]),
-                        len(carried["removed"]), " ".join(carried["removed"][:20]))
+            if "new_language" in carried:
+                logger.info("adding language %s to %s (which has %s)", lang, cfg.init_from,
+                            ", ".join(sorted(self.model.other_languages)))
+            else:
+                logger.info("started from %s: %d output rows kept, %d new (%s), %d dropped (%s)", cfg.init_from,
+                            len(carried["kept"]), len(carried["added"]), " ".join(carried["added"][:20]),
+                            len(carried["removed"]), " ".join(carried["removed"][:20]))
+        if adapter is not None:
+            logger.info("adapter mode: %s adapters %s for language %s; %d adapter parameters on a fixed base of %d",
+                        adapter.kind, adapter.to_dict(), lang, sum(p.numel() for p in self.model.adapter_parameters()),
+                        self.model.encoder_info["parameters"])
         self.distiller = _build_distiller(cfg, self.model, self.device)
 
     def _build_optimizer(self) -> None:
         cfg = self.cfg
         self.groups = [{"params": self.model.head_parameters(), "lr": cfg.lr, "name": "head"}]
-        if cfg.mode != "frozen":
+        if cfg.mode == "adapter":  # adapters are new weights, trained at the head's rate
+            self.groups.append({"params": self.model.adapter_parameters(), "lr": cfg.lr, "name": "adapter"})
+        elif cfg.mode != "frozen":
             self.groups += self.model.encoder_groups(cfg.encoder_lr, cfg.layer_lr_decay)
         if self.distiller is not None:
             self.groups.append({"params": list(self.distiller.parameters()), "lr": cfg.lr, "name": "distill"})
@@ -797,7 +822,8 @@ class _Trainer:
             "best_dev_wer": st.best["wer"] if st.best else None,
             "best_dev_cer": st.best["cer"] if st.best else None,
             "trainable_parameters": sum(p.numel() for g in self.groups for p in g["params"]),
-            "total_parameters": self.model.encoder_info.get("parameters", 0) + sum(p.numel() for p in self.model.head_parameters()),
+            "total_parameters": self.model.encoder_info.get("parameters", 0) + sum(p.numel() for p in self.model.head_parameters())
+                                + sum(p.numel() for p in self.model.adapter_parameters()),
             "world_size": self.ctx.world_size,
             "global_batch": {"processes": self.ctx.world_size, "grad_accum": cfg.grad_accum,
                              "max_batch_seconds": cfg.max_batch_seconds, "max_seconds_per_update": self.global_seconds},
@@ -806,6 +832,10 @@ class _Trainer:
             "model_dir": str(self.out / "model"),
             "config": {k: v for k, v in asdict(cfg).items()},
         }
+        if self.model.mode == "adapter":
+            summary.update(adapter=self.model.adapter_config.to_dict(), language=self.model.language,
+                           languages=sorted({self.model.language, *self.model.other_languages}),
+                           adapter_parameters=sum(p.numel() for p in self.model.adapter_parameters()))
         if averaged is not None:
             summary["average"] = averaged
         if self.ctx.is_main:

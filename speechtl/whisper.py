@@ -296,10 +296,13 @@ def save_whisper_encoder(encoder: WhisperSpeechEncoder, out_dir: str | os.PathLi
     from safetensors.torch import save_file
     from transformers import WhisperFeatureExtractor
 
+    from .adapters import base_state_dict
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoder.config.save_pretrained(str(out))
-    state = {f"encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.model.state_dict().items()}
+    base = base_state_dict(encoder.model, getattr(encoder, "adapter_keys", ()))  # without adapters
+    state = {f"encoder.{k}": v.detach().cpu().contiguous() for k, v in base.items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     WhisperFeatureExtractor(feature_size=encoder.config.num_mel_bins).save_pretrained(str(out))
 
