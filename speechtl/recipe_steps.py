@@ -13,8 +13,8 @@ import gzip
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from ._io import atomic_path, write_json, write_text
 from .corpora import NO_WORD_SPACES, CorpusError, base_language
@@ -91,7 +91,7 @@ def score_sets(model_dir: str | os.PathLike, sets: dict[str, str | os.PathLike],
             logger.info("LM weights tuned on %s: alpha %g, beta %g", tune_on, alpha, beta)
     for name, manifest, with_lm, folder in pending:
         utts = read_manifest(manifest, check_files=False)
-        kw = dict(lm=lm, alpha=alpha, beta=beta, beam_width=beam_width) if with_lm else {}
+        kw = {"lm": lm, "alpha": alpha, "beta": beta, "beam_width": beam_width} if with_lm else {}
         summary = rec.evaluate(utts, out_dir=folder, progress=progress, on_bad_audio="skip", **kw)
         logger.info("%s: WER %.4f CER %.4f on %d utterance(s)", folder.name, summary["wer"], summary["cer"],
                     summary["utterances"])
@@ -153,8 +153,8 @@ def report(run_dir: str | os.PathLike, data_dir: str | os.PathLike, sets: Iterab
     if not rows:
         lines.append("| (nothing scored yet) |")
     if base_language(str(prepared.get("lang", ""))) in NO_WORD_SPACES:
-        lines += ["", "This language is written without spaces between words, so WER counts whole unspaced "
-                      "stretches as words; compare CER."]
+        lines += ["", ("This language is written without spaces between words, so WER counts whole unspaced "
+                      "stretches as words; compare CER.")]
     if has_ref and reference_note:
         lines += ["", reference_note]
     text = "\n".join(lines) + "\n"
@@ -162,3 +162,58 @@ def report(run_dir: str | os.PathLike, data_dir: str | os.PathLike, sets: Iterab
     write_json(run / "results.json", {"title": title, "encoder": config.get("encoder"), "mode": config.get("mode"),
                                       "steps": train.get("steps"), "prepared": prepared, "lm_weights": tuned, "rows": rows})
     return text
+
+
+# ----------------------------------------------------------------------------- steps.py plumbing
+
+
+def add_model_steps(sub, lm_order: int = 3, arpa: bool = False) -> None:
+    """Add the ``lm`` and ``score`` steps that every corpus recipe's ``steps.py`` shares to
+    the subparsers ``sub``; ``arpa`` also offers casing an existing ARPA LM for the model."""
+    s = sub.add_parser("lm", help="an LM for the model" if arpa else "an n-gram LM from the training sentences")
+    s.add_argument("--model", required=True)
+    s.add_argument("--text", required=not arpa, help="training manifest: build an n-gram LM of its text")
+    if arpa:
+        s.add_argument("--arpa", help="an ARPA LM (.arpa or .arpa.gz) to case for the model")
+    s.add_argument("--order", type=int, default=lm_order)
+    s.add_argument("--out", required=True)
+    s = sub.add_parser("score", help="score a model on several sets")
+    s.add_argument("--model", required=True)
+    s.add_argument("--set", action="append", required=True, metavar="NAME=MANIFEST")
+    s.add_argument("--out", required=True)
+    s.add_argument("--lm", help="also decode with this ARPA LM")
+    s.add_argument("--tune-on", help="choose the LM weight and word bonus on this set (a grid search)")
+    s.add_argument("--alpha", type=float, default=0.5, help="LM weight, without --tune-on")
+    s.add_argument("--beta", type=float, default=1.0, help="word bonus, without --tune-on")
+    s.add_argument("--beam-width", type=int, default=32)
+
+
+def parse_steps(parser, sub, argv: list[str] | None):
+    """Give every step ``-q``, parse ``argv`` and set up logging accordingly."""
+    for s in sub.choices.values():
+        s.add_argument("-q", "--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    return args
+
+
+def run_step(recipe: str, args, own_steps) -> int:
+    """Run ``args.step``: the shared ``lm`` and ``score`` steps here, any other through
+    ``own_steps(args)``. A bad input becomes one line on stderr naming the recipe and step,
+    and exit status 1."""
+    import sys
+
+    from .audio import AudioError
+
+    try:
+        if args.step == "lm":
+            build_lm(args.out, args.model, text=args.text, arpa=getattr(args, "arpa", None), order=args.order)
+        elif args.step == "score":
+            score_sets(args.model, dict(s.split("=", 1) for s in args.set), args.out, lm=args.lm,
+                       tune_on=args.tune_on, alpha=args.alpha, beta=args.beta, beam_width=args.beam_width)
+        else:
+            own_steps(args)
+    except (ValueError, OSError, AudioError) as e:
+        print(f"{recipe} {args.step}: error: {e}", file=sys.stderr)
+        return 1
+    return 0

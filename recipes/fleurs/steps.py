@@ -11,11 +11,9 @@ speechtl.recipe_steps).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from speechtl import corpora, recipe_steps
-from speechtl.audio import AudioError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,45 +25,23 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True, help="folder for the manifests and skip reports")
     s.add_argument("--text", default="transcription", choices=["transcription", "raw_transcription"],
                    help="which transcript the manifests carry (default: the normalised one FLEURS is scored on)")
-    s = sub.add_parser("lm", help="an n-gram LM from the training sentences")
-    s.add_argument("--model", required=True)
-    s.add_argument("--text", required=True, help="training manifest")
-    s.add_argument("--order", type=int, default=3)
-    s.add_argument("--out", required=True)
-    s = sub.add_parser("score", help="score a model on several sets")
-    s.add_argument("--model", required=True)
-    s.add_argument("--set", action="append", required=True, metavar="NAME=MANIFEST")
-    s.add_argument("--out", required=True)
-    s.add_argument("--lm", help="also decode with this ARPA LM")
-    s.add_argument("--tune-on", help="choose the LM weight and word bonus on this set (a grid search)")
-    s.add_argument("--alpha", type=float, default=0.5, help="LM weight, without --tune-on")
-    s.add_argument("--beta", type=float, default=1.0, help="word bonus, without --tune-on")
-    s.add_argument("--beam-width", type=int, default=32)
+    recipe_steps.add_model_steps(sub, lm_order=3)
     s = sub.add_parser("report", help="print and write the results table")
     s.add_argument("--run", required=True)
     s.add_argument("--data", required=True)
     s.add_argument("--title", required=True)
-    for s in sub.choices.values():
-        s.add_argument("-q", "--quiet", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    try:
+    args = recipe_steps.parse_steps(p, sub, argv)
+
+    def own_steps(args) -> None:
         if args.step == "prepare":
             splits = corpora.prepare_fleurs(args.data, args.lang, text=args.text)
             corpora.write_normalizer(args.out, args.lang)
             code = corpora.find_fleurs(args.data, args.lang).name
             corpora.write_splits(args.out, splits, {"corpus": "fleurs", "lang": code, "source": args.data, "text": args.text})
-        elif args.step == "lm":
-            recipe_steps.build_lm(args.out, args.model, text=args.text, order=args.order)
-        elif args.step == "score":
-            recipe_steps.score_sets(args.model, dict(s.split("=", 1) for s in args.set), args.out, lm=args.lm,
-                               tune_on=args.tune_on, alpha=args.alpha, beta=args.beta, beam_width=args.beam_width)
         else:
             print(recipe_steps.report(args.run, args.data, ("dev", "test"), args.title))
-    except (ValueError, OSError, AudioError) as e:
-        print(f"fleurs {args.step}: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    return recipe_steps.run_step("fleurs", args, own_steps)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,9 @@ speechtl.recipe_steps).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from speechtl import archives, corpora, recipe_steps
-from speechtl.audio import AudioError
 
 EVAL_SETS = corpora.LIBRISPEECH_EVAL
 # Baevski et al. (2020), "wav2vec 2.0", Table 1: WER (%) of wav2vec 2.0 BASE (pretrained on
@@ -47,30 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--subset", required=True, help="10min, 1h or 10h")
     s.add_argument("--fold", type=int, default=0, help="which 10-minute fold of 1h/ is the 10min subset (0-5)")
     s.add_argument("--out", required=True)
-    s = sub.add_parser("lm", help="an LM for the model")
-    s.add_argument("--model", required=True)
-    s.add_argument("--text", help="training manifest: build an n-gram LM of its text")
-    s.add_argument("--arpa", help="an ARPA LM (.arpa or .arpa.gz) to case for the model")
-    s.add_argument("--order", type=int, default=4)
-    s.add_argument("--out", required=True)
-    s = sub.add_parser("score", help="score a model on several sets")
-    s.add_argument("--model", required=True)
-    s.add_argument("--set", action="append", required=True, metavar="NAME=MANIFEST")
-    s.add_argument("--out", required=True)
-    s.add_argument("--lm", help="also decode with this ARPA LM")
-    s.add_argument("--tune-on", help="choose the LM weight and word bonus on this set (a grid search)")
-    s.add_argument("--alpha", type=float, default=0.5, help="LM weight, without --tune-on")
-    s.add_argument("--beta", type=float, default=1.0, help="word bonus, without --tune-on")
-    s.add_argument("--beam-width", type=int, default=32)
+    recipe_steps.add_model_steps(sub, lm_order=4, arpa=True)
     s = sub.add_parser("report", help="print and write the results table")
     s.add_argument("--run", required=True)
     s.add_argument("--data", required=True)
     s.add_argument("--subset", required=True)
-    for s in sub.choices.values():
-        s.add_argument("-q", "--quiet", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    try:
+    args = recipe_steps.parse_steps(p, sub, argv)
+
+    def own_steps(args) -> None:
         if args.step == "fetch":
             notes = archives.fetch_archives(args.data, corpora.librilight_archives(args.with_lm), args.download,
                                            args.mirror, args.checksums)
@@ -80,19 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             corpora.write_normalizer(args.out, "en")
             corpora.write_splits(args.out, splits, {"corpus": "librilight", "lang": "en", "subset": args.subset,
                                                     "fold": args.fold, "source": args.data})
-        elif args.step == "lm":
-            recipe_steps.build_lm(args.out, args.model, text=args.text, arpa=args.arpa, order=args.order)
-        elif args.step == "score":
-            recipe_steps.score_sets(args.model, dict(s.split("=", 1) for s in args.set), args.out, lm=args.lm,
-                               tune_on=args.tune_on, alpha=args.alpha, beta=args.beta, beam_width=args.beam_width)
         else:
             published = PUBLISHED.get(args.subset, {})
             print(recipe_steps.report(args.run, args.data, EVAL_SETS, f"Libri-light {args.subset}",
                                  {(name, "lm"): wer for name, wer in published.items()}, PUBLISHED_NOTE))
-    except (ValueError, OSError, AudioError) as e:
-        print(f"librilight {args.step}: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    return recipe_steps.run_step("librilight", args, own_steps)
 
 
 if __name__ == "__main__":
