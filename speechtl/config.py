@@ -13,6 +13,7 @@ import yaml
 
 from .adapters import ADAPTER_KINDS, check_lang
 from .precision import AMP_CHOICES
+from .units import parse_units
 
 MODES = ("frozen", "finetune", "scratch", "adapter")
 HEADS = ("linear", "bilstm")
@@ -132,10 +133,16 @@ class TrainConfig:
                                     "every such file) | skip (leave them out, listed in the log and train_summary.json)")
     max_duration: float | None = _f(60.0, "training clips longer than this many seconds are dropped with a count "
                                           "(dev recordings of any length are scored; those over 30 s from audio, in windows); none = keep all")
-    vocab: str | None = _f(None, "vocab.json to use instead of building one from the training text")
+    vocab: str | None = _f(None, "vocab.json to use instead of building one from the training text (character units)")
+    units: str = _f("char", "output units of the CTC head: char (characters) | bpe:N | unigram:N (subword pieces: a BPE "
+                            "or unigram tokenizer of N units in all, blank and unknown included, is trained on the "
+                            "training text only, saved as tokenizer.json in the model folder and used to decode; a word "
+                            "runs from a piece that starts with the marker '\u2581' to the next one; modes frozen, "
+                            "finetune and scratch)")
     init_from: str | None = _f(None, "start from this trained speechtl model (or run folder): its encoder and head; the "
                                      "output rows of characters it shares with this run's vocabulary are kept, new ones "
-                                     "start fresh, removed ones are dropped (extend a model to a new character set). "
+                                     "start fresh, removed ones are dropped (extend a model to a new character set); "
+                                     "subword pieces likewise, between subword models only. "
                                      "mode=adapter: its encoder is the base; an adapter model's languages are kept "
                                      "and lang is added (or trained on, if it has it)")
     normalizer: dict = _f({}, "NormalizerConfig fields, e.g. {lowercase: true, mappings: {'ß': 'ss'}}")
@@ -178,6 +185,13 @@ class TrainConfig:
         if self.init_from is not None and self.mode == "scratch":
             raise ValueError("config key 'init_from': scratch mode starts from random weights; use finetune or frozen")
         self._check_adapter_keys()
+        if parse_units(self.units)[0] != "char":
+            if self.vocab is not None:
+                raise ValueError(f"config key 'vocab': a character vocabulary, and units={self.units} trains a subword "
+                                 "tokenizer on the training text instead; leave vocab unset, or use units=char")
+            if self.mode == "adapter":
+                raise ValueError(f"config key 'units': mode=adapter keeps a character vocabulary per language; "
+                                 f"units={self.units} is for modes frozen, finetune and scratch")
         if self.freeze_layers and self.mode != "finetune":
             raise ValueError(f"config key 'freeze_layers': for mode=finetune (got mode={self.mode})")
         if not 0 <= self.augment <= 1:

@@ -2,10 +2,14 @@
 
 Greedy decoding takes the best class per frame, merges repeats and drops blanks; beam
 search (pyctcdecode) may add an n-gram LM and hotwords. Times come from CTC frame spans:
-a character's time is the run of frames on which it is the best class, a word runs from
-its first character's first frame to its last character's last frame, and its confidence
-is the mean best-class probability over those frames. Forced alignment of a known
-transcript gives word times the same way.
+a unit's time is the run of frames on which it is the best class, a word runs from its
+first unit's first frame to its last unit's last frame, and its confidence is the mean
+best-class probability over those frames. Forced alignment of a known transcript gives
+word times the same way.
+
+Units are characters, with ``|`` between words, or subword pieces, where a piece that
+starts with "▁" begins a word (:mod:`speechtl.units`); ``vocab.piece(i)`` tells either
+kind's word boundaries and text to the code here.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ def greedy_ids(logits: torch.Tensor, lengths: torch.Tensor, blank: int = 0) -> l
 
 
 def words_from_runs(runs, probs: np.ndarray, vocab: Vocabulary, frame_s: float) -> list[Word]:
-    """Group character runs into words at the delimiter (``|``)."""
+    """Group unit runs into words: at the delimiter (``|``) for characters, before each
+    word-initial piece (``▁...``) for subword units."""
     words: list[Word] = []
     chars: list[tuple[str, int, int]] = []
 
@@ -59,10 +64,11 @@ def words_from_runs(runs, probs: np.ndarray, vocab: Vocabulary, frame_s: float) 
             chars.clear()
 
     for tok, s, e in runs:
-        if tok == vocab.delimiter_id:
+        starts, text = vocab.piece(tok)
+        if starts:
             close()
-        else:
-            chars.append((vocab.tokens[tok] if tok != vocab.unk_id else UNK_TEXT, s, e))
+        if text:
+            chars.append((text, s, e))
     close()
     return words
 
@@ -77,6 +83,29 @@ class GreedyDecoder:
         best = log_probs.argmax(axis=-1)
         probs = np.exp(log_probs.max(axis=-1))
         return words_from_runs(token_runs(best), probs, self.vocab, frame_s)
+
+
+class _WordStart(str):
+    """pyctcdecode's label for the piece that is the word-start marker alone ("▁").
+
+    pyctcdecode (0.5) reads a BPE label that *ends* in "▁" as "the next piece begins a
+    word", and keeps that in one flag shared by every beam: the next piece it expands, in
+    whichever beam, is split off as a word of its own (a clear greedy path ``▁c ab`` comes
+    out as "c ab"). The lone marker already begins a word through its leading "▁", so this
+    label shows no trailing one; the next piece then joins the word the marker began."""
+
+    def __getitem__(self, key):
+        if key == slice(-1, None):
+            return ""
+        return str.__getitem__(self, key)
+
+
+def subword_labels(vocab) -> list[str]:
+    """pyctcdecode labels of a subword vocabulary: blank, the unknown unit (a piece inside
+    its word, as greedy decoding writes it), then the pieces as they are."""
+    from .units import WORD_START
+
+    return ["", UNK_TEXT, *(_WordStart(t) if t == WORD_START else t for t in vocab.tokens[2:])]
 
 
 class BeamDecoder:
@@ -99,11 +128,14 @@ class BeamDecoder:
 
         if lm is not None and not Path(lm).is_file():
             raise FileNotFoundError(f"{lm}: language model not found")
-        labels = ["", UNK_TEXT, " ", *vocab.tokens[3:]]  # blank, [UNK], word delimiter, characters
+        if vocab.delimiter_id is None:  # subword pieces, in pyctcdecode's "▁" style
+            alphabet = Alphabet(subword_labels(vocab), is_bpe=True)
+        else:  # blank, [UNK], word delimiter, characters
+            alphabet = Alphabet.build_alphabet(["", UNK_TEXT, " ", *vocab.tokens[3:]])
         language_model = None
         if lm is not None:
             language_model = pyctcdecode_language_model(lm, alpha=alpha, beta=beta, unk_score_offset=unk_score_offset)
-        self.decoder = BeamSearchDecoderCTC(Alphabet.build_alphabet(labels), language_model)
+        self.decoder = BeamSearchDecoderCTC(alphabet, language_model)
         self.beam_width = beam_width
         self.hotwords = list(hotwords or [])
         self.hotword_weight = hotword_weight
@@ -127,27 +159,29 @@ MAX_ALIGN_CELLS = 1_000_000_000  # forced-alignment trellis cells (frames x stat
 def align_words(log_probs: np.ndarray, text: str, vocab: Vocabulary, frame_s: float, where: str = "audio") -> list[Word]:
     """Word times of a known (normalised) transcript, by CTC forced alignment
     (``torchaudio.functional.forced_align``). A word's confidence is the mean posterior
-    of its characters' aligned frames."""
+    of its units' aligned frames."""
     import torchaudio.functional as taF
 
     words = text.split()
     if not words:
         raise ValueError(f"{where}: the transcript is empty")
-    unknown = sorted({ch for w in words for ch in w if ch not in vocab.index or vocab.index[ch] < 3})
+    unknown = sorted(vocab.oov_report(words))
     if unknown:
         raise ValueError(f"{where}: characters outside the model's vocabulary: {' '.join(map(repr, unknown))}")
     ids = vocab.encode(" ".join(words))
+    vocab.oov.clear()
+    unit = "character" if vocab.kind == "char" else "unit"
     repeats = sum(a == b for a, b in zip(ids, ids[1:]))
     if log_probs.shape[0] < len(ids) + repeats:
         raise ValueError(f"{where}: {log_probs.shape[0]} frames ({log_probs.shape[0] * frame_s:.2f} s) are too few"
-                         f" for a transcript of {len(ids)} characters")
+                         f" for a transcript of {len(ids)} {unit}s")
     # the alignment trellis holds frames x (2 x characters + 1) cells; past the limit, refuse
     # before allocating rather than exhaust the machine's memory
     cells = log_probs.shape[0] * (2 * len(ids) + 1)
     if cells > MAX_ALIGN_CELLS:
         minutes = log_probs.shape[0] * frame_s / 60
         piece = max(MAX_ALIGN_CELLS / cells * minutes, 0.1)
-        raise ValueError(f"{where}: aligning {minutes:.1f} min of audio with a {len(ids):,}-character transcript needs "
+        raise ValueError(f"{where}: aligning {minutes:.1f} min of audio with a {len(ids):,}-{unit} transcript needs "
                          f"{cells / 1e9:.1f} billion trellis cells (limit {MAX_ALIGN_CELLS / 1e9:g} billion); align it in "
                          f"pieces of at most about {piece:.1f} min, each with its own part of the transcript")
     emission = torch.from_numpy(np.ascontiguousarray(log_probs, dtype=np.float32))[None]
@@ -158,11 +192,11 @@ def align_words(log_probs: np.ndarray, text: str, vocab: Vocabulary, frame_s: fl
     chars: list = []
     w_iter = iter(words)
     for span in [*spans, None]:
-        if span is None or span.token == vocab.delimiter_id:
-            if chars:
-                conf = float(np.mean([c.score for c in chars]))
-                out.append(Word(next(w_iter), round(chars[0].start * frame_s, 3), round(chars[-1].end * frame_s, 3), round(conf, 4)))
-                chars = []
-            continue
-        chars.append(span)
+        starts, piece_text = (True, "") if span is None else vocab.piece(span.token)
+        if starts and chars:
+            conf = float(np.mean([c.score for c in chars]))
+            out.append(Word(next(w_iter), round(chars[0].start * frame_s, 3), round(chars[-1].end * frame_s, 3), round(conf, 4)))
+            chars = []
+        if piece_text:
+            chars.append(span)
     return out

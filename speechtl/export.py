@@ -18,6 +18,13 @@ loads in ``transformers.pipeline("automatic-speech-recognition", model=DIR)``.
   (``W + B A * alpha / rank``), as a plain ``*ForCTC``. Folding changes the order of the
   float operations, so logits agree to rounding, not bit for bit.
 
+Subword models (``units=bpe:N`` / ``unigram:N``) export with a ``Wav2Vec2CTCTokenizer``
+whose ``vocab.json`` spells each piece as it decodes: the word-start marker "▁" as a
+space (``▁ab`` is `` ab``). That tokenizer groups repeats, drops blanks and joins the
+tokens, so the pipeline's text is speechtl's. What it cannot do is split pieces: it
+encodes text into characters and the pipeline's ``return_timestamps="word"`` finds words
+at lone spaces only; the model folder's ``tokenizer.json`` encodes text into the pieces.
+
 ``frozen`` models read a weighted sum of *all* encoder layers (and may use a BiLSTM
 head); no standard ``*ForCTC`` class computes that, so they are refused with an
 explanation rather than exported approximately.
@@ -34,6 +41,7 @@ from . import adapters as adapter_lib
 from ._io import atomic_dir, write_json
 from .model import language_files, load_model_dir, pick_language, read_meta, resolve_model_dir
 from .text import UNK_TEXT, Vocabulary
+from .units import WORD_START
 
 
 class ExportError(ValueError):
@@ -41,8 +49,11 @@ class ExportError(ValueError):
 
 
 def _vocab_dict(vocab: Vocabulary) -> dict[str, int]:
-    # the unknown token is written as speechtl writes it (UNK_TEXT), so transcripts agree
-    return {(UNK_TEXT if i == vocab.unk_id else t): i for i, t in enumerate(vocab.tokens)}
+    # the unknown token is written as speechtl writes it (UNK_TEXT), so transcripts agree; a
+    # subword piece as it decodes ("▁ab" -> " ab"): the tokenizer then joins pieces into speechtl's text
+    subword = vocab.delimiter_id is None
+    return {(UNK_TEXT if i == vocab.unk_id else t.replace(WORD_START, " ") if subword and i != vocab.pad_id else t): i
+            for i, t in enumerate(vocab.tokens)}
 
 
 def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, lang: str | None = None) -> Path:

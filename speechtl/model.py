@@ -11,9 +11,10 @@ The training modes differ only in what is trainable:
   :mod:`speechtl.adapters`) and a linear head on the last layer train; one set of
   adapters and head per language beside one base encoder.
 
-A model directory holds ``speechtl.json`` (mode, head, encoder record),
+A model directory holds ``speechtl.json`` (mode, head, output units, encoder record),
 ``encoder/`` (a standard HF model directory), ``head.safetensors``, ``vocab.json``
-and ``normalizer.json``. An adapter model holds, instead of the last three, for each
+and ``normalizer.json``; a subword model (:mod:`speechtl.units`) also ``tokenizer.json``.
+An adapter model holds, instead of the head, vocabulary and normaliser, for each
 language ``adapter.<lang>.safetensors`` (adapter weights and head), ``vocab.<lang>.json``
 and ``normalizer.<lang>.json``; ``encoder/`` is the base encoder, unchanged.
 """
@@ -39,6 +40,7 @@ from .adapters import AdapterConfig
 from .encoder import SpeechEncoder, load_encoder, parameter_groups, save_encoder, transformer_layers
 from .heads import WeightedLayerSum, build_head, mask_spans
 from .text import Normalizer, Vocabulary, load_normalizer, save_normalizer
+from .units import describe_units, load_vocabulary, save_vocabulary, units_of
 
 MODES = ("frozen", "finetune", "scratch", "adapter")
 MODEL_FILE = "speechtl.json"
@@ -303,6 +305,7 @@ def save_model_dir(
             "mode": model.mode,
             "head": asdict(model.head_config),
             "vocab_size": len(vocab),
+            "units": units_of(vocab),
             "sample_rate": 16_000,
             "encoder": {**model.encoder_info, **(encoder_record or {})},
         }
@@ -311,7 +314,7 @@ def save_model_dir(
                         languages=_write_languages(tmp, model, vocab, normalizer, head_state))
         else:
             save_file(head_state, str(tmp / "head.safetensors"))
-            vocab.save(tmp / "vocab.json")
+            save_vocabulary(tmp, vocab)
             save_normalizer(tmp / "normalizer.json", normalizer)
         if model.layer_sum is not None:
             meta["layer_weights"] = [round(float(w), 4) for w in torch.softmax(model.layer_sum.weights.detach(), 0)]
@@ -402,6 +405,8 @@ def init_from_model(model: CTCModel, vocab: Vocabulary, model_dir: str | os.Path
     recogniser in ``model_dir``, whose vocabulary may differ from ``vocab``: the head and
     the layer weights are copied, and the output layer keeps the rows (and biases) of the
     tokens both vocabularies have; rows of new tokens keep their fresh initialisation.
+    Subword pieces are tokens as characters are; a character model and a subword model
+    have no rows in common, so starting one from the other is refused.
 
     An adapter model started from an adapter model keeps that model's other languages (to
     be written beside its own), and starts from its language's adapters and head when the
@@ -409,6 +414,12 @@ def init_from_model(model: CTCModel, vocab: Vocabulary, model_dir: str | os.Path
     Returns ``{"kept": [...], "added": [...], "removed": [...]}``."""
     model_dir = resolve_model_dir(model_dir)
     meta = read_meta(model_dir)
+    old_units, new_units = meta.get("units", "char"), units_of(vocab)
+    if (old_units == "char") != (new_units == "char"):  # subword models of either kind share pieces ("▁ab")
+        raise ValueError(f"config key 'init_from': {model_dir} predicts {describe_units(old_units)} units ({old_units}) and "
+                         f"this run {describe_units(new_units)} units ({new_units}); one output layer cannot start the "
+                         f"other. Train with units={old_units}, or start from its encoder alone with "
+                         f"encoder={model_dir / 'encoder'}")
     if meta["mode"] == "adapter" and model.mode != "adapter":
         raise ValueError(f"config key 'init_from': {model_dir} is an adapter model (languages "
                          f"{', '.join(sorted(meta.get('languages', {})))}); add a language to it with mode=adapter "
@@ -435,7 +446,7 @@ def init_from_model(model: CTCModel, vocab: Vocabulary, model_dir: str | os.Path
         adapter_lib.load_adapter_state(model.encoder, adapters, where=str(model_dir / language_files(model.language)[0]))
         state = {}
     else:
-        old_vocab = Vocabulary.load(model_dir / "vocab.json")
+        old_vocab = load_vocabulary(model_dir, meta)
         state = load_file(str(model_dir / "head.safetensors"))
         head_state = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
     out_keys = [k for k in head_state if k.startswith("proj.")]
@@ -480,7 +491,7 @@ def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "c
                          encoder.hidden_size, adapter=adapter, language=lang)
         vocab, normalizer = use_language(model, model_dir, lang)
         return model.to(device).eval(), vocab, normalizer, meta
-    vocab = Vocabulary.load(model_dir / "vocab.json")
+    vocab = load_vocabulary(model_dir, meta)
     normalizer = load_normalizer(model_dir / "normalizer.json")
     model = CTCModel(encoder, len(vocab), meta["mode"], head, encoder.num_layers, encoder.hidden_size)
     state = load_file(str(model_dir / "head.safetensors"))

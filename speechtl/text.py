@@ -3,6 +3,7 @@
 The vocabulary is saved as ``vocab.json`` in the layout
 ``transformers.Wav2Vec2CTCTokenizer`` reads: ``<pad>`` (id 0, also the CTC blank),
 ``[UNK]``, ``|`` (the word delimiter, standing for a space), then the characters.
+Subword units (``units=bpe:N``) are :class:`speechtl.units.SubwordVocabulary`.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ class Vocabulary:
     pad_id = 0
     unk_id = 1
     delimiter_id = 2
+    kind = "char"  # output units; speechtl.units.SubwordVocabulary holds subword pieces
+    units = "char"
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -140,6 +143,13 @@ class Vocabulary:
                 continue
             out.append(" " if i == self.delimiter_id else UNK_TEXT if i == self.unk_id else self.tokens[i])
         return "".join(out).strip()
+
+    def piece(self, i: int) -> tuple[bool, str]:
+        """``(starts_a_word, text)`` of unit ``i``: the delimiter ``|`` ends the word before it
+        and adds nothing; a character continues the word."""
+        if i == self.delimiter_id:
+            return True, ""
+        return False, UNK_TEXT if i == self.unk_id else self.tokens[i]
 
     def oov_report(self, texts: Iterable[str]) -> Counter:
         """Count characters in ``texts`` that the vocabulary lacks."""

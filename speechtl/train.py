@@ -52,6 +52,7 @@ from .adapters import resolve_config as resolve_adapter_config
 from .adapters import training_language
 from .model import CTCModel, HeadConfig, build_model, ctc_loss, init_from_model, read_meta, resolve_model_dir, save_model_dir
 from .text import Normalizer, NormalizerConfig, Vocabulary, describe_oov
+from .units import SubwordVocabulary, describe_units, parse_units, units_of
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +344,9 @@ class _Checkpointer:
             return
         ck = {"model": _trainable_state(t.model), "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
               "scaler": t.scaler.state_dict(), "state": asdict(t.st), "rng": rngs[0], "loader_rng": t.loader_gen.get_state(),
-              "vocab": t.data.vocab.tokens, "config": asdict(t.cfg)}
+              "vocab": t.data.vocab.tokens, "units": units_of(t.data.vocab), "config": asdict(t.cfg)}
+        if isinstance(t.data.vocab, SubwordVocabulary):
+            ck["tokenizer"] = t.data.vocab.to_str()
         if t.distiller is not None:
             ck["distill"] = t.distiller.state_dict()
         if self.ctx.enabled:
@@ -427,13 +430,34 @@ def _read_data(cfg: TrainConfig) -> _TrainData:
     return _TrainData(normalizer, None, train_utts, dev_utts, bad_train, bad_dev)
 
 
-def _choose_vocab(cfg: TrainConfig, data: _TrainData, ck: dict | None) -> Vocabulary:
-    """The vocabulary file, else the checkpoint's, else one built from the training text."""
+def _choose_vocab(cfg: TrainConfig, data: _TrainData, ck: dict | None, ckpt_path: Path | None = None,
+                  ctx: DistContext = DistContext()) -> Vocabulary | SubwordVocabulary:
+    """The vocabulary file, else the checkpoint's, else one built from the training text:
+    its characters, or (``units=bpe:N``/``unigram:N``) a subword tokenizer trained on it
+    (on rank 0, and sent to the other ranks)."""
     train_texts = [data.normalizer(u.text) for u in data.train]
+    subword = parse_units(cfg.units)[0] != "char"
     if cfg.vocab:
         vocab = Vocabulary.load(cfg.vocab)
     elif ck is not None:
-        vocab = Vocabulary(ck["vocab"])
+        written = ck.get("units", "char")
+        if parse_units(written) != parse_units(cfg.units):
+            raise ValueError(f"{ckpt_path}: written with {describe_units(written)} units ({written}), and this run has "
+                             f"units={cfg.units}; resume with the same units, or start afresh without resume=true")
+        vocab = SubwordVocabulary.from_str(ck["tokenizer"], written) if subword else Vocabulary(ck["vocab"])
+    elif subword:
+        trained: tuple = ("", "")
+        if ctx.is_main:
+            try:
+                trained = (SubwordVocabulary.train(train_texts, cfg.units).to_str(), "")
+            except ValueError as e:  # told to every rank, so that none waits for the others
+                trained = ("", str(e))
+        tokenizer, error = dist_util.broadcast_object(trained, ctx)
+        if error:
+            raise ValueError(error)
+        vocab = SubwordVocabulary.from_str(tokenizer, cfg.units)
+        logger.info("units=%s: a tokenizer of %d units trained on the %d training transcripts", cfg.units, len(vocab),
+                    len(train_texts))
     else:
         vocab = Vocabulary.build(train_texts)
     for name, texts in (("train", train_texts), ("dev", [data.normalizer(u.text) for u in data.dev])):
@@ -484,7 +508,7 @@ class _Trainer:
         self.cfg, self.ctx, self.device, self.data, self.checkpointer = cfg, ctx, device, data, checkpointer
         self.out = Path(cfg.out)
         self.progress = progress
-        data.vocab = _choose_vocab(cfg, data, ck)
+        data.vocab = _choose_vocab(cfg, data, ck, checkpointer.path, ctx)
         self._build_model()
         span = self.model.encoder.max_seconds if self.model.encoder is not None else float("inf")
         if self.distiller is not None:
