@@ -29,8 +29,10 @@ run)
         "$PY" -m pip install -q --no-index --find-links "$WORK/wheels" soundfile
     fi
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt" || true
-    # DEVICE, ENCODERS, ROUNDS: for a trial of this script on a CPU
+    # DEVICE, ENCODERS, ROUNDS: for a trial of this script on a CPU; COMMANDS=on adds the
+    # whole-command timings (off by default: they add six more runs of the whole job)
     PYTHONPATH=. "$PY" benchmarks/bench_extract.py --device "${DEVICE:-cuda}" --encoders "${ENCODERS:-base}" --rounds "${ROUNDS:-2}" \
+        --commands "${COMMANDS:-off}" \
         --manifest "$WORK/speech/manifest.jsonl" --json "$out/extract_gpu_base.json" 2>&1 | tee "$out/extract_gpu_base.log"
     ;;
 *)

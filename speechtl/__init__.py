@@ -1,9 +1,40 @@
 """speechtl: adapt pretrained speech encoders to new languages and vocabularies."""
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from .audio import AudioError, load_audio  # noqa: E402
-from .manifest import ManifestError, Utterance, read_manifest, write_manifest  # noqa: E402
+# Public names and the submodule each lives in. They are imported on first use (PEP 562),
+# so that `import speechtl`, which every `speechtl` command does, loads neither numpy,
+# soundfile nor torch up front: `speechtl --help` needs none of them.
+_LAZY = {
+    "AudioError": "audio",
+    "load_audio": "audio",
+    "ManifestError": "manifest",
+    "Utterance": "manifest",
+    "read_manifest": "manifest",
+    "write_manifest": "manifest",
+    "Recognizer": "inference",
+}
+# submodules that `import speechtl` used to load, so that `speechtl.audio.x` keeps working
+_LAZY_SUBMODULES = ("audio", "manifest")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups do not come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_LAZY_SUBMODULES))
 
 
 def load(model_dir, device: str | None = None, lang: str | None = None):
@@ -15,4 +46,5 @@ def load(model_dir, device: str | None = None, lang: str | None = None):
     return Recognizer.load(model_dir, device=device, lang=lang)
 
 
-__all__ = ["AudioError", "ManifestError", "Utterance", "load", "load_audio", "read_manifest", "write_manifest", "__version__"]
+__all__ = ["AudioError", "ManifestError", "Recognizer", "Utterance", "load", "load_audio", "read_manifest", "write_manifest",
+           "__version__"]

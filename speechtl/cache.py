@@ -19,15 +19,20 @@ preprocessing and each of its manifest entries, so:
   is never read silently (:class:`StaleCacheError`);
 - with ``torchrun``, rank r extracts shards r, r + N, r + 2N, ... of one shared plan.
 
+The encoder's part of the key, a hash of all its weights, is computed once per encoder
+folder and kept in a small per-user store (:func:`encoder_fingerprint`).
+
 Reading a clip opens only its shard (memory-mapped), and only the layers asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
@@ -40,9 +45,9 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ._io import atomic_path, write_json
+from ._io import atomic_path, write_json, write_text
 from .audio import SAMPLE_RATE
-from .encoder import SpeechEncoder
+from .encoder import SpeechEncoder, fetched_dir, resolve_encoder
 from .features import encode_batches
 from .precision import AMP_FOR_COMPUTE, compute_dtype_name
 from .loader import AudioDataset, collate, cut_batches, decode_workers, encoder_batch_seconds
@@ -62,16 +67,125 @@ class StaleCacheError(RuntimeError):
 # --------------------------------------------------------------------------- keys
 
 
-def encoder_fingerprint(encoder: SpeechEncoder) -> str:
-    """sha256 of the encoder's architecture (config) and every weight's bytes."""
-    h = hashlib.sha256()
+def encoder_fingerprint(encoder: SpeechEncoder, reuse: bool = True) -> str:
+    """sha256 of the encoder's architecture (config) and every weight's bytes.
+
+    Hashing reads every weight (1.2 GB for XLS-R 300M), so with ``reuse`` the result is
+    kept in a small per-user store (``$SPEECHTL_CACHE/fingerprints``, default
+    ``~/.cache/speechtl/fingerprints``) and read back by a later call with the same
+    :func:`fingerprint_reuse_key`: the same config, the same files in the folder the
+    encoder was loaded from (path, size, modification and change times, inode), and the
+    same weights in memory as far as their names, dtypes, shapes and 64 evenly spaced
+    values of each show. A changed weight file, another config, or weights changed in
+    memory (trained, randomly initialised) are hashed afresh. Encoders not loaded from a
+    local folder (a hub id, a config) are always hashed, and ``reuse=False`` always
+    hashes (for weights edited in memory a few values at a time).
+    """
+    cfg_json = _config_json(encoder)
+    state = encoder.model.state_dict()
+    files = _source_files(encoder) if reuse else None
+    memo = _fingerprint_store() / fingerprint_reuse_key(encoder, cfg_json, state, files) if files is not None else None
+    if memo is not None:
+        try:
+            known = memo.read_text(encoding="ascii").strip()
+            if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
+                with contextlib.suppress(OSError):
+                    os.utime(memo)  # recently used: pruned last
+                return known
+        except (OSError, UnicodeDecodeError):
+            pass
+    fingerprint = _hash_weights(cfg_json, state)
+    if memo is not None and not _racy(files):
+        _remember(memo, fingerprint)
+    return fingerprint
+
+
+def _config_json(encoder: SpeechEncoder) -> str:
     cfg = {k: v for k, v in encoder.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, t in sorted(encoder.model.state_dict().items()):
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
+def _hash_weights(cfg_json: str, state: dict) -> str:
+    h = hashlib.sha256()
+    h.update(cfg_json.encode())
+    for name, t in sorted(state.items()):
         h.update(name.encode())
         h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # the bytes, without a copy
     return h.hexdigest()
+
+
+FINGERPRINT_STORE_VERSION = 1
+FINGERPRINT_STORE_SIZE = 256  # fingerprints kept; the oldest go first
+PROBE_VALUES = 64  # values of each weight that the reuse key reads
+RACY_SECONDS = 2.0  # a file modified this recently could change again within its timestamp's resolution
+
+
+def _fingerprint_store() -> Path:
+    return fetched_dir().parent / "fingerprints"
+
+
+def _source_files(encoder: SpeechEncoder) -> list | None:
+    """The folder the encoder was loaded from, and ``[name, size, mtime_ns, ctime_ns, inode]``
+    of each file in it; None when it was not loaded from a local folder."""
+    source = getattr(encoder, "source", "") or ""
+    if source in ("", "config"):  # encoder_from_config: weights from no file
+        return None
+    try:
+        folder = resolve_encoder(source)
+        if not os.path.isdir(folder):
+            return None
+        files = []
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.is_file():  # follows links (a hub snapshot's files link to blobs)
+                    st = e.stat()
+                    files.append([e.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+    except (OSError, ValueError):
+        return None
+    return [os.path.realpath(folder), sorted(files)]
+
+
+def fingerprint_reuse_key(encoder: SpeechEncoder, cfg_json: str | None = None, state: dict | None = None,
+                          files: list | None = None) -> str | None:
+    """The key under which :func:`encoder_fingerprint` keeps an encoder's fingerprint (see
+    there), or None for an encoder that is always hashed. It reads 64 values of each weight
+    and the folder's file list: milliseconds, against about a second per GB for the hash."""
+    files = _source_files(encoder) if files is None else files
+    if files is None:
+        return None
+    cfg_json = _config_json(encoder) if cfg_json is None else cfg_json
+    state = encoder.model.state_dict() if state is None else state
+    h = hashlib.sha256()
+    h.update(f"speechtl-fingerprint-key-{FINGERPRINT_STORE_VERSION}\0".encode())
+    h.update(cfg_json.encode())
+    h.update(json.dumps(files).encode())
+    for name, t in sorted(state.items()):
+        flat = t.detach().reshape(-1)
+        n = flat.numel()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if n:
+            k = min(n, PROBE_VALUES)
+            idx = torch.arange(k, device=flat.device) * (n - 1) // max(k - 1, 1)  # the first and the last among them
+            h.update(flat[idx].cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _racy(files: list) -> bool:
+    """A file changed so recently that it could change again without its timestamps showing
+    it (git's "racily clean" entries): such a fingerprint is not kept."""
+    now = time.time_ns()
+    return any(now - max(mtime, ctime) < RACY_SECONDS * 1e9 for _, _, mtime, ctime, _ in files[1])
+
+
+def _remember(memo: Path, fingerprint: str) -> None:
+    try:
+        write_text(memo, fingerprint + "\n")
+        entries = sorted(memo.parent.glob("[0-9a-f]" * 8 + "*"), key=lambda p: p.stat().st_mtime_ns)
+        for old in entries[: max(0, len(entries) - FINGERPRINT_STORE_SIZE)]:
+            old.unlink(missing_ok=True)
+    except OSError as e:  # a read-only home, a store pruned by another process: hash next time
+        logger.debug("encoder fingerprint not kept in %s: %s", memo.parent, e)
 
 
 def preprocessing(encoder: SpeechEncoder) -> dict:
@@ -224,12 +338,14 @@ def extract_to_cache(
     ``max_batch_seconds`` defaults to 10 s of padded audio on a CPU, where big batches
     of a big model run slower than small ones (their activations leave the caches), and
     to 300 s on a GPU, which needs big batches to stay busy. ``num_workers`` (audio
-    decoding processes) defaults to none on a CPU with at most 4 cores, where they would
-    only take cores from the model, and to up to 8 on a GPU machine. ``streams`` (batches
-    run at once on a CPU, each on one thread) defaults to one per core there. ``amp``
-    (auto | bf16 | fp16 | none) picks the precision the encoder runs in
-    (:func:`~speechtl.precision.encoder_autocast_dtype`: ``auto`` is bf16 on CUDA and on
-    CPUs with AMX, float32 on other CPUs); it is part of the cache key. A shard holds at
+    decoding processes) defaults to none for a small job (under 200 clips or 10 minutes
+    of audio left to extract, :func:`~speechtl.loader.is_small_job`), where starting them
+    costs more than they save, and on a CPU with at most 4 cores, where they would only
+    take cores from the model; otherwise to 2 on a CPU and up to 8 on a GPU machine.
+    ``streams`` (batches run at once on a CPU, each on one thread) defaults to one per
+    core there. ``amp`` (auto | bf16 | fp16 | none) picks the precision the encoder runs
+    in (:func:`~speechtl.precision.encoder_autocast_dtype`: ``auto`` is bf16 on CUDA and
+    on CPUs with AMX, float32 on other CPUs); it is part of the cache key. A shard holds at
     most ``shard_seconds`` of audio and about ``shard_gb`` of features, whichever is
     less: a shard is held in memory until it is written, so a big encoder (XLS-R 1B
     writes 6 MB per second of audio in float16) gets shorter shards.
@@ -245,8 +361,6 @@ def extract_to_cache(
     device = torch.device(device)
     if max_batch_seconds is None:
         max_batch_seconds = encoder_batch_seconds(device)
-    if num_workers is None:
-        num_workers = decode_workers(device)
     layer_ids = _resolve_layers(layers, encoder.num_layers)
     fingerprint = encoder_fingerprint(encoder)
     prep = preprocessing(encoder)
@@ -287,6 +401,8 @@ def extract_to_cache(
     todo = [s for s in mine if _shard_key_on_disk(out / s.file) != s.key]
     if len(todo) < len(mine):
         logger.info("rank %d: %d of %d shard(s) already extracted", rank, len(mine) - len(todo), len(mine))
+    if todo and num_workers is None:
+        num_workers = decode_workers(device, [by_id[i].duration for s in todo for i in s.ids])
     if todo:
         _extract_shards(encoder, todo, by_id, out, layer_ids, DTYPES[dtype], device, max_batch_seconds, num_workers,
                         streams, amp, progress)

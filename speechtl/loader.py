@@ -290,11 +290,28 @@ def encoder_batch_seconds(device: torch.device | str) -> float:
     return 300.0 if torch.device(device).type == "cuda" else 10.0
 
 
-def decode_workers(device: torch.device | str) -> int:
-    """Default DataLoader workers for decoding audio next to an encoder: on a CPU with few
-    cores, worker processes only take cores from the model, so none there."""
+# A job smaller than either of these decodes its audio in its own process: starting worker
+# processes (a fork each, about 0.15 s on a 2-core machine even before the model is loaded)
+# and shutting them down costs more than they can save there. `speechtl extract --help`
+# states the same numbers.
+SMALL_JOB_CLIPS = 200
+SMALL_JOB_SECONDS = 600.0
+
+
+def is_small_job(durations: Sequence[float]) -> bool:
+    """Fewer than :data:`SMALL_JOB_CLIPS` clips, or under :data:`SMALL_JOB_SECONDS` of audio."""
+    return len(durations) < SMALL_JOB_CLIPS or sum(durations) < SMALL_JOB_SECONDS
+
+
+def decode_workers(device: torch.device | str, durations: Sequence[float] | None = None) -> int:
+    """Default DataLoader workers for decoding audio next to an encoder: none for a small
+    job (:func:`is_small_job`, when the clips' ``durations`` are given); none on a CPU with
+    at most 4 cores, where worker processes only take cores from the model; else 2 on a
+    CPU and up to 8 on a GPU."""
     import os
 
+    if durations is not None and is_small_job(durations):
+        return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if torch.device(device).type == "cuda":
         return min(8, max(cores - 1, 0))

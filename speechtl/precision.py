@@ -1,9 +1,16 @@
 """Numeric precision policy, in one place: the ``amp`` choices and what each means on
-each device, for training (autocast) and for running a frozen encoder (features)."""
+each device, for training (autocast) and for running a frozen encoder (features).
+
+torch is imported inside the functions: the command line reads ``AMP_CHOICES`` to build
+its options, and ``speechtl --help`` should not wait for torch to load.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
@@ -11,6 +18,8 @@ AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
     """The training autocast dtype for ``amp`` (auto | bf16 | fp16 | none): bf16 where the
     GPU has it, else fp16; ``None`` (float32) on a CPU or with ``none``."""
+    import torch
+
     if device.type != "cuda" or amp == "none":
         return None
     return torch.bfloat16 if amp in ("auto", "bf16") and torch.cuda.is_bf16_supported() else torch.float16
@@ -19,6 +28,8 @@ def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | Non
 def cpu_has_amx() -> bool:
     """True on CPUs with AMX tiles (Intel Sapphire Rapids and later), where oneDNN runs
     bf16 matrix products several times faster than float32 ones."""
+    import torch
+
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)
     try:
         return bool(check()) if check is not None else False
@@ -33,6 +44,8 @@ def encoder_autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dty
     float32 elsewhere (bf16 without AMX is slower than float32); ``bf16`` and ``fp16``
     ask for that dtype on any CPU; ``none`` is float32.
     """
+    import torch
+
     if amp not in AMP_CHOICES:
         raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, not {amp!r}")
     if device.type == "cuda":

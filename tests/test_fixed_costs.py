@@ -1,0 +1,224 @@
+"""What a command costs before it starts its work: imports, the encoder's fingerprint for
+the feature-cache key, DataLoader worker processes, the garbage collector."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from argparse import Namespace
+
+import pytest
+import torch
+from conftest import make_wav, tiny_encoder_dir
+from safetensors.torch import load_file, save_file
+
+from speechtl import cache as cache_mod
+from speechtl.cache import encoder_fingerprint, extract_to_cache, fingerprint_reuse_key
+from speechtl.encoder import load_encoder
+from speechtl.manifest import Utterance
+
+
+def _run_python(code: str, cwd=None) -> dict:
+    """Run ``code`` in a fresh interpreter; it prints one JSON line last."""
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, cwd=cwd,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- imports
+
+
+def test_the_parser_and_help_import_neither_torch_nor_transformers():
+    got = _run_python("""
+        import contextlib, io, json, sys
+        import speechtl.cli as cli
+
+        cli.build_parser()
+        after_parser = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+        helps = {}
+        for argv in (["--help"], ["prepare", "--help"], ["extract", "--help"], ["transcribe", "--help"],
+                     ["lm", "build", "--help"], ["evaluate", "--help"]):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+                cli.main(argv)
+            helps[" ".join(argv)] = out.getvalue()
+        heavy = sorted(m for m in ("torch", "transformers", "numpy", "soundfile") if m in sys.modules)
+        print(json.dumps({"after_parser": after_parser, "heavy": heavy, "helps": helps}))
+    """)
+    assert got["after_parser"] == []
+    assert got["heavy"] == []  # not even numpy or soundfile
+    assert "transcribe" in got["helps"]["--help"] and "--num-workers" in got["helps"]["extract --help"]
+
+
+def test_prepare_and_lm_build_run_without_torch(tmp_path):
+    for i in range(3):
+        make_wav(tmp_path / "corpus" / f"c{i}.wav", 0.5, freq=300 + 40 * i)
+        (tmp_path / "corpus" / f"c{i}.txt").write_text(f"word{i} again", encoding="utf-8")
+    got = _run_python(f"""
+        import json, sys
+        from speechtl.cli import main
+
+        rc = [main(["prepare", {str(tmp_path / "corpus")!r}, "--format", "folder", "--out", {str(tmp_path / "m.jsonl")!r}, "-q"]),
+              main(["lm", "build", {str(tmp_path / "m.jsonl")!r}, "--out", {str(tmp_path / "lm.arpa")!r}, "-q"])]
+        print(json.dumps({{"rc": rc, "heavy": sorted(m for m in ("torch", "transformers") if m in sys.modules)}}))
+    """)
+    assert got == {"rc": [0, 0], "heavy": []}
+    assert "\\data\\" in (tmp_path / "lm.arpa").read_text()
+
+
+def test_train_help_still_lists_the_config_keys(capsys):
+    from speechtl.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "key=value" in out and "max_steps" in out and "feature_cache" in out
+
+
+def test_public_names_of_the_package_load_on_first_use():
+    got = _run_python("""
+        import json, sys
+        import speechtl
+
+        before = sorted(m for m in ("numpy", "soundfile", "torch") if m in sys.modules)
+        from speechtl import AudioError, ManifestError, Utterance, load, load_audio, read_manifest, write_manifest
+        light = sorted(m for m in ("torch",) if m in sys.modules)
+        print(json.dumps({"before": before, "light": light, "audio": speechtl.audio.SAMPLE_RATE,
+                          "all": sorted(speechtl.__all__), "dir": "load_audio" in dir(speechtl)}))
+    """)
+    assert got["before"] == [] and got["light"] == [] and got["audio"] == 16000 and got["dir"]
+    assert {"load", "load_audio", "Recognizer", "read_manifest"} <= set(got["all"])
+    import speechtl
+    from speechtl import Recognizer
+    from speechtl.inference import Recognizer as R
+
+    assert Recognizer is R
+    with pytest.raises(AttributeError):
+        speechtl.no_such_name  # noqa: B018
+
+
+# --------------------------------------------------------------------------- encoder fingerprint
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch):
+    """A private fingerprint store (under $SPEECHTL_CACHE), which also keeps the fingerprints
+    of encoder folders written a moment ago (the tests' are)."""
+    monkeypatch.setenv("SPEECHTL_CACHE", str(tmp_path / "user-cache"))
+    monkeypatch.setattr(cache_mod, "RACY_SECONDS", 0.0)
+    return tmp_path / "user-cache" / "fingerprints"
+
+
+def _encoder_folder(tmp_path):
+    return tiny_encoder_dir(tmp_path / "encoders")
+
+
+def test_the_fingerprint_is_hashed_once_and_reused(tmp_path, store, monkeypatch):
+    folder = _encoder_folder(tmp_path)
+    enc = load_encoder(str(folder))
+    first = encoder_fingerprint(enc)
+    assert first == encoder_fingerprint(enc, reuse=False)  # the same value as hashing every weight
+    assert len(list(store.iterdir())) == 1
+
+    def no_hashing(*a, **k):
+        raise AssertionError("hashed the weights again")
+
+    monkeypatch.setattr(cache_mod, "_hash_weights", no_hashing)
+    assert encoder_fingerprint(load_encoder(str(folder))) == first  # another load of the same files
+
+
+def test_a_changed_weight_file_changes_the_fingerprint(tmp_path, store):
+    folder = _encoder_folder(tmp_path)
+    enc = load_encoder(str(folder))
+    first = encoder_fingerprint(enc)
+    old_files = cache_mod._source_files(enc)
+    # change one value that the reuse key's sampled values do not read
+    path = folder / "model.safetensors"
+    weights = load_file(str(path))
+    name = max(weights, key=lambda k: weights[k].numel())
+    assert weights[name].numel() > 2 * cache_mod.PROBE_VALUES
+    weights[name].view(-1)[1] += 1.0
+    st = path.stat()
+    save_file(weights, str(path), metadata={"format": "pt"})
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with its old modification time
+    changed = load_encoder(str(folder))
+    # only the file's state tells the two apart: the sampled values are the same
+    assert fingerprint_reuse_key(changed, files=old_files) == fingerprint_reuse_key(enc, files=old_files)
+    assert fingerprint_reuse_key(changed) != fingerprint_reuse_key(enc, files=old_files)
+    assert encoder_fingerprint(changed) == encoder_fingerprint(changed, reuse=False) != first
+
+
+def test_weights_changed_in_memory_are_hashed_afresh(tmp_path, store):
+    folder = _encoder_folder(tmp_path)
+    enc = load_encoder(str(folder))
+    first = encoder_fingerprint(enc)
+    weight = max(enc.model.parameters(), key=lambda p: p.numel())
+    with torch.no_grad():
+        weight.add_(0.01)  # as a training step would
+    assert encoder_fingerprint(enc) == encoder_fingerprint(enc, reuse=False) != first
+    fresh = load_encoder(str(folder), random_init=True, seed=5)  # same folder, other weights
+    assert encoder_fingerprint(fresh) == encoder_fingerprint(fresh, reuse=False) != first
+
+
+def test_a_freshly_written_folder_is_not_remembered(tmp_path, store, monkeypatch):
+    monkeypatch.setattr(cache_mod, "RACY_SECONDS", 2.0)
+    folder = tiny_encoder_dir(tmp_path / "encoders")  # just written: its timestamps could still hide a change
+    assert encoder_fingerprint(load_encoder(str(folder)))
+    assert not store.exists() or not list(store.iterdir())
+    now = os.stat(folder / "config.json").st_mtime_ns
+    assert not cache_mod._racy([str(folder), [["f", 1, now - 3 * 10**9, now - 3 * 10**9, 1]]])
+
+
+def test_an_unwritable_store_only_costs_a_hash(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("SPEECHTL_CACHE", str(blocker))
+    enc = load_encoder(str(_encoder_folder(tmp_path)))
+    assert encoder_fingerprint(enc) == encoder_fingerprint(enc, reuse=False)
+
+
+# --------------------------------------------------------------------------- DataLoader workers
+
+
+def test_a_small_job_starts_no_decoding_workers(tmp_path, store, monkeypatch):
+    from speechtl import cli, loader
+
+    assert (cli.SMALL_JOB_CLIPS, cli.SMALL_JOB_MINUTES * 60) == (loader.SMALL_JOB_CLIPS, loader.SMALL_JOB_SECONDS)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)  # a big machine
+    big = [3.0] * 300  # 300 clips, 15 min
+    assert loader.decode_workers("cpu", big) == 2 and loader.decode_workers("cuda", big) == 8
+    for small in ([3.0] * 150, [1.0] * 300, [30.0] * 10):  # few clips, or little audio
+        assert loader.decode_workers("cpu", small) == 0 and loader.decode_workers("cuda", small) == 0
+    assert loader.decode_workers("cpu") == 2  # without the job's size: as before
+
+    seen = []
+    real = cache_mod.DataLoader
+    monkeypatch.setattr(cache_mod, "DataLoader", lambda *a, **k: seen.append(k["num_workers"]) or real(*a, **k))
+    utts = [Utterance(f"u{i}", str(make_wav(tmp_path / f"u{i}.wav", 0.6, freq=300 + 50 * i)), "ab", 0.6) for i in range(2)]
+    extract_to_cache(load_encoder(str(_encoder_folder(tmp_path))), utts, tmp_path / "c", progress=False)
+    assert seen == [0]
+
+
+# --------------------------------------------------------------------------- garbage collector
+
+
+def test_start_up_freezes_only_in_a_process_started_as_the_command():
+    from speechtl.cli import _start_up
+
+    frozen = gc.get_freeze_count()
+    with _start_up(Namespace(as_program=False)):
+        assert gc.isenabled()
+    assert gc.get_freeze_count() == frozen  # a caller's process: left alone
+    try:
+        with _start_up(Namespace(as_program=True)):
+            assert not gc.isenabled()
+            kept = [object() for _ in range(10)]  # noqa: F841
+        assert gc.isenabled() and gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+
