@@ -32,13 +32,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import ADAPTER_KINDS, check_lang  # noqa: F401  (re-exported)
 from .encoder import transformer_layers
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_KINDS = ("lora", "mms")
 DEFAULTS = {"lora_rank": 8, "adapter_dim": 16}
-_LANG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # the projections LoRA adapts, by their names in transformers' speech encoders
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj", "linear_q", "linear_k", "linear_v", "linear_out")
 _FEED_FORWARD = ("intermediate_dense", "output_dense", "fc1", "fc2")
@@ -63,14 +62,6 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "AdapterConfig":
         return cls(**{k: v for k, v in d.items() if k in ("kind", "rank", "alpha", "dim")})
-
-
-def check_lang(lang: str, key: str = "lang") -> str:
-    """A language code usable in a file name (``adapter.<lang>.safetensors``)."""
-    if not isinstance(lang, str) or not _LANG.match(lang):
-        raise ValueError(f"config key {key!r}: {lang!r} is not a language code (letters, digits, '-' and '_', "
-                         "e.g. cs, it, cmn-script_simplified)")
-    return lang
 
 
 def resolve_config(kind: str | None, rank: int | None, alpha: float | None, dim: int | None,

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-from .adapters import ADAPTER_KINDS, check_lang
 from .precision import AMP_CHOICES
 from .units import parse_units
+
+ADAPTER_KINDS = ("lora", "mms")
+_LANG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def check_lang(lang: str, key: str = "lang") -> str:
+    """A language code usable in a file name (``adapter.<lang>.safetensors``)."""
+    if not isinstance(lang, str) or not _LANG.match(lang):
+        raise ValueError(f"config key {key!r}: {lang!r} is not a language code (letters, digits, '-' and '_', "
+                         "e.g. cs, it, cmn-script_simplified)")
+    return lang
+
 
 MODES = ("frozen", "finetune", "scratch", "adapter")
 HEADS = ("linear", "bilstm")
@@ -151,7 +162,9 @@ class TrainConfig:
     feature_cache: str | None = _f(None, "frozen mode: directory of on-disk feature caches (`speechtl extract`); "
                                          "train/ and dev/ are made there if missing or stale, and the encoder is then "
                                          "not kept in memory")
-    num_workers: int = _f(2, "DataLoader worker processes for audio decoding")
+    num_workers: int | None = _f(None, "DataLoader worker processes decoding audio (unset: none for a small job, under 200 "
+                                       "clips or 10 min of audio, and on a CPU with at most 4 cores; else 2 on a CPU, "
+                                       "up to 8 on a GPU)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     log_every: int = _f(10, "updates between rows of metrics.csv")
     trust_remote_code: bool = _f(False, "allow custom model code from the hub (off by default)")

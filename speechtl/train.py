@@ -617,12 +617,18 @@ class _Trainer:
                 logger.info("computing frozen encoder features once (%.2f GB)", need / 1e9)
                 # one store per set: train and dev manifests may reuse the same utterance ids
                 self.features, self.dev_features = (
-                    extract_in_memory(model.encoder, utts, device, None, decode_workers(device), self.progress, amp=amp)
+                    extract_in_memory(model.encoder, utts, device, None, self._workers(utts), self.progress, amp=amp)
                     for utts, amp in ((data.train, cfg.amp), (dev_mine_short, "none"))
                 )
             else:
                 logger.warning("features need %.1f GB > cache_max_gb=%.1f: running the encoder every step", need / 1e9,
                                cfg.cache_max_gb)
+
+    def _workers(self, utterances) -> int:
+        """``num_workers``, or when unset the rule for jobs beside an encoder (:func:`decode_workers`)."""
+        if self.cfg.num_workers is not None:
+            return self.cfg.num_workers
+        return decode_workers(self.device, [u.duration for u in utterances])
 
     def _build_loader(self) -> None:
         cfg, data, ctx = self.cfg, self.data, self.ctx
@@ -635,7 +641,7 @@ class _Trainer:
             augment = Augmenter() if cfg.augment > 0 else None
             dataset = AudioDataset(data.train, normalize=data.normalizer, encode=data.vocab.encode, augment=augment,
                                    augment_prob=cfg.augment, keep_clean=augment is not None and self.distiller is not None)
-            collate_fn, workers = collate, cfg.num_workers
+            collate_fn, workers = collate, self._workers(data.train)
         self.sampler = DynamicBucketSampler(dataset.durations, cfg.max_batch_seconds, shuffle=True, seed=cfg.seed,
                                             rank=ctx.rank, world_size=ctx.world_size)
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate_fn, num_workers=workers,

@@ -42,7 +42,7 @@ def test_the_parser_and_help_import_neither_torch_nor_transformers():
         after_parser = sorted(m for m in ("torch", "transformers") if m in sys.modules)
         helps = {}
         for argv in (["--help"], ["prepare", "--help"], ["extract", "--help"], ["transcribe", "--help"],
-                     ["lm", "build", "--help"], ["evaluate", "--help"]):
+                     ["lm", "build", "--help"], ["evaluate", "--help"], ["train", "--help"]):
             out = io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
                 cli.main(argv)
@@ -53,6 +53,7 @@ def test_the_parser_and_help_import_neither_torch_nor_transformers():
     assert got["after_parser"] == []
     assert got["heavy"] == []  # not even numpy or soundfile
     assert "transcribe" in got["helps"]["--help"] and "--num-workers" in got["helps"]["extract --help"]
+    assert "lora_rank" in got["helps"]["train --help"]  # the config keys, adapters' included
 
 
 def test_prepare_and_lm_build_run_without_torch(tmp_path):
@@ -202,6 +203,48 @@ def test_a_small_job_starts_no_decoding_workers(tmp_path, store, monkeypatch):
     utts = [Utterance(f"u{i}", str(make_wav(tmp_path / f"u{i}.wav", 0.6, freq=300 + 50 * i)), "ab", 0.6) for i in range(2)]
     extract_to_cache(load_encoder(str(_encoder_folder(tmp_path))), utts, tmp_path / "c", progress=False)
     assert seen == [0]
+
+
+def test_training_starts_workers_by_the_same_rule_unless_num_workers_is_set(monkeypatch):
+    from speechtl.train import _Trainer
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    small = [Utterance(f"s{i}", "x.wav", "ab", 2.0) for i in range(50)]
+    big = [Utterance(f"b{i}", "x.wav", "ab", 3.0) for i in range(300)]
+
+    def workers(num_workers, utts):
+        return _Trainer._workers(Namespace(cfg=Namespace(num_workers=num_workers), device=torch.device("cpu")), utts)
+
+    assert (workers(None, small), workers(None, big)) == (0, 2)
+    assert (workers(3, small), workers(0, big)) == (3, 0)  # a value given is kept
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_the_bilstm_recurrence_runs_on_one_thread_and_gives_the_same_logits(monkeypatch):
+    from speechtl import heads
+
+    torch.manual_seed(0)
+    head = heads.BiLSTMHead(16, 7, hidden_size=12, num_layers=2).eval()
+    x, lengths = torch.randn(3, 40, 16), torch.tensor([40, 25, 9])
+    seen = []
+    real_lstm = torch.lstm
+    monkeypatch.setattr(torch, "lstm", lambda *a: seen.append(torch.get_num_threads()) or real_lstm(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            got = head(x, lengths)
+            assert seen == [1] * 4 and torch.get_num_threads() == 2  # 2 layers x 2 directions; restored after
+            monkeypatch.setattr(heads, "one_thread", __import__("contextlib").nullcontext)
+            seen.clear()
+            plain = head(x, lengths)
+            assert seen == [2] * 4
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, plain)
+    assert got.abs().sum() > 0
 
 
 # --------------------------------------------------------------------------- garbage collector
