@@ -50,8 +50,9 @@ from .audio import SAMPLE_RATE
 from .encoder import SpeechEncoder, fetched_dir, resolve_encoder
 from .features import encode_batches
 from .precision import AMP_FOR_COMPUTE, compute_dtype_name
-from .loader import AudioDataset, collate, cut_batches, decode_workers, encoder_batch_seconds
+from .loader import AudioDataset, collate, cut_batches, decode_workers, encoder_batch_seconds, is_small_job
 from .manifest import Utterance
+from .schedule import choose as choose_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +344,8 @@ def extract_to_cache(
     costs more than they save, and on a CPU with at most 4 cores, where they would only
     take cores from the model; otherwise to 2 on a CPU and up to 8 on a GPU machine.
     ``streams`` (batches run at once on a CPU, each on one thread) defaults to one per
-    core there. ``amp`` (auto | bf16 | fp16 | none) picks the precision the encoder runs
+    core there for a small job; for a bigger one, the streams and the CNN are chosen by
+    timing them on this machine once (:mod:`speechtl.schedule`). ``amp`` (auto | bf16 | fp16 | none) picks the precision the encoder runs
     in (:func:`~speechtl.precision.encoder_autocast_dtype`: ``auto`` is bf16 on CUDA and
     on CPUs with AMX, float32 on other CPUs); it is part of the cache key. A shard holds at
     most ``shard_seconds`` of audio and about ``shard_gb`` of features, whichever is
@@ -401,11 +403,20 @@ def extract_to_cache(
     todo = [s for s in mine if _shard_key_on_disk(out / s.file) != s.key]
     if len(todo) < len(mine):
         logger.info("rank %d: %d of %d shard(s) already extracted", rank, len(mine) - len(todo), len(mine))
+    todo_durations = [by_id[i].duration for s in todo for i in s.ids]
     if todo and num_workers is None:
-        num_workers = decode_workers(device, [by_id[i].duration for s in todo for i in s.ids])
+        num_workers = decode_workers(device, todo_durations)
     if todo:
-        _extract_shards(encoder, todo, by_id, out, layer_ids, DTYPES[dtype], device, max_batch_seconds, num_workers,
-                        streams, amp, progress)
+        fast_cnn = encoder.fast_cnn
+        if streams is None and device.type == "cpu" and not is_small_job(todo_durations):
+            # a job this size repays timing the ways of running the encoder here (once per machine)
+            schedule = choose_schedule(encoder, device, amp)
+            streams, encoder.fast_cnn = schedule.streams, schedule.fast_cnn and fast_cnn
+        try:
+            _extract_shards(encoder, todo, by_id, out, layer_ids, DTYPES[dtype], device, max_batch_seconds, num_workers,
+                            streams, amp, progress)
+        finally:
+            encoder.fast_cnn = fast_cnn
     if distributed:
         torch.distributed.barrier()
     if rank != 0:

@@ -435,8 +435,10 @@ def _add_extract(sub) -> None:
                         f"{SMALL_JOB_CLIPS} clips or under {SMALL_JOB_MINUTES} min of audio, where starting them costs more "
                         "than they save, and none on a CPU with <= 4 cores; otherwise 2 on a CPU, up to 8 with a GPU)")
     s.add_argument("--streams", type=int, default=None,
-                   help="CPU: batches run at once, each on one thread (default: one per torch thread, at most 8; 1 = one batch "
-                        "at a time on all threads); ignored on a GPU")
+                   help="CPU: batches run at once, each on one thread (1 = one batch at a time on all threads). Default: "
+                        "for a job of 200 clips and 10 min of audio or more, the streams and the CNN that ran fastest when timed on "
+                        "this machine (once per encoder shape, kept in $SPEECHTL_CACHE/schedules.json); for a smaller job, "
+                        "one per torch thread, at most 8; ignored on a GPU")
     s.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="precision the encoder runs in: auto = bf16 autocast on CUDA and on CPUs with AMX, float32 on "
                         "other CPUs; none = float32 everywhere (part of the cache key)")

@@ -219,6 +219,61 @@ def test_training_starts_workers_by_the_same_rule_unless_num_workers_is_set(monk
     assert (workers(3, small), workers(0, big)) == (3, 0)  # a value given is kept
 
 
+# --------------------------------------------------------------------------- the schedule
+
+
+def test_the_schedule_is_timed_once_per_machine_and_read_back(tmp_path, store, monkeypatch):
+    from speechtl import schedule
+
+    enc = load_encoder(str(_encoder_folder(tmp_path)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two cores: 2 streams or 1, each CNN
+    options = schedule.candidates(enc, "cpu")
+    assert set(options) == {schedule.Schedule(s, c) for s in (2, 1) for c in (True, False)}
+    timed = []
+    real = schedule.time_schedule
+    fastest = schedule.Schedule(1, False)  # made the fastest here, whatever this machine says
+
+    def fake(encoder, device, sched, amp):
+        timed.append(sched)
+        real(encoder, device, sched, amp)  # runs: the probe must work for every option
+        return 0.01 if sched == fastest else 0.05
+
+    monkeypatch.setattr(schedule, "time_schedule", fake)
+    assert schedule.choose(enc, "cpu") == fastest and sorted(timed, key=str) == sorted(options, key=str)
+    assert enc.fast_cnn  # the probe leaves the encoder as it was
+    kept = json.loads(schedule.store_path().read_text())
+    (entry,) = kept.values()
+    assert entry["schedule"] == {"streams": 1, "fast_cnn": False} and len(entry["seconds_per_audio_second"]) == 4
+
+    timed.clear()
+    assert schedule.choose(enc, "cpu") == fastest and timed == []  # read back, not timed again
+    assert schedule.choose(enc, "cuda") == schedule.Schedule(1, False)  # a GPU runs one stream
+    schedule.store_path().write_text("not json")
+    assert schedule.choose(enc, "cpu", calibrate=False) == schedule.default_schedule(enc, "cpu")
+
+
+def test_a_big_extraction_runs_the_chosen_schedule_and_a_small_one_the_default(tmp_path, store, monkeypatch):
+    from speechtl import schedule
+
+    enc = load_encoder(str(_encoder_folder(tmp_path)))
+    utts = [Utterance(f"u{i}", str(make_wav(tmp_path / f"u{i}.wav", 0.6, freq=300 + 50 * i)), "ab", 0.6) for i in range(2)]
+    monkeypatch.setattr(cache_mod, "choose_schedule", lambda *a, **k: schedule.Schedule(1, False))
+    seen = []
+    real = cache_mod.encode_batches
+
+    def spy(encoder, loader, device, layer_ids, dtype, streams, amp):
+        seen.append((streams, encoder.fast_cnn))
+        return real(encoder, loader, device, layer_ids, dtype, streams, amp)
+
+    monkeypatch.setattr(cache_mod, "encode_batches", spy)
+    small = extract_to_cache(enc, utts, tmp_path / "small", progress=False)
+    monkeypatch.setattr(cache_mod, "is_small_job", lambda durations: False)
+    big = extract_to_cache(enc, utts, tmp_path / "big", progress=False)
+    assert seen == [(None, True), (1, False)] and enc.fast_cnn  # restored after
+    for u in utts:  # the same features either way
+        torch.testing.assert_close(small[u.id].float(), big[u.id].float(), atol=2e-3, rtol=1e-2)
+
+
 # --------------------------------------------------------------------------- threads
 
 
