@@ -5,9 +5,11 @@
 #            new texts) and a test set of >= 200 utterances spoken by voice variants that
 #            never occur in that target's training data
 #   stage 1  nested labelled budgets: the 1-min set is a prefix of the 10-min set, and so on
-#   stage 2  train every target x budget x mode (frozen, finetune, scratch); every mode of
-#            one budget runs the same updates on the same batches, and scratch (which also
-#            trains its CNN) takes the longest wall time; finished runs are skipped
+#   stage 2  train every target x budget x mode; every mode of one budget runs the same
+#            updates on the same batches, and scratch (which also trains its CNN) takes the
+#            longest wall time; finished runs are skipped. Modes are conf/MODE.yaml: frozen,
+#            finetune, scratch, freeze2 (finetune above the first 2 layers), lora (LoRA
+#            adapters, any encoder), mms (MMS adapters, wav2vec2-family encoders)
 #   stage 3  score every trained model on its target's test set, greedy and with a word LM
 #            (3-gram from that budget's training text plus the language's 50,000 most
 #            frequent words, wordfreq); for Whisper encoders, score Whisper's own decoder
