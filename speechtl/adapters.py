@@ -24,10 +24,12 @@ under names that do not depend on ``peft``'s internal adapter name.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -207,10 +209,48 @@ def canonical(key: str) -> str:
     return _PEFT_NAME.sub(r".\1", key)
 
 
+def _lora_layers(module: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in module.modules() if isinstance(m, LoraLayer)]
+
+
+def set_lora_merged(module: nn.Module, merged: bool) -> None:
+    """Fold every LoRA update of ``module`` into its base weight (``merged``: inference then
+    runs one matrix product per projection instead of three), or take it out again."""
+    if not any("lora_" in n for n, _ in module.named_parameters()):
+        return
+    for m in _lora_layers(module):
+        if merged and not m.merged:
+            m.merge()
+        elif not merged and m.merged:
+            m.unmerge()
+
+
+def lora_is_merged(module: nn.Module) -> bool:
+    return any(m.merged for m in _lora_layers(module)) if any("lora_" in n for n, _ in module.named_parameters()) else False
+
+
+@contextmanager
+def lora_unmerged(module: nn.Module) -> Iterator[None]:
+    """The block sees the base weights apart from the LoRA updates; merged ones are folded
+    back in after it (with the adapters' values as they are then)."""
+    merged = lora_is_merged(module)
+    if merged:
+        set_lora_merged(module, False)
+    try:
+        yield
+    finally:
+        if merged:
+            set_lora_merged(module, True)
+
+
 def base_state_dict(module: nn.Module, adapter_keys=()) -> dict[str, torch.Tensor]:
     """``module``'s weights without adapters, under their names from before they were attached."""
     skip = set(adapter_keys)
-    return {_base_name(k): v for k, v in module.state_dict().items() if k not in skip}
+    merged = lora_is_merged(module)
+    with lora_unmerged(module):  # copies where the weights are merged again after the block
+        return {_base_name(k): v.clone() if merged else v for k, v in module.state_dict().items() if k not in skip}
 
 
 def adapter_parameters(encoder) -> dict[str, nn.Parameter]:
@@ -231,11 +271,12 @@ def load_adapter_state(encoder, state: dict[str, torch.Tensor], where: str = "ad
         missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         raise ValueError(f"{where}: its adapter weights do not fit this model's adapters (missing {missing[:3]}, "
                          f"unexpected {extra[:3]})")
-    with torch.no_grad():
+    for k, p in params.items():
+        if p.shape != state[k].shape:
+            raise ValueError(f"{where}: {k} has shape {tuple(state[k].shape)}, the model's adapter "
+                             f"{tuple(p.shape)}")
+    with torch.no_grad(), lora_unmerged(encoder.model):  # merged LoRA updates are re-folded with the new values
         for k, p in params.items():
-            if p.shape != state[k].shape:
-                raise ValueError(f"{where}: {k} has shape {tuple(state[k].shape)}, the model's adapter "
-                                 f"{tuple(p.shape)}")
             p.copy_(state[k])
 
 
@@ -258,5 +299,6 @@ def adapter_file(model_dir: str | Path, lang: str) -> Path:
 
 
 __all__ = ["ADAPTER_KINDS", "AdapterConfig", "adapter_file", "adapter_parameters", "adapter_state", "attach",
-           "base_state_dict", "canonical", "check_lang", "check_supported", "load_adapter_state", "lora_merged",
+           "base_state_dict", "canonical", "check_lang", "check_supported", "load_adapter_state", "lora_is_merged",
+           "lora_merged", "lora_unmerged", "set_lora_merged",
            "lora_targets", "resolve_config", "training_language"]

@@ -114,6 +114,10 @@ class Recognizer:
                  device: str | None = None, model_dir: str | os.PathLike | None = None):
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
+        if model.mode == "adapter":  # inference only: LoRA updates folded into the base weights
+            from . import adapters as adapter_lib
+
+            adapter_lib.set_lora_merged(self.model.encoder.model, True)
         self.vocab = vocab
         self.normalizer = normalizer
         self.meta = meta or {}

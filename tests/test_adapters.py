@@ -134,6 +134,33 @@ def test_switching_languages_gives_each_its_own_transcripts(two_languages, cs, i
     assert speechtl.load(two_languages["cs"]).transcribe(audio) == direct["cs"]
 
 
+def test_a_recogniser_folds_lora_into_the_base_and_keeps_its_outputs(two_languages, cs, it):
+    from speechtl import adapters as adapter_lib
+    from speechtl.audio import load_audio
+    from speechtl.loader import pad_waveforms
+    from speechtl.model import load_model_dir
+
+    if two_languages["kind"] != "lora":
+        pytest.skip("LoRA only: MMS adapters are layers of their own")
+    both = two_languages["both"]
+    wavs, lengths = pad_waveforms([torch.from_numpy(load_audio(u.audio)) for u in read_manifest(it)[:3]])
+    rec = speechtl.load(both, lang="it")
+    assert adapter_lib.lora_is_merged(rec.model.encoder.model)
+    plain, *_ = load_model_dir(both, lang="it")  # as trained: the updates computed beside the base
+    assert not adapter_lib.lora_is_merged(plain.encoder.model)
+    with torch.inference_mode():
+        merged_out, plain_out = rec.model(wavs, lengths)[0], plain.eval()(wavs, lengths)[0]
+    torch.testing.assert_close(merged_out, plain_out, atol=1e-4, rtol=1e-4)
+    base = adapter_lib.base_state_dict(rec.model.encoder.model, rec.model.encoder.adapter_keys)
+    for k, v in adapter_lib.base_state_dict(plain.encoder.model, plain.encoder.adapter_keys).items():
+        torch.testing.assert_close(base[k], v, atol=1e-6, rtol=1e-5)  # the base weights, not the merged ones
+    # switching languages takes one language's updates out and folds the other's in
+    rec.set_language("cs")
+    plain_cs, *_ = load_model_dir(both, lang="cs")
+    with torch.inference_mode():
+        torch.testing.assert_close(rec.model(wavs, lengths)[0], plain_cs.eval()(wavs, lengths)[0], atol=1e-4, rtol=1e-4)
+
+
 def test_cli_lang_switches_and_names_the_languages_a_model_has(two_languages, cs, tmp_path, capsys):
     both = two_languages["both"]
     wav = read_manifest(cs)[1].audio
