@@ -93,6 +93,16 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {n})")
+    return n
+
+
 def _floats(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -202,7 +212,7 @@ def cmd_transcribe(args) -> int:
         rec = Recognizer.load(args.model_dir, device=args.device, lang=args.lang)
     hotwords = [w for w in (args.hotwords or "").split(",") if w.strip()]
     tr = rec.transcriber(args.chunk_length_s, args.stride_length_s, args.batch_seconds, args.lm, args.beam_width,
-                         args.alpha, args.beta, hotwords, args.hotword_weight)
+                         args.alpha, args.beta, hotwords, args.hotword_weight, streams=args.streams)
     names = _output_names(items, args.format) if args.out else None
     failed = 0
     for i, t in tr.run_indexed(items, progress=not args.quiet):
@@ -434,7 +444,7 @@ def _add_extract(sub) -> None:
                    help="DataLoader processes decoding and resampling audio (default: none for a small job, under "
                         f"{SMALL_JOB_CLIPS} clips or under {SMALL_JOB_MINUTES} min of audio, where starting them costs more "
                         "than they save, and none on a CPU with <= 4 cores; otherwise 2 on a CPU, up to 8 with a GPU)")
-    s.add_argument("--streams", type=int, default=None,
+    s.add_argument("--streams", type=_at_least_one, default=None,
                    help="CPU: batches run at once, each on one thread (1 = one batch at a time on all threads). Default: "
                         "for a job of 200 clips and 10 min of audio or more, the streams and the CNN that ran fastest when timed on "
                         "this machine (once per encoder shape, kept in $SPEECHTL_CACHE/schedules.json); for a smaller job, "
@@ -484,6 +494,9 @@ def _add_transcribe(sub) -> None:
     s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer audio is decoded in windows of this length")
     s.add_argument("--stride-length-s", type=float, default=None, help="overlap on each side of a window (default: chunk/6)")
     s.add_argument("--batch-seconds", type=float, default=None, help="cap on padded audio seconds per batch (default: 10 on CPU, 300 on GPU)")
+    s.add_argument("--streams", type=_at_least_one, default=None,
+                   help="CPU: batches of short files run at once, each on one thread (default: one per torch thread, "
+                        "at most 8; 1 = one batch at a time on all threads); ignored on a GPU")
     s.add_argument("--lm", help="n-gram LM (.arpa; kenlm binary with kenlm installed) for beam search")
     s.add_argument("--alpha", type=float, default=0.5, help="LM weight")
     s.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")

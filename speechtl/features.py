@@ -8,6 +8,7 @@ float16; :class:`FeatureDataset` then serves them to the head, which is all that
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import deque
@@ -40,6 +41,39 @@ def cpu_streams(device: torch.device | str) -> int:
     if torch.device(device).type != "cpu":
         return 1
     return max(1, min(torch.get_num_threads(), 8))
+
+
+_END = object()
+
+
+def side_by_side(fn: Callable, jobs: Sequence, streams: int) -> Iterator:
+    """``fn(job)`` for every job, ``streams`` at a time on threads with one intra-op thread
+    each (several small matrix products side by side keep a CPU's cores busier than one
+    split across them), yielding the results in the jobs' order. At most two jobs per
+    thread are started ahead of the one being yielded; the thread count is restored after."""
+    if streams <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield fn(job)
+        return
+
+    def run(job):
+        torch.set_num_threads(1)
+        return fn(job)
+
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(max_workers=streams)
+    try:
+        pending = iter(jobs)
+        in_flight: deque = deque(pool.submit(run, job) for job in itertools.islice(pending, 2 * streams))
+        while in_flight:
+            result = in_flight.popleft().result()
+            nxt = next(pending, _END)
+            if nxt is not _END:
+                in_flight.append(pool.submit(run, nxt))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def encode_batches(

@@ -178,12 +178,15 @@ class Recognizer:
 
     def transcriber(self, chunk_length_s: float = 30.0, stride_length_s: float | None = None, max_batch_seconds: float | None = None,
                     lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float = 0.5, beta: float = 1.0,
-                    hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0):
-        """A :class:`speechtl.transcribe.Transcriber` for this model, decoding as :meth:`decoder` says."""
+                    hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0, streams: int | None = None):
+        """A :class:`speechtl.transcribe.Transcriber` for this model, decoding as :meth:`decoder` says.
+        ``streams``: on a CPU, batches of short files run at once, each on one thread
+        (default: one per torch thread, at most 8; 1 = one batch at a time on all threads)."""
         from .transcribe import Transcriber
 
         decoder = self.decoder(lm, beam_width, alpha, beta, hotwords, hotword_weight)
-        return Transcriber(self.model, self.vocab, self.device, decoder, chunk_length_s, stride_length_s, max_batch_seconds)
+        return Transcriber(self.model, self.vocab, self.device, decoder, chunk_length_s, stride_length_s, max_batch_seconds,
+                           streams=streams)
 
     def transcribe(
         self,

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_info, load_audio
 from .decode import GreedyDecoder, Word
+from .features import cpu_streams, side_by_side
 from .loader import encoder_batch_seconds, pad_waveforms
 from .text import Vocabulary
 
@@ -155,7 +156,8 @@ class Transcriber:
 
     def __init__(self, model, vocab: Vocabulary, device: torch.device, decoder: Callable | None = None,
                  chunk_length_s: float = 30.0, stride_length_s: float | None = None,
-                 max_batch_seconds: float | None = None, max_gap_s: float = 1.0, max_segment_s: float = 10.0):
+                 max_batch_seconds: float | None = None, max_gap_s: float = 1.0, max_segment_s: float = 10.0,
+                 streams: int | None = None):
         self.model = model
         self.vocab = vocab
         self.device = device
@@ -187,6 +189,10 @@ class Transcriber:
         if max_batch_seconds is None:
             max_batch_seconds = encoder_batch_seconds(device)
         self.max_batch_seconds = max_batch_seconds
+        # short files' batches run this many at a time on a CPU, each on one thread
+        self.streams = cpu_streams(device) if streams is None else streams
+        if streams is not None and streams < 1:
+            raise ValueError(f"streams must be at least 1 (got {streams})")
         self.max_gap_s = max_gap_s
         self.max_segment_s = max_segment_s
 
@@ -228,14 +234,23 @@ class Transcriber:
         chunk_s = self.chunk / SAMPLE_RATE
         short = sorted((i for i, d in infos.items() if d <= chunk_s), key=lambda i: infos[i])
         long = [i for i, d in infos.items() if d > chunk_s]
-        # short files: duration-sorted batches capped by padded seconds
-        batch: list[int] = []
+        # short files: duration-sorted batches capped by padded seconds, each read and run on
+        # one of `streams` threads side by side (a CPU's), decoded here in order
+        batches: list[list[int]] = []
         for i in short:
-            if batch and infos[i] * (len(batch) + 1) > self.max_batch_seconds:
-                yield from self._short_batch(items, batch, infos, bar)
-                batch = []
-            batch.append(i)
-        yield from self._short_batch(items, batch, infos, bar)
+            if batches and batches[-1] and infos[i] * (len(batches[-1]) + 1) > self.max_batch_seconds:
+                batches.append([])
+            if not batches:
+                batches.append([])
+            batches[-1].append(i)
+        streams = self.streams if self.device.type == "cpu" else 1
+        for failed, done in side_by_side(lambda b: self._short_log_probs(items, b), batches, streams):
+            for i, reason in failed:
+                bar.update(1)
+                yield i, self._failed(items[i], reason)
+            for i, lp in done:
+                bar.update(1)
+                yield i, self._finish(items[i], lp, infos[i])
         # long files: their windows in batches, stitched, decoded once
         for i in long:
             try:
@@ -259,21 +274,16 @@ class Transcriber:
                 pending = []
         return np.concatenate(parts) if parts else np.zeros((0, len(self.vocab)), np.float32)
 
-    def _short_batch(self, items, batch, infos, bar) -> Iterator[Transcript]:
-        if not batch:
-            return
-        wavs, ok = [], []
+    def _short_log_probs(self, items, batch) -> tuple[list[tuple[int, str]], list[tuple[int, np.ndarray]]]:
+        """Read a batch of short files and run the model: (failures, log-probs by index)."""
+        wavs, ok, failed = [], [], []
         for i in batch:
             try:
                 wavs.append(items[i].read())
                 ok.append(i)
             except AudioError as e:
-                bar.update(1)
-                yield i, self._failed(items[i], e.reason)
-        if ok:
-            for i, lp in zip(ok, self._log_probs(wavs)):
-                bar.update(1)
-                yield i, self._finish(items[i], lp, infos[i])
+                failed.append((i, e.reason))
+        return failed, list(zip(ok, self._log_probs(wavs))) if ok else []
 
     def _failed(self, item: Item, reason: str) -> Transcript:
         return Transcript(item.path, error=reason, id=item.key if item.key != item.path else None)

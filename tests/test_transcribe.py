@@ -83,6 +83,35 @@ def test_chunked_transcripts_match_and_keep_input_order(tmp_path):
         assert a[i].duration == pytest.approx(len(arrays[i]) / 16000, abs=1e-3)
 
 
+def test_short_files_run_side_by_side_with_the_same_transcripts_in_order(tmp_path):
+    import threading
+
+    seen = set()
+
+    class Spy(LocalModel):
+        def forward(self, values, lengths):
+            seen.add(threading.get_ident())
+            return super().forward(values, lengths)
+
+    arrays = [piecewise_signal(1.0 + 0.37 * (i % 5), seed=i) for i in range(12)]
+    items = [Item(f"a{i}", f"<a{i}>", a) for i, a in enumerate(arrays)]
+    items.insert(5, Item("missing", str(tmp_path / "missing.wav")))  # fails in the middle of a batch
+    threads = torch.get_num_threads()
+    runs = {}
+    for streams in (1, 3):
+        seen.clear()
+        tr = Transcriber(Spy(), VOCAB, torch.device("cpu"), max_batch_seconds=4.0, streams=streams)
+        runs[streams] = list(tr.run_indexed(items))
+        assert len(seen) == min(streams, 3) and torch.get_num_threads() == threads
+    assert [i for i, _ in runs[1]] == [i for i, _ in runs[3]]  # the same order
+    assert sorted(i for i, _ in runs[3]) == list(range(13))
+    one, three = dict(runs[1]), dict(runs[3])
+    assert three[5].error and "missing.wav" in three[5].path and one[5].error == three[5].error
+    assert all(one[i].text == three[i].text and three[i].text for i in range(13) if i != 5)
+    with pytest.raises(ValueError, match="streams"):
+        Transcriber(Spy(), VOCAB, torch.device("cpu"), streams=0)
+
+
 def one_hot_log_probs(path_ids: list[int], v: int = len(VOCAB), p: float = 0.9) -> np.ndarray:
     lp = np.full((len(path_ids), v), math.log((1 - p) / (v - 1)), dtype=np.float32)
     lp[np.arange(len(path_ids)), path_ids] = math.log(p)
@@ -369,3 +398,12 @@ def test_align_refuses_a_recording_too_long_for_one_alignment(tmp_path):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing like the 2.5 GB trellis
     words = align_words(lp[:3000], "cat sat", VOCAB, 0.02)  # a short piece still aligns
     assert [w.word for w in words] == ["cat", "sat"]
+
+
+@pytest.mark.parametrize("command", [["transcribe", "model", "a.wav"], ["extract", "--manifest", "m.jsonl", "--out", "o"]])
+def test_streams_below_one_is_refused_before_any_work(command, capsys):
+    from speechtl.cli import main
+
+    with pytest.raises(SystemExit):
+        main([*command, "--streams", "0"])
+    assert "--streams: must be at least 1 (got 0)" in capsys.readouterr().err
