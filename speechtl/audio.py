@@ -123,12 +123,20 @@ def load_audio(
 
 
 def resample(wav: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """High-quality (soxr) resampling of a 1-D float array."""
+    """High-quality (soxr HQ) resampling of a 1-D float array to ``ceil(len * target / orig)``
+    samples, as ``librosa.resample(res_type="soxr_hq")`` gives, without importing librosa
+    (which imports scipy.signal and numba: seconds of a short command's start-up)."""
     if orig_sr == target_sr or wav.size == 0:
         return wav
-    import librosa
+    import soxr
 
-    return librosa.resample(wav, orig_sr=orig_sr, target_sr=target_sr, res_type="soxr_hq")
+    n = int(np.ceil(wav.shape[-1] * float(target_sr) / orig_sr))
+    out = soxr.resample(wav, orig_sr, target_sr, quality="soxr_hq")
+    if out.shape[-1] > n:
+        out = out[:n]
+    elif out.shape[-1] < n:
+        out = np.pad(out, (0, n - out.shape[-1]))
+    return np.asarray(out, dtype=wav.dtype)
 
 
 def change_speed(wav: np.ndarray, factor: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

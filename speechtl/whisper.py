@@ -49,10 +49,13 @@ class LogMel(nn.Module):
 
     def __init__(self, n_mels: int = 80):
         super().__init__()
-        import librosa
+        from transformers.audio_utils import mel_filter_bank
 
-        # the filters OpenAI's Whisper ships were made by librosa with these arguments
-        mel = torch.from_numpy(librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=n_mels)).float()
+        # WhisperFeatureExtractor's filters (Slaney mel scale and norm, 0-8 kHz: those OpenAI's
+        # Whisper ships, made by librosa); not librosa itself, whose import costs seconds
+        mel = torch.from_numpy(mel_filter_bank(num_frequency_bins=1 + N_FFT // 2, num_mel_filters=n_mels, min_frequency=0.0,
+                                               max_frequency=SAMPLE_RATE / 2, sampling_rate=SAMPLE_RATE, norm="slaney",
+                                               mel_scale="slaney").T).float()
         self.register_buffer("filters", mel, persistent=False)  # (n_mels, 201)
         self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
         self.n_mels = n_mels

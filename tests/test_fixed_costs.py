@@ -72,6 +72,32 @@ def test_prepare_and_lm_build_run_without_torch(tmp_path):
     assert "\\data\\" in (tmp_path / "lm.arpa").read_text()
 
 
+def test_reading_and_resampling_audio_imports_neither_librosa_nor_scipy_signal(tmp_path):
+    path = make_wav(tmp_path / "a.wav", 0.7, sr=22050)
+    got = _run_python(f"""
+        import json, sys
+        from speechtl.audio import load_audio
+
+        wav = load_audio({str(path)!r})
+        print(json.dumps({{"n": len(wav), "heavy": sorted(m for m in ("librosa", "scipy.signal", "numba") if m in sys.modules)}}))
+    """)
+    assert got == {"n": int(0.7 * 16000), "heavy": []}
+
+
+def test_resampling_gives_what_librosa_soxr_hq_gives():
+    import librosa
+    import numpy as np
+
+    from speechtl.audio import resample
+
+    rng = np.random.default_rng(0)
+    for sr in (8000, 22050, 44100, 48000):
+        for n in (1, 7, 22051):
+            x = rng.standard_normal(n).astype(np.float32)
+            ours, theirs = resample(x, sr, 16000), librosa.resample(x, orig_sr=sr, target_sr=16000, res_type="soxr_hq")
+            assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+
+
 def test_train_help_still_lists_the_config_keys(capsys):
     from speechtl.cli import main
 
