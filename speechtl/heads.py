@@ -6,8 +6,7 @@ frames; heads return logits ``(B, T, V)``.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,11 +62,13 @@ class BiLSTMHead(nn.Module):
     each clip reversed within its own length, so it too starts on the clip's last valid
     frame. Frames past a clip's length come out as zeros, as from a packed run.
 
-    On a CPU the recurrence runs on one intra-op thread: each time step is a small matrix
-    product, and splitting it across threads makes every step wait on the slowest one.
-    With 2 threads on a 2-core machine with one other busy process, a 2 x 384 BiLSTM over
-    4 x 500 frames took 1.4 s at best and 32 s at worst, against 0.7 s on one thread
-    (``benchmarks/bench_lstm_threads.py``).
+    Each time step of the recurrence is a small matrix product split across torch's
+    intra-op threads: on an idle 2-core machine 2 threads run a 2 x 384 BiLSTM over
+    4 x 500 frames twice as fast as one, but beside one other busy process 2 threads take
+    twice as long as one, and on a loaded machine steps stall for seconds
+    (``benchmarks/bench_lstm_threads.py``). Transcription therefore runs batches side by
+    side on one thread each (``Transcriber``'s ``streams``); set ``OMP_NUM_THREADS=1`` for
+    training runs that share a machine.
     """
 
     def __init__(self, input_size: int, vocab_size: int, hidden_size: int = 256, num_layers: int = 2, dropout: float = 0.1):
@@ -106,11 +107,6 @@ class BiLSTMHead(nn.Module):
             return z.gather(1, flip.expand_as(z))
 
         zeros = x.new_zeros(1, b, lstm.hidden_size)
-        with one_thread():
-            return self._layers(x, valid, reverse, zeros)
-
-    def _layers(self, x: torch.Tensor, valid: torch.Tensor, reverse, zeros: torch.Tensor) -> torch.Tensor:
-        lstm = self.lstm
         for layer in range(lstm.num_layers):
             outs = []
             for suffix, order in (("", lambda z: z), ("_reverse", reverse)):
@@ -122,20 +118,6 @@ class BiLSTMHead(nn.Module):
             if layer < lstm.num_layers - 1 and lstm.dropout > 0:
                 x = F.dropout(x, lstm.dropout, self.training)
         return x
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run the block on one intra-op thread, restoring the thread count after it."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def mask_spans(x: torch.Tensor, lengths: torch.Tensor | None, time_prob: float, time_length: int,

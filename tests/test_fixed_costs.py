@@ -300,34 +300,6 @@ def test_a_big_extraction_runs_the_chosen_schedule_and_a_small_one_the_default(t
         torch.testing.assert_close(small[u.id].float(), big[u.id].float(), atol=2e-3, rtol=1e-2)
 
 
-# --------------------------------------------------------------------------- threads
-
-
-def test_the_bilstm_recurrence_runs_on_one_thread_and_gives_the_same_logits(monkeypatch):
-    from speechtl import heads
-
-    torch.manual_seed(0)
-    head = heads.BiLSTMHead(16, 7, hidden_size=12, num_layers=2).eval()
-    x, lengths = torch.randn(3, 40, 16), torch.tensor([40, 25, 9])
-    seen = []
-    real_lstm = torch.lstm
-    monkeypatch.setattr(torch, "lstm", lambda *a: seen.append(torch.get_num_threads()) or real_lstm(*a))
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.inference_mode():
-            got = head(x, lengths)
-            assert seen == [1] * 4 and torch.get_num_threads() == 2  # 2 layers x 2 directions; restored after
-            monkeypatch.setattr(heads, "one_thread", __import__("contextlib").nullcontext)
-            seen.clear()
-            plain = head(x, lengths)
-            assert seen == [2] * 4
-    finally:
-        torch.set_num_threads(before)
-    torch.testing.assert_close(got, plain)
-    assert got.abs().sum() > 0
-
-
 # --------------------------------------------------------------------------- garbage collector
 
 
