@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from speechtl.schedule import cpu_name  # noqa: F401  (the benchmarks' CPU name is the schedule key's)
+
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
@@ -22,16 +24,6 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_units() -> dict[str, bool]:

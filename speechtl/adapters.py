@@ -210,6 +210,9 @@ def canonical(key: str) -> str:
 
 
 def _lora_layers(module: nn.Module) -> list[nn.Module]:
+    """``module``'s LoRA layers (peft is imported only where the module has LoRA weights)."""
+    if not any("lora_" in n for n, _ in module.named_parameters()):
+        return []
     from peft.tuners.lora import LoraLayer
 
     return [m for m in module.modules() if isinstance(m, LoraLayer)]
@@ -218,8 +221,6 @@ def _lora_layers(module: nn.Module) -> list[nn.Module]:
 def set_lora_merged(module: nn.Module, merged: bool) -> None:
     """Fold every LoRA update of ``module`` into its base weight (``merged``: inference then
     runs one matrix product per projection instead of three), or take it out again."""
-    if not any("lora_" in n for n, _ in module.named_parameters()):
-        return
     for m in _lora_layers(module):
         if merged and not m.merged:
             m.merge()
@@ -228,7 +229,7 @@ def set_lora_merged(module: nn.Module, merged: bool) -> None:
 
 
 def lora_is_merged(module: nn.Module) -> bool:
-    return any(m.merged for m in _lora_layers(module)) if any("lora_" in n for n, _ in module.named_parameters()) else False
+    return any(m.merged for m in _lora_layers(module))
 
 
 @contextmanager

@@ -48,7 +48,8 @@ def store_path() -> Path:
     return Path(root) / "schedules.json"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name, from /proc/cpuinfo (else what platform says)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -62,7 +63,7 @@ def machine_key(encoder, amp_dtype) -> str:
     """What the timing depends on: the CPU, the threads, torch, the precision and the
     encoder's shape (its configuration; the weights' values do not change the speed)."""
     config = encoder.config.to_json_string(use_diff=False) if hasattr(encoder.config, "to_json_string") else repr(encoder.config)
-    parts = [_cpu_name(), str(torch.get_num_threads()), torch.__version__, str(amp_dtype), config]
+    parts = [cpu_name(), str(torch.get_num_threads()), torch.__version__, str(amp_dtype), config]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
@@ -175,7 +176,7 @@ def choose(encoder, device, amp: str = "auto", calibrate: bool = True) -> Schedu
     logger.info("timed %d ways of running the encoder on this CPU in %.1f s; fastest: %d stream(s), %s CNN "
                 "(kept in %s)", len(options), time.perf_counter() - t0, best.streams,
                 "time-major" if best.fast_cnn else "transformers'", path)
-    store[key] = {"schedule": asdict(best), "at": time.time(), "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+    store[key] = {"schedule": asdict(best), "at": time.time(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
                   "seconds_per_audio_second": {f"streams={s.streams},fast_cnn={s.fast_cnn}": round(v, 5)
                                                for s, v in timings.items()}}
     _write_store(path, store)

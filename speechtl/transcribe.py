@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_info, load_audio
 from .decode import GreedyDecoder, Word
 from .features import cpu_streams, side_by_side
-from .loader import encoder_batch_seconds, pad_waveforms
+from .loader import cut_batches, encoder_batch_seconds, pad_waveforms
 from .text import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -236,13 +236,7 @@ class Transcriber:
         long = [i for i, d in infos.items() if d > chunk_s]
         # short files: duration-sorted batches capped by padded seconds, each read and run on
         # one of `streams` threads side by side (a CPU's), decoded here in order
-        batches: list[list[int]] = []
-        for i in short:
-            if batches and batches[-1] and infos[i] * (len(batches[-1]) + 1) > self.max_batch_seconds:
-                batches.append([])
-            if not batches:
-                batches.append([])
-            batches[-1].append(i)
+        batches = cut_batches(short, infos, self.max_batch_seconds)
         streams = self.streams if self.device.type == "cpu" else 1
         for failed, done in side_by_side(lambda b: self._short_log_probs(items, b), batches, streams):
             for i, reason in failed:
