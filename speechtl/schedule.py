@@ -44,8 +44,9 @@ class Schedule:
 
 
 def store_path() -> Path:
-    root = os.environ.get("SPEECHTL_CACHE") or Path.home() / ".cache" / "speechtl"
-    return Path(root) / "schedules.json"
+    from .encoder import fetched_dir  # $SPEECHTL_CACHE/encoders: the per-user cache's root is its parent
+
+    return fetched_dir().parent / "schedules.json"
 
 
 def cpu_name() -> str:
