@@ -102,7 +102,15 @@ def encoder_fingerprint(encoder: SpeechEncoder, reuse: bool = True) -> str:
 
 
 def _config_json(encoder: SpeechEncoder) -> str:
-    cfg = {k: v for k, v in encoder.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
+    """The architecture part of the fingerprint. Families that speechtl's own modules can run
+    (wav2vec2, HuBERT, Whisper) hash the config keys that decide the forward pass, so that an
+    encoder loaded through either transformers or :mod:`speechtl.native` has one
+    fingerprint; other families hash their whole config."""
+    from .native import architecture
+
+    cfg = architecture(encoder.config)
+    if cfg is None:
+        cfg = {k: v for k, v in encoder.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
     return json.dumps(cfg, sort_keys=True, default=str)
 
 

@@ -353,7 +353,9 @@ def cmd_extract(args) -> int:
     ctx, device = dist_util.setup(args.device)  # under torchrun: one process per rank, each on its own device
     try:
         with _start_up(args):
-            encoder = load_encoder(args.encoder, trust_remote_code=args.trust_remote_code)
+            # extraction only runs the encoder: speechtl's own modules where they fit (speechtl.native)
+            encoder = load_encoder(args.encoder, trust_remote_code=args.trust_remote_code,
+                                   inference=not args.trust_remote_code)
         utts = read_manifest(args.manifest)
         check_readable(utts)  # a broken file stops the job before any work, named with all the others
         t0 = time.perf_counter()

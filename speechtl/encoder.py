@@ -280,6 +280,7 @@ def load_encoder(
     seed: int = 0,
     config_overrides: dict | None = None,
     trust_remote_code: bool = False,
+    inference: bool = False,
 ) -> SpeechEncoder:
     """Load an encoder by local directory, hub id, or ``"default"``.
 
@@ -289,10 +290,12 @@ def load_encoder(
         config_overrides: training-time config keys (``mask_time_prob``,
             ``layerdrop``, ...), applied before the model is built.
         trust_remote_code: passed to transformers; off unless the user turns it on.
+        inference: the encoder will only run in eval mode. A local wav2vec2, HuBERT or
+            Whisper directory is then built from speechtl's own modules
+            (:mod:`speechtl.native`), which spares the command the import of transformers'
+            modelling code; ``SPEECHTL_NATIVE=0`` turns this off.
     """
-    from transformers import AutoConfig, AutoModel
-
-    from .whisper import is_whisper_source, load_whisper_encoder
+    from .whisper import WhisperSpeechEncoder, is_whisper_source, load_whisper_encoder
 
     source = resolve_encoder(name_or_path)
     overrides = dict(config_overrides or {})
@@ -302,6 +305,16 @@ def load_encoder(
     if not os.path.exists(source) and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
         # a hub id is owner/name; anything else that does not exist is a mistyped folder
         raise FileNotFoundError(f"encoder folder {source} does not exist")
+    if inference and not random_init and not overrides and os.path.isdir(source) and native_enabled():
+        from .native import load_native
+
+        model = load_native(source)
+        if model is not None:
+            if model.config.model_type == "whisper":
+                return WhisperSpeechEncoder(model, source=str(name_or_path)).eval()
+            return SpeechEncoder(model, normalize_waveform=_read_do_normalize(source), source=str(name_or_path)).eval()
+    from transformers import AutoConfig, AutoModel
+
     if is_whisper_source(source):
         return load_whisper_encoder(source, str(name_or_path), random_init, seed, overrides)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -327,6 +340,11 @@ def load_encoder(
     for k, v in final_masking.items():
         setattr(model.config, k, v)
     return SpeechEncoder(model, normalize_waveform=_read_do_normalize(source), source=str(name_or_path))
+
+
+def native_enabled() -> bool:
+    """Whether inference may use speechtl's own encoder modules (``SPEECHTL_NATIVE``, default on)."""
+    return os.environ.get("SPEECHTL_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def encoder_from_config(config, normalize_waveform: bool = True, seed: int = 0) -> SpeechEncoder:

@@ -131,7 +131,7 @@ class Recognizer:
         from .model import resolve_model_dir
 
         model_dir = resolve_model_dir(model_dir)
-        model, vocab, normalizer, meta = load_model_dir(model_dir, lang=lang)
+        model, vocab, normalizer, meta = load_model_dir(model_dir, lang=lang, inference=True)
         return cls(model, vocab, normalizer, meta, device, model_dir)
 
     @property

@@ -476,13 +476,16 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 
 
 def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
-                   lang: str | None = None) -> tuple[CTCModel, Vocabulary, Normalizer, dict]:
+                   lang: str | None = None, inference: bool = False) -> tuple[CTCModel, Vocabulary, Normalizer, dict]:
     """Load what :func:`save_model_dir` wrote; the model comes back in eval mode. ``lang``
-    chooses the language of an adapter model (default: the one trained last)."""
+    chooses the language of an adapter model (default: the one trained last).
+    ``inference``: the model will only decode, so its encoder may be speechtl's own
+    modules (see :func:`speechtl.encoder.load_encoder`); adapter models always load
+    through transformers, whose modules their adapters attach to."""
     model_dir = resolve_model_dir(model_dir)
     meta = read_meta(model_dir)
     lang = pick_language(model_dir, meta, lang)
-    encoder = load_encoder(str(model_dir / "encoder"))
+    encoder = load_encoder(str(model_dir / "encoder"), inference=inference and meta["mode"] != "adapter")
     encoder.source = meta["encoder"].get("source", encoder.source)
     head = HeadConfig(**meta["head"])
     if lang is not None:

@@ -49,13 +49,13 @@ class LogMel(nn.Module):
 
     def __init__(self, n_mels: int = 80):
         super().__init__()
-        from transformers.audio_utils import mel_filter_bank
+        from torchaudio.functional import melscale_fbanks
 
         # WhisperFeatureExtractor's filters (Slaney mel scale and norm, 0-8 kHz: those OpenAI's
-        # Whisper ships, made by librosa); not librosa itself, whose import costs seconds
-        mel = torch.from_numpy(mel_filter_bank(num_frequency_bins=1 + N_FFT // 2, num_mel_filters=n_mels, min_frequency=0.0,
-                                               max_frequency=SAMPLE_RATE / 2, sampling_rate=SAMPLE_RATE, norm="slaney",
-                                               mel_scale="slaney").T).float()
+        # Whisper ships, made by librosa), from torchaudio, whose import is light (a test
+        # compares the log-mel output with WhisperFeatureExtractor's)
+        mel = melscale_fbanks(1 + N_FFT // 2, 0.0, SAMPLE_RATE / 2, n_mels, SAMPLE_RATE, norm="slaney",
+                              mel_scale="slaney").T.contiguous().float()
         self.register_buffer("filters", mel, persistent=False)  # (n_mels, 201)
         self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
         self.n_mels = n_mels
