@@ -295,11 +295,38 @@ def lora_merged(base: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor]
     return out
 
 
+def fold_lora(encoder, adapters: dict[str, torch.Tensor], config: AdapterConfig, where: str = "adapter") -> None:
+    """Inference without peft (an encoder of :mod:`speechtl.native`): set each adapted
+    projection's weight to its base weight with ``adapters``' LoRA update folded in. The base
+    weights are kept aside the first time, so that another language's updates replace
+    these rather than add to them. The names and shapes must be those of this encoder's
+    LoRA targets."""
+    targets = lora_targets(encoder)
+    expected = {f"{m}.lora_{ab}.weight" for m in targets for ab in "AB"}
+    if set(adapters) != expected:
+        missing, extra = sorted(expected - set(adapters)), sorted(set(adapters) - expected)
+        raise ValueError(f"{where}: its adapter weights do not fit this model's LoRA layers (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]})")
+    layers = dict(encoder.model.named_modules())
+    if getattr(encoder, "lora_base", None) is None:
+        encoder.lora_base = {f"{m}.weight": layers[m].weight.detach().clone() for m in targets}
+    for m in targets:
+        w, a, b = encoder.lora_base[f"{m}.weight"], adapters[f"{m}.lora_A.weight"], adapters[f"{m}.lora_B.weight"]
+        if a.shape != (config.rank, w.shape[1]) or b.shape != (w.shape[0], config.rank):
+            raise ValueError(f"{where}: {m}'s LoRA weights have shapes {tuple(a.shape)} and {tuple(b.shape)}; "
+                             f"a rank-{config.rank} update of a {tuple(w.shape)} weight needs "
+                             f"{(config.rank, w.shape[1])} and {(w.shape[0], config.rank)}")
+    merged = lora_merged(encoder.lora_base, adapters, config)
+    with torch.no_grad():
+        for m in targets:
+            layers[m].weight.copy_(merged[f"{m}.weight"])
+
+
 def adapter_file(model_dir: str | Path, lang: str) -> Path:
     return Path(model_dir) / f"adapter.{lang}.safetensors"
 
 
 __all__ = ["ADAPTER_KINDS", "AdapterConfig", "adapter_file", "adapter_parameters", "adapter_state", "attach",
-           "base_state_dict", "canonical", "check_lang", "check_supported", "load_adapter_state", "lora_is_merged",
+           "base_state_dict", "canonical", "check_lang", "check_supported", "fold_lora", "load_adapter_state", "lora_is_merged",
            "lora_merged", "lora_unmerged", "set_lora_merged",
            "lora_targets", "resolve_config", "training_language"]

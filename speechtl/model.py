@@ -39,6 +39,7 @@ from ._io import atomic_dir, write_json
 from .adapters import AdapterConfig
 from .encoder import SpeechEncoder, load_encoder, parameter_groups, save_encoder, transformer_layers
 from .heads import WeightedLayerSum, build_head, mask_spans
+from .native import is_native
 from .text import Normalizer, Vocabulary, load_normalizer, save_normalizer
 from .units import describe_units, load_vocabulary, save_vocabulary, units_of
 
@@ -83,7 +84,12 @@ class CTCModel(nn.Module):
         self.language = language
         self.other_languages: dict[str, dict] = {}
         if adapter is not None and encoder is not None:
-            adapter_lib.attach(encoder, adapter)
+            if is_native(encoder):  # inference: LoRA updates are folded into the weights (adapters.fold_lora)
+                if adapter.kind != "lora":
+                    raise ValueError(f"speechtl's own encoder modules take LoRA adapters only, not {adapter.kind!r}")
+                encoder.adapter_config, encoder.adapter_keys = adapter, ()
+            else:
+                adapter_lib.attach(encoder, adapter)
         self.layer_sum = WeightedLayerSum(num_layers) if mode == "frozen" else None
         self.head = build_head(head.kind, hidden_size, vocab_size, head.dropout, head.hidden_size, head.num_layers)
         # frozen mode: SpecAugment-style masking of the summed features while training,
@@ -290,6 +296,9 @@ def save_model_dir(
     """Write a complete, reloadable model directory atomically. An adapter model's holds the
     base encoder, this language's files and those of the other languages it carries."""
     out_dir = Path(out_dir)
+    if model.encoder is not None and is_native(model.encoder):
+        raise ValueError("this model was loaded for inference only (speechtl's own encoder modules); load it with "
+                         "speechtl.model.load_model_dir(dir) to save or train it")
     with atomic_dir(out_dir) as tmp:
         if model.encoder is not None:
             save_encoder(model.encoder, tmp / "encoder")
@@ -383,7 +392,11 @@ def use_language(model: CTCModel, model_dir: str | os.PathLike, lang: str) -> tu
         raise ValueError(f"a {model.mode}-mode model has no per-language adapters to switch")
     lang = pick_language(model_dir, read_meta(model_dir), lang)
     vocab, normalizer, adapters, head = _read_language(model_dir, lang)
-    adapter_lib.load_adapter_state(model.encoder, adapters, where=str(model_dir / language_files(lang)[0]))
+    where = str(model_dir / language_files(lang)[0])
+    if is_native(model.encoder):
+        adapter_lib.fold_lora(model.encoder, adapters, model.adapter_config, where=where)
+    else:
+        adapter_lib.load_adapter_state(model.encoder, adapters, where=where)
     if head["proj.weight"].shape[0] != model.head.proj.out_features:  # another character set: another output layer
         old = next(model.head.parameters())
         model.head = build_head("linear", model.head.proj.in_features, head["proj.weight"].shape[0],
@@ -480,12 +493,13 @@ def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "c
     """Load what :func:`save_model_dir` wrote; the model comes back in eval mode. ``lang``
     chooses the language of an adapter model (default: the one trained last).
     ``inference``: the model will only decode, so its encoder may be speechtl's own
-    modules (see :func:`speechtl.encoder.load_encoder`); adapter models always load
-    through transformers, whose modules their adapters attach to."""
+    modules (see :func:`speechtl.encoder.load_encoder`), LoRA updates folded into its
+    weights; models with MMS adapter layers load through transformers."""
     model_dir = resolve_model_dir(model_dir)
     meta = read_meta(model_dir)
     lang = pick_language(model_dir, meta, lang)
-    encoder = load_encoder(str(model_dir / "encoder"), inference=inference and meta["mode"] != "adapter")
+    lora_or_none = meta["mode"] != "adapter" or meta.get("adapter", {}).get("kind") == "lora"
+    encoder = load_encoder(str(model_dir / "encoder"), inference=inference and lora_or_none)
     encoder.source = meta["encoder"].get("source", encoder.source)
     head = HeadConfig(**meta["head"])
     if lang is not None:

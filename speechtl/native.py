@@ -8,15 +8,17 @@ standard layers are built here from torch modules alone:
 
 - wav2vec2 (XLS-R, MMS bases without adapters) and HuBERT, both layer-norm variants;
 - Whisper's encoder (speechtl's :class:`~speechtl.whisper.WhisperSpeechEncoder` runs its
-  own forward and needs only the layers).
+  own forward and needs only the layers);
+- with LoRA adapters, each language's updates folded into the weights
+  (:func:`speechtl.adapters.fold_lora`), without peft.
 
 The modules carry transformers' parameter names and module layout, so a checkpoint's
 safetensors load as they are and everything speechtl does by name (the time-major CNN,
 per-clip group norm, layer freezing) applies unchanged. They compute what transformers'
 modules compute in eval mode, to float rounding (tests compare every hidden state).
 They are inference-only: a forward pass in training mode is refused, because dropout,
-layerdrop and SpecAugment are not here. Training, export, adapters and every other
-family load through transformers (:func:`speechtl.encoder.load_encoder`).
+layerdrop and SpecAugment are not here. Training, export, MMS adapter layers and every
+other family load through transformers (:func:`speechtl.encoder.load_encoder`).
 """
 
 from __future__ import annotations
@@ -303,6 +305,11 @@ class WhisperEncoderNative(nn.Module):
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def is_native(encoder) -> bool:
+    """Whether a speechtl encoder runs these modules (inference only) rather than transformers'."""
+    return isinstance(getattr(encoder, "model", None), (Wav2Vec2Native, WhisperEncoderNative))
 
 
 def _inference_only(module: nn.Module) -> None:

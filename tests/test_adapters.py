@@ -134,31 +134,57 @@ def test_switching_languages_gives_each_its_own_transcripts(two_languages, cs, i
     assert speechtl.load(two_languages["cs"]).transcribe(audio) == direct["cs"]
 
 
-def test_a_recogniser_folds_lora_into_the_base_and_keeps_its_outputs(two_languages, cs, it):
+@pytest.mark.parametrize("native", [True, False], ids=["speechtl-modules", "transformers-peft"])
+def test_a_recogniser_folds_lora_into_the_base_and_keeps_its_outputs(two_languages, cs, it, native, monkeypatch):
+    """A recogniser folds each LoRA update into its projection's weight: with peft's merge on
+    transformers' modules, or by speechtl on its own (speechtl.native, the default), and
+    either gives the outputs of the updates computed beside the base, as trained."""
     from speechtl import adapters as adapter_lib
     from speechtl.audio import load_audio
     from speechtl.loader import pad_waveforms
     from speechtl.model import load_model_dir
+    from speechtl.native import is_native
 
     if two_languages["kind"] != "lora":
         pytest.skip("LoRA only: MMS adapters are layers of their own")
+    monkeypatch.setenv("SPEECHTL_NATIVE", "1" if native else "0")
     both = two_languages["both"]
     wavs, lengths = pad_waveforms([torch.from_numpy(load_audio(u.audio)) for u in read_manifest(it)[:3]])
     rec = speechtl.load(both, lang="it")
-    assert adapter_lib.lora_is_merged(rec.model.encoder.model)
+    assert is_native(rec.model.encoder) == native
     plain, *_ = load_model_dir(both, lang="it")  # as trained: the updates computed beside the base
-    assert not adapter_lib.lora_is_merged(plain.encoder.model)
+    assert not is_native(plain.encoder) and not adapter_lib.lora_is_merged(plain.encoder.model)
     with torch.inference_mode():
         merged_out, plain_out = rec.model(wavs, lengths)[0], plain.eval()(wavs, lengths)[0]
     torch.testing.assert_close(merged_out, plain_out, atol=1e-4, rtol=1e-4)
-    base = adapter_lib.base_state_dict(rec.model.encoder.model, rec.model.encoder.adapter_keys)
-    for k, v in adapter_lib.base_state_dict(plain.encoder.model, plain.encoder.adapter_keys).items():
-        torch.testing.assert_close(base[k], v, atol=1e-6, rtol=1e-5)  # the base weights, not the merged ones
-    # switching languages takes one language's updates out and folds the other's in
-    rec.set_language("cs")
+    plain_base = adapter_lib.base_state_dict(plain.encoder.model, plain.encoder.adapter_keys)
+    if native:
+        base = rec.model.encoder.lora_base  # the adapted projections' weights as loaded
+        assert base and set(base) < set(plain_base)
+    else:
+        assert adapter_lib.lora_is_merged(rec.model.encoder.model)
+        base = adapter_lib.base_state_dict(rec.model.encoder.model, rec.model.encoder.adapter_keys)
+    for k, v in base.items():
+        torch.testing.assert_close(v, plain_base[k], atol=1e-6, rtol=1e-5)  # the base weights, not the merged ones
+    # switching languages takes one language's updates out and folds the other's in, both ways
     plain_cs, *_ = load_model_dir(both, lang="cs")
-    with torch.inference_mode():
-        torch.testing.assert_close(rec.model(wavs, lengths)[0], plain_cs.eval()(wavs, lengths)[0], atol=1e-4, rtol=1e-4)
+    for lang, ref in (("cs", plain_cs), ("it", plain), ("cs", plain_cs)):
+        rec.set_language(lang)
+        with torch.inference_mode():
+            torch.testing.assert_close(rec.model(wavs, lengths)[0], ref.eval()(wavs, lengths)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_loaded_for_inference_is_not_saved(two_languages, tmp_path):
+    from speechtl.model import save_model_dir
+
+    rec = speechtl.load(two_languages["both"])
+    if two_languages["kind"] == "lora":  # speechtl's own modules, the updates folded in: no adapters to save
+        with pytest.raises(ValueError, match="inference only"):
+            save_model_dir(rec.model, rec.vocab, rec.normalizer, tmp_path / "copy")
+        assert not (tmp_path / "copy").exists()
+    else:  # MMS layers load through transformers, and such a model saves as trained
+        save_model_dir(rec.model, rec.vocab, rec.normalizer, tmp_path / "copy")
+        assert (tmp_path / "copy" / "adapter.it.safetensors").is_file()
 
 
 def test_cli_lang_switches_and_names_the_languages_a_model_has(two_languages, cs, tmp_path, capsys):
