@@ -57,7 +57,8 @@ from .schedule import choose as choose_schedule
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "cache.json"
-CACHE_VERSION = 3  # 2: the compute precision is part of every key; 3: audio content in keys, per-entry keys
+CACHE_VERSION = 4  # 2: the compute precision is part of every key; 3: audio content in keys, per-entry keys;
+# 4: wav2vec2, HuBERT and Whisper fingerprints hash the config keys that decide the forward pass
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 

@@ -34,9 +34,6 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-WAV2VEC2_TYPES = ("wav2vec2", "hubert")
-
-
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -56,31 +53,49 @@ class NativeConfig(SimpleNamespace):
         return json.dumps(self.to_dict(), sort_keys=True, indent=2)
 
 
+# transformers' config class defaults (5.24) of the keys these modules and the fingerprint
+# read: a config.json written before a key existed, or by hand, may leave it out, and
+# transformers then uses these (a test compares them with the config classes)
+_WAV2VEC2_COMMON = dict(conv_dim=[512] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2],
+                        conv_bias=False, feat_extract_norm="group", feat_extract_activation="gelu", hidden_size=768,
+                        num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
+                        layer_norm_eps=1e-5, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
+                        do_stable_layer_norm=False, mask_time_prob=0.05, mask_feature_prob=0.0, adapter_attn_dim=None)
+DEFAULTS = {
+    "wav2vec2": {**_WAV2VEC2_COMMON, "add_adapter": False},
+    "hubert": {**_WAV2VEC2_COMMON, "feat_proj_layer_norm": True, "conv_pos_batch_norm": False},
+    "whisper": dict(num_mel_bins=80, d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536,
+                    max_source_positions=1500, activation_function="gelu", dropout=0.0, encoder_layerdrop=0.0),
+}
+
+
+def with_defaults(raw: dict) -> dict:
+    """``raw`` (a config.json) with its family's defaults under it."""
+    return {**DEFAULTS.get(raw.get("model_type"), {}), **raw}
+
+
 def unsupported(cfg: dict) -> str | None:
-    """Why the config's model cannot run natively (None when it can)."""
+    """Why a config (with its defaults, :func:`with_defaults`, or transformers' ``to_dict()``)
+    describes a model these modules do not run; None when they do."""
     kind = cfg.get("model_type")
+    if kind not in DEFAULTS:
+        return f"model type {kind!r}"
+    if cfg.get("tie_last_hidden_states") is not None:
+        return "tie_last_hidden_states"
     if kind == "whisper":
-        need = ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
-                "max_source_positions")
-        act = cfg.get("activation_function", "gelu")
-    elif kind in WAV2VEC2_TYPES:
-        need = ("conv_dim", "conv_kernel", "conv_stride", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "intermediate_size", "num_conv_pos_embeddings", "num_conv_pos_embedding_groups", "feat_extract_norm")
-        act = cfg.get("hidden_act", "gelu")
+        acts = [cfg.get("activation_function")]
+    else:
+        acts = [cfg.get("hidden_act"), cfg.get("feat_extract_activation")]
         if cfg.get("add_adapter") or cfg.get("adapter_attn_dim") is not None:
             return "adapter layers"
         if cfg.get("conv_pos_batch_norm"):
             return "a batch-normed positional convolution"
         if cfg.get("feat_extract_norm") not in ("group", "layer"):
             return f"feat_extract_norm {cfg.get('feat_extract_norm')!r}"
-        if cfg.get("feat_extract_activation", "gelu") not in ACTIVATIONS:
-            return f"activation {cfg.get('feat_extract_activation')!r}"
-    else:
-        return f"model type {kind!r}"
-    if act not in ACTIVATIONS:
-        return f"activation {act!r}"
-    missing = [k for k in need if k not in cfg]
-    return f"config keys {missing} missing" if missing else None
+        if not len(cfg.get("conv_dim") or ()) == len(cfg.get("conv_kernel") or ()) == len(cfg.get("conv_stride") or ()):
+            return "conv_dim, conv_kernel and conv_stride of different lengths"
+    bad = [a for a in acts if a not in ACTIVATIONS]
+    return f"activation {bad[0]!r}" if bad else None
 
 
 # ----------------------------------------------------------------------------- wav2vec2, HuBERT
@@ -318,11 +333,6 @@ def _inference_only(module: nn.Module) -> None:
                            "load the encoder with speechtl.encoder.load_encoder (transformers) to train it")
 
 
-WAV2VEC2_DEFAULTS = dict(conv_bias=False, feat_extract_activation="gelu", hidden_act="gelu", layer_norm_eps=1e-5,
-                         do_stable_layer_norm=False, dropout=0.0, encoder_layerdrop=0.0)
-WHISPER_DEFAULTS = dict(activation_function="gelu", dropout=0.0, encoder_layerdrop=0.0)
-
-
 def _rename_weight_norm(state: dict[str, torch.Tensor], prefix: str) -> None:
     """Older checkpoints keep a weight-normed convolution's (g, v) pair as
     ``weight_g``/``weight_v``; torch's parametrization (transformers' layout now) as
@@ -332,13 +342,13 @@ def _rename_weight_norm(state: dict[str, torch.Tensor], prefix: str) -> None:
             state[prefix + new] = state.pop(prefix + old)
 
 
-# what decides the forward pass of each family the native modules run: the config keys
-# an encoder's fingerprint hashes (speechtl.cache), the same whichever modules load it
+# what decides the forward pass of the models these modules run: the config keys an
+# encoder's fingerprint hashes (speechtl.cache), the same whichever modules load it
 ARCHITECTURE_KEYS = {
     "wav2vec2": ("conv_dim", "conv_kernel", "conv_stride", "conv_bias", "feat_extract_norm", "feat_extract_activation",
                  "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
                  "layer_norm_eps", "num_conv_pos_embeddings", "num_conv_pos_embedding_groups", "do_stable_layer_norm",
-                 "feat_proj_layer_norm", "add_adapter", "adapter_attn_dim", "conv_pos_batch_norm"),
+                 "feat_proj_layer_norm"),
     "whisper": ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
                 "max_source_positions", "activation_function"),
 }
@@ -346,20 +356,23 @@ ARCHITECTURE_KEYS["hubert"] = ARCHITECTURE_KEYS["wav2vec2"]
 
 
 def architecture(config) -> dict | None:
-    """The architecture keys of a config (transformers' or native) of a family the native
-    modules run, with lists for tuples; None for other families."""
-    kind = getattr(config, "model_type", None)
-    if kind not in ARCHITECTURE_KEYS:
+    """The architecture keys, with lists for tuples, of a config (transformers' or native)
+    of a model these modules run; None for any other (whose fingerprint hashes its whole
+    config, as only transformers loads it)."""
+    full = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    if unsupported(full) is not None:
         return None
-    out = {"model_type": kind}
-    for k in ARCHITECTURE_KEYS[kind]:
-        v = getattr(config, k, None)
+    out = {"model_type": full["model_type"]}
+    for k in ARCHITECTURE_KEYS[full["model_type"]]:
+        v = full.get(k)
         out[k] = list(v) if isinstance(v, tuple) else v
     return out
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor] | None:
-    from safetensors.torch import load_file
+def _read_safetensors(path: Path, keep) -> dict[str, torch.Tensor] | None:
+    """The tensors whose names ``keep`` accepts, from a single or sharded safetensors
+    checkpoint (None when there is none)."""
+    from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -370,42 +383,60 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor] | None:
         return None
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        state.update(load_file(str(path / name)))
+        with safe_open(str(path / name), framework="pt") as f:
+            for k in f.keys():
+                if keep(k):
+                    state[k] = f.get_tensor(k)
     return state
 
 
 def load_native(path: str | Path) -> nn.Module | None:
     """The encoder in ``path`` (a transformers model directory) as native modules in eval
     mode, float32; None when its family, config or files need transformers (the reason is
-    logged at debug level)."""
+    logged at debug level). A wav2vec2 or HuBERT checkpoint that transformers would load in
+    another precision (its config's ``dtype``, else its weights') loads through
+    transformers; Whisper's encoder runs in float32 either way."""
     path = Path(path)
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    why = unsupported(raw)
-    state = None if why else _read_safetensors(path)
-    if state is None:
-        logger.debug("%s: loading through transformers (%s)", path, why or "no safetensors weights")
+    if not isinstance(raw, dict):
         return None
-    if raw["model_type"] == "whisper":
-        cfg = NativeConfig(**{**WHISPER_DEFAULTS, **raw})
+    full = with_defaults(raw)
+    why = unsupported(full)
+    kind = raw.get("model_type")
+    # transformers loads a wav2vec2 or HuBERT checkpoint in its config's dtype, else in its weights' own
+    declared = raw.get("dtype") or raw.get("torch_dtype")
+    if why is None and kind != "whisper" and declared not in (None, "float32"):
+        why = f"dtype {declared}"
+    if why is not None:
+        logger.debug("%s: loading through transformers (%s)", path, why)
+        return None
+    cfg = NativeConfig(**full)
+    if kind == "whisper":
         model: nn.Module = WhisperEncoderNative(cfg)
         prefixes = ("model.encoder.", "encoder.")
+        state = _read_safetensors(path, lambda k: k.startswith(prefixes))
+        if state is not None:
+            state = {k[len(p):]: v for k, v in state.items() for p in prefixes if k.startswith(p)}
     else:
-        cfg = NativeConfig(**{**WAV2VEC2_DEFAULTS, **raw})
         model = Wav2Vec2Native(cfg)
-        prefixes = (f"{raw['model_type']}.",)  # a *ForCTC / *ForPreTraining checkpoint's base model
-        state = {k.split(".", 1)[1] if k.startswith(prefixes) else k: v for k, v in state.items()}
-        _rename_weight_norm(state, "encoder.pos_conv_embed.conv.")
-    if raw["model_type"] == "whisper":
-        state = {k[len(p):]: v for k, v in state.items() for p in prefixes if k.startswith(p)}
+        state = _read_safetensors(path, lambda k: True)
+        if state is not None:
+            prefix = f"{kind}."  # a *ForCTC / *ForPreTraining checkpoint's base model
+            state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+            _rename_weight_norm(state, "encoder.pos_conv_embed.conv.")
+    if state is None:
+        logger.debug("%s: loading through transformers (no safetensors weights)", path)
+        return None
     wanted = model.state_dict()
     missing = sorted(set(wanted) - set(state))
     bad = [k for k in wanted if k in state and state[k].shape != wanted[k].shape]
-    if missing or bad:
-        logger.debug("%s: loading through transformers (weights missing %s, of another shape %s)", path, missing[:5], bad[:5])
+    other = sorted({str(state[k].dtype) for k in wanted if k in state and state[k].dtype != torch.float32})
+    if missing or bad or (other and kind != "whisper" and declared is None):
+        logger.debug("%s: loading through transformers (weights missing %s, of another shape %s, in %s)",
+                     path, missing[:5], bad[:5], other)
         return None
     model.load_state_dict({k: state[k] for k in wanted})  # other heads' weights (lm_head, quantizer) stay out
-
     return model.eval()

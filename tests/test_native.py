@@ -98,6 +98,61 @@ def test_an_encoder_has_one_fingerprint_whichever_modules_load_it(tmp_path, fami
         assert encoder_fingerprint(load_encoder(str(other)), reuse=False) != encoder_fingerprint(ref, reuse=False)
 
 
+def test_the_defaults_for_missing_config_keys_are_transformers_own():
+    import transformers
+
+    from speechtl.native import DEFAULTS
+
+    classes = {"wav2vec2": transformers.Wav2Vec2Config, "hubert": transformers.HubertConfig,
+               "whisper": transformers.WhisperConfig}
+    for kind, defaults in DEFAULTS.items():
+        made = classes[kind]()
+        for k, v in defaults.items():
+            have = getattr(made, k, None)  # a key the class lacks reads as None (adapter_attn_dim on HuBERT)
+            assert (list(have) if isinstance(have, tuple) else have) == v, (kind, k)
+
+
+@pytest.mark.parametrize("family, drop", [("wav2vec2", ["add_adapter", "mask_time_prob", "feat_extract_activation"]),
+                                          ("hubert", ["feat_proj_layer_norm", "conv_pos_batch_norm", "mask_time_prob"])])
+def test_a_config_without_some_keys_loads_as_transformers_loads_it(tmp_path, family, drop):
+    """transformers fills a key config.json leaves out with its class default (a mask
+    embedding for the default mask_time_prob, say); so do the native modules, and the
+    fingerprint stays one."""
+    from speechtl.cache import encoder_fingerprint
+
+    path = _wav2vec2_dir(tmp_path, family, mask_time_prob=0.05)
+    cfg = json.loads((path / "config.json").read_text())
+    for k in drop:
+        cfg.pop(k)
+    (path / "config.json").write_text(json.dumps(cfg))
+    ref, nat = load_encoder(str(path)), load_encoder(str(path), inference=True)
+    assert isinstance(nat.model, Wav2Vec2Native)
+    assert sorted(ref.model.state_dict()) == sorted(nat.model.state_dict())
+    assert encoder_fingerprint(ref, reuse=False) == encoder_fingerprint(nat, reuse=False)
+
+
+def test_a_checkpoint_transformers_runs_in_half_precision_loads_through_transformers(tmp_path):
+    """transformers loads a wav2vec2 checkpoint in its config's dtype, else in its weights'.
+    The native modules run float32: float16 weights under ``dtype: float32`` load natively
+    (as transformers loads them, upcast, with one fingerprint); a float16 dtype, or float16
+    weights and no dtype, are left to transformers."""
+    from speechtl.cache import encoder_fingerprint
+
+    path = _wav2vec2_dir(tmp_path)
+    state = {k: v.half() for k, v in load_file(str(path / "model.safetensors")).items()}
+    save_file(state, str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    for dtype, native in (("float32", True), ("float16", False), (None, False)):
+        cfg.pop("dtype", None), cfg.pop("torch_dtype", None)
+        if dtype:
+            cfg["dtype"] = dtype
+        (path / "config.json").write_text(json.dumps(cfg))
+        ref, nat = load_encoder(str(path)), load_encoder(str(path), inference=True)
+        assert isinstance(nat.model, Wav2Vec2Native) == native, dtype
+        assert next(ref.model.parameters()).dtype == (torch.float32 if dtype == "float32" else torch.float16)
+        assert encoder_fingerprint(ref, reuse=False) == encoder_fingerprint(nat, reuse=False)
+
+
 def test_older_checkpoint_layouts_load_natively(tmp_path):
     """A *ForCTC checkpoint (``wav2vec2.`` prefix, head weights beside) whose positional
     convolution is saved as ``weight_g``/``weight_v``."""
