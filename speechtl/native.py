@@ -369,9 +369,9 @@ def architecture(config) -> dict | None:
     return out
 
 
-def _read_safetensors(path: Path, keep) -> dict[str, torch.Tensor] | None:
-    """The tensors whose names ``keep`` accepts, from a single or sharded safetensors
-    checkpoint (None when there is none)."""
+def read_safetensors(path: Path, keep=lambda name: True) -> dict[str, torch.Tensor] | None:
+    """The tensors whose names ``keep`` accepts, from the single or sharded safetensors
+    checkpoint in ``path`` (None when there is none)."""
     from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
@@ -388,6 +388,16 @@ def _read_safetensors(path: Path, keep) -> dict[str, torch.Tensor] | None:
                 if keep(k):
                     state[k] = f.get_tensor(k)
     return state
+
+
+def read_whisper_encoder(path: Path) -> dict[str, torch.Tensor] | None:
+    """The encoder's weights of a transformers Whisper checkpoint, whatever prefix it uses
+    (``model.encoder.``, ``encoder.``), under the encoder's own names; None without safetensors."""
+    prefixes = ("model.encoder.", "encoder.")
+    state = read_safetensors(path, lambda k: k.startswith(prefixes))
+    if state is None:
+        return None
+    return {k[len(p):]: v for k, v in state.items() for p in prefixes if k.startswith(p)}
 
 
 def load_native(path: str | Path) -> nn.Module | None:
@@ -416,13 +426,10 @@ def load_native(path: str | Path) -> nn.Module | None:
     cfg = NativeConfig(**full)
     if kind == "whisper":
         model: nn.Module = WhisperEncoderNative(cfg)
-        prefixes = ("model.encoder.", "encoder.")
-        state = _read_safetensors(path, lambda k: k.startswith(prefixes))
-        if state is not None:
-            state = {k[len(p):]: v for k, v in state.items() for p in prefixes if k.startswith(p)}
+        state = read_whisper_encoder(path)
     else:
         model = Wav2Vec2Native(cfg)
-        state = _read_safetensors(path, lambda k: True)
+        state = read_safetensors(path)
         if state is not None:
             prefix = f"{kind}."  # a *ForCTC / *ForPreTraining checkpoint's base model
             state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}

@@ -227,22 +227,11 @@ def is_whisper_source(source: str) -> bool:
 def _read_encoder_weights(path: Path) -> dict[str, torch.Tensor]:
     """The encoder's weights from a transformers Whisper directory (single or sharded
     safetensors), whatever prefix the checkpoint used (``model.encoder.``, ``encoder.``)."""
-    from safetensors import safe_open
+    from .native import read_whisper_encoder
 
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
+    out = read_whisper_encoder(path)
+    if out is None:
         raise FileNotFoundError(f"{path}: no model.safetensors (speechtl loads weights from safetensors only)")
-    out = {}
-    for name in files:
-        with safe_open(str(path / name), framework="pt") as f:
-            for k in f.keys():
-                for prefix in ("model.encoder.", "encoder."):
-                    if k.startswith(prefix):
-                        out[k[len(prefix):]] = f.get_tensor(k)
     if not out:
         raise ValueError(f"{path}: no Whisper encoder weights found (keys starting model.encoder. or encoder.)")
     return out
