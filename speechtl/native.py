@@ -371,22 +371,29 @@ def architecture(config) -> dict | None:
 
 def read_safetensors(path: Path, keep=lambda name: True) -> dict[str, torch.Tensor] | None:
     """The tensors whose names ``keep`` accepts, from the single or sharded safetensors
-    checkpoint in ``path`` (None when there is none)."""
+    checkpoint in ``path`` (None when there is none); an unreadable file is an error that
+    names it."""
     from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
         return None
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        with safe_open(str(path / name), framework="pt") as f:
-            for k in f.keys():
-                if keep(k):
-                    state[k] = f.get_tensor(k)
+        try:
+            with safe_open(str(path / name), framework="pt") as f:
+                for k in f.keys():
+                    if keep(k):
+                        state[k] = f.get_tensor(k)
+        except Exception as e:  # safetensors raises its own error types, which do not name the file
+            raise ValueError(f"{path / name}: cannot read these weights ({type(e).__name__}: {e})") from e
     return state
 
 

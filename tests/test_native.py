@@ -241,3 +241,15 @@ def test_a_recogniser_decodes_without_importing_transformers_model_code(tmp_path
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.99
+
+
+def test_an_unreadable_checkpoint_is_an_error_naming_the_file(tmp_path):
+    path = _wav2vec2_dir(tmp_path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])  # a copy cut short
+    with pytest.raises(ValueError, match=r"model\.safetensors: cannot read these weights"):
+        load_encoder(str(path), inference=True)
+    weights.unlink()
+    (path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: not a safetensors index"):
+        load_encoder(str(path), inference=True)
