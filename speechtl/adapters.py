@@ -36,6 +36,7 @@ from torch import nn
 
 from .config import ADAPTER_KINDS, check_lang  # noqa: F401  (re-exported)
 from .encoder import transformer_layers
+from .native import is_native
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,11 @@ def attach(encoder, config: AdapterConfig) -> None:
     if getattr(encoder, "adapter_config", None) is not None:
         raise ValueError("this encoder already has adapters")
     check_supported(encoder, config)
+    if is_native(encoder):  # inference: each language's LoRA updates are folded into the weights (fold_lora)
+        if config.kind != "lora":
+            raise ValueError(f"speechtl's own encoder modules take LoRA adapters only, not {config.kind!r}")
+        encoder.adapter_config, encoder.adapter_keys = config, ()
+        return
     before = set(encoder.model.state_dict())
     if config.kind == "lora":
         from peft import LoraConfig, inject_adapter_in_model
@@ -266,7 +272,10 @@ def adapter_state(encoder) -> dict[str, torch.Tensor]:
 
 def load_adapter_state(encoder, state: dict[str, torch.Tensor], where: str = "adapter") -> None:
     """Copy ``state`` (canonical names) into the encoder's adapters; the sets of names and
-    shapes must match."""
+    shapes must match. An encoder of :mod:`speechtl.native` gets LoRA updates folded in."""
+    if is_native(encoder):
+        fold_lora(encoder, state, encoder.adapter_config, where=where)
+        return
     params = adapter_parameters(encoder)
     if set(state) != set(params):
         missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))

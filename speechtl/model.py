@@ -84,12 +84,7 @@ class CTCModel(nn.Module):
         self.language = language
         self.other_languages: dict[str, dict] = {}
         if adapter is not None and encoder is not None:
-            if is_native(encoder):  # inference: LoRA updates are folded into the weights (adapters.fold_lora)
-                if adapter.kind != "lora":
-                    raise ValueError(f"speechtl's own encoder modules take LoRA adapters only, not {adapter.kind!r}")
-                encoder.adapter_config, encoder.adapter_keys = adapter, ()
-            else:
-                adapter_lib.attach(encoder, adapter)
+            adapter_lib.attach(encoder, adapter)
         self.layer_sum = WeightedLayerSum(num_layers) if mode == "frozen" else None
         self.head = build_head(head.kind, hidden_size, vocab_size, head.dropout, head.hidden_size, head.num_layers)
         # frozen mode: SpecAugment-style masking of the summed features while training,
@@ -392,11 +387,7 @@ def use_language(model: CTCModel, model_dir: str | os.PathLike, lang: str) -> tu
         raise ValueError(f"a {model.mode}-mode model has no per-language adapters to switch")
     lang = pick_language(model_dir, read_meta(model_dir), lang)
     vocab, normalizer, adapters, head = _read_language(model_dir, lang)
-    where = str(model_dir / language_files(lang)[0])
-    if is_native(model.encoder):
-        adapter_lib.fold_lora(model.encoder, adapters, model.adapter_config, where=where)
-    else:
-        adapter_lib.load_adapter_state(model.encoder, adapters, where=where)
+    adapter_lib.load_adapter_state(model.encoder, adapters, where=str(model_dir / language_files(lang)[0]))
     if head["proj.weight"].shape[0] != model.head.proj.out_features:  # another character set: another output layer
         old = next(model.head.parameters())
         model.head = build_head("linear", model.head.proj.in_features, head["proj.weight"].shape[0],
