@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
 
-    from speechtl.synth import SynthConfig, synthesize
+    from speechtl.data.corpora.synth import SynthConfig, synthesize
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from speechtl.encoder import load_encoder
+from speechtl.encoders.registry import load_encoder
 
 
 def clips(seconds: list[float], seed: int = 0) -> list[torch.Tensor]:

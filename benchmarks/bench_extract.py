@@ -55,16 +55,16 @@ from pathlib import Path
 
 import soundfile as sf
 import torch
-
 from machine import cold_and_warm, cpu_label, cpu_name, cpu_units, machine, speechtl_cmd
-from speechtl.precision import AMP_CHOICES
+
+from speechtl.core.precision import AMP_CHOICES
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def corpus(minutes: float, out: Path, lang: str) -> Path:
     """Synthesise the benchmark's clips into ``out``; returns the manifest."""
-    from speechtl.synth import SynthConfig, synthesize
+    from speechtl.data.corpora.synth import SynthConfig, synthesize
 
     # word counts chosen so clips run from about 1 s to about 15 s
     synthesize(SynthConfig(lang=lang, minutes=minutes, out_dir=str(out), seed=7, min_words=1, max_words=28), progress=False)
@@ -112,7 +112,7 @@ def plain_run(encoder: str, manifest: str, device: str) -> None:
     """(f): the plain way as a whole process, as a user's script would do it: for a Whisper
     encoder, ``WhisperFeatureExtractor`` (which pads every clip to 30 s) and the encoder of
     ``WhisperModel``; for the others, (a)'s loop."""
-    from speechtl.manifest import read_manifest
+    from speechtl.data.manifest import read_manifest
 
     utts, kept = read_manifest(manifest), []
     if model_type(encoder) == "whisper":
@@ -191,7 +191,7 @@ def plain_batched(model, fe, utts, device, batch_size: int) -> float:
 
 
 def speechtl_extract(encoder, utts, device, out: Path, batch_seconds: float, workers: int, amp: str) -> float:
-    from speechtl.cache import extract_to_cache
+    from speechtl.features.cache import extract_to_cache
 
     t0 = time.perf_counter()
     extract_to_cache(encoder, utts, out, device=device, amp=amp, max_batch_seconds=batch_seconds, num_workers=workers,
@@ -200,10 +200,10 @@ def speechtl_extract(encoder, utts, device, out: Path, batch_seconds: float, wor
 
 
 def ceiling(encoder, utts, device, batch_seconds: float, amp_setting: str) -> tuple[float, str, dict]:
-    from speechtl.audio import load_audio
-    from speechtl.features import cpu_streams
-    from speechtl.precision import encoder_autocast_dtype
-    from speechtl.loader import cut_batches, pad_waveforms
+    from speechtl.core.precision import encoder_autocast_dtype
+    from speechtl.data.audio import load_audio
+    from speechtl.data.loader import cut_batches, pad_waveforms
+    from speechtl.features.extract import cpu_streams
 
     waves = [torch.from_numpy(load_audio(u.audio)) for u in utts]
     durs = [u.duration for u in utts]
@@ -276,8 +276,8 @@ def main() -> None:
 
     from transformers import AutoModel, Wav2Vec2FeatureExtractor
 
-    from speechtl.encoder import load_encoder, resolve_encoder
-    from speechtl.precision import compute_dtype_name
+    from speechtl.core.precision import compute_dtype_name
+    from speechtl.encoders.registry import load_encoder, resolve_encoder
 
     device = torch.device(args.device)
     batch_seconds = args.batch_seconds or (400.0 if device.type == "cuda" else 10.0)
@@ -288,7 +288,7 @@ def main() -> None:
                "command_runs": args.command_runs, "c_and_d_compute": compute_dtype_name(device, args.amp), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        from speechtl.manifest import read_manifest
+        from speechtl.data.manifest import read_manifest
 
         manifest = args.manifest or corpus(args.minutes, work / "speech", args.lang)
         utts = read_manifest(manifest)

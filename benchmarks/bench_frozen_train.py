@@ -31,9 +31,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
-    from speechtl.config import load_train_config
-    from speechtl.synth import SynthConfig, synthesize
-    from speechtl.train import train
+    from speechtl.data.corpora.synth import SynthConfig, synthesize
+    from speechtl.training.config import load_train_config
+    from speechtl.training.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_label, machine  # noqa: E402
 
-from speechtl.heads import BiLSTMHead  # noqa: E402
+from speechtl.models.heads import BiLSTMHead  # noqa: E402
 
 
 def _spin(stop) -> None:

@@ -8,8 +8,8 @@ Durations come from a manifest (--manifest) or a seeded uniform 1-15 s draw.
 import argparse
 import random
 
-from speechtl.loader import DynamicBucketSampler, padding_overhead, random_batches
-from speechtl.manifest import read_manifest
+from speechtl.data.loader import DynamicBucketSampler, padding_overhead, random_batches
+from speechtl.data.manifest import read_manifest
 
 
 def main() -> None:

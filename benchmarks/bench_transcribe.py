@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from machine import cold_and_warm, cpu_label, cpu_name, machine, speechtl_cmd
 
 
@@ -65,7 +64,7 @@ def joined_recording(utts, seconds: float, out: Path, pause_s: float = 0.3) -> s
     """Join clips (cycling through them) into one ``seconds``-long 16 kHz wav; returns its text."""
     import soundfile as sf
 
-    from speechtl.audio import load_audio
+    from speechtl.data.audio import load_audio
 
     gap = np.zeros(int(pause_s * 16000), np.float32)
     texts, total = [], 0
@@ -84,7 +83,7 @@ def exact_recording(utts, seconds: float, out: Path) -> None:
     """Clips joined (cycling through them) and cut to exactly ``seconds``: one 16 kHz wav."""
     import soundfile as sf
 
-    from speechtl.audio import load_audio
+    from speechtl.data.audio import load_audio
 
     need, parts = int(seconds * 16000), []
     for u in itertools.cycle(utts):
@@ -99,8 +98,8 @@ def plain_run(hf_dir: str, manifest: str) -> None:
     file at a time, each file read with ``speechtl.load_audio`` as in section 1."""
     from transformers import pipeline
 
-    from speechtl.audio import load_audio
-    from speechtl.manifest import read_manifest
+    from speechtl.data.audio import load_audio
+    from speechtl.data.manifest import read_manifest
 
     pipe = pipeline("automatic-speech-recognition", model=hf_dir, device="cpu")
     for u in read_manifest(manifest):
@@ -110,7 +109,7 @@ def plain_run(hf_dir: str, manifest: str) -> None:
 def whole_commands(model: str, hf_dir: Path, manifest: Path, audio_s: float, five: Path, runs: int, cpu: str) -> dict:
     """Section 0: ``speechtl transcribe`` and the plain process, on the test set and on one
     5-second file, each ``runs`` times in fresh processes."""
-    from speechtl.manifest import Utterance, write_manifest
+    from speechtl.data.manifest import Utterance, write_manifest
 
     one = write_manifest(five.with_suffix(".jsonl"), [Utterance("five", str(five), "", 5.0)], absolute=True)
     here = str(Path(__file__).resolve())
@@ -164,11 +163,11 @@ def main() -> None:
     from transformers import pipeline
 
     import speechtl
-    from speechtl.audio import load_audio
-    from speechtl.export import export_hf
-    from speechtl.manifest import read_manifest
-    from speechtl.metrics import cer, wer
-    from speechtl.transcribe import Item
+    from speechtl.data.audio import load_audio
+    from speechtl.data.manifest import read_manifest
+    from speechtl.decoding.metrics import cer, wer
+    from speechtl.inference.transcribe import Item
+    from speechtl.models.export import export_hf
 
     cpu = cpu_label()
     res: dict = {"machine": machine(), "torch_threads": torch.get_num_threads(), "model": args.model, "manifest": args.manifest}
@@ -252,8 +251,8 @@ def main() -> None:
 
     # ---- 4. LM beam search against greedy
     if args.lm_text:
-        from speechtl.lm import read_sentences, write_arpa
-        from speechtl.decode import BeamDecoder, GreedyDecoder
+        from speechtl.decoding.decoders import BeamDecoder, GreedyDecoder
+        from speechtl.decoding.lm import read_sentences, write_arpa
 
         lm_rec = speechtl.load(args.lm_model or args.model, device="cpu")
         norm = lm_rec.normalizer

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from speechtl.schedule import cpu_name  # noqa: F401  (the benchmarks' CPU name is the schedule key's)
+from speechtl.features.cpu_plan import cpu_name  # noqa: F401  (the benchmarks' CPU name is the schedule key's)
 
 
 def cpu_flags() -> set[str]:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from .core.constants import __version__
 
 # Public names and the submodule each lives in. They are imported on first use (PEP 562),
 # so that `import speechtl`, which every `speechtl` command does, loads neither numpy,
 # soundfile nor torch up front: `speechtl --help` needs none of them.
 _LAZY = {
-    "AudioError": "audio",
-    "load_audio": "audio",
-    "ManifestError": "manifest",
-    "Utterance": "manifest",
-    "read_manifest": "manifest",
-    "write_manifest": "manifest",
-    "Recognizer": "inference",
+    "AudioError": "data.audio",
+    "load_audio": "data.audio",
+    "ManifestError": "data.manifest",
+    "Utterance": "data.manifest",
+    "read_manifest": "data.manifest",
+    "write_manifest": "data.manifest",
+    "Recognizer": "inference.recognizer",
 }
 # submodules that `import speechtl` used to load, so that `speechtl.audio.x` keeps working
 _LAZY_SUBMODULES = ("audio", "manifest")
@@ -38,10 +38,10 @@ def __dir__() -> list[str]:
 
 
 def load(model_dir, device: str | None = None, lang: str | None = None):
-    """Load a trained speechtl model directory; returns a :class:`speechtl.inference.Recognizer`.
+    """Load a trained speechtl model directory; returns a :class:`speechtl.inference.recognizer.Recognizer`.
     ``lang`` picks the language of a model trained with ``mode=adapter`` (default: the one
     trained last); ``Recognizer.set_language`` switches later without reloading the encoder."""
-    from .inference import Recognizer
+    from .inference.recognizer import Recognizer
 
     return Recognizer.load(model_dir, device=device, lang=lang)
 

@@ -89,7 +89,8 @@ def make_wav_fixture():
 
 def tiny_encoder_dir(root: Path, family: str = "wav2vec2", **kw) -> Path:
     """Save a tiny random encoder of ``family`` as a HF model directory under ``root``."""
-    from speechtl.encoder import encoder_from_config, save_encoder, tiny_config
+    from speechtl.encoders.registry import save_encoder
+    from speechtl.encoders.testing import encoder_from_config, tiny_config
 
     out = root / f"enc-{family}-{'-'.join(f'{k}{v}' for k, v in sorted(kw.items()))}"
     if not (out / "config.json").exists():
@@ -99,7 +100,7 @@ def tiny_encoder_dir(root: Path, family: str = "wav2vec2", **kw) -> Path:
 
 def tone_corpus(root: Path, n: int = 8, seed: int = 0) -> Path:
     """A manifest of short synthetic clips with letter transcripts (no espeak needed)."""
-    from speechtl.manifest import Utterance, write_manifest
+    from speechtl.data.manifest import Utterance, write_manifest
 
     rng = np.random.default_rng(seed)
     words = ["ab", "ba", "cab", "abc", "cc", "bad"]
@@ -134,7 +135,7 @@ def speech_corpus(session_dir) -> Path:
 
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (tools/setup.sh installs it)")
-    from speechtl.synth import SynthConfig, synthesize
+    from speechtl.data.corpora.synth import SynthConfig, synthesize
 
     out = session_dir / "speech"
     synthesize(SynthConfig(lang="en-us", minutes=0.6, out_dir=str(out), seed=11, min_words=2, max_words=4, workers=2), progress=False)

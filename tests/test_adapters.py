@@ -9,14 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 import speechtl
-from speechtl.adapters import AdapterConfig
-from speechtl.cli import main
-from speechtl.config import load_train_config
-from speechtl.manifest import Utterance, read_manifest, write_manifest
-from speechtl.model import build_model, save_model_dir
-from speechtl.text import Normalizer, Vocabulary
-from speechtl.train import train
 from conftest import make_wav, tiny_encoder_dir
+from speechtl.cli.app import main
+from speechtl.data.manifest import Utterance, read_manifest, write_manifest
+from speechtl.data.text import Normalizer, Vocabulary
+from speechtl.models.adapters import AdapterConfig
+from speechtl.models.ctc import build_model, save_model_dir
+from speechtl.training.config import load_train_config
+from speechtl.training.train import train
 
 
 def _corpus(root: Path, words: list[str], freq: float, seed: int, n: int = 8) -> Path:
@@ -102,7 +102,7 @@ def test_the_base_encoder_stays_bit_identical_and_the_adapters_train(two_languag
     state = load_file(str(two_languages["cs"] / "adapter.cs.safetensors"))
     fresh = build_model(str(two_languages["encoder"]), "adapter", 8, seed=0, adapter=_adapter(two_languages["kind"]),
                         language="cs")
-    from speechtl.adapters import adapter_state
+    from speechtl.models.adapters import adapter_state
 
     init = adapter_state(fresh.encoder)
     assert set(init) == {k[len("adapter."):] for k in state if k.startswith("adapter.")}
@@ -123,7 +123,7 @@ def test_switching_languages_gives_each_its_own_transcripts(two_languages, cs, i
     assert rec.language == "it" and rec.languages == ["cs", "it"]  # the language trained last by default
     assert rec.transcribe(audio) == direct["it"]
     encoder = rec.model.encoder
-    import speechtl.model as model_mod
+    import speechtl.models.ctc as model_mod
 
     monkeypatch.setattr(model_mod, "load_encoder", lambda *a, **k: pytest.fail("switching reloaded the encoder"))
     assert rec.set_language("cs").transcribe(audio) == direct["cs"]
@@ -137,13 +137,13 @@ def test_switching_languages_gives_each_its_own_transcripts(two_languages, cs, i
 @pytest.mark.parametrize("native", [True, False], ids=["speechtl-modules", "transformers-peft"])
 def test_a_recogniser_folds_lora_into_the_base_and_keeps_its_outputs(two_languages, cs, it, native, monkeypatch):
     """A recogniser folds each LoRA update into its projection's weight: with peft's merge on
-    transformers' modules, or by speechtl on its own (speechtl.native, the default), and
+    transformers' modules, or by speechtl on its own (speechtl.encoders.native, the default), and
     either gives the outputs of the updates computed beside the base, as trained."""
-    from speechtl import adapters as adapter_lib
-    from speechtl.audio import load_audio
-    from speechtl.loader import pad_waveforms
-    from speechtl.model import load_model_dir
-    from speechtl.native import is_native
+    from speechtl.data.audio import load_audio
+    from speechtl.data.loader import pad_waveforms
+    from speechtl.encoders.native import is_native
+    from speechtl.models import adapters as adapter_lib
+    from speechtl.models.ctc import load_model_dir
 
     if two_languages["kind"] != "lora":
         pytest.skip("LoRA only: MMS adapters are layers of their own")
@@ -175,7 +175,7 @@ def test_a_recogniser_folds_lora_into_the_base_and_keeps_its_outputs(two_languag
 
 
 def test_a_model_loaded_for_inference_is_not_saved(two_languages, tmp_path):
-    from speechtl.model import save_model_dir
+    from speechtl.models.ctc import save_model_dir
 
     rec = speechtl.load(two_languages["both"])
     if two_languages["kind"] == "lora":  # speechtl's own modules, the updates folded in: no adapters to save
@@ -243,7 +243,7 @@ def test_continuing_a_language_the_model_has(two_languages, cs, tmp_path):
 
 
 def test_resume_and_averaging_in_adapter_mode(tmp_path, cs, tiny_encoder):
-    from speechtl.train import TrainingInterrupted
+    from speechtl.training.train import TrainingInterrupted
 
     kw = dict(adapter="lora", lang="cs", max_steps=4, eval_every=1, average_last=2, lora_rank=2)
     train(_cfg(tmp_path / "straight", cs, tiny_encoder, **kw), progress=False)
@@ -276,7 +276,7 @@ def test_adding_a_language_needs_the_same_adapters(two_languages, it, tmp_path):
 def test_export_mms_loads_every_language_with_load_adapter(two_languages, cs, it, tmp_path):
     from transformers import AutoProcessor, Wav2Vec2ForCTC
 
-    from speechtl.audio import load_audio
+    from speechtl.data.audio import load_audio
 
     both = two_languages["both"]
     utts = read_manifest(cs)[:3] + read_manifest(it)[:3]
@@ -355,7 +355,7 @@ def test_the_manifest_language_names_the_adapter(tmp_path, tones, tiny_encoder):
 def test_lora_on_whisper_adapts_attention_and_feed_forward(tmp_path):
     from transformers import WhisperModel
 
-    from speechtl.whisper import tiny_whisper_config
+    from speechtl.encoders.whisper import tiny_whisper_config
 
     torch.manual_seed(0)
     WhisperModel(tiny_whisper_config()).save_pretrained(str(tmp_path / "w"))

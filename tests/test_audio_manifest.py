@@ -1,4 +1,4 @@
-"""speechtl.audio, speechtl.manifest, speechtl.text and speechtl.metrics."""
+"""speechtl.data.audio, speechtl.data.manifest, speechtl.data.text and speechtl.decoding.metrics."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import make_corrupt, make_signal, make_wav, write_text
-from speechtl.audio import SAMPLE_RATE, AudioError, AudioInfo, audio_info, load_audio
-from speechtl.manifest import ManifestError, Utterance, read_manifest, total_duration, write_manifest
-from speechtl.text import (
+from speechtl.data.audio import SAMPLE_RATE, AudioError, AudioInfo, audio_info, load_audio
+from speechtl.data.manifest import ManifestError, Utterance, read_manifest, total_duration, write_manifest
+from speechtl.data.text import (
     PAD,
     UNK,
     WORD_DELIMITER,
@@ -360,7 +360,7 @@ PAIRS = [
 
 def test_score_matches_jiwer():
     jiwer = pytest.importorskip("jiwer")
-    from speechtl.metrics import UtteranceResult, cer, score, wer
+    from speechtl.decoding.metrics import UtteranceResult, cer, score, wer
 
     refs, hyps = zip(*PAIRS)
     results = [UtteranceResult(f"u{i}", r, h, duration=1.5) for i, (r, h) in enumerate(PAIRS)]
@@ -375,7 +375,7 @@ def test_score_matches_jiwer():
 
 
 def test_score_normalizes_and_handles_empty_reference():
-    from speechtl.metrics import UtteranceResult, score
+    from speechtl.decoding.metrics import UtteranceResult, score
 
     report = score([UtteranceResult("a", "Hello, World!", "hello world")], normalize=Normalizer())
     assert report.wer == 0.0 and report.cer == 0.0
@@ -387,7 +387,7 @@ def test_score_normalizes_and_handles_empty_reference():
 
 
 def test_write_results(tmp_path):
-    from speechtl.metrics import UtteranceResult, score, write_results
+    from speechtl.decoding.metrics import UtteranceResult, score, write_results
 
     results = [UtteranceResult(f"u{i}", r, h, duration=1.25) for i, (r, h) in enumerate(PAIRS)]
     report = score(results)

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import make_corrupt, make_wav, tiny_encoder_dir
 
-from speechtl.cli import main
-from speechtl.manifest import Utterance, read_manifest, write_manifest
+from conftest import make_corrupt, make_wav, tiny_encoder_dir
+from speechtl.cli.app import main
+from speechtl.data.manifest import Utterance, read_manifest, write_manifest
 
 GOOD_TEXTS = ["ab ba", "cab abc", "bad cc", "abc ab", "ba cab", "cc bad", "ab cc", "bad ba"]
 READABLE = {  # name: (file name, make_wav keyword arguments)

@@ -7,14 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_encoder_dir
-from speechtl import cache as cache_mod
-from speechtl.cache import FeatureCache, StaleCacheError, encoder_fingerprint, extract_to_cache
-from speechtl.cli import main
-from speechtl.encoder import load_encoder
-from speechtl.features import extract_in_memory
-from speechtl.manifest import read_manifest, write_manifest
-from speechtl.train import train
-from speechtl.config import load_train_config
+from speechtl.cli.app import main
+from speechtl.data.manifest import read_manifest, write_manifest
+from speechtl.encoders.registry import load_encoder
+from speechtl.features import cache as cache_mod
+from speechtl.features.cache import FeatureCache, StaleCacheError, encoder_fingerprint, extract_to_cache
+from speechtl.features.extract import extract_in_memory
+from speechtl.training.config import load_train_config
+from speechtl.training.train import train
 
 
 @pytest.fixture()
@@ -185,7 +185,7 @@ def test_batches_run_side_by_side_give_the_same_features(tmp_path, tones, norm):
 
 
 def test_encoder_precision_policy(monkeypatch):
-    from speechtl import precision
+    from speechtl.core import precision
 
     cpu = torch.device("cpu")
     for amx, auto in ((True, torch.bfloat16), (False, None)):
@@ -253,7 +253,7 @@ class _SlowEncoder(torch.nn.Module):
     def forward(self, waveforms, lengths, all_layers=True):
         import time
 
-        from speechtl.encoder import EncoderOutput
+        from speechtl.encoders.base import EncoderOutput
 
         time.sleep(float(waveforms[0, 1]))
         return EncoderOutput((waveforms[:, :1, None],), torch.ones(len(lengths), dtype=torch.long))
@@ -262,8 +262,8 @@ class _SlowEncoder(torch.nn.Module):
 def test_side_by_side_batches_come_back_in_order_and_errors_surface():
     from contextlib import closing
 
-    from speechtl.features import encode_batches
-    from speechtl.loader import Batch
+    from speechtl.data.loader import Batch
+    from speechtl.features.extract import encode_batches
 
     def batch(n, delay):
         w = torch.tensor([[float(n), delay]])
@@ -291,7 +291,7 @@ def test_re_rendered_audio_of_the_same_length_is_stale_even_in_a_subset_of_a_sha
     import soundfile as sf
 
     from conftest import make_wav
-    from speechtl.manifest import Utterance
+    from speechtl.data.manifest import Utterance
 
     utts = []
     for i in range(6):  # one shard holds them all

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from speechtl.encoder import BUNDLED_DIR, load_encoder
+from speechtl.encoders.registry import BUNDLED_DIR, load_encoder
 
 DEFAULT = BUNDLED_DIR / "default"
 pytestmark = pytest.mark.skipif(not (DEFAULT / "model.safetensors").is_file(), reason="no bundled encoder in this checkout")

@@ -8,13 +8,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_signal
-from speechtl.augment import AugmentConfig, Augmenter
-from speechtl.config import load_train_config
-from speechtl.distill import Distiller, spread_layers
-from speechtl.encoder import encoder_from_config, load_encoder, tiny_config
-from speechtl.loader import AudioDataset, collate
-from speechtl.manifest import read_manifest
-from speechtl.train import TrainingInterrupted, train
+from speechtl.data.augment import AugmentConfig, Augmenter
+from speechtl.data.loader import AudioDataset, collate
+from speechtl.data.manifest import read_manifest
+from speechtl.encoders.registry import load_encoder
+from speechtl.encoders.testing import encoder_from_config, tiny_config
+from speechtl.models.distill import Distiller, spread_layers
+from speechtl.training.config import load_train_config
+from speechtl.training.train import TrainingInterrupted, train
 
 OFF = AugmentConfig(p_gain=0, p_reverb=0, p_telephone=0, p_codec=0, p_noise=0)
 
@@ -122,8 +123,9 @@ def _cfg(tmp_path, corpus, encoder, **kw):
 
 
 def test_scratch_training_with_a_whisper_teacher_and_augmentation_resumes_exactly(tmp_path, tones, tiny_encoder):
-    from speechtl.whisper import tiny_whisper_config
     from transformers import WhisperForConditionalGeneration
+
+    from speechtl.encoders.whisper import tiny_whisper_config
 
     torch.manual_seed(0)
     teacher_dir = tmp_path / "whisper"
@@ -216,7 +218,7 @@ def test_a_whisper_encoder_continues_training_with_itself_as_teacher(tmp_path, t
 
     from transformers import WhisperForConditionalGeneration
 
-    from speechtl.whisper import tiny_whisper_config
+    from speechtl.encoders.whisper import tiny_whisper_config
 
     torch.manual_seed(0)
     start = tmp_path / "whisper"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_encoder_dir, tone_corpus
 
-from speechtl.train import load_checkpoint
+from conftest import tiny_encoder_dir, tone_corpus
+from speechtl.training.train import load_checkpoint
 
 NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
                   final_dropout=0.0, layerdrop=0.0)
@@ -39,7 +39,7 @@ def corpus(tmp_path_factory):
 
 
 def test_two_process_gloo_training_matches_one_process_with_accumulation(tmp_path, corpus):
-    from speechtl.manifest import read_manifest, write_manifest
+    from speechtl.data.manifest import read_manifest, write_manifest
 
     enc = tiny_encoder_dir(tmp_path, **NO_DROPOUT)
     dev = write_manifest(tmp_path / "dev.jsonl", read_manifest(corpus)[:5], absolute=True)  # odd: ranks score 3 and 2
@@ -134,7 +134,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(tm
 
 
 def test_a_folder_swap_cut_short_by_a_kill_is_repaired_on_the_next_write(tmp_path):
-    from speechtl._io import atomic_dir, atomic_path
+    from speechtl.core.io import atomic_dir, atomic_path
 
     target = tmp_path / "model"
     with atomic_dir(target) as tmp:
@@ -161,7 +161,7 @@ def test_a_folder_swap_cut_short_by_a_kill_is_repaired_on_the_next_write(tmp_pat
 
 
 def test_sampler_gives_every_rank_a_batch_when_there_are_fewer_batches_than_ranks():
-    from speechtl.loader import DynamicBucketSampler
+    from speechtl.data.loader import DynamicBucketSampler
 
     durations = [1.0, 1.0, 1.0]  # two batches under a 2 s cap
     per_rank = [DynamicBucketSampler(durations, 2.0, seed=0, rank=r, world_size=8).batches() for r in range(8)]

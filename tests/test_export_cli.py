@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from speechtl.cli import main
-from speechtl.config import load_train_config
-from speechtl.manifest import read_manifest
-from speechtl.train import train
+from speechtl.cli.app import main
+from speechtl.data.manifest import read_manifest
+from speechtl.training.config import load_train_config
+from speechtl.training.train import train
 
 SUBCOMMANDS = ["prepare", "synth", "train", "extract", "evaluate", "transcribe", "align", "lm", "export", "average",
                "zeroshot", "fetch-encoder"]
@@ -39,8 +39,8 @@ def test_help_lists_the_contract():
 
 def test_evaluate_with_a_word_lm_scores_what_transcribe_gives(tmp_path, finetuned, tones, capsys):
     pytest.importorskip("pyctcdecode")
-    from speechtl.inference import Recognizer
-    from speechtl.lm import build_arpa
+    from speechtl.decoding.lm import build_arpa
+    from speechtl.inference.recognizer import Recognizer
 
     utts = read_manifest(tones)
     lm = tmp_path / "lm.arpa"
@@ -75,7 +75,7 @@ def test_evaluate_writes_summary_json(tmp_path, finetuned, tones, capsys):
 
 def test_two_evaluations_into_one_folder_keep_their_artefacts(tmp_path, finetuned, tones):
     utts = read_manifest(tones)
-    from speechtl.manifest import write_manifest
+    from speechtl.data.manifest import write_manifest
 
     half = write_manifest(tmp_path / "half.jsonl", utts[: len(utts) // 2])
     assert main(["evaluate", str(finetuned), str(tones), "--json", str(tmp_path / "all.json"), "-q"]) == 0
@@ -90,7 +90,7 @@ def test_export_matches_transformers_pipeline(tmp_path, finetuned, tones):
     from transformers import pipeline
 
     import speechtl
-    from speechtl.audio import load_audio
+    from speechtl.data.audio import load_audio
 
     assert main(["export", str(finetuned), "--out", str(tmp_path / "hf"), "-q"]) == 0
     pipe = pipeline("automatic-speech-recognition", model=str(tmp_path / "hf"), device="cpu")
@@ -117,7 +117,7 @@ def test_frozen_export_is_refused_with_a_reason(tmp_path, tones, tiny_encoder, c
 
 def test_transcribe_arrays_and_bad_file(tmp_path, finetuned, tones, capsys):
     import speechtl
-    from speechtl.audio import load_audio
+    from speechtl.data.audio import load_audio
 
     rec = speechtl.load(finetuned)
     arrays = [load_audio(u.audio) for u in read_manifest(tones)[:3]] + [np.zeros(8000, dtype=np.float32)]
@@ -171,7 +171,7 @@ def test_run_writes_a_config_that_repeats_it(tmp_path, tones, tiny_encoder, monk
 
 
 def test_unexpected_errors_point_at_verbose(monkeypatch, capsys):
-    import speechtl.cli as cli
+    import speechtl.cli.app as cli
 
     def broken(args):
         raise KeyError("boom")
@@ -183,7 +183,7 @@ def test_unexpected_errors_point_at_verbose(monkeypatch, capsys):
 
 
 def _count_lm_loads(monkeypatch) -> list:
-    import speechtl.lm as lm_mod
+    import speechtl.decoding.lm as lm_mod
 
     loads, real = [], lm_mod.pyctcdecode_language_model
     monkeypatch.setattr(lm_mod, "pyctcdecode_language_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
@@ -192,8 +192,8 @@ def _count_lm_loads(monkeypatch) -> list:
 
 def test_recognizer_reads_a_language_model_once(tmp_path, finetuned, tones, monkeypatch):
     pytest.importorskip("pyctcdecode")
-    from speechtl.inference import Recognizer
-    from speechtl.lm import build_arpa
+    from speechtl.decoding.lm import build_arpa
+    from speechtl.inference.recognizer import Recognizer
 
     utts = read_manifest(tones)
     lm = tmp_path / "lm.arpa"
@@ -208,7 +208,7 @@ def test_recognizer_reads_a_language_model_once(tmp_path, finetuned, tones, monk
 
 def test_lm_tune_searches_the_grid_with_one_model_pass(tmp_path, finetuned, tones, monkeypatch, capsys):
     pytest.importorskip("pyctcdecode")
-    from speechtl.lm import build_arpa
+    from speechtl.decoding.lm import build_arpa
 
     utts = read_manifest(tones)
     lm = tmp_path / "lm.arpa"
@@ -235,8 +235,8 @@ def test_lm_tune_searches_the_grid_with_one_model_pass(tmp_path, finetuned, tone
 
 
 def test_evaluate_takes_window_and_batch_options(tmp_path, finetuned, tones, monkeypatch, capsys):
-    import speechtl.inference as inf
-    from speechtl.transcribe import Transcriber
+    import speechtl.inference.recognizer as inf
+    from speechtl.inference.transcribe import Transcriber
 
     windows, batches = [], []
     real_windows, real_loader = Transcriber.file_log_probs, inf.sorted_loader

@@ -13,13 +13,13 @@ from argparse import Namespace
 
 import pytest
 import torch
-from conftest import make_wav, tiny_encoder_dir
 from safetensors.torch import load_file, save_file
 
-from speechtl import cache as cache_mod
-from speechtl.cache import encoder_fingerprint, extract_to_cache, fingerprint_reuse_key
-from speechtl.encoder import load_encoder
-from speechtl.manifest import Utterance
+from conftest import make_wav, tiny_encoder_dir
+from speechtl.data.manifest import Utterance
+from speechtl.encoders.registry import load_encoder
+from speechtl.features import cache as cache_mod
+from speechtl.features.cache import encoder_fingerprint, extract_to_cache, fingerprint_reuse_key
 
 
 def _run_python(code: str, cwd=None) -> dict:
@@ -36,7 +36,7 @@ def _run_python(code: str, cwd=None) -> dict:
 def test_the_parser_and_help_import_neither_torch_nor_transformers():
     got = _run_python("""
         import contextlib, io, json, sys
-        import speechtl.cli as cli
+        import speechtl.cli.app as cli
 
         cli.build_parser()
         after_parser = sorted(m for m in ("torch", "transformers") if m in sys.modules)
@@ -62,7 +62,7 @@ def test_prepare_and_lm_build_run_without_torch(tmp_path):
         (tmp_path / "corpus" / f"c{i}.txt").write_text(f"word{i} again", encoding="utf-8")
     got = _run_python(f"""
         import json, sys
-        from speechtl.cli import main
+        from speechtl.cli.app import main
 
         rc = [main(["prepare", {str(tmp_path / "corpus")!r}, "--format", "folder", "--out", {str(tmp_path / "m.jsonl")!r}, "-q"]),
               main(["lm", "build", {str(tmp_path / "m.jsonl")!r}, "--out", {str(tmp_path / "lm.arpa")!r}, "-q"])]
@@ -76,7 +76,7 @@ def test_reading_and_resampling_audio_imports_neither_librosa_nor_scipy_signal(t
     path = make_wav(tmp_path / "a.wav", 0.7, sr=22050)
     got = _run_python(f"""
         import json, sys
-        from speechtl.audio import load_audio
+        from speechtl.data.audio import load_audio
 
         wav = load_audio({str(path)!r})
         print(json.dumps({{"n": len(wav), "heavy": sorted(m for m in ("librosa", "scipy.signal", "numba") if m in sys.modules)}}))
@@ -88,7 +88,7 @@ def test_resampling_gives_what_librosa_soxr_hq_gives():
     import librosa
     import numpy as np
 
-    from speechtl.audio import resample
+    from speechtl.data.audio import resample
 
     rng = np.random.default_rng(0)
     for sr in (8000, 22050, 44100, 48000):
@@ -99,7 +99,7 @@ def test_resampling_gives_what_librosa_soxr_hq_gives():
 
 
 def test_train_help_still_lists_the_config_keys(capsys):
-    from speechtl.cli import main
+    from speechtl.cli.app import main
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -115,14 +115,14 @@ def test_public_names_of_the_package_load_on_first_use():
         before = sorted(m for m in ("numpy", "soundfile", "torch") if m in sys.modules)
         from speechtl import AudioError, ManifestError, Utterance, load, load_audio, read_manifest, write_manifest
         light = sorted(m for m in ("torch",) if m in sys.modules)
-        print(json.dumps({"before": before, "light": light, "audio": speechtl.audio.SAMPLE_RATE,
+        print(json.dumps({"before": before, "light": light, "audio": speechtl.data.audio.SAMPLE_RATE,
                           "all": sorted(speechtl.__all__), "dir": "load_audio" in dir(speechtl)}))
     """)
     assert got["before"] == [] and got["light"] == [] and got["audio"] == 16000 and got["dir"]
     assert {"load", "load_audio", "Recognizer", "read_manifest"} <= set(got["all"])
     import speechtl
     from speechtl import Recognizer
-    from speechtl.inference import Recognizer as R
+    from speechtl.inference.recognizer import Recognizer as R
 
     assert Recognizer is R
     with pytest.raises(AttributeError):
@@ -213,7 +213,8 @@ def test_an_unwritable_store_only_costs_a_hash(tmp_path, monkeypatch):
 
 
 def test_a_small_job_starts_no_decoding_workers(tmp_path, store, monkeypatch):
-    from speechtl import cli, loader
+    from speechtl.cli import app as cli
+    from speechtl.data import loader
 
     assert (cli.SMALL_JOB_CLIPS, cli.SMALL_JOB_MINUTES * 60) == (loader.SMALL_JOB_CLIPS, loader.SMALL_JOB_SECONDS)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)  # a big machine
@@ -232,7 +233,7 @@ def test_a_small_job_starts_no_decoding_workers(tmp_path, store, monkeypatch):
 
 
 def test_training_starts_workers_by_the_same_rule_unless_num_workers_is_set(monkeypatch):
-    from speechtl.train import _Trainer
+    from speechtl.training.train import _Trainer
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     small = [Utterance(f"s{i}", "x.wav", "ab", 2.0) for i in range(50)]
@@ -249,7 +250,7 @@ def test_training_starts_workers_by_the_same_rule_unless_num_workers_is_set(monk
 
 
 def test_the_schedule_is_timed_once_per_machine_and_read_back(tmp_path, store, monkeypatch):
-    from speechtl import schedule
+    from speechtl.features import cpu_plan as schedule
 
     enc = load_encoder(str(_encoder_folder(tmp_path)))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two cores: 2 streams or 1, each CNN
@@ -279,7 +280,7 @@ def test_the_schedule_is_timed_once_per_machine_and_read_back(tmp_path, store, m
 
 
 def test_a_big_extraction_runs_the_chosen_schedule_and_a_small_one_the_default(tmp_path, store, monkeypatch):
-    from speechtl import schedule
+    from speechtl.features import cpu_plan as schedule
 
     enc = load_encoder(str(_encoder_folder(tmp_path)))
     utts = [Utterance(f"u{i}", str(make_wav(tmp_path / f"u{i}.wav", 0.6, freq=300 + 50 * i)), "ab", 0.6) for i in range(2)]
@@ -304,7 +305,7 @@ def test_a_big_extraction_runs_the_chosen_schedule_and_a_small_one_the_default(t
 
 
 def test_start_up_freezes_only_in_a_process_started_as_the_command():
-    from speechtl.cli import _start_up
+    from speechtl.cli.app import _start_up
 
     frozen = gc.get_freeze_count()
     with _start_up(Namespace(as_program=False)):

@@ -1,4 +1,4 @@
-"""speechtl.importers: each corpus format, bad audio, duration filter, dev split."""
+"""speechtl.data.corpora.importers: each corpus format, bad audio, duration filter, dev split."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import make_corrupt, make_wav, write_text
-from speechtl.audio import AudioError
-from speechtl.importers import PrepareError, PrepareOptions, PrepareResult, prepare, split_dev, write_prepared
-from speechtl.manifest import ManifestError, Utterance, read_manifest
+from speechtl.data.audio import AudioError
+from speechtl.data.corpora.importers import PrepareError, PrepareOptions, PrepareResult, prepare, split_dev, write_prepared
+from speechtl.data.manifest import ManifestError, Utterance, read_manifest
 
 
 def by_id(utts):
@@ -116,7 +116,7 @@ def test_corrupt_file_error_and_skip(tmp_path, caplog):
         prepare(root, PrepareOptions(format="folder"))
     assert str(bad.absolute()) in str(ei.value)
 
-    with caplog.at_level(logging.WARNING, logger="speechtl.importers"):
+    with caplog.at_level(logging.WARNING, logger="speechtl.data.corpora.importers"):
         res = prepare(root, PrepareOptions(format="folder", on_bad_audio="skip"))
     assert "bob-bad" not in by_id(res.utterances)
     assert len(res.utterances) == 4
@@ -348,7 +348,7 @@ def make_many(root: Path, n_speakers: int = 5, per_speaker: int = 4) -> None:
 def test_duration_filter(tmp_path, caplog):
     root = tmp_path / "c"
     make_many(root, n_speakers=2)  # durations 0.3, 0.5, 0.7, 0.9 per speaker
-    with caplog.at_level(logging.INFO, logger="speechtl.importers"):
+    with caplog.at_level(logging.INFO, logger="speechtl.data.corpora.importers"):
         res = prepare(root, PrepareOptions(format="folder", min_duration=0.4, max_duration=0.8))
     assert sorted(u.id for u in res.utterances) == ["s0-u1", "s0-u2", "s1-u1", "s1-u2"]
     assert res.dropped_duration == 4
@@ -429,7 +429,7 @@ def test_absolute_paths_option(tmp_path):
 
 
 def test_max_minutes_takes_nested_prefixes(tmp_path, caplog):
-    from speechtl.importers import take_minutes
+    from speechtl.data.corpora.importers import take_minutes
 
     utts = [Utterance(f"u{i}", f"/x/{i}.wav", "a", 20.0) for i in range(12)]  # 4 min in all
     one, two = take_minutes(utts, 1.0), take_minutes(utts, 2.0)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from speechtl.loader import AudioDataset, DynamicBucketSampler, collate, padding_overhead, random_batches
-from speechtl.manifest import read_manifest
-from speechtl.text import Normalizer, Vocabulary
+from speechtl.data.loader import AudioDataset, DynamicBucketSampler, collate, padding_overhead, random_batches
+from speechtl.data.manifest import read_manifest
+from speechtl.data.text import Normalizer, Vocabulary
 
 
 def _durations(n=500, seed=0):

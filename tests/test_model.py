@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import tiny_encoder_dir
-from speechtl.encoder import load_encoder, resolve_encoder
-from speechtl.loader import pad_waveforms
-from speechtl.heads import BiLSTMHead, WeightedLayerSum
-from speechtl.model import HeadConfig, build_model, ctc_loss, load_model_dir, save_model_dir
-from speechtl.text import Normalizer, Vocabulary
+from speechtl.data.loader import pad_waveforms
+from speechtl.data.text import Normalizer, Vocabulary
+from speechtl.encoders.registry import load_encoder, resolve_encoder
+from speechtl.models.ctc import HeadConfig, build_model, ctc_loss, load_model_dir, save_model_dir
+from speechtl.models.heads import BiLSTMHead, WeightedLayerSum
 
 FAMILIES = ["wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-conformer"]
 
@@ -69,7 +69,7 @@ def test_very_short_clip_gives_one_frame(tiny_encoder):
 
 
 def test_default_encoder_name_resolves_or_explains(tmp_path, monkeypatch):
-    import speechtl.encoder as encoder_mod
+    import speechtl.encoders.registry as encoder_mod
 
     path = resolve_encoder("default")  # shipped with the package
     assert json.load(open(path + "/config.json"))["model_type"] in ("wav2vec2", "whisper")
@@ -181,7 +181,7 @@ def test_frozen_cnn_builds_no_graph(tiny_encoder, mode, cnn_grad):
 
 
 def test_frozen_feature_masking_only_in_training():
-    from speechtl.heads import mask_spans
+    from speechtl.encoders.base import mask_spans
 
     torch.manual_seed(0)
     x = torch.ones(4, 500, 32)
@@ -197,7 +197,7 @@ def test_frozen_feature_masking_only_in_training():
 
 
 def test_frozen_masking_config_reaches_the_model(tmp_path, tones, tiny_encoder):
-    from speechtl.model import build_model
+    from speechtl.models.ctc import build_model
 
     m = build_model(str(tiny_encoder), "frozen", 8, config_overrides={"frozen_mask_time_prob": 0.3, "mask_time_length": 4,
                                                                        "mask_time_prob": 0.05})
@@ -229,7 +229,7 @@ def test_time_major_cnn_equals_transformers(tmp_path, family, norm):
 
 @pytest.mark.parametrize("norm", ["layer", "group"])
 def test_time_major_cnn_in_blocks_and_under_cpu_bf16_autocast(tmp_path, norm):
-    import speechtl.fast_cnn as enc_mod
+    import speechtl.encoders.fast_cnn as enc_mod
 
     enc = load_encoder(str(tiny_encoder_dir(tmp_path, "wav2vec2", feat_extract_norm=norm, conv_bias=True))).eval()
     layers = enc.model.feature_extractor.conv_layers
@@ -251,7 +251,7 @@ def test_time_major_cnn_in_blocks_and_under_cpu_bf16_autocast(tmp_path, norm):
 
 
 def test_time_major_cnn_only_without_cnn_gradients(tiny_encoder):
-    import speechtl.fast_cnn as enc_mod
+    import speechtl.encoders.fast_cnn as enc_mod
 
     calls = []
     real = enc_mod.time_major_cnn

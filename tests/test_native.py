@@ -1,4 +1,4 @@
-"""speechtl's own encoder modules for inference (speechtl.native) against transformers'."""
+"""speechtl's own encoder modules for inference (speechtl.encoders.native) against transformers'."""
 
 import json
 import subprocess
@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from speechtl.encoder import encoder_from_config, load_encoder, save_encoder, tiny_config
-from speechtl.native import Wav2Vec2Native, WhisperEncoderNative, load_native
-from speechtl.whisper import tiny_whisper_config
+from speechtl.encoders.native import Wav2Vec2Native, WhisperEncoderNative, load_native
+from speechtl.encoders.registry import load_encoder, save_encoder
+from speechtl.encoders.testing import encoder_from_config, tiny_config
+from speechtl.encoders.whisper import tiny_whisper_config
 
 
 def _shake(module: torch.nn.Module, seed: int = 0) -> None:
@@ -86,7 +87,7 @@ def test_native_whisper_encoder_equals_transformers_layer_by_layer(tmp_path):
 def test_an_encoder_has_one_fingerprint_whichever_modules_load_it(tmp_path, family, kw):
     """A cache extracted with the native modules serves a frozen training run, which loads
     its encoder through transformers: the cache key's fingerprint must agree."""
-    from speechtl.cache import encoder_fingerprint
+    from speechtl.features.cache import encoder_fingerprint
 
     path = _whisper_dir(tmp_path) if family == "whisper" else _wav2vec2_dir(tmp_path, family, **kw)
     ref, nat = load_encoder(str(path)), load_encoder(str(path), inference=True)
@@ -101,7 +102,7 @@ def test_an_encoder_has_one_fingerprint_whichever_modules_load_it(tmp_path, fami
 def test_the_defaults_for_missing_config_keys_are_transformers_own():
     import transformers
 
-    from speechtl.native import DEFAULTS
+    from speechtl.encoders.native import DEFAULTS
 
     classes = {"wav2vec2": transformers.Wav2Vec2Config, "hubert": transformers.HubertConfig,
                "whisper": transformers.WhisperConfig}
@@ -118,7 +119,7 @@ def test_a_config_without_some_keys_loads_as_transformers_loads_it(tmp_path, fam
     """transformers fills a key config.json leaves out with its class default (a mask
     embedding for the default mask_time_prob, say); so do the native modules, and the
     fingerprint stays one."""
-    from speechtl.cache import encoder_fingerprint
+    from speechtl.features.cache import encoder_fingerprint
 
     path = _wav2vec2_dir(tmp_path, family, mask_time_prob=0.05)
     cfg = json.loads((path / "config.json").read_text())
@@ -136,7 +137,7 @@ def test_a_checkpoint_transformers_runs_in_half_precision_loads_through_transfor
     The native modules run float32: float16 weights under ``dtype: float32`` load natively
     (as transformers loads them, upcast, with one fingerprint); a float16 dtype, or float16
     weights and no dtype, are left to transformers."""
-    from speechtl.cache import encoder_fingerprint
+    from speechtl.features.cache import encoder_fingerprint
 
     path = _wav2vec2_dir(tmp_path)
     state = {k: v.half() for k, v in load_file(str(path / "model.safetensors")).items()}
@@ -207,8 +208,8 @@ def test_a_recogniser_decodes_without_importing_transformers_model_code(tmp_path
     """The point of the native modules: loading a model and transcribing a file imports no
     transformers (its modelling code costs seconds), and gives transformers' logits."""
     from conftest import make_wav
-    from speechtl.model import CTCModel, HeadConfig, load_model_dir, save_model_dir
-    from speechtl.text import Normalizer, Vocabulary
+    from speechtl.data.text import Normalizer, Vocabulary
+    from speechtl.models.ctc import CTCModel, HeadConfig, load_model_dir, save_model_dir
 
     enc_dir = _wav2vec2_dir(tmp_path)
     vocab = Vocabulary.build(["ab ba cab"])
@@ -221,7 +222,7 @@ def test_a_recogniser_decodes_without_importing_transformers_model_code(tmp_path
     script = (
         "import sys, json, torch; import speechtl\n"
         f"rec = speechtl.load({str(out)!r})\n"
-        "from speechtl.audio import load_audio\n"
+        "from speechtl.data.audio import load_audio\n"
         f"w = torch.from_numpy(load_audio({str(wav)!r}))[None]\n"
         "with torch.inference_mode(): logits, _ = rec.model(w, torch.tensor([w.shape[1]]))\n"
         f"torch.save(logits, {str(tmp_path / 'native.pt')!r})\n"
@@ -232,7 +233,7 @@ def test_a_recogniser_decodes_without_importing_transformers_model_code(tmp_path
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report == {"transformers": [], "encoder": "Wav2Vec2Native"}
     ref, _, _, _ = load_model_dir(out)
-    from speechtl.audio import load_audio
+    from speechtl.data.audio import load_audio
 
     w = torch.from_numpy(load_audio(str(wav)))[None]
     with torch.inference_mode():

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from speechtl.manifest import ManifestError, Utterance, read_manifest, write_manifest
-from speechtl.text import Normalizer, NormalizerConfig, Vocabulary
+from speechtl.data.manifest import ManifestError, Utterance, read_manifest, write_manifest
+from speechtl.data.text import Normalizer, NormalizerConfig, Vocabulary
 
 texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80)
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

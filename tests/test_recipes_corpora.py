@@ -301,7 +301,7 @@ def _tar(src_root: Path, member: str, archive: Path) -> None:
 def make_librilight_mirror(root: Path) -> Path:
     """Miniature copies of librispeech_finetuning.tgz, the four LibriSpeech dev/test archives and
     LibriSpeech's (upper-case) 4-gram LM, in a folder that stands in for their publishers."""
-    from speechtl.lm import build_arpa
+    from speechtl.decoding.lm import build_arpa
 
     src, mirror = root / "src", root / "mirror"
     ft = src / "librispeech_finetuning"
@@ -398,8 +398,8 @@ def test_librilight_subsets_and_bad_input(tmp_path, librilight_mirror):
 # --------------------------------------------------------------------------- pieces
 
 def test_language_normalisers():
-    from speechtl.corpora import fix_case, normalizer_for
-    from speechtl.text import Normalizer, NormalizerConfig
+    from speechtl.data.corpora.public import fix_case, normalizer_for
+    from speechtl.data.text import Normalizer, NormalizerConfig
 
     tr = Normalizer(NormalizerConfig(**normalizer_for("tr")))
     assert tr(fix_case("tr", "IĞDIR, İstanbul!")) == "ığdır istanbul"
@@ -410,7 +410,7 @@ def test_language_normalisers():
 
 
 def test_recorded_checksum_catches_a_changed_archive(tmp_path):
-    from speechtl.archives import ArchiveError, verify_archive
+    from speechtl.data.corpora.archives import ArchiveError, verify_archive
 
     archive, record = tmp_path / "a.tar.gz", tmp_path / "SHA256SUMS"
     archive.write_bytes(b"first")
@@ -425,7 +425,7 @@ def test_recorded_checksum_catches_a_changed_archive(tmp_path):
 
 
 def test_librilight_subset_folders(tmp_path):
-    from speechtl.corpora import CorpusError, librilight_train_dirs
+    from speechtl.data.corpora.public import CorpusError, librilight_train_dirs
 
     ft = tmp_path / "librispeech_finetuning"
     (ft / "1h" / "3").mkdir(parents=True)

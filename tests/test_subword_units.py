@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from speechtl.config import config_help, load_train_config
-from speechtl.manifest import read_manifest, write_manifest
-from speechtl.train import train
-from speechtl.units import WORD_START, SubwordVocabulary
+from speechtl.data.manifest import read_manifest, write_manifest
+from speechtl.data.units import WORD_START, SubwordVocabulary
+from speechtl.training.config import config_help, load_train_config
+from speechtl.training.train import train
 
 TRAIN_WORDS = {"ab", "ba", "cab", "abc", "cc", "bad"}  # conftest.tone_corpus's words
 UNITS = "bpe:20"
@@ -100,14 +100,14 @@ def test_tokenizer_covers_the_training_characters_and_decodes_as_its_file(tmp_pa
 
 def test_tokenizer_is_trained_on_the_training_text_and_dev_characters_are_reported_as_before(tmp_path, tones,
                                                                                               dev_with_z, caplog):
-    from speechtl.text import Normalizer
-    from speechtl.train import _choose_vocab, _TrainData
+    from speechtl.data.text import Normalizer
+    from speechtl.training.train import _choose_vocab, _TrainData
 
     data = _TrainData(Normalizer(), None, read_manifest(tones), read_manifest(dev_with_z), [], [])
     warnings = {}
     for units in ("char", UNITS):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="speechtl.train"):
+        with caplog.at_level(logging.WARNING, logger="speechtl.training.train"):
             vocab = _choose_vocab(load_train_config(None, {"train": str(tones), "units": units}), data, None)
         warnings[units] = [r.getMessage() for r in caplog.records]
     assert isinstance(vocab, SubwordVocabulary)
@@ -120,7 +120,7 @@ def test_tokenizer_is_trained_on_the_training_text_and_dev_characters_are_report
 
 
 def test_words_and_times_are_pieces_joined_at_the_word_marker():
-    from speechtl.decode import words_from_runs
+    from speechtl.decoding.decoders import words_from_runs
 
     vocab = SubwordVocabulary.train(["ab ba", "cab abc", "cc bad", "abc cab", "bad ba"] * 3, "bpe:14")
     ix = vocab.index
@@ -136,7 +136,7 @@ def test_words_and_times_are_pieces_joined_at_the_word_marker():
 def test_beam_search_keeps_a_lone_word_marker_inside_its_word():
     """pyctcdecode would split the piece after a lone "▁" off as a word of its own."""
     pytest.importorskip("pyctcdecode")
-    from speechtl.decode import BeamDecoder, GreedyDecoder
+    from speechtl.decoding.decoders import BeamDecoder, GreedyDecoder
 
     vocab = SubwordVocabulary.train(["ab ba", "cab abc", "cc bad", "abc cab", "bad ba"] * 3, "bpe:14")
     path = [vocab.index[p] for p in ("▁c", "ab", "▁", "ab", "c", "▁ba")]
@@ -156,9 +156,9 @@ def test_subword_model_loads_and_decodes_into_words(subword_model, tones, capsys
     from tokenizers import Tokenizer
 
     import speechtl
-    from speechtl.audio import load_audio
-    from speechtl.decode import align_words, greedy_ids
-    from speechtl.inference import decode_hyps
+    from speechtl.data.audio import load_audio
+    from speechtl.decoding.decoders import align_words, greedy_ids
+    from speechtl.inference.recognizer import decode_hyps
 
     meta = json.loads((subword_model / "speechtl.json").read_text())
     assert meta["units"] == UNITS and meta["vocab_size"] == len(json.loads((subword_model / "vocab.json").read_text()))
@@ -179,7 +179,7 @@ def test_subword_model_loads_and_decodes_into_words(subword_model, tones, capsys
         assert hyps[u.id] == saved.decode(ids).strip()
         assert text == " ".join(saved.decode(ids).split())
     # the command line gives the same text
-    from speechtl.cli import main
+    from speechtl.cli.app import main
 
     first = next(u for u, t in zip(utts, texts) if t)
     capsys.readouterr()
@@ -193,7 +193,7 @@ def test_subword_model_loads_and_decodes_into_words(subword_model, tones, capsys
     assert all(a.end <= b.start for a, b in zip(words, words[1:]))
     # forced alignment of the true transcript groups its pieces into its words
     tr = rec.transcriber()
-    from speechtl.transcribe import Item
+    from speechtl.inference.transcribe import Item
 
     lp = tr.file_log_probs(Item(first.id, first.audio))
     aligned = align_words(lp, first.text, rec.vocab, tr.frame_s)
@@ -204,9 +204,9 @@ def test_subword_model_loads_and_decodes_into_words(subword_model, tones, capsys
 
 def test_subword_beam_search_with_a_word_lm(tmp_path, subword_model, tones):
     pytest.importorskip("pyctcdecode")
-    from speechtl.cli import main
-    from speechtl.inference import Recognizer
-    from speechtl.lm import build_arpa
+    from speechtl.cli.app import main
+    from speechtl.decoding.lm import build_arpa
+    from speechtl.inference.recognizer import Recognizer
 
     utts = read_manifest(tones)
     lm = tmp_path / "lm.arpa"
@@ -225,8 +225,8 @@ def test_subword_export_matches_transformers_pipeline(tmp_path, subword_model, t
     from transformers import pipeline
 
     import speechtl
-    from speechtl.audio import load_audio
-    from speechtl.cli import main
+    from speechtl.cli.app import main
+    from speechtl.data.audio import load_audio
 
     assert main(["export", str(subword_model), "--out", str(tmp_path / "hf"), "-q"]) == 0
     exported = json.loads((tmp_path / "hf" / "vocab.json").read_text())
@@ -242,7 +242,7 @@ def test_subword_export_matches_transformers_pipeline(tmp_path, subword_model, t
 
 def test_frozen_mode_trains_unigram_pieces(tmp_path, tones, tiny_encoder):
     import speechtl
-    from speechtl.model import read_meta
+    from speechtl.models.ctc import read_meta
 
     summary = train(_cfg(tmp_path, tones, tiny_encoder, mode="frozen", units="unigram:12", max_steps=2, eval_every=2),
                     progress=False)
@@ -285,7 +285,7 @@ def test_resume_keeps_the_runs_tokenizer_and_refuses_other_units(tmp_path, subwo
 
 def test_a_model_folder_without_units_loads_as_a_character_model(tmp_path, char_model, tones):
     import speechtl
-    from speechtl.text import Vocabulary
+    from speechtl.data.text import Vocabulary
 
     old = tmp_path / "old"
     shutil.copytree(char_model, old)

@@ -10,9 +10,9 @@ sf = pytest.importorskip("soundfile")
 pytest.importorskip("librosa")
 pytest.importorskip("wordfreq")
 
-from speechtl.manifest import read_manifest  # noqa: E402
-from speechtl.synth import SynthConfig, list_variants, synthesize, utterance_specs, wordfreq_lang  # noqa: E402
-from speechtl.text import Normalizer  # noqa: E402
+from speechtl.data.corpora.synth import SynthConfig, list_variants, synthesize, utterance_specs, wordfreq_lang  # noqa: E402
+from speechtl.data.manifest import read_manifest  # noqa: E402
+from speechtl.data.text import Normalizer  # noqa: E402
 
 
 def _synth(tmp_path, name, **kw):
@@ -85,7 +85,7 @@ def test_variants_and_specs():
 
 
 def test_errors(tmp_path):
-    from speechtl.synth import Speaker, UttSpec, synth_utterances
+    from speechtl.data.corpora.synth import Speaker, UttSpec, synth_utterances
 
     with pytest.raises(ValueError, match="variant"):
         synthesize(SynthConfig(lang="en-us", minutes=0.1, out_dir=tmp_path / "v", variants=("nosuchvoice",)), progress=False)
@@ -97,8 +97,8 @@ def test_errors(tmp_path):
 
 
 def test_cli_variant_selection(tmp_path):
-    from speechtl.cli import main
-    from speechtl.manifest import read_manifest
+    from speechtl.cli.app import main
+    from speechtl.data.manifest import read_manifest
 
     assert main(["synth", "--lang", "en-us", "--minutes", "0.1", "--out", str(tmp_path / "a"), "--variants", "m3,f2,klatt",
                  "--exclude-variants", "klatt", "--workers", "2", "-q"]) == 0
@@ -107,7 +107,7 @@ def test_cli_variant_selection(tmp_path):
 
 
 def test_cli_rate_pitch_and_vocabulary_ranges(tmp_path):
-    from speechtl.cli import main
+    from speechtl.cli.app import main
 
     assert main(["synth", "--lang", "en-us", "--minutes", "0.1", "--out", str(tmp_path / "a"), "--rate", "150-160",
                  "--pitch", "20-21", "--vocab-size", "50", "--speakers", "3", "-q"]) == 0
@@ -120,8 +120,9 @@ def test_cli_rate_pitch_and_vocabulary_ranges(tmp_path):
 
 
 def test_mbrola_voices_take_no_variant_and_read_their_language():
-    from speechtl.synth import Speaker, is_mbrola, make_speakers
     import random
+
+    from speechtl.data.corpora.synth import Speaker, is_mbrola, make_speakers
 
     assert is_mbrola("mb-de1") and not is_mbrola("de")
     speakers = make_speakers(SynthConfig(lang="mb-de1", minutes=1, out_dir="unused", n_speakers=4), random.Random(0))

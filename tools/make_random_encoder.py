@@ -7,7 +7,8 @@ be downloaded. ``--size base`` is the wav2vec2-base geometry (95M parameters).
 
 import argparse
 
-from speechtl.encoder import encoder_from_config, save_encoder, tiny_config
+from speechtl.encoders.registry import save_encoder
+from speechtl.encoders.testing import encoder_from_config, tiny_config
 
 SIZES = {
     "tiny": {},

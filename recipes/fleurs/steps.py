@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The Python steps of recipes/fleurs/run.sh (the code is in speechtl.corpora and
-speechtl.recipe_steps).
+"""The Python steps of recipes/fleurs/run.sh (the code is in speechtl.data.corpora.public and
+speechtl.cli.recipe_steps).
 
   prepare  manifests of one FLEURS language
   lm       an n-gram LM from the training sentences
@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from speechtl import corpora, recipe_steps
+from speechtl.cli import recipe_steps
+from speechtl.data.corpora import public as corpora
 
 
 def main(argv: list[str] | None = None) -> int:

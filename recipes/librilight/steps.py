@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The Python steps of recipes/librilight/run.sh (the code is in speechtl.corpora and
-speechtl.recipe_steps).
+"""The Python steps of recipes/librilight/run.sh (the code is in speechtl.data.corpora.public and
+speechtl.cli.recipe_steps).
 
   fetch    the Libri-light fine-tuning sets, the LibriSpeech dev/test sets and the LM in place
   prepare  manifests of a Libri-light subset and the four LibriSpeech evaluation sets
@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from speechtl import archives, corpora, recipe_steps
+from speechtl.cli import recipe_steps
+from speechtl.data.corpora import archives
+from speechtl.data.corpora import public as corpora
 
 EVAL_SETS = corpora.LIBRISPEECH_EVAL
 # Baevski et al. (2020), "wav2vec 2.0", Table 1: WER (%) of wav2vec 2.0 BASE (pretrained on

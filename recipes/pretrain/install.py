@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from speechtl.manifest import read_manifest
+from speechtl.data.manifest import read_manifest
 
 LICENCES = {
     "espeak-ng": "espeak-ng (GPL-3.0), texts from wordfreq word lists (CC BY-SA 4.0)",
@@ -113,7 +113,7 @@ def main() -> None:
            f"from its own {cfg.get('student_layers') or '(spread the same way)'} (L1 + cosine, weight "
            f"{cfg.get('distill_weight', 1.0)}; the teacher hears the clean clip)" if teacher else "") + " |",
         f"| augmentation | {cfg.get('augment', 0):.0%} of clips: reverberation, telephone band and 8 kHz mu-law, MP3/Vorbis, "
-        "noise at 0-30 dB SNR, gain (speechtl.augment) |",
+        "noise at 0-30 dB SNR, gain (speechtl.data.augment) |",
         *origin,
         f"| updates | {summary['steps']} of at most {cfg['max_batch_seconds']} s of padded audio "
         f"({summary['audio_hours_seen']:.1f} h of audio seen) |",

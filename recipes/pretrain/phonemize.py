@@ -19,7 +19,7 @@ from pathlib import Path
 
 import soundfile as sf
 
-from speechtl.manifest import read_manifest, write_manifest
+from speechtl.data.manifest import read_manifest, write_manifest
 
 DROP = str.maketrans("", "", "ˈˌ?")  # primary/secondary stress; '?' = espeak's unrenderable phoneme
 

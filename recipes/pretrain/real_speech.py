@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from speechtl.audio import SAMPLE_RATE, load_audio, write_wav
-from speechtl.manifest import Utterance, write_manifest
-from speechtl.synth import _trim
+from speechtl.data.audio import SAMPLE_RATE, load_audio, write_wav
+from speechtl.data.corpora.synth import _trim
+from speechtl.data.manifest import Utterance, write_manifest
 
 RESERVED = {"cs", "it", "pl", "sw", "nl", "tr"}
 ASTERISK = {"en": "en-us", "es": "es", "fr": "fr-fr", "ru": "ru"}  # package language -> espeak-ng voice
@@ -66,7 +66,7 @@ def tuxpaint(stamps: Path):
             continue
         lines = txt.read_text(encoding="utf-8", errors="replace").splitlines()
         if code:
-            found = [l.split("=", 1)[1] for l in lines if l.startswith(f"{code}.utf8=")]
+            found = [ln.split("=", 1)[1] for ln in lines if ln.startswith(f"{code}.utf8=")]
             text = found[0] if found else ""
         else:
             text = lines[0] if lines else ""
@@ -81,8 +81,8 @@ def pocketsphinx(data: Path):
         tr = d / (f"{name}.transcription" if name == "cards" else "transcription")
         if not tr.is_file():
             continue
-        ids = [l.strip() for l in (d / (f"{name}.fileids" if name == "cards" else "fileids")).read_text().splitlines() if l.strip()]
-        texts = [re.sub(r"</?s>|\([^)]*\)", " ", l).strip() for l in tr.read_text().splitlines() if l.strip()]
+        ids = [ln.strip() for ln in (d / (f"{name}.fileids" if name == "cards" else "fileids")).read_text().splitlines() if ln.strip()]
+        texts = [re.sub(r"</?s>|\([^)]*\)", " ", ln).strip() for ln in tr.read_text().splitlines() if ln.strip()]
         for fid, text in zip(ids, texts):
             wav = d / f"{Path(fid).name}.wav"
             if wav.is_file() and text:

@@ -1,0 +1,322 @@
+"""Transcribing files, folders and manifests: duration batching, chunked long audio,
+word and segment timestamps, and txt/json/srt/vtt output.
+
+Short files (at most ``chunk_length_s``) are sorted by duration and batched by padded
+seconds. Longer files are cut into overlapping windows, as in the transformers ASR
+pipeline's ``chunk_length_s``/``stride_length_s``: each window is read from disk on its
+own (``load_audio(offset=, duration=)``), so memory stays bounded whatever the length,
+and the frames of its left and right strides are dropped, so the kept frames tile the
+recording. Decoding then runs once over the stitched frame log-probabilities.
+
+Times come from CTC frame spans: a character's time is the run of frames on which it
+is the best class; a word runs from its first character's first frame to its last
+character's last frame. A word's confidence is the mean, over those frames, of the
+best class's probability.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_info, load_audio
+from ..data.loader import cut_batches, encoder_batch_seconds, pad_waveforms
+from ..data.text import Vocabulary
+from ..decoding.decoders import GreedyDecoder, Word
+from ..features.extract import cpu_streams, side_by_side
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("txt", "json", "srt", "vtt")
+
+
+@dataclass
+class Segment:
+    start: float
+    end: float
+    text: str
+    confidence: float
+    words: list[Word] = field(default_factory=list)
+
+
+@dataclass
+class Transcript:
+    """One input's result; ``error`` is set (and the rest empty) when it failed."""
+
+    path: str
+    text: str = ""
+    duration: float = 0.0
+    segments: list[Segment] = field(default_factory=list)
+    error: str | None = None
+    id: str | None = None
+
+    @property
+    def words(self) -> list[Word]:
+        return [w for s in self.segments for w in s.words]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.error is None:
+            d.pop("error")
+        if self.id is None:
+            d.pop("id")
+        return d
+
+
+# ----------------------------------------------------------------------------- inputs
+
+@dataclass(frozen=True, eq=False)
+class Item:
+    key: str  # output name: a manifest id, or the path
+    path: str
+    audio: np.ndarray | None = None  # 16 kHz mono samples given in memory instead of a file
+
+    def duration(self) -> float:
+        return self.audio.size / SAMPLE_RATE if self.audio is not None else audio_info(self.path).duration
+
+    def read(self, offset: float = 0.0, duration: float | None = None) -> np.ndarray:
+        if self.audio is None:
+            return load_audio(self.path, offset=offset, duration=duration)
+        a = int(round(offset * SAMPLE_RATE))
+        b = None if duration is None else a + int(round(duration * SAMPLE_RATE))
+        return np.ascontiguousarray(self.audio[a:b], dtype=np.float32)
+
+
+def collect_inputs(paths: Iterable[str | os.PathLike]) -> list[Item]:
+    """Files, folders (searched recursively for audio) and ``.jsonl`` manifests.
+
+    A path that does not exist is kept, so that it is reported as a failure in order.
+    """
+    from ..data.manifest import read_manifest
+
+    items: list[Item] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS)
+            if not found:
+                logger.warning("%s: no audio files found (looked for %s)", p, " ".join(AUDIO_EXTENSIONS))
+            items += [Item(str(f), str(f)) for f in found]
+        elif p.suffix == ".jsonl" and p.is_file():
+            items += [Item(u.id, u.audio) for u in read_manifest(p, check_files=False)]
+        else:
+            items.append(Item(str(p), str(p)))
+    return items
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def frame_seconds(model) -> float:
+    """Seconds between encoder frames (the product of the CNN strides / 16 kHz)."""
+    if model.encoder is not None:
+        return 1.0 / model.encoder.frame_rate
+    return 320 / SAMPLE_RATE
+
+
+def segments_from_words(words: Sequence[Word], max_gap_s: float = 1.0, max_segment_s: float = 10.0) -> list[Segment]:
+    """Split words into subtitle-sized segments at pauses longer than ``max_gap_s`` or
+    before a segment would exceed ``max_segment_s``."""
+    segments: list[Segment] = []
+    cur: list[Word] = []
+
+    def close():
+        if cur:
+            segments.append(Segment(cur[0].start, cur[-1].end, " ".join(w.word for w in cur),
+                                    round(float(np.mean([w.confidence for w in cur])), 4), list(cur)))
+            cur.clear()
+
+    for w in words:
+        if cur and (w.start - cur[-1].end > max_gap_s or w.end - cur[0].start > max_segment_s):
+            close()
+        cur.append(w)
+    close()
+    return segments
+
+
+# ----------------------------------------------------------------------------- windows
+
+@dataclass
+class _Window:
+    wav: np.ndarray
+    keep_from: int  # frames of this window's output to keep: [keep_from, keep_to)
+    keep_to: int | None
+    last: bool
+
+
+class Transcriber:
+    """Runs a loaded model over inputs and turns frame log-probs into transcripts."""
+
+    def __init__(self, model, vocab: Vocabulary, device: torch.device, decoder: Callable | None = None,
+                 chunk_length_s: float = 30.0, stride_length_s: float | None = None,
+                 max_batch_seconds: float | None = None, max_gap_s: float = 1.0, max_segment_s: float = 10.0,
+                 streams: int | None = None):
+        self.model = model
+        self.vocab = vocab
+        self.device = device
+        self.decoder = decoder or GreedyDecoder(vocab)
+        self.frame_s = frame_seconds(model)
+        hop = round(self.frame_s * SAMPLE_RATE)
+        stride = chunk_length_s / 6 if stride_length_s is None else stride_length_s
+        if chunk_length_s <= 2 * stride:
+            raise ValueError(f"chunk_length_s ({chunk_length_s}) must exceed twice stride_length_s ({stride})")
+        limit = getattr(getattr(model, "encoder", None), "max_seconds", float("inf"))
+        if chunk_length_s > limit:
+            raise ValueError(f"chunk_length_s ({chunk_length_s:g}) is longer than this encoder takes at once ({limit:g} s)")
+        # window and stride lengths are whole frames, so every window's frames line up with the file's
+        self.chunk = int(chunk_length_s * SAMPLE_RATE) // hop * hop
+        self.stride = int(stride * SAMPLE_RATE) // hop * hop
+        self.hop = hop
+        # a window of `chunk` samples may make fewer than chunk / hop frames (wav2vec2's CNN needs
+        # 400 samples for its first): read a little more, so that every window yields the frames
+        # its place in the file calls for, whatever the stride (even 0)
+        self.read_len = self.chunk
+        frames_of = getattr(model, "frame_lengths", None)
+        if frames_of is not None:
+            want = self.chunk // hop
+            while int(frames_of(self.read_len)) < want and self.read_len < self.chunk + 4 * hop:
+                self.read_len += 1
+            if int(frames_of(self.read_len)) < want:
+                raise ValueError(f"this model makes {int(frames_of(self.read_len))} frames from {self.read_len} samples; "
+                                 f"windows need {want}")
+        if max_batch_seconds is None:
+            max_batch_seconds = encoder_batch_seconds(device)
+        self.max_batch_seconds = max_batch_seconds
+        # short files' batches run this many at a time on a CPU, each on one thread
+        self.streams = cpu_streams(device) if streams is None else streams
+        if streams is not None and streams < 1:
+            raise ValueError(f"streams must be at least 1 (got {streams})")
+        self.max_gap_s = max_gap_s
+        self.max_segment_s = max_segment_s
+
+    @torch.inference_mode()
+    def _log_probs(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        values, lengths = pad_waveforms([torch.from_numpy(w) for w in wavs])
+        logits, frames = self.model(values.to(self.device), lengths.to(self.device))
+        lp = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+        return [lp[i, : int(n)] for i, n in enumerate(frames.cpu())]
+
+    def _windows(self, item: Item, duration: float) -> Iterator[_Window]:
+        """Overlapping windows of a long file, each read from disk when needed."""
+        total = int(round(duration * SAMPLE_RATE))
+        step = self.chunk - 2 * self.stride
+        n = max(1, math.ceil((total - self.chunk) / step) + 1) if total > self.chunk else 1
+        for k in range(n):
+            start = k * step
+            last = k == n - 1
+            wav = item.read(start / SAMPLE_RATE, None if last else self.read_len / SAMPLE_RATE)
+            keep_from = 0 if k == 0 else self.stride // self.hop
+            keep_to = None if last else (self.chunk - self.stride) // self.hop
+            yield _Window(wav, keep_from, keep_to, last)
+
+    def run(self, items: Sequence[Item], progress: bool = False) -> Iterator[Transcript]:
+        """Yield a :class:`Transcript` per item, failures included, as each finishes."""
+        for _, t in self.run_indexed(items, progress):
+            yield t
+
+    def run_indexed(self, items: Sequence[Item], progress: bool = False) -> Iterator[tuple[int, Transcript]]:
+        """As :meth:`run`, with each result's index into ``items`` (results come in batch order)."""
+        infos: dict[int, float] = {}
+        bar = tqdm(total=len(items), desc="transcribe", unit="file", disable=not progress)
+        for i, it in enumerate(items):
+            try:
+                infos[i] = it.duration()
+            except AudioError as e:
+                bar.update(1)
+                yield i, self._failed(it, e.reason)
+        chunk_s = self.chunk / SAMPLE_RATE
+        short = sorted((i for i, d in infos.items() if d <= chunk_s), key=lambda i: infos[i])
+        long = [i for i, d in infos.items() if d > chunk_s]
+        # short files: duration-sorted batches capped by padded seconds, each read and run on
+        # one of `streams` threads side by side (a CPU's), decoded here in order
+        batches = cut_batches(short, infos, self.max_batch_seconds)
+        streams = self.streams if self.device.type == "cpu" else 1
+        for failed, done in side_by_side(lambda b: self._short_log_probs(items, b), batches, streams):
+            for i, reason in failed:
+                bar.update(1)
+                yield i, self._failed(items[i], reason)
+            for i, lp in done:
+                bar.update(1)
+                yield i, self._finish(items[i], lp, infos[i])
+        # long files: their windows in batches, stitched, decoded once
+        for i in long:
+            try:
+                yield i, self._finish(items[i], self.file_log_probs(items[i], infos[i]), infos[i])
+            except AudioError as e:
+                yield i, self._failed(items[i], e.reason)
+            bar.update(1)
+        bar.close()
+
+    def file_log_probs(self, item: Item, duration: float | None = None) -> np.ndarray:
+        """Frame log-probabilities ``(T, V)`` of one input; long ones in stitched windows."""
+        duration = item.duration() if duration is None else duration
+        per_batch = max(1, int(self.max_batch_seconds // (self.chunk / SAMPLE_RATE)))
+        parts: list[np.ndarray] = []
+        pending: list[_Window] = []
+        for w in self._windows(item, duration):
+            pending.append(w)
+            if len(pending) == per_batch or w.last:
+                for win, lp in zip(pending, self._log_probs([p.wav for p in pending])):
+                    parts.append(lp[win.keep_from: win.keep_to])
+                pending = []
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.vocab)), np.float32)
+
+    def _short_log_probs(self, items, batch) -> tuple[list[tuple[int, str]], list[tuple[int, np.ndarray]]]:
+        """Read a batch of short files and run the model: (failures, log-probs by index)."""
+        wavs, ok, failed = [], [], []
+        for i in batch:
+            try:
+                wavs.append(items[i].read())
+                ok.append(i)
+            except AudioError as e:
+                failed.append((i, e.reason))
+        return failed, list(zip(ok, self._log_probs(wavs))) if ok else []
+
+    def _failed(self, item: Item, reason: str) -> Transcript:
+        return Transcript(item.path, error=reason, id=item.key if item.key != item.path else None)
+
+    def _finish(self, item: Item, log_probs: np.ndarray, duration: float) -> Transcript:
+        words = self.decoder(log_probs, self.frame_s)
+        segments = segments_from_words(words, self.max_gap_s, self.max_segment_s)
+        return Transcript(item.path, " ".join(w.word for w in words), round(duration, 3), segments,
+                          id=item.key if item.key != item.path else None)
+
+
+# ----------------------------------------------------------------------------- output
+
+def _timestamp(seconds: float, sep: str) -> str:
+    ms = int(round(seconds * 1000))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def to_srt(t: Transcript) -> str:
+    blocks = [f"{n}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{s.text}\n"
+              for n, s in enumerate(t.segments, 1)]
+    return "\n".join(blocks)
+
+
+def to_vtt(t: Transcript) -> str:
+    blocks = [f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{s.text}\n" for s in t.segments]
+    return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+def render(t: Transcript, fmt: str) -> str:
+    if fmt == "txt":
+        return t.text + "\n"
+    if fmt == "json":
+        return json.dumps(t.to_dict(), ensure_ascii=False, indent=2) + "\n"
+    if fmt == "srt":
+        return to_srt(t)
+    if fmt == "vtt":
+        return to_vtt(t)
+    raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

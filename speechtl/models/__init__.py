@@ -1,0 +1,2 @@
+"""The CTC model (encoder + layer sum + head), heads, adapters, the model-folder format,
+distillation, weight averaging and export."""

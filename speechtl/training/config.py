@@ -1,0 +1,351 @@
+"""Training configuration: one frozen dataclass, read from YAML plus ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..core.constants import ADAPTER_KINDS, check_lang  # noqa: F401  (re-exported)
+from ..core.precision import AMP_CHOICES
+from ..data.units import parse_units
+
+MODES = ("frozen", "finetune", "scratch", "adapter")
+HEADS = ("linear", "bilstm")
+SCHEDULES = ("tristage", "linear", "constant")
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    """``value`` fits the field's annotation (``float | None``, ``int``, ...); ints pass for floats."""
+    names = [t.strip() for t in str(annotation).split("|")]
+    if value is None:
+        if "None" in names:
+            return
+        raise ValueError(f"config key {key!r}: a value is required (got none)")
+    for name in names:
+        t = _TYPES.get(name)
+        if t is None:
+            continue
+        if t is bool and isinstance(value, bool):
+            return
+        if t in (int, float) and isinstance(value, bool):
+            continue
+        if isinstance(value, t) or t is float and isinstance(value, int):
+            return
+    wanted = " or ".join("none" if n == "None" else {"int": "an integer", "float": "a number", "bool": "true or false",
+                                                       "str": "a string", "list": "a list", "dict": "a mapping"}.get(n, n)
+                         for n in names)
+    raise ValueError(f"config key {key!r}: expected {wanted}, got {value!r}")
+
+
+def _f(default: Any, help: str):
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    encoder: str = _f("default", "encoder: local HF directory, hub id, or 'default' (the bundled encoder)")
+    mode: str = _f("frozen", "frozen | finetune | scratch | adapter (encoder fixed, small adapters and the head train; "
+                              "one set per language)")
+    train: str = _f("", "training manifest (JSONL)")
+    dev: str | None = _f(None, "dev manifest for WER/CER, best-checkpoint selection and early stopping")
+    out: str = _f("exp/run", "output directory (checkpoints, metrics.csv, model/)")
+    max_steps: int = _f(1000, "optimiser updates to run")
+    max_minutes: float | None = _f(None, "wall-clock budget in minutes, summed over resumed runs")
+    seed: int = _f(0, "random seed (weights, data order, dropout, masking)")
+    # head
+    head: str = _f("linear", "head type: linear | bilstm (bilstm: frozen mode only)")
+    head_dropout: float = _f(0.1, "dropout in the head")
+    bilstm_hidden: int = _f(256, "BiLSTM units per direction")
+    bilstm_layers: int = _f(2, "BiLSTM layers")
+    # optimisation
+    lr: float = _f(1e-3, "peak learning rate of the head (and layer weights; and adapters, in adapter mode)")
+    encoder_lr: float = _f(5e-5, "peak learning rate of the encoder (finetune/scratch)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    schedule: str = _f("tristage", "tristage (warm-up, hold, exponential decay) | linear | constant")
+    warmup: float = _f(0.1, "warm-up: steps, or a fraction of max_steps if < 1")
+    hold: float = _f(0.4, "tristage hold: steps, or a fraction of max_steps if < 1")
+    freeze_encoder_steps: int = _f(0, "finetune: keep the transformer frozen for this many updates")
+    freeze_layers: int = _f(0, "finetune: keep the CNN, what feeds the first transformer layer, and the first N layers "
+                              "fixed; train the layers above (and the head)")
+    layer_lr_decay: float = _f(1.0, "finetune/scratch: each encoder layer's learning rate is encoder_lr x this per "
+                                    "layer below the top (1 = one rate for the whole encoder)")
+    # adapters (mode=adapter)
+    adapter: str | None = _f(None, "mode=adapter: lora (LoRA on every layer's attention and feed-forward projections, via "
+                                   "peft; any encoder) | mms (a bottleneck adapter in every layer, transformers' "
+                                   "wav2vec2 adapter_attn_dim; wav2vec2 encoders); unset: the init_from model's kind, "
+                                   "else lora")
+    lang: str | None = _f(None, "mode=adapter: the language this run trains, saved as adapter.<lang>.safetensors beside the "
+                                "base encoder; with init_from=ADAPTER_MODEL it joins the languages that model has "
+                                "(unset: the lang of the training manifest, when it names one)")
+    lora_rank: int | None = _f(None, "adapter=lora: rank of the LoRA update matrices (unset: 8, or the init_from model's)")
+    lora_alpha: float | None = _f(None, "adapter=lora: LoRA scale; updates are multiplied by lora_alpha / lora_rank "
+                                        "(unset: 2 x lora_rank, or the init_from model's)")
+    adapter_dim: int | None = _f(None, "adapter=mms: bottleneck width of each layer's adapter, transformers' "
+                                       "adapter_attn_dim (unset: 16, or the init_from model's)")
+    freeze_feature_encoder: bool | None = _f(None, "freeze the CNN feature encoder (default: yes for finetune, no for scratch)")
+    max_batch_seconds: float = _f(60.0, "cap on padded audio seconds per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimiser update")
+    clip_norm: float = _f(1.0, "gradient norm clipping (0 = off)")
+    amp: str = _f("auto", "mixed precision: auto | bf16 | fp16 | none. Training autocasts on CUDA only; frozen "
+                          "mode's training features also use bf16 on a CPU with AMX under auto (dev features: float32)")
+    # encoder training-time options (finetune/scratch)
+    mask_time_prob: float = _f(0.05, "SpecAugment-style time masking probability")
+    mask_time_length: int = _f(10, "frames per time mask")
+    mask_feature_prob: float = _f(0.0, "channel masking probability")
+    mask_feature_length: int = _f(10, "channels per channel mask")
+    layerdrop: float = _f(0.0, "probability of skipping a transformer layer")
+    speed_perturb: list = _f([], "speed perturbation: every training clip is also used at these speed factors, "
+                                 "e.g. [0.9, 1.1] (tempo and pitch change together, by resampling); every mode, "
+                                 "in frozen mode as extra cached features")
+    frozen_mask_time_prob: float = _f(0.0, "frozen mode: time masking of the summed layer features while training "
+                                           "(spans of mask_time_length frames)")
+    frozen_mask_feature_prob: float = _f(0.0, "frozen mode: channel masking of the summed layer features while training "
+                                              "(spans of mask_feature_length channels)")
+    augment: float = _f(0.0, "probability that a training clip is corrupted on the fly (reverb, telephone band, codec, "
+                              "noise, gain: speechtl.data.augment); audio modes only, not from a feature cache")
+    teacher: str | None = _f(None, "finetune/scratch: a frozen teacher encoder (e.g. whisper-base) whose hidden states "
+                                   "the encoder learns to predict (layer distillation: L1 + cosine), alongside CTC; it "
+                                   "hears the clean clip when augment is on")
+    teacher_layers: list = _f([], "teacher hidden-state indices to predict (default: three spread up to its last layer); "
+                                  "each is predicted from a student layer spread the same way")
+    student_layers: list = _f([], "encoder hidden-state indices that predict teacher_layers, one each (default: spread "
+                                  "the same way up to the encoder's last layer)")
+    distill_weight: float = _f(1.0, "weight of the distillation loss against CTC")
+    # evaluation and checkpoints
+    eval_every: int = _f(200, "updates between dev evaluations and checkpoints")
+    save_every: int | None = _f(None, "updates between checkpoints (default: eval_every); resume loses at most this many")
+    best_metric: str = _f("cer", "dev metric that selects the best checkpoint: cer | wer")
+    patience: int = _f(0, "stop after this many evaluations without improvement (0 = never)")
+    average_last: int = _f(0, "keep the weights of the last K evaluations and write their mean to out/model_avg, "
+                              "scored on dev (0 = off)")
+    resume: bool = _f(False, "continue from out/checkpoints/last.pt if it exists")
+    # data
+    on_bad_audio: str = _f("error", "unreadable or missing audio in train/dev: error (stop before the first update, naming "
+                                    "every such file) | skip (leave them out, listed in the log and train_summary.json)")
+    max_duration: float | None = _f(60.0, "training clips longer than this many seconds are dropped with a count "
+                                          "(dev recordings of any length are scored; those over 30 s from audio, in windows); none = keep all")
+    vocab: str | None = _f(None, "vocab.json to use instead of building one from the training text (character units)")
+    units: str = _f("char", "output units of the CTC head: char (characters) | bpe:N | unigram:N (subword pieces: a BPE "
+                            "or unigram tokenizer of N units in all, blank and unknown included, is trained on the "
+                            "training text only, saved as tokenizer.json in the model folder and used to decode; a word "
+                            "runs from a piece that starts with the marker '\u2581' to the next one; modes frozen, "
+                            "finetune and scratch)")
+    init_from: str | None = _f(None, "start from this trained speechtl model (or run folder): its encoder and head; the "
+                                     "output rows of characters it shares with this run's vocabulary are kept, new ones "
+                                     "start fresh, removed ones are dropped (extend a model to a new character set); "
+                                     "subword pieces likewise, between subword models only. "
+                                     "mode=adapter: its encoder is the base; an adapter model's languages are kept "
+                                     "and lang is added (or trained on, if it has it)")
+    normalizer: dict = _f({}, "NormalizerConfig fields, e.g. {lowercase: true, mappings: {'ß': 'ss'}}")
+    cache_features: bool = _f(True, "frozen mode: run the encoder once and train the head on its stored outputs")
+    cache_max_gb: float = _f(4.0, "largest in-memory feature cache; bigger sets recompute the encoder each step")
+    feature_cache: str | None = _f(None, "frozen mode: directory of on-disk feature caches (`speechtl extract`); "
+                                         "train/ and dev/ are made there if missing or stale, and the encoder is then "
+                                         "not kept in memory")
+    num_workers: int | None = _f(None, "DataLoader worker processes decoding audio (unset: none for a small job, under 200 "
+                                       "clips or 10 min of audio, and on a CPU with at most 4 cores; else 2 on a CPU, "
+                                       "up to 8 on a GPU)")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    log_every: int = _f(10, "updates between rows of metrics.csv")
+    trust_remote_code: bool = _f(False, "allow custom model code from the hub (off by default)")
+
+    def __post_init__(self) -> None:
+        """Every value is checked here, so a bad one stops the run before any work however the
+        configuration was made (YAML, ``key=value`` or Python), naming key, value and what is allowed."""
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        for key, choices in (("mode", MODES), ("head", HEADS), ("schedule", SCHEDULES), ("best_metric", ("cer", "wer")),
+                             ("on_bad_audio", ("error", "skip")), ("amp", AMP_CHOICES)):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"config key {key!r}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise ValueError(f"config key 'device': {self.device!r} is not auto, cpu, cuda or cuda:N")
+        at_least = {"max_steps": 1, "grad_accum": 1, "eval_every": 1, "log_every": 1, "bilstm_hidden": 1,
+                    "bilstm_layers": 1, "mask_time_length": 1, "mask_feature_length": 1, "patience": 0,
+                    "freeze_encoder_steps": 0, "num_workers": 0, "save_every": 1, "freeze_layers": 0, "average_last": 0,
+                    "lora_rank": 1, "adapter_dim": 1}
+        for key, low in at_least.items():
+            v = getattr(self, key)
+            if v is not None and v < low:
+                raise ValueError(f"config key {key!r}: must be at least {low} (got {v!r})")
+        positive = ("max_minutes", "max_batch_seconds", "cache_max_gb", "max_duration", "lora_alpha")
+        for key in positive:
+            v = getattr(self, key)
+            if v is not None and not v > 0:
+                raise ValueError(f"config key {key!r}: must be greater than 0 (got {v!r})")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise ValueError(f"config key 'layer_lr_decay': must be in (0, 1] (got {self.layer_lr_decay!r})")
+        if self.init_from is not None and self.mode == "scratch":
+            raise ValueError("config key 'init_from': scratch mode starts from random weights; use finetune or frozen")
+        self._check_adapter_keys()
+        if parse_units(self.units)[0] != "char":
+            if self.vocab is not None:
+                raise ValueError(f"config key 'vocab': a character vocabulary, and units={self.units} trains a subword "
+                                 "tokenizer on the training text instead; leave vocab unset, or use units=char")
+            if self.mode == "adapter":
+                raise ValueError(f"config key 'units': mode=adapter keeps a character vocabulary per language; "
+                                 f"units={self.units} is for modes frozen, finetune and scratch")
+        if self.freeze_layers and self.mode != "finetune":
+            raise ValueError(f"config key 'freeze_layers': for mode=finetune (got mode={self.mode})")
+        if not 0 <= self.augment <= 1:
+            raise ValueError(f"config key 'augment': must be in [0, 1] (got {self.augment!r})")
+        if self.teacher is not None and self.mode in ("frozen", "adapter"):
+            raise ValueError("config key 'teacher': distillation trains the encoder; use mode=finetune or scratch")
+        if self.teacher is not None and self.layerdrop > 0:
+            raise ValueError("config key 'layerdrop': distillation predicts the teacher from fixed encoder layers, "
+                             "which layerdrop would skip; set layerdrop=0 with a teacher")
+        if self.augment and self.mode == "frozen" and (self.cache_features or self.feature_cache):
+            raise ValueError("config key 'augment': frozen mode trains from cached clean features; set "
+                             "cache_features=false (and no feature_cache) to augment every step")
+        for key in ("teacher_layers", "student_layers"):
+            if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in getattr(self, key)):
+                raise ValueError(f"config key {key!r}: expected non-negative integers, got {getattr(self, key)!r}")
+        if self.student_layers and len(self.student_layers) != len(self.teacher_layers):
+            raise ValueError(f"config key 'student_layers': {self.student_layers} needs one entry per teacher_layers entry "
+                             f"({self.teacher_layers})")
+        for key in ("lr", "encoder_lr", "weight_decay", "clip_norm", "warmup", "hold", "distill_weight"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"config key {key!r}: must not be negative (got {getattr(self, key)!r})")
+        for key in ("head_dropout", "layerdrop", "mask_time_prob", "mask_feature_prob", "frozen_mask_time_prob",
+                    "frozen_mask_feature_prob"):
+            v = getattr(self, key)
+            if not 0 <= v < 1:
+                raise ValueError(f"config key {key!r}: must be in [0, 1) (got {v!r})")
+        for f in self.speed_perturb:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.5 <= f <= 2.0 or f == 1:
+                raise ValueError(f"config key 'speed_perturb': each factor must be a number in [0.5, 2] other than 1 "
+                                 f"(got {f!r}); the clips at their own speed are always used")
+        if len({f"{f:g}" for f in self.speed_perturb}) != len(self.speed_perturb):
+            raise ValueError(f"config key 'speed_perturb': repeated factor in {self.speed_perturb}")
+
+    def _check_adapter_keys(self) -> None:
+        adapter_keys = ("adapter", "lang", "lora_rank", "lora_alpha", "adapter_dim")
+        if self.mode != "adapter":
+            for key in adapter_keys:
+                if getattr(self, key) is not None:
+                    raise ValueError(f"config key {key!r}: for mode=adapter (this run is mode={self.mode})")
+            return
+        if self.adapter is not None and self.adapter not in ADAPTER_KINDS:
+            raise ValueError(f"config key 'adapter': {self.adapter!r} is not one of {', '.join(ADAPTER_KINDS)}")
+        if self.lang is not None:
+            check_lang(self.lang)
+        if self.adapter == "mms" and (self.lora_rank is not None or self.lora_alpha is not None):
+            raise ValueError("config key 'lora_rank'/'lora_alpha': for adapter=lora (adapter=mms takes adapter_dim)")
+        if self.adapter == "lora" and self.adapter_dim is not None:
+            raise ValueError("config key 'adapter_dim': for adapter=mms (adapter=lora takes lora_rank and lora_alpha)")
+        if self.layer_lr_decay != 1.0:
+            raise ValueError("config key 'layer_lr_decay': for mode=finetune or scratch; in adapter mode the encoder "
+                             "stays fixed")
+        if self.freeze_feature_encoder is False:
+            raise ValueError("config key 'freeze_feature_encoder': adapter mode keeps the whole base encoder fixed")
+        if self.head != "linear":
+            raise ValueError(f"config key 'head': adapter mode uses a linear head on the last layer (got {self.head!r})")
+
+    def resolve_paths(self, base: Path) -> "TrainConfig":
+        """Make manifest/vocab paths given in a YAML file relative to that file."""
+        changes = {}
+        for k in ("train", "dev", "vocab", "init_from"):
+            v = getattr(self, k)
+            if v and not os.path.isabs(v) and not Path(v).exists() and (base / v).exists():
+                changes[k] = str(base / v)
+        return dataclasses.replace(self, **changes)
+
+
+def config_help() -> str:
+    return "\n".join(f"  {f.name:22s} {f.metadata.get('help', '')} (default: {_default(f)})" for f in fields(TrainConfig))
+
+
+def _default(f) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()
+
+
+def _coerce(key: str, v: Any, t: type) -> Any:
+    if v is None and t is list:
+        return []
+    if v is None or t is type(None):
+        return v
+    if isinstance(v, str) and t in (int, float, bool):
+        v = parse_value(v)
+    if t is bool and isinstance(v, bool) or t is str and isinstance(v, str) or t is dict and isinstance(v, dict):
+        return v
+    if t is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if t is int and isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer():
+        return int(v)
+    if t is str and isinstance(v, (int, float)):
+        return str(v)
+    if t is list:
+        if isinstance(v, str):  # key=0.9,1.1 on the command line
+            v = [parse_value(x) for x in v.split(",") if x.strip()]
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = [v]
+        if isinstance(v, list):
+            return v
+    raise ValueError(f"config key {key!r}: expected {t.__name__}, got {v!r}")
+
+
+# keys whose values are names, taken as written: YAML would read lang=no (Norwegian) as false
+_VERBATIM = ("lang",)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ValueError(f"override {p!r} is not key=value")
+        k, v = p.split("=", 1)
+        k = k.strip()
+        value = parse_value(v)
+        out[k] = v.strip() if k in _VERBATIM and value is not None else value
+    return out
+
+
+def parse_value(v: str) -> Any:
+    """``3e-4`` -> float (YAML 1.1 would read a string), ``none``/empty -> None, else YAML."""
+    v = v.strip()
+    if not v or v.lower() in ("none", "null", "~"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return yaml.safe_load(v)
+
+
+def load_train_config(path: str | os.PathLike | None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """YAML (may be None) then overrides; unknown keys are an error that lists the valid ones."""
+    data: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of key: value")
+        base = path.resolve().parent
+    over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    data.update(over)
+    valid = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+    for k, v in list(data.items()):
+        data[k] = _coerce(k, v, type(_default(valid[k])))
+    cfg = TrainConfig(**data)
+    # paths in the YAML are relative to it; paths from the command line to the cwd
+    yaml_only = {k for k in data if k not in over}
+    if path is not None and yaml_only & {"train", "dev", "vocab", "init_from"}:
+        cfg = cfg.resolve_paths(base)
+    if not cfg.train:
+        raise ValueError("no training manifest: set train=PATH")
+    return cfg
