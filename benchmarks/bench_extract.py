@@ -191,7 +191,7 @@ def plain_batched(model, fe, utts, device, batch_size: int) -> float:
 
 
 def speechtl_extract(encoder, utts, device, out: Path, batch_seconds: float, workers: int, amp: str) -> float:
-    from speechtl.features.cache import extract_to_cache
+    from speechtl.features.extract import extract_to_cache
 
     t0 = time.perf_counter()
     extract_to_cache(encoder, utts, out, device=device, amp=amp, max_batch_seconds=batch_seconds, num_workers=workers,
@@ -201,9 +201,9 @@ def speechtl_extract(encoder, utts, device, out: Path, batch_seconds: float, wor
 
 def ceiling(encoder, utts, device, batch_seconds: float, amp_setting: str) -> tuple[float, str, dict]:
     from speechtl.core.precision import encoder_autocast_dtype
+    from speechtl.core.threads import cpu_streams
     from speechtl.data.audio import load_audio
     from speechtl.data.loader import cut_batches, pad_waveforms
-    from speechtl.features.extract import cpu_streams
 
     waves = [torch.from_numpy(load_audio(u.audio)) for u in utts]
     durs = [u.duration for u in utts]

@@ -14,7 +14,8 @@ from speechtl.cli.app import main
 from speechtl.data.manifest import Utterance, read_manifest, write_manifest
 from speechtl.data.text import Normalizer, Vocabulary
 from speechtl.models.adapters import AdapterConfig
-from speechtl.models.ctc import build_model, save_model_dir
+from speechtl.models.ctc import build_model
+from speechtl.models.model_dir import save_model_dir
 from speechtl.training.config import load_train_config
 from speechtl.training.train import train
 
@@ -123,7 +124,7 @@ def test_switching_languages_gives_each_its_own_transcripts(two_languages, cs, i
     assert rec.language == "it" and rec.languages == ["cs", "it"]  # the language trained last by default
     assert rec.transcribe(audio) == direct["it"]
     encoder = rec.model.encoder
-    import speechtl.models.ctc as model_mod
+    import speechtl.models.model_dir as model_mod
 
     monkeypatch.setattr(model_mod, "load_encoder", lambda *a, **k: pytest.fail("switching reloaded the encoder"))
     assert rec.set_language("cs").transcribe(audio) == direct["cs"]
@@ -143,7 +144,7 @@ def test_a_recogniser_folds_lora_into_the_base_and_keeps_its_outputs(two_languag
     from speechtl.data.loader import pad_waveforms
     from speechtl.encoders.native import is_native
     from speechtl.models import adapters as adapter_lib
-    from speechtl.models.ctc import load_model_dir
+    from speechtl.models.model_dir import load_model_dir
 
     if two_languages["kind"] != "lora":
         pytest.skip("LoRA only: MMS adapters are layers of their own")
@@ -175,7 +176,7 @@ def test_a_recogniser_folds_lora_into_the_base_and_keeps_its_outputs(two_languag
 
 
 def test_a_model_loaded_for_inference_is_not_saved(two_languages, tmp_path):
-    from speechtl.models.ctc import save_model_dir
+    from speechtl.models.model_dir import save_model_dir
 
     rec = speechtl.load(two_languages["both"])
     if two_languages["kind"] == "lora":  # speechtl's own modules, the updates folded in: no adapters to save

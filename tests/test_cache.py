@@ -10,9 +10,10 @@ from conftest import tiny_encoder_dir
 from speechtl.cli.app import main
 from speechtl.data.manifest import read_manifest, write_manifest
 from speechtl.encoders.registry import load_encoder
-from speechtl.features import cache as cache_mod
-from speechtl.features.cache import FeatureCache, StaleCacheError, encoder_fingerprint, extract_to_cache
-from speechtl.features.extract import extract_in_memory
+from speechtl.features import extract as extract_mod
+from speechtl.features.cache import FeatureCache, StaleCacheError
+from speechtl.features.extract import extract_in_memory, extract_to_cache
+from speechtl.features.fingerprint import encoder_fingerprint
 from speechtl.training.config import load_train_config
 from speechtl.training.train import train
 
@@ -66,7 +67,7 @@ def test_interrupted_extraction_resumes_where_it_stopped(tmp_path, tiny_encoder,
     n = len(straight.shards)
     assert n >= 3
 
-    real_save, saved = cache_mod.save_file, []
+    real_save, saved = extract_mod.save_file, []
 
     def crash_after_two(tensors, path, metadata=None):
         if len(saved) == 2:
@@ -74,7 +75,7 @@ def test_interrupted_extraction_resumes_where_it_stopped(tmp_path, tiny_encoder,
         saved.append(path)
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(cache_mod, "save_file", crash_after_two)
+    monkeypatch.setattr(extract_mod, "save_file", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         extract_to_cache(enc, utts, tmp_path / "c", shard_seconds=3.0, num_workers=0, progress=False)
     assert not list((tmp_path / "c").glob("*.tmp*")), "a partial shard was left behind"
@@ -82,7 +83,7 @@ def test_interrupted_extraction_resumes_where_it_stopped(tmp_path, tiny_encoder,
         FeatureCache(tmp_path / "c").check(utts)
 
     saved.clear()
-    monkeypatch.setattr(cache_mod, "save_file", lambda t, p, metadata=None: (saved.append(p), real_save(t, p, metadata=metadata)))
+    monkeypatch.setattr(extract_mod, "save_file", lambda t, p, metadata=None: (saved.append(p), real_save(t, p, metadata=metadata)))
     cache = extract_to_cache(enc, utts, tmp_path / "c", shard_seconds=3.0, num_workers=0, progress=False)
     assert len(saved) == n - 2  # only the missing shards were computed
     cache.check(utts)
@@ -263,7 +264,7 @@ def test_side_by_side_batches_come_back_in_order_and_errors_surface():
     from contextlib import closing
 
     from speechtl.data.loader import Batch
-    from speechtl.features.extract import encode_batches
+    from speechtl.features.encode import encode_batches
 
     def batch(n, delay):
         w = torch.tensor([[float(n), delay]])

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 import speechtl
 from speechtl.data.manifest import read_manifest
 from speechtl.encoders.registry import load_encoder
-from speechtl.features.cache import FeatureCache, encoder_fingerprint
+from speechtl.features.cache import FeatureCache
+from speechtl.features.fingerprint import encoder_fingerprint
 from speechtl.training.config import load_train_config
 from speechtl.training.train import train
 

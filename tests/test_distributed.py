@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import tiny_encoder_dir, tone_corpus
-from speechtl.training.train import load_checkpoint
+from speechtl.training.checkpoint import load_checkpoint
 
 NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
                   final_dropout=0.0, layerdrop=0.0)

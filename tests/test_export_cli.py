@@ -171,12 +171,12 @@ def test_run_writes_a_config_that_repeats_it(tmp_path, tones, tiny_encoder, monk
 
 
 def test_unexpected_errors_point_at_verbose(monkeypatch, capsys):
-    import speechtl.cli.app as cli
+    import speechtl.cli.decode as commands
 
     def broken(args):
         raise KeyError("boom")
 
-    monkeypatch.setattr(cli, "cmd_lm_build", broken)
+    monkeypatch.setattr(commands, "cmd_lm_build", broken)
     assert main(["lm", "build", "x.txt", "--out", "y.arpa"]) == 1
     err = capsys.readouterr().err
     assert "unexpected error: KeyError" in err and "rerun with -v" in err

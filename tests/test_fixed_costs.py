@@ -18,8 +18,10 @@ from safetensors.torch import load_file, save_file
 from conftest import make_wav, tiny_encoder_dir
 from speechtl.data.manifest import Utterance
 from speechtl.encoders.registry import load_encoder
-from speechtl.features import cache as cache_mod
-from speechtl.features.cache import encoder_fingerprint, extract_to_cache, fingerprint_reuse_key
+from speechtl.features import extract as extract_mod
+from speechtl.features import fingerprint as fingerprint_mod
+from speechtl.features.extract import extract_to_cache
+from speechtl.features.fingerprint import encoder_fingerprint, fingerprint_reuse_key
 
 
 def _run_python(code: str, cwd=None) -> dict:
@@ -137,7 +139,7 @@ def store(tmp_path, monkeypatch):
     """A private fingerprint store (under $SPEECHTL_CACHE), which also keeps the fingerprints
     of encoder folders written a moment ago (the tests' are)."""
     monkeypatch.setenv("SPEECHTL_CACHE", str(tmp_path / "user-cache"))
-    monkeypatch.setattr(cache_mod, "RACY_SECONDS", 0.0)
+    monkeypatch.setattr(fingerprint_mod, "RACY_SECONDS", 0.0)
     return tmp_path / "user-cache" / "fingerprints"
 
 
@@ -155,7 +157,7 @@ def test_the_fingerprint_is_hashed_once_and_reused(tmp_path, store, monkeypatch)
     def no_hashing(*a, **k):
         raise AssertionError("hashed the weights again")
 
-    monkeypatch.setattr(cache_mod, "_hash_weights", no_hashing)
+    monkeypatch.setattr(fingerprint_mod, "_hash_weights", no_hashing)
     assert encoder_fingerprint(load_encoder(str(folder))) == first  # another load of the same files
 
 
@@ -163,12 +165,12 @@ def test_a_changed_weight_file_changes_the_fingerprint(tmp_path, store):
     folder = _encoder_folder(tmp_path)
     enc = load_encoder(str(folder))
     first = encoder_fingerprint(enc)
-    old_files = cache_mod._source_files(enc)
+    old_files = fingerprint_mod._source_files(enc)
     # change one value that the reuse key's sampled values do not read
     path = folder / "model.safetensors"
     weights = load_file(str(path))
     name = max(weights, key=lambda k: weights[k].numel())
-    assert weights[name].numel() > 2 * cache_mod.PROBE_VALUES
+    assert weights[name].numel() > 2 * fingerprint_mod.PROBE_VALUES
     weights[name].view(-1)[1] += 1.0
     st = path.stat()
     save_file(weights, str(path), metadata={"format": "pt"})
@@ -193,12 +195,12 @@ def test_weights_changed_in_memory_are_hashed_afresh(tmp_path, store):
 
 
 def test_a_freshly_written_folder_is_not_remembered(tmp_path, store, monkeypatch):
-    monkeypatch.setattr(cache_mod, "RACY_SECONDS", 2.0)
+    monkeypatch.setattr(fingerprint_mod, "RACY_SECONDS", 2.0)
     folder = tiny_encoder_dir(tmp_path / "encoders")  # just written: its timestamps could still hide a change
     assert encoder_fingerprint(load_encoder(str(folder)))
     assert not store.exists() or not list(store.iterdir())
     now = os.stat(folder / "config.json").st_mtime_ns
-    assert not cache_mod._racy([str(folder), [["f", 1, now - 3 * 10**9, now - 3 * 10**9, 1]]])
+    assert not fingerprint_mod._racy([str(folder), [["f", 1, now - 3 * 10**9, now - 3 * 10**9, 1]]])
 
 
 def test_an_unwritable_store_only_costs_a_hash(tmp_path, monkeypatch):
@@ -213,10 +215,8 @@ def test_an_unwritable_store_only_costs_a_hash(tmp_path, monkeypatch):
 
 
 def test_a_small_job_starts_no_decoding_workers(tmp_path, store, monkeypatch):
-    from speechtl.cli import app as cli
     from speechtl.data import loader
 
-    assert (cli.SMALL_JOB_CLIPS, cli.SMALL_JOB_MINUTES * 60) == (loader.SMALL_JOB_CLIPS, loader.SMALL_JOB_SECONDS)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)  # a big machine
     big = [3.0] * 300  # 300 clips, 15 min
     assert loader.decode_workers("cpu", big) == 2 and loader.decode_workers("cuda", big) == 8
@@ -225,22 +225,22 @@ def test_a_small_job_starts_no_decoding_workers(tmp_path, store, monkeypatch):
     assert loader.decode_workers("cpu") == 2  # without the job's size: as before
 
     seen = []
-    real = cache_mod.DataLoader
-    monkeypatch.setattr(cache_mod, "DataLoader", lambda *a, **k: seen.append(k["num_workers"]) or real(*a, **k))
+    real = extract_mod.DataLoader
+    monkeypatch.setattr(extract_mod, "DataLoader", lambda *a, **k: seen.append(k["num_workers"]) or real(*a, **k))
     utts = [Utterance(f"u{i}", str(make_wav(tmp_path / f"u{i}.wav", 0.6, freq=300 + 50 * i)), "ab", 0.6) for i in range(2)]
     extract_to_cache(load_encoder(str(_encoder_folder(tmp_path))), utts, tmp_path / "c", progress=False)
     assert seen == [0]
 
 
 def test_training_starts_workers_by_the_same_rule_unless_num_workers_is_set(monkeypatch):
-    from speechtl.training.train import _Trainer
+    from speechtl.training.build import workers_for
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     small = [Utterance(f"s{i}", "x.wav", "ab", 2.0) for i in range(50)]
     big = [Utterance(f"b{i}", "x.wav", "ab", 3.0) for i in range(300)]
 
     def workers(num_workers, utts):
-        return _Trainer._workers(Namespace(cfg=Namespace(num_workers=num_workers), device=torch.device("cpu")), utts)
+        return workers_for(Namespace(num_workers=num_workers), torch.device("cpu"), utts)
 
     assert (workers(None, small), workers(None, big)) == (0, 2)
     assert (workers(3, small), workers(0, big)) == (3, 0)  # a value given is kept
@@ -284,17 +284,17 @@ def test_a_big_extraction_runs_the_chosen_schedule_and_a_small_one_the_default(t
 
     enc = load_encoder(str(_encoder_folder(tmp_path)))
     utts = [Utterance(f"u{i}", str(make_wav(tmp_path / f"u{i}.wav", 0.6, freq=300 + 50 * i)), "ab", 0.6) for i in range(2)]
-    monkeypatch.setattr(cache_mod, "choose_schedule", lambda *a, **k: schedule.Schedule(1, False))
+    monkeypatch.setattr(extract_mod, "choose_schedule", lambda *a, **k: schedule.Schedule(1, False))
     seen = []
-    real = cache_mod.encode_batches
+    real = extract_mod.encode_batches
 
     def spy(encoder, loader, device, layer_ids, dtype, streams, amp):
         seen.append((streams, encoder.fast_cnn))
         return real(encoder, loader, device, layer_ids, dtype, streams, amp)
 
-    monkeypatch.setattr(cache_mod, "encode_batches", spy)
+    monkeypatch.setattr(extract_mod, "encode_batches", spy)
     small = extract_to_cache(enc, utts, tmp_path / "small", progress=False)
-    monkeypatch.setattr(cache_mod, "is_small_job", lambda durations: False)
+    monkeypatch.setattr(extract_mod, "is_small_job", lambda durations: False)
     big = extract_to_cache(enc, utts, tmp_path / "big", progress=False)
     assert seen == [(None, True), (1, False)] and enc.fast_cnn  # restored after
     for u in utts:  # the same features either way
@@ -305,14 +305,14 @@ def test_a_big_extraction_runs_the_chosen_schedule_and_a_small_one_the_default(t
 
 
 def test_start_up_freezes_only_in_a_process_started_as_the_command():
-    from speechtl.cli.app import _start_up
+    from speechtl.cli.common import start_up
 
     frozen = gc.get_freeze_count()
-    with _start_up(Namespace(as_program=False)):
+    with start_up(Namespace(as_program=False)):
         assert gc.isenabled()
     assert gc.get_freeze_count() == frozen  # a caller's process: left alone
     try:
-        with _start_up(Namespace(as_program=True)):
+        with start_up(Namespace(as_program=True)):
             assert not gc.isenabled()
             kept = [object() for _ in range(10)]  # noqa: F841
         assert gc.isenabled() and gc.get_freeze_count() > frozen

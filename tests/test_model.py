@@ -10,8 +10,9 @@ from conftest import tiny_encoder_dir
 from speechtl.data.loader import pad_waveforms
 from speechtl.data.text import Normalizer, Vocabulary
 from speechtl.encoders.registry import load_encoder, resolve_encoder
-from speechtl.models.ctc import HeadConfig, build_model, ctc_loss, load_model_dir, save_model_dir
+from speechtl.models.ctc import HeadConfig, build_model, ctc_loss
 from speechtl.models.heads import BiLSTMHead, WeightedLayerSum
+from speechtl.models.model_dir import load_model_dir, save_model_dir
 
 FAMILIES = ["wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-conformer"]
 

@@ -87,7 +87,7 @@ def test_native_whisper_encoder_equals_transformers_layer_by_layer(tmp_path):
 def test_an_encoder_has_one_fingerprint_whichever_modules_load_it(tmp_path, family, kw):
     """A cache extracted with the native modules serves a frozen training run, which loads
     its encoder through transformers: the cache key's fingerprint must agree."""
-    from speechtl.features.cache import encoder_fingerprint
+    from speechtl.features.fingerprint import encoder_fingerprint
 
     path = _whisper_dir(tmp_path) if family == "whisper" else _wav2vec2_dir(tmp_path, family, **kw)
     ref, nat = load_encoder(str(path)), load_encoder(str(path), inference=True)
@@ -119,7 +119,7 @@ def test_a_config_without_some_keys_loads_as_transformers_loads_it(tmp_path, fam
     """transformers fills a key config.json leaves out with its class default (a mask
     embedding for the default mask_time_prob, say); so do the native modules, and the
     fingerprint stays one."""
-    from speechtl.features.cache import encoder_fingerprint
+    from speechtl.features.fingerprint import encoder_fingerprint
 
     path = _wav2vec2_dir(tmp_path, family, mask_time_prob=0.05)
     cfg = json.loads((path / "config.json").read_text())
@@ -137,7 +137,7 @@ def test_a_checkpoint_transformers_runs_in_half_precision_loads_through_transfor
     The native modules run float32: float16 weights under ``dtype: float32`` load natively
     (as transformers loads them, upcast, with one fingerprint); a float16 dtype, or float16
     weights and no dtype, are left to transformers."""
-    from speechtl.features.cache import encoder_fingerprint
+    from speechtl.features.fingerprint import encoder_fingerprint
 
     path = _wav2vec2_dir(tmp_path)
     state = {k: v.half() for k, v in load_file(str(path / "model.safetensors")).items()}
@@ -209,7 +209,8 @@ def test_a_recogniser_decodes_without_importing_transformers_model_code(tmp_path
     transformers (its modelling code costs seconds), and gives transformers' logits."""
     from conftest import make_wav
     from speechtl.data.text import Normalizer, Vocabulary
-    from speechtl.models.ctc import CTCModel, HeadConfig, load_model_dir, save_model_dir
+    from speechtl.models.ctc import CTCModel, HeadConfig
+    from speechtl.models.model_dir import load_model_dir, save_model_dir
 
     enc_dir = _wav2vec2_dir(tmp_path)
     vocab = Vocabulary.build(["ab ba cab"])

@@ -101,14 +101,14 @@ def test_tokenizer_covers_the_training_characters_and_decodes_as_its_file(tmp_pa
 def test_tokenizer_is_trained_on_the_training_text_and_dev_characters_are_reported_as_before(tmp_path, tones,
                                                                                               dev_with_z, caplog):
     from speechtl.data.text import Normalizer
-    from speechtl.training.train import _choose_vocab, _TrainData
+    from speechtl.training.data import TrainData, choose_vocab
 
-    data = _TrainData(Normalizer(), None, read_manifest(tones), read_manifest(dev_with_z), [], [])
+    data = TrainData(Normalizer(), None, read_manifest(tones), read_manifest(dev_with_z), [], [])
     warnings = {}
     for units in ("char", UNITS):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="speechtl.training.train"):
-            vocab = _choose_vocab(load_train_config(None, {"train": str(tones), "units": units}), data, None)
+        with caplog.at_level(logging.WARNING, logger="speechtl.training.data"):
+            vocab = choose_vocab(load_train_config(None, {"train": str(tones), "units": units}), data, None)
         warnings[units] = [r.getMessage() for r in caplog.records]
     assert isinstance(vocab, SubwordVocabulary)
     assert not any("z" in t for t in vocab.tokens), "a dev character reached the tokenizer"
@@ -242,7 +242,7 @@ def test_subword_export_matches_transformers_pipeline(tmp_path, subword_model, t
 
 def test_frozen_mode_trains_unigram_pieces(tmp_path, tones, tiny_encoder):
     import speechtl
-    from speechtl.models.ctc import read_meta
+    from speechtl.models.model_dir import read_meta
 
     summary = train(_cfg(tmp_path, tones, tiny_encoder, mode="frozen", units="unigram:12", max_steps=2, eval_every=2),
                     progress=False)

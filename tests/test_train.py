@@ -257,8 +257,8 @@ def test_speed_perturbed_copies_have_their_own_cache_entries(tmp_path, tones, ti
     from speechtl.data.loader import speed_copies
     from speechtl.data.manifest import read_manifest
     from speechtl.encoders.registry import load_encoder
-    from speechtl.features.cache import FeatureCache, StaleCacheError, extract_to_cache
-    from speechtl.features.extract import extract_in_memory
+    from speechtl.features.cache import FeatureCache, StaleCacheError
+    from speechtl.features.extract import extract_in_memory, extract_to_cache
 
     utts = read_manifest(tones)[:2]
     items = speed_copies(utts, [1.1])
@@ -363,7 +363,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tmp_path, tones, tiny_e
 def test_a_binding_time_budget_shapes_the_schedule(tmp_path, tones, tiny_encoder, caplog):
     import logging
 
-    caplog.set_level(logging.INFO, logger="speechtl.training.train")
+    caplog.set_level(logging.INFO, logger="speechtl.training")
     summary = train(_cfg(tmp_path, tones, tiny_encoder, mode="frozen", max_steps=1_000_000, max_minutes=0.15,
                          eval_every=1_000_000, log_every=1, lr=1e-2), progress=False)
     assert summary["stop_reason"] == "max_minutes" and summary["steps"] > 20

@@ -283,7 +283,7 @@ def test_whisper_encoder_trains_reloads_and_transcribes(tmp_path, whisper_dir, m
 
 def test_whisper_feature_cache_equals_the_encoder(tmp_path, whisper_dir):
     from speechtl.data.manifest import read_manifest
-    from speechtl.features.cache import extract_to_cache
+    from speechtl.features.extract import extract_to_cache
 
     utts = read_manifest(_speech(tmp_path))
     enc = load_encoder(str(whisper_dir)).eval()

@@ -8,6 +8,10 @@ import re
 __version__ = "0.1.0"  # speechtl's version, recorded in every model folder
 
 ADAPTER_KINDS = ("lora", "mms")
+# a job smaller than either starts no audio-decoding processes (speechtl.data.loader.is_small_job);
+# here so that `speechtl extract --help` can state them without importing torch
+SMALL_JOB_CLIPS = 200
+SMALL_JOB_SECONDS = 600.0
 _LANG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 

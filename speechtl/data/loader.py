@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..core.constants import SMALL_JOB_CLIPS, SMALL_JOB_SECONDS  # noqa: F401  (re-exported)
 from .audio import SAMPLE_RATE, change_speed, load_audio
 from .manifest import Utterance
 
@@ -195,13 +196,33 @@ class DynamicBucketSampler(Sampler[list[int]]):
         self.max_batch_size = max_batch_size
         self.drop_last = drop_last
         self.epoch = 0
-        self.skip = 0  # batches of the current epoch already consumed (for resume)
+        self.skip = 0  # batches of the current epoch the next pass leaves out (for resume)
+        self.consumed = 0  # batches of the current epoch taken by the training loop (:meth:`advance`)
         too_long = sum(d > max_batch_seconds for d in self.durations)
         if too_long:
             logger.warning("%d clip(s) exceed max_batch_seconds=%.1f and form batches of one", too_long, max_batch_seconds)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        """Where training stands in the batch order: the epoch, and the batches of it consumed.
+        A DataLoader draws batches ahead of the loop, so the loop reports what it takes (:meth:`advance`)."""
+        return {"epoch": self.epoch, "batch_in_epoch": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`: the next pass starts after the batches consumed."""
+        self.epoch, self.consumed = int(state.get("epoch", 0)), int(state.get("batch_in_epoch", 0))
+        self.skip = self.consumed
+
+    def advance(self) -> None:
+        """The training loop took one more batch of this epoch."""
+        self.consumed += 1
+
+    def next_epoch(self) -> None:
+        """The epoch's batches are all consumed: go on to the next epoch's order."""
+        self.epoch += 1
+        self.consumed = self.skip = 0
 
     def _all_batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
@@ -290,12 +311,9 @@ def encoder_batch_seconds(device: torch.device | str) -> float:
     return 300.0 if torch.device(device).type == "cuda" else 10.0
 
 
-# A job smaller than either of these decodes its audio in its own process: starting worker
-# processes (a fork each, about 0.15 s on a 2-core machine even before the model is loaded)
-# and shutting them down costs more than they can save there. `speechtl extract --help`
-# states the same numbers.
-SMALL_JOB_CLIPS = 200
-SMALL_JOB_SECONDS = 600.0
+# A job smaller than either SMALL_JOB_CLIPS or SMALL_JOB_SECONDS decodes its audio in its own
+# process: starting worker processes (a fork each, about 0.15 s on a 2-core machine even before
+# the model is loaded) and shutting them down costs more than they can save there.
 
 
 def is_small_job(durations: Sequence[float]) -> bool:

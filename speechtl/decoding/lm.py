@@ -58,19 +58,7 @@ def build_arpa(sentences: Iterable[str], order: int = 3, extra_words: Iterable[s
     model can predict words its text lacks without inventing n-grams around them."""
     if order < 2:
         raise ValueError(f"order must be at least 2 (kenlm reads bigram models and up), got {order}")
-    counts: list[Counter] = [Counter() for _ in range(order + 1)]  # counts[n]: n-grams
-    n_sentences = 0
-    for s in sentences:
-        words = s.split()
-        if not words:
-            continue
-        n_sentences += 1
-        padded = [BOS, *words, EOS]
-        for n in range(1, order + 1):
-            for i in range(len(padded) - n + 1):
-                counts[n][tuple(padded[i:i + n])] += 1
-    if not n_sentences:
-        raise ValueError("no text to build a language model from")
+    counts = _count_ngrams(sentences, order)
     # adjusted counts: raw at the top order and for <s>-initial n-grams, continuation below
     adjusted: list[Counter] = [Counter() for _ in range(order + 1)]
     adjusted[order] = counts[order]
@@ -113,6 +101,30 @@ def build_arpa(sentences: Iterable[str], order: int = 3, extra_words: Iterable[s
             if lower is None:  # cannot happen for a consistent count table
                 raise AssertionError(f"missing lower-order n-gram {g[1:]}")
             probs[n][g] = (c - disc(n, c)) / totals[n][h] + gamma[n][h] * lower
+
+    return _arpa_text(probs, gamma, order)
+
+
+def _count_ngrams(sentences: Iterable[str], order: int) -> list[Counter]:
+    """``counts[n]``: every n-gram of the sentences padded with <s> and </s>, n = 1..order."""
+    counts: list[Counter] = [Counter() for _ in range(order + 1)]
+    n_sentences = 0
+    for s in sentences:
+        words = s.split()
+        if not words:
+            continue
+        n_sentences += 1
+        padded = [BOS, *words, EOS]
+        for n in range(1, order + 1):
+            for i in range(len(padded) - n + 1):
+                counts[n][tuple(padded[i:i + n])] += 1
+    if not n_sentences:
+        raise ValueError("no text to build a language model from")
+    return counts
+
+
+def _arpa_text(probs: list[dict], gamma: list[dict], order: int) -> str:
+    """The ARPA file of n-gram probabilities ``probs[n]`` and back-off weights ``gamma[n + 1]``."""
 
     def fmt(p: float) -> str:
         return f"{math.log10(p):.6f}" if p > 0 else f"{LOG10_ZERO:.1f}"

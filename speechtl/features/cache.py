@@ -19,44 +19,28 @@ preprocessing and each of its manifest entries, so:
   is never read silently (:class:`StaleCacheError`);
 - with ``torchrun``, rank r extracts shards r, r + N, r + 2N, ... of one shared plan.
 
-The encoder's part of the key, a hash of all its weights, is computed once per encoder
-folder and kept in a small per-user store (:func:`encoder_fingerprint`).
+The keys are made in :mod:`speechtl.features.fingerprint` (the encoder's part, a hash of all
+its weights, is computed once per encoder folder and kept in a small per-user store), and the
+features by :func:`speechtl.features.extract.extract_to_cache`.
 
 Reading a clip opens only its shard (memory-mapped), and only the layers asked for.
 """
 
+
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import os
-import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from ..core.io import atomic_path, write_json, write_text
-from ..core.paths import cache_root
-from ..core.precision import AMP_FOR_COMPUTE, compute_dtype_name
-from ..data.audio import SAMPLE_RATE
-from ..data.loader import AudioDataset, collate, cut_batches, decode_workers, encoder_batch_seconds, is_small_job
 from ..data.manifest import Utterance
-from ..encoders.registry import resolve_encoder
-from ..encoders.wav2vec2 import SpeechEncoder
-from .cpu_plan import choose as choose_schedule
-from .extract import encode_batches
-
-logger = logging.getLogger(__name__)
+from .fingerprint import encoder_fingerprint, entry_key  # noqa: F401  (encoder_fingerprint re-exported)
 
 CACHE_FILE = "cache.json"
 CACHE_VERSION = 4  # 2: the compute precision is part of every key; 3: audio content in keys, per-entry keys;
@@ -66,177 +50,6 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 class StaleCacheError(RuntimeError):
     """The cache on disk was made from a different encoder, layers, dtype or audio."""
-
-
-# --------------------------------------------------------------------------- keys
-
-
-def encoder_fingerprint(encoder: SpeechEncoder, reuse: bool = True) -> str:
-    """sha256 of the encoder's architecture (config) and every weight's bytes.
-
-    Hashing reads every weight (1.2 GB for XLS-R 300M), so with ``reuse`` the result is
-    kept in a small per-user store (``$SPEECHTL_CACHE/fingerprints``, default
-    ``~/.cache/speechtl/fingerprints``) and read back by a later call with the same
-    :func:`fingerprint_reuse_key`: the same config, the same files in the folder the
-    encoder was loaded from (path, size, modification and change times, inode), and the
-    same weights in memory as far as their names, dtypes, shapes and 64 evenly spaced
-    values of each show. A changed weight file, another config, or weights changed in
-    memory (trained, randomly initialised) are hashed afresh. Encoders not loaded from a
-    local folder (a hub id, a config) are always hashed, and ``reuse=False`` always
-    hashes (for weights edited in memory a few values at a time).
-    """
-    cfg_json = _config_json(encoder)
-    state = encoder.model.state_dict()
-    files = _source_files(encoder) if reuse else None
-    memo = _fingerprint_store() / fingerprint_reuse_key(encoder, cfg_json, state, files) if files is not None else None
-    if memo is not None:
-        try:
-            known = memo.read_text(encoding="ascii").strip()
-            if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
-                with contextlib.suppress(OSError):
-                    os.utime(memo)  # recently used: pruned last
-                return known
-        except (OSError, UnicodeDecodeError):
-            pass
-    fingerprint = _hash_weights(cfg_json, state)
-    if memo is not None and not _racy(files):
-        _remember(memo, fingerprint)
-    return fingerprint
-
-
-def _config_json(encoder: SpeechEncoder) -> str:
-    """The architecture part of the fingerprint. Families that speechtl's own modules can run
-    (wav2vec2, HuBERT, Whisper) hash the config keys that decide the forward pass, so that an
-    encoder loaded through either transformers or :mod:`speechtl.encoders.native` has one
-    fingerprint; other families hash their whole config."""
-    from ..encoders.native import architecture
-
-    cfg = architecture(encoder.config)
-    if cfg is None:
-        cfg = {k: v for k, v in encoder.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
-    return json.dumps(cfg, sort_keys=True, default=str)
-
-
-def _hash_weights(cfg_json: str, state: dict) -> str:
-    h = hashlib.sha256()
-    h.update(cfg_json.encode())
-    for name, t in sorted(state.items()):
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # the bytes, without a copy
-    return h.hexdigest()
-
-
-FINGERPRINT_STORE_VERSION = 1
-FINGERPRINT_STORE_SIZE = 256  # fingerprints kept; the oldest go first
-PROBE_VALUES = 64  # values of each weight that the reuse key reads
-RACY_SECONDS = 2.0  # a file modified this recently could change again within its timestamp's resolution
-
-
-def _fingerprint_store() -> Path:
-    return cache_root() / "fingerprints"
-
-
-def _source_files(encoder: SpeechEncoder) -> list | None:
-    """The folder the encoder was loaded from, and ``[name, size, mtime_ns, ctime_ns, inode]``
-    of each file in it; None when it was not loaded from a local folder."""
-    source = getattr(encoder, "source", "") or ""
-    if source in ("", "config"):  # encoder_from_config: weights from no file
-        return None
-    try:
-        folder = resolve_encoder(source)
-        if not os.path.isdir(folder):
-            return None
-        files = []
-        with os.scandir(folder) as entries:
-            for e in entries:
-                if e.is_file():  # follows links (a hub snapshot's files link to blobs)
-                    st = e.stat()
-                    files.append([e.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
-    except (OSError, ValueError):
-        return None
-    return [os.path.realpath(folder), sorted(files)]
-
-
-def fingerprint_reuse_key(encoder: SpeechEncoder, cfg_json: str | None = None, state: dict | None = None,
-                          files: list | None = None) -> str | None:
-    """The key under which :func:`encoder_fingerprint` keeps an encoder's fingerprint (see
-    there), or None for an encoder that is always hashed. It reads 64 values of each weight
-    and the folder's file list: milliseconds, against about a second per GB for the hash."""
-    files = _source_files(encoder) if files is None else files
-    if files is None:
-        return None
-    cfg_json = _config_json(encoder) if cfg_json is None else cfg_json
-    state = encoder.model.state_dict() if state is None else state
-    h = hashlib.sha256()
-    h.update(f"speechtl-fingerprint-key-{FINGERPRINT_STORE_VERSION}\0".encode())
-    h.update(cfg_json.encode())
-    h.update(json.dumps(files).encode())
-    for name, t in sorted(state.items()):
-        flat = t.detach().reshape(-1)
-        n = flat.numel()
-        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        if n:
-            k = min(n, PROBE_VALUES)
-            idx = torch.arange(k, device=flat.device) * (n - 1) // max(k - 1, 1)  # the first and the last among them
-            h.update(flat[idx].cpu().contiguous().view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def _racy(files: list) -> bool:
-    """A file changed so recently that it could change again without its timestamps showing
-    it (git's "racily clean" entries): such a fingerprint is not kept."""
-    now = time.time_ns()
-    return any(now - max(mtime, ctime) < RACY_SECONDS * 1e9 for _, _, mtime, ctime, _ in files[1])
-
-
-def _remember(memo: Path, fingerprint: str) -> None:
-    try:
-        write_text(memo, fingerprint + "\n")
-        entries = sorted(memo.parent.glob("[0-9a-f]" * 8 + "*"), key=lambda p: p.stat().st_mtime_ns)
-        for old in entries[: max(0, len(entries) - FINGERPRINT_STORE_SIZE)]:
-            old.unlink(missing_ok=True)
-    except OSError as e:  # a read-only home, a store pruned by another process: hash next time
-        logger.debug("encoder fingerprint not kept in %s: %s", memo.parent, e)
-
-
-def preprocessing(encoder: SpeechEncoder) -> dict:
-    """How audio becomes encoder input; part of every key."""
-    prep = {"sample_rate": SAMPLE_RATE, "resampler": "soxr_hq", "channels": "mean", "normalize": encoder.normalize_waveform}
-    front_end = getattr(encoder, "front_end", None)
-    if front_end is not None:
-        prep["front_end"] = f"whisper-log-mel-{front_end.n_mels}-v1"
-    return prep
-
-
-DIGEST_WHOLE = 1 << 20  # files up to this size are hashed whole; larger ones at their start, middle and end
-DIGEST_PART = 1 << 18
-
-
-def audio_digest(path: str) -> str:
-    """The audio file's size and a hash of its bytes (all of them up to 1 MiB; beyond that
-    256 KiB at the start, middle and end), so that audio re-rendered at the same length is
-    seen as changed. "missing" when it cannot be read."""
-    try:
-        size = os.stat(path).st_size
-        h = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as f:
-            if size <= DIGEST_WHOLE:
-                h.update(f.read())
-            else:
-                for start in (0, size // 2 - DIGEST_PART // 2, size - DIGEST_PART):
-                    f.seek(start)
-                    h.update(f.read(DIGEST_PART))
-    except OSError:
-        return "missing"
-    return f"{size}:{h.hexdigest()}"
-
-
-def entry_key(u: Utterance) -> str:
-    """What of a manifest entry the features depend on: its id, audio file (path, size and
-    content), duration and speed."""
-    speed = f"\tspeed={u.speed!r}" if u.speed != 1 else ""  # a speed-perturbed copy (train speed_perturb)
-    return f"{u.id}\t{os.path.abspath(u.audio)}\t{u.duration:.4f}\t{audio_digest(u.audio)}{speed}"
 
 
 def _sha(*parts: str) -> str:
@@ -303,185 +116,6 @@ def _resolve_layers(layers: str | Sequence[int], num_layers: int) -> list[int]:
     if bad or not out:
         raise ValueError(f"layers must be 'all' or indices in [0, {num_layers - 1}] (0 = CNN/projection output), got {layers}")
     return out
-
-
-# --------------------------------------------------------------------------- extract
-
-
-def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _check_request(encoder: SpeechEncoder, utterances: Sequence[Utterance], dtype: str, shard_seconds: float,
-                   shard_gb: float) -> None:
-    """Refuse a bad request before any work: the encoder would refuse an overlong clip half-way."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    if not (shard_seconds > 0 and shard_gb > 0):
-        raise ValueError(f"shard_seconds and shard_gb must be positive (got {shard_seconds}, {shard_gb})")
-    span = getattr(encoder, "max_seconds", float("inf"))
-    too_long = [u.id for u in utterances if u.duration > span]
-    if too_long:
-        raise ValueError(f"{len(too_long)} clip(s) are longer than this encoder's {span:g} s span "
-                         f"(first: {', '.join(too_long[:5])}); cut them, or leave them out of the manifest")
-
-
-def extract_to_cache(
-    encoder: SpeechEncoder,
-    utterances: Sequence[Utterance],
-    out_dir: str | os.PathLike,
-    layers: str | Sequence[int] = "all",
-    dtype: str = "float16",
-    device: str | torch.device = "cpu",
-    amp: str = "auto",
-    max_batch_seconds: float | None = None,
-    num_workers: int | None = None,
-    streams: int | None = None,
-    shard_seconds: float = 1800.0,
-    shard_gb: float = 0.5,
-    progress: bool = True,
-    rank: int | None = None,
-    world_size: int | None = None,
-) -> "FeatureCache | None":
-    """Extract the features of ``utterances`` into ``out_dir``; resume what is there.
-
-    ``max_batch_seconds`` defaults to 10 s of padded audio on a CPU, where big batches
-    of a big model run slower than small ones (their activations leave the caches), and
-    to 300 s on a GPU, which needs big batches to stay busy. ``num_workers`` (audio
-    decoding processes) defaults to none for a small job (under 200 clips or 10 minutes
-    of audio left to extract, :func:`~speechtl.data.loader.is_small_job`), where starting them
-    costs more than they save, and on a CPU with at most 4 cores, where they would only
-    take cores from the model; otherwise to 2 on a CPU and up to 8 on a GPU machine.
-    ``streams`` (batches run at once on a CPU, each on one thread) defaults to one per
-    core there for a small job; for a bigger one, the streams and the CNN are chosen by
-    timing them on this machine once (:mod:`speechtl.features.cpu_plan`). ``amp`` (auto | bf16 | fp16 | none) picks the precision the encoder runs
-    in (:func:`~speechtl.core.precision.encoder_autocast_dtype`: ``auto`` is bf16 on CUDA and
-    on CPUs with AMX, float32 on other CPUs); it is part of the cache key. A shard holds at
-    most ``shard_seconds`` of audio and about ``shard_gb`` of features, whichever is
-    less: a shard is held in memory until it is written, so a big encoder (XLS-R 1B
-    writes 6 MB per second of audio in float16) gets shorter shards.
-
-    Returns the opened cache, or ``None`` on a rank of a multi-process run that
-    finished before the others (rank 0 returns the cache once all shards exist).
-    """
-    _check_request(encoder, utterances, dtype, shard_seconds, shard_gb)
-    if rank is None or world_size is None:
-        rank, world_size = _dist_info()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device)
-    if max_batch_seconds is None:
-        max_batch_seconds = encoder_batch_seconds(device)
-    layer_ids = _resolve_layers(layers, encoder.num_layers)
-    fingerprint = encoder_fingerprint(encoder)
-    prep = preprocessing(encoder)
-    compute = compute_dtype_name(device, amp)
-    distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed:
-        # one precision for the whole cache, even where machines differ (an AMX CPU beside one without)
-        box = [compute]
-        torch.distributed.broadcast_object_list(box, src=0)
-        if box[0] != compute:
-            logger.warning("rank %d: computing in %s as rank 0 does (amp=%s gives %s here)", rank, box[0], amp, compute)
-            compute = box[0]
-            amp = AMP_FOR_COMPUTE[compute]
-    base_key = _base_key(fingerprint, layer_ids, dtype, compute, prep)
-    bytes_per_second = encoder.frame_rate * len(layer_ids) * encoder.hidden_size * DTYPES[dtype].itemsize
-    keys = {u.id: entry_key(u) for u in utterances}
-    shards = plan_shards(utterances, base_key, min(shard_seconds, shard_gb * 1e9 / bytes_per_second), keys)
-    meta = {
-        "version": CACHE_VERSION,
-        "key": _sha(base_key, *(s.key for s in shards)),
-        "encoder": {"source": encoder.source, "fingerprint": fingerprint, "model_type": encoder.config.model_type,
-                    "num_layers": encoder.num_layers, "hidden_size": encoder.hidden_size, "frame_rate": encoder.frame_rate},
-        "layers": layer_ids,
-        "dtype": dtype,
-        "compute": compute,
-        "preprocessing": prep,
-        "shards": [{"file": s.file, "key": s.key, "ids": list(s.ids)} for s in shards],
-        # every entry's own key, so that a subset of a shard is verified too
-        "entries": {uid: _sha(base_key, k) for uid, k in keys.items()},
-        "utterances": len(utterances),
-        "audio_hours": sum(u.duration for u in utterances) / 3600,
-    }
-    if rank == 0:
-        write_json(out / CACHE_FILE, meta)
-
-    by_id = {u.id: u for u in utterances}
-    mine = [s for n, s in enumerate(shards) if n % world_size == rank]
-    todo = [s for s in mine if _shard_key_on_disk(out / s.file) != s.key]
-    if len(todo) < len(mine):
-        logger.info("rank %d: %d of %d shard(s) already extracted", rank, len(mine) - len(todo), len(mine))
-    todo_durations = [by_id[i].duration for s in todo for i in s.ids]
-    if todo and num_workers is None:
-        num_workers = decode_workers(device, todo_durations)
-    if todo:
-        fast_cnn = encoder.fast_cnn
-        if streams is None and device.type == "cpu" and not is_small_job(todo_durations):
-            # a job this size repays timing the ways of running the encoder here (once per machine)
-            schedule = choose_schedule(encoder, device, amp)
-            streams, encoder.fast_cnn = schedule.streams, schedule.fast_cnn and fast_cnn
-        try:
-            _extract_shards(encoder, todo, by_id, out, layer_ids, DTYPES[dtype], device, max_batch_seconds, num_workers,
-                            streams, amp, progress)
-        finally:
-            encoder.fast_cnn = fast_cnn
-    if distributed:
-        torch.distributed.barrier()
-    if rank != 0:
-        return None
-    return FeatureCache(out)
-
-
-def _extract_shards(encoder, shards, by_id, out, layer_ids, dtype, device, max_batch_seconds, num_workers, streams,
-                    amp, progress) -> None:
-    utts = [by_id[i] for s in shards for i in s.ids]
-    ds = AudioDataset(utts)
-    durations = ds.durations
-    batches, bounds, start = [], [], 0
-    for s in shards:  # batches never cross a shard boundary, so each shard is written as soon as it is done
-        idx = list(range(start, start + len(s.ids)))
-        batches += cut_batches(idx, durations, max_batch_seconds)
-        start += len(s.ids)
-        bounds.append(start)
-    loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
-    was_training = encoder.training
-    encoder.eval().to(device)
-    hours = sum(durations) / 3600
-    bar = tqdm(total=round(hours, 4), desc="extract", unit="h", disable=not progress, bar_format=(
-        "{desc}: {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}, {rate_fmt}]"))
-    pending: dict[str, torch.Tensor] = {}
-    shard_i, done = 0, 0
-    # shards are written by one background thread while the encoder runs on; at most one
-    # write is in flight, and a failed write raises here
-    writer = ThreadPoolExecutor(max_workers=1)
-    writing = None
-
-    def write(path: Path, tensors: dict, key: str) -> None:
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"key": key})
-
-    try:
-        with closing(encode_batches(encoder, loader, device, layer_ids, dtype, streams, amp)) as encoded:
-            for batch, feats in encoded:
-                pending.update(zip(batch.ids, feats))
-                done += len(batch.ids)
-                bar.update(round(sum(batch.durations) / 3600, 6))
-                while shard_i < len(shards) and done >= bounds[shard_i]:
-                    s = shards[shard_i]
-                    if writing is not None:
-                        writing.result()
-                    writing = writer.submit(write, out / s.file, {uid: pending.pop(uid) for uid in s.ids}, s.key)
-                    shard_i += 1
-        if writing is not None:
-            writing.result()
-    finally:
-        writer.shutdown(wait=True)
-    bar.close()
-    encoder.train(was_training)
 
 
 # --------------------------------------------------------------------------- read

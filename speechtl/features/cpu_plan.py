@@ -31,6 +31,12 @@ from pathlib import Path
 
 import torch
 
+from ..core.paths import cache_root
+from ..core.precision import encoder_autocast_dtype
+from ..core.threads import cpu_streams
+from ..data.loader import Batch
+from .encode import encode_batches
+
 logger = logging.getLogger(__name__)
 
 PROBE_CLIP_SECONDS = 2.0
@@ -44,8 +50,6 @@ class Schedule:
 
 
 def store_path() -> Path:
-    from ..core.paths import cache_root
-
     return cache_root() / "schedules.json"
 
 
@@ -69,15 +73,11 @@ def machine_key(encoder, amp_dtype) -> str:
 
 
 def default_schedule(encoder, device) -> Schedule:
-    from .extract import cpu_streams
-
     return Schedule(cpu_streams(device), bool(getattr(encoder, "fast_cnn", False)))
 
 
 def candidates(encoder, device) -> list[Schedule]:
     """The ways worth timing: several streams and one, each CNN the encoder can run."""
-    from .extract import cpu_streams
-
     n = cpu_streams(device)
     streams = [n, 1] if n > 1 else [1]
     cnns = [True, False] if getattr(encoder, "fast_cnn", False) else [False]
@@ -105,8 +105,6 @@ def _write_store(path: Path, store: dict) -> None:
 
 def _probe_batches(streams: int, rate: int = 16_000):
     """Two batches per stream of two clips each, synthetic speech-like noise (fixed seed)."""
-    from ..data.loader import Batch
-
     g = torch.Generator().manual_seed(0)
     n = int(PROBE_CLIP_SECONDS * rate)
     batches = []
@@ -120,8 +118,6 @@ def _probe_batches(streams: int, rate: int = 16_000):
 
 def time_schedule(encoder, device, schedule: Schedule, amp: str) -> float:
     """Seconds per audio second of ``encoder`` run the ``schedule`` way over the probe."""
-    from .extract import encode_batches
-
     saved = getattr(encoder, "fast_cnn", False)
     encoder.fast_cnn = schedule.fast_cnn and saved
     try:
@@ -143,8 +139,6 @@ def time_schedule(encoder, device, schedule: Schedule, amp: str) -> float:
 def choose(encoder, device, amp: str = "auto", calibrate: bool = True) -> Schedule:
     """The fastest schedule for ``encoder`` on this CPU: read back from the store, else
     timed now (when ``calibrate``) and stored, else the default. GPUs run one stream."""
-    from ..core.precision import encoder_autocast_dtype
-
     device = torch.device(device)
     if device.type != "cpu":
         return Schedule(1, False)

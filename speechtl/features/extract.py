@@ -3,176 +3,68 @@
 A frozen encoder in eval mode is a fixed function, so its layer outputs for a clip are
 the same every epoch. :func:`extract_in_memory` runs it once over a set of utterances
 (duration-sorted batches, ``inference_mode``) and keeps every layer's output per clip in
-float16; :class:`FeatureDataset` then serves them to the head, which is all that trains.
+float16; :func:`extract_to_cache` writes them into an on-disk cache
+(:mod:`speechtl.features.cache`) instead, resuming what is there. :class:`FeatureDataset`
+then serves them to the head, which is all that trains.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
-from collections import deque
+import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..core.precision import encoder_autocast_dtype
-from ..data.loader import AudioDataset, UtteranceDataset, collate, encoder_batch_seconds, pad_targets, sorted_loader
+from ..core.io import atomic_path, write_json
+from ..core.precision import AMP_FOR_COMPUTE, compute_dtype_name
+from ..data.loader import (
+    AudioDataset,
+    UtteranceDataset,
+    collate,
+    cut_batches,
+    decode_workers,
+    encoder_batch_seconds,
+    is_small_job,
+    pad_targets,
+    sorted_loader,
+)
 from ..data.manifest import Utterance
-from ..encoders.wav2vec2 import SpeechEncoder
+from ..encoders.base import Encoder
+from .cache import (
+    CACHE_FILE,
+    CACHE_VERSION,
+    DTYPES,
+    FeatureCache,
+    Shard,
+    _base_key,
+    _resolve_layers,
+    _sha,
+    _shard_key_on_disk,
+    plan_shards,
+)
+from .cpu_plan import choose as choose_schedule
+from .encode import encode_batches
+from .fingerprint import encoder_fingerprint, entry_key, preprocessing
 
 logger = logging.getLogger(__name__)
 
 
-def estimate_bytes(encoder: SpeechEncoder, utterances: Sequence[Utterance], bytes_per_value: int = 2) -> int:
+def estimate_bytes(encoder: Encoder, utterances: Sequence[Utterance], bytes_per_value: int = 2) -> int:
     """Memory the float16 features of ``utterances`` take (all layers)."""
     frames = sum(int(encoder.frame_lengths(int(u.duration * 16_000))) for u in utterances)
     return frames * encoder.num_layers * encoder.hidden_size * bytes_per_value
 
 
-def cpu_streams(device: torch.device | str) -> int:
-    """Default number of batches an encoder runs at once: on a CPU, one per core, each on
-    one intra-op thread (several small matrix products side by side keep the cores busier
-    than one split across them); on a GPU, one."""
-    if torch.device(device).type != "cpu":
-        return 1
-    return max(1, min(torch.get_num_threads(), 8))
-
-
-_END = object()
-
-
-def side_by_side(fn: Callable, jobs: Sequence, streams: int) -> Iterator:
-    """``fn(job)`` for every job, ``streams`` at a time on threads with one intra-op thread
-    each (several small matrix products side by side keep a CPU's cores busier than one
-    split across them), yielding the results in the jobs' order. At most two jobs per
-    thread are started ahead of the one being yielded; the thread count is restored after."""
-    if streams <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            yield fn(job)
-        return
-
-    def run(job):
-        torch.set_num_threads(1)
-        return fn(job)
-
-    threads = torch.get_num_threads()
-    pool = ThreadPoolExecutor(max_workers=streams)
-    try:
-        pending = iter(jobs)
-        in_flight: deque = deque(pool.submit(run, job) for job in itertools.islice(pending, 2 * streams))
-        while in_flight:
-            result = in_flight.popleft().result()
-            nxt = next(pending, _END)
-            if nxt is not _END:
-                in_flight.append(pool.submit(run, nxt))
-            yield result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)
-
-
-def encode_batches(
-    encoder: SpeechEncoder,
-    batches: Iterable,
-    device: torch.device,
-    layer_ids: Sequence[int] | None = None,
-    dtype: torch.dtype = torch.float16,
-    streams: int | None = None,
-    amp: str = "auto",
-) -> Iterator[tuple[object, list[torch.Tensor]]]:
-    """Run a frozen encoder over ``batches`` (:class:`~speechtl.data.loader.Batch`) and yield each
-    batch with its clips' features, ``(layers, frames, dim)`` in ``dtype`` on the CPU, in
-    the order the batches came.
-
-    Under ``inference_mode``, with the autocast of :func:`encoder_autocast_dtype` (bf16 or
-    fp16 on CUDA, bf16 on a CPU with AMX, unless ``amp="none"``). With ``streams > 1``
-    (CPUs only; default :func:`cpu_streams`), that many batches run at once on threads
-    with one intra-op thread each; the encoder keeps its per-call state per thread. Each
-    thread also draws its next batch from ``batches`` itself (one at a time, under a
-    lock), so that reading and padding audio happens on the threads that compute rather
-    than on a third thread competing with them for the cores; a thread that finishes
-    takes the next batch at once, and results still come in order. The caller's random
-    stream is left as it was (transformers draws layerdrop numbers even in eval mode);
-    iterate under ``contextlib.closing`` so that an error in the caller's loop restores it
-    (and the thread count) at once.
-    """
-    amp_dtype = encoder_autocast_dtype(device, amp)
-    streams = cpu_streams(device) if streams is None else streams
-    if device.type != "cpu":  # a GPU runs one big batch at a time
-        streams = 1
-
-    def run(batch):
-        if streams > 1:
-            torch.set_num_threads(1)
-        with torch.inference_mode():
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                b = batch.to(device, non_blocking=True)
-                enc = encoder(b.waveforms, b.lengths, all_layers=True)
-            # outside autocast: layers may come in mixed dtypes (float32 norms, bf16 products)
-            hidden = enc.hidden_states if layer_ids is None else [enc.hidden_states[i] for i in layer_ids]
-            frames = enc.lengths.tolist()
-            if device.type == "cpu":  # one copy per clip: its valid frames, converted in place
-                feats = []
-                for k, n in enumerate(frames):
-                    f = torch.empty(len(hidden), n, hidden[0].shape[-1], dtype=dtype)
-                    for i, h in enumerate(hidden):
-                        f[i].copy_(h[k, :n])
-                    feats.append(f)
-                return batch, feats
-            # one device-to-host transfer per batch, then the clips are cut on the host
-            stacked = torch.stack([h.to(dtype) for h in hidden]).cpu()  # (L, B, T, D)
-            return batch, [stacked[:, k, :n].contiguous() for k, n in enumerate(frames)]
-
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
-        if streams <= 1:
-            for batch in batches:
-                yield run(batch)
-            return
-        source = iter(batches)
-        lock = threading.Lock()
-        drawn = 0  # batches taken from the source so far
-
-        def draw_and_run():
-            nonlocal drawn
-            with lock:  # the source is read by one thread at a time, in order
-                n = drawn
-                batch = next(source, None)
-                if batch is None:
-                    return n, None
-                drawn += 1
-            return n, run(batch)
-
-        pool = ThreadPoolExecutor(max_workers=streams)
-        try:
-            # streams tasks running and as many waiting: a thread that finishes starts the next at once
-            in_flight: deque = deque(pool.submit(draw_and_run) for _ in range(2 * streams))
-            done: dict[int, tuple] = {}
-            exhausted, nxt = False, 0
-            while in_flight:
-                n, result = in_flight.popleft().result()
-                if result is None:
-                    exhausted = True
-                else:
-                    done[n] = result
-                    if not exhausted:
-                        in_flight.append(pool.submit(draw_and_run))
-                while nxt in done:
-                    yield done.pop(nxt)
-                    nxt += 1
-        finally:
-            # on an error or an early close, the waiting tasks are dropped, not run
-            pool.shutdown(wait=True, cancel_futures=True)
-            torch.set_num_threads(threads)
-
-
 def extract_in_memory(
-    encoder: SpeechEncoder,
+    encoder: Encoder,
     utterances: Sequence[Utterance],
     device: torch.device | str = "cpu",
     max_batch_seconds: float | None = None,
@@ -239,3 +131,201 @@ def collate_features(items: Sequence[dict]) -> FeatureBatch:
     targets, tlens = pad_targets(items)
     return FeatureBatch(hidden, lengths, targets, tlens, [it["id"] for it in items], [it["text"] for it in items],
                         [it["duration"] for it in items])
+
+
+# --------------------------------------------------------------------------- into an on-disk cache
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _check_request(encoder: Encoder, utterances: Sequence[Utterance], dtype: str, shard_seconds: float,
+                   shard_gb: float) -> None:
+    """Refuse a bad request before any work: the encoder would refuse an overlong clip half-way."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if not (shard_seconds > 0 and shard_gb > 0):
+        raise ValueError(f"shard_seconds and shard_gb must be positive (got {shard_seconds}, {shard_gb})")
+    span = getattr(encoder, "max_seconds", float("inf"))
+    too_long = [u.id for u in utterances if u.duration > span]
+    if too_long:
+        raise ValueError(f"{len(too_long)} clip(s) are longer than this encoder's {span:g} s span "
+                         f"(first: {', '.join(too_long[:5])}); cut them, or leave them out of the manifest")
+
+
+def extract_to_cache(
+    encoder: Encoder,
+    utterances: Sequence[Utterance],
+    out_dir: str | os.PathLike,
+    layers: str | Sequence[int] = "all",
+    dtype: str = "float16",
+    device: str | torch.device = "cpu",
+    amp: str = "auto",
+    max_batch_seconds: float | None = None,
+    num_workers: int | None = None,
+    streams: int | None = None,
+    shard_seconds: float = 1800.0,
+    shard_gb: float = 0.5,
+    progress: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> "FeatureCache | None":
+    """Extract the features of ``utterances`` into ``out_dir``; resume what is there.
+
+    ``max_batch_seconds`` defaults to 10 s of padded audio on a CPU, where big batches
+    of a big model run slower than small ones (their activations leave the caches), and
+    to 300 s on a GPU, which needs big batches to stay busy. ``num_workers`` (audio
+    decoding processes) defaults to none for a small job (under 200 clips or 10 minutes
+    of audio left to extract, :func:`~speechtl.data.loader.is_small_job`), where starting them
+    costs more than they save, and on a CPU with at most 4 cores, where they would only
+    take cores from the model; otherwise to 2 on a CPU and up to 8 on a GPU machine.
+    ``streams`` (batches run at once on a CPU, each on one thread) defaults to one per
+    core there for a small job; for a bigger one, the streams and the CNN are chosen by
+    timing them on this machine once (:mod:`speechtl.features.cpu_plan`). ``amp`` (auto | bf16 | fp16 | none) picks the precision the encoder runs
+    in (:func:`~speechtl.core.precision.encoder_autocast_dtype`: ``auto`` is bf16 on CUDA and
+    on CPUs with AMX, float32 on other CPUs); it is part of the cache key. A shard holds at
+    most ``shard_seconds`` of audio and about ``shard_gb`` of features, whichever is
+    less: a shard is held in memory until it is written, so a big encoder (XLS-R 1B
+    writes 6 MB per second of audio in float16) gets shorter shards.
+
+    Returns the opened cache, or ``None`` on a rank of a multi-process run that
+    finished before the others (rank 0 returns the cache once all shards exist).
+    """
+    _check_request(encoder, utterances, dtype, shard_seconds, shard_gb)
+    if rank is None or world_size is None:
+        rank, world_size = _dist_info()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    if max_batch_seconds is None:
+        max_batch_seconds = encoder_batch_seconds(device)
+    layer_ids = _resolve_layers(layers, encoder.num_layers)
+    fingerprint = encoder_fingerprint(encoder)
+    prep = preprocessing(encoder)
+    compute = compute_dtype_name(device, amp)
+    distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        compute, amp = _rank_zero_precision(compute, amp, rank)
+    base_key = _base_key(fingerprint, layer_ids, dtype, compute, prep)
+    bytes_per_second = encoder.frame_rate * len(layer_ids) * encoder.hidden_size * DTYPES[dtype].itemsize
+    keys = {u.id: entry_key(u) for u in utterances}
+    shards = plan_shards(utterances, base_key, min(shard_seconds, shard_gb * 1e9 / bytes_per_second), keys)
+    meta = _cache_meta(encoder, utterances, fingerprint, base_key, layer_ids, dtype, compute, prep, shards, keys)
+    if rank == 0:
+        write_json(out / CACHE_FILE, meta)
+
+    by_id = {u.id: u for u in utterances}
+    mine = [s for n, s in enumerate(shards) if n % world_size == rank]
+    todo = [s for s in mine if _shard_key_on_disk(out / s.file) != s.key]
+    if len(todo) < len(mine):
+        logger.info("rank %d: %d of %d shard(s) already extracted", rank, len(mine) - len(todo), len(mine))
+    if todo:
+        _extract_todo(encoder, todo, by_id, out, layer_ids, DTYPES[dtype], device, max_batch_seconds, num_workers,
+                      streams, amp, progress)
+    if distributed:
+        torch.distributed.barrier()
+    if rank != 0:
+        return None
+    return FeatureCache(out)
+
+
+def _cache_meta(encoder: Encoder, utterances: Sequence[Utterance], fingerprint: str, base_key: str,
+                layer_ids: list[int], dtype: str, compute: str, prep: dict, shards: list[Shard], keys: dict[str, str]) -> dict:
+    """``cache.json``: what was extracted, the shard plan and every entry's key."""
+    return {
+        "version": CACHE_VERSION,
+        "key": _sha(base_key, *(s.key for s in shards)),
+        "encoder": {"source": encoder.source, "fingerprint": fingerprint, "model_type": encoder.config.model_type,
+                    "num_layers": encoder.num_layers, "hidden_size": encoder.hidden_size, "frame_rate": encoder.frame_rate},
+        "layers": layer_ids,
+        "dtype": dtype,
+        "compute": compute,
+        "preprocessing": prep,
+        "shards": [{"file": s.file, "key": s.key, "ids": list(s.ids)} for s in shards],
+        # every entry's own key, so that a subset of a shard is verified too
+        "entries": {uid: _sha(base_key, k) for uid, k in keys.items()},
+        "utterances": len(utterances),
+        "audio_hours": sum(u.duration for u in utterances) / 3600,
+    }
+
+
+def _rank_zero_precision(compute: str, amp: str, rank: int) -> tuple[str, str]:
+    """One precision for the whole cache, even where machines differ (an AMX CPU beside one
+    without): rank 0's, with the ``amp`` that gives it."""
+    box = [compute]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] != compute:
+        logger.warning("rank %d: computing in %s as rank 0 does (amp=%s gives %s here)", rank, box[0], amp, compute)
+        return box[0], AMP_FOR_COMPUTE[box[0]]
+    return compute, amp
+
+
+def _extract_todo(encoder, todo, by_id, out, layer_ids, dtype, device, max_batch_seconds, num_workers, streams, amp,
+                  progress) -> None:
+    """Extract the shards still to do, with the decoding processes and (for a big job on a
+    CPU) the streams and CNN that suit the job."""
+    todo_durations = [by_id[i].duration for s in todo for i in s.ids]
+    if num_workers is None:
+        num_workers = decode_workers(device, todo_durations)
+    fast_cnn = encoder.fast_cnn
+    if streams is None and device.type == "cpu" and not is_small_job(todo_durations):
+        # a job this size repays timing the ways of running the encoder here (once per machine)
+        schedule = choose_schedule(encoder, device, amp)
+        streams, encoder.fast_cnn = schedule.streams, schedule.fast_cnn and fast_cnn
+    try:
+        _extract_shards(encoder, todo, by_id, out, layer_ids, dtype, device, max_batch_seconds, num_workers, streams, amp,
+                        progress)
+    finally:
+        encoder.fast_cnn = fast_cnn
+
+
+def _extract_shards(encoder, shards, by_id, out, layer_ids, dtype, device, max_batch_seconds, num_workers, streams,
+                    amp, progress) -> None:
+    utts = [by_id[i] for s in shards for i in s.ids]
+    ds = AudioDataset(utts)
+    durations = ds.durations
+    batches, bounds, start = [], [], 0
+    for s in shards:  # batches never cross a shard boundary, so each shard is written as soon as it is done
+        idx = list(range(start, start + len(s.ids)))
+        batches += cut_batches(idx, durations, max_batch_seconds)
+        start += len(s.ids)
+        bounds.append(start)
+    loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    was_training = encoder.training
+    encoder.eval().to(device)
+    hours = sum(durations) / 3600
+    bar = tqdm(total=round(hours, 4), desc="extract", unit="h", disable=not progress, bar_format=(
+        "{desc}: {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}, {rate_fmt}]"))
+    pending: dict[str, torch.Tensor] = {}
+    shard_i, done = 0, 0
+    # shards are written by one background thread while the encoder runs on; at most one
+    # write is in flight, and a failed write raises here
+    writer = ThreadPoolExecutor(max_workers=1)
+    writing = None
+
+    def write(path: Path, tensors: dict, key: str) -> None:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"key": key})
+
+    try:
+        with closing(encode_batches(encoder, loader, device, layer_ids, dtype, streams, amp)) as encoded:
+            for batch, feats in encoded:
+                pending.update(zip(batch.ids, feats))
+                done += len(batch.ids)
+                bar.update(round(sum(batch.durations) / 3600, 6))
+                while shard_i < len(shards) and done >= bounds[shard_i]:
+                    s = shards[shard_i]
+                    if writing is not None:
+                        writing.result()
+                    writing = writer.submit(write, out / s.file, {uid: pending.pop(uid) for uid in s.ids}, s.key)
+                    shard_i += 1
+        if writing is not None:
+            writing.result()
+    finally:
+        writer.shutdown(wait=True)
+    bar.close()
+    encoder.train(was_training)

@@ -18,8 +18,10 @@ from ..data.manifest import Utterance
 from ..data.text import Normalizer, Vocabulary
 from ..decoding.decoders import greedy_ids
 from ..decoding.metrics import ScoreReport, UtteranceResult, score, write_results
+from ..decoding.options import DecodeOptions
 from ..features.extract import FeatureDataset, collate_features
-from ..models.ctc import CTCModel, load_model_dir
+from ..models.ctc import CTCModel
+from ..models.model_dir import load_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ class Recognizer:
                  device: str | None = None, model_dir: str | os.PathLike | None = None):
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
-        if model.mode == "adapter":  # inference only: LoRA updates folded into the base weights
+        if model.policy.adapters:  # inference only: LoRA updates folded into the base weights
             from ..models import adapters as adapter_lib
 
             adapter_lib.set_lora_merged(self.model.encoder.model, True)
@@ -128,7 +130,7 @@ class Recognizer:
     def load(cls, model_dir: str | os.PathLike, device: str | None = None, lang: str | None = None) -> "Recognizer":
         """Load a model directory (or a training run's folder); ``lang`` picks the language of
         an adapter model (default: the one trained last)."""
-        from ..models.ctc import resolve_model_dir
+        from ..models.model_dir import resolve_model_dir
 
         model_dir = resolve_model_dir(model_dir)
         model, vocab, normalizer, meta = load_model_dir(model_dir, lang=lang, inference=True)
@@ -149,9 +151,9 @@ class Recognizer:
         base encoder stays loaded as it is. A language the model lacks is an error that lists
         those it has. Transcribers made before (:meth:`transcriber`) keep the vocabulary of
         the language they were made for; make new ones."""
-        from ..models.ctc import use_language
+        from ..models.model_dir import use_language
 
-        if self.model.mode != "adapter":
+        if not self.model.policy.adapters:
             raise ValueError(f"a {self.model.mode}-mode model has one language and no per-language adapters; "
                              "set_language is for models trained with mode=adapter")
         if self.model_dir is None:
@@ -163,28 +165,33 @@ class Recognizer:
         return self
 
     def decoder(self, lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float = 0.5,
-                beta: float = 1.0, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0):
+                beta: float = 1.0, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0,
+                options: DecodeOptions | None = None):
         """Greedy decoding unless ``lm``, ``beam_width`` or ``hotwords`` is given (pyctcdecode
-        beam search). A beam decoder, with its language model, is built once per setting and
-        kept: the LM is read from disk once, however many calls use it."""
+        beam search); ``options`` gives them all at once, in place of the others. A beam
+        decoder, with its language model, is built once per setting and kept: the LM is read
+        from disk once, however many calls use it."""
         from ..decoding.decoders import BeamDecoder, GreedyDecoder
 
-        if lm is None and beam_width is None and not hotwords:
+        o = options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight)
+        if o.greedy:
             return GreedyDecoder(self.vocab)
-        key = (str(lm) if lm is not None else None, beam_width or 32, alpha, beta, tuple(hotwords or ()), hotword_weight)
+        key = (o.lm, o.width, o.alpha, o.beta, o.hotwords, o.hotword_weight)
         if key not in self._decoders:
-            self._decoders[key] = BeamDecoder(self.vocab, lm, alpha, beta, beam_width or 32, hotwords, hotword_weight)
+            self._decoders[key] = BeamDecoder(self.vocab, o.lm, o.alpha, o.beta, o.width, list(o.hotwords) or None,
+                                              o.hotword_weight)
         return self._decoders[key]
 
     def transcriber(self, chunk_length_s: float = 30.0, stride_length_s: float | None = None, max_batch_seconds: float | None = None,
                     lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float = 0.5, beta: float = 1.0,
-                    hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0, streams: int | None = None):
+                    hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0, streams: int | None = None,
+                    options: DecodeOptions | None = None):
         """A :class:`speechtl.inference.transcribe.Transcriber` for this model, decoding as :meth:`decoder` says.
         ``streams``: on a CPU, batches of short files run at once, each on one thread
         (default: one per torch thread, at most 8; 1 = one batch at a time on all threads)."""
         from .transcribe import Transcriber
 
-        decoder = self.decoder(lm, beam_width, alpha, beta, hotwords, hotword_weight)
+        decoder = self.decoder(options=options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight))
         return Transcriber(self.model, self.vocab, self.device, decoder, chunk_length_s, stride_length_s, max_batch_seconds,
                            streams=streams)
 
@@ -202,6 +209,7 @@ class Recognizer:
         hotwords: Sequence[str] | None = None,
         hotword_weight: float = 10.0,
         return_timestamps: bool = False,
+        options: DecodeOptions | None = None,
     ):
         """Transcribe files (any format the audio layer reads), folders, ``.jsonl``
         manifests or 16 kHz mono float arrays.
@@ -210,7 +218,8 @@ class Recognizer:
         ``stride_length_s`` each side, default a sixth of the window). A single input gives
         a string (or a :class:`speechtl.inference.transcribe.Transcript` with ``return_timestamps``);
         several give a list in input order. A file that cannot be read raises
-        :class:`speechtl.AudioError` naming it.
+        :class:`speechtl.AudioError` naming it. ``options`` gives the decoding settings at once,
+        in place of ``lm`` .. ``hotword_weight``.
         """
         from .transcribe import Item, collect_inputs
 
@@ -224,7 +233,8 @@ class Recognizer:
                 items.append(Item(f"array-{k}", f"<array {k}>", np.asarray(x, dtype=np.float32).reshape(-1)))
             else:
                 items += collect_inputs([x])
-        tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, lm, beam_width, alpha, beta, hotwords, hotword_weight)
+        options = options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight)
+        tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, options=options)
         out = [None] * len(items)
         for i, t in tr.run_indexed(items, progress=progress):
             if t.error is not None:
@@ -235,28 +245,27 @@ class Recognizer:
     def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,
                  on_bad_audio: str = "error", lm: str | os.PathLike | None = None, beam_width: int | None = None,
                  alpha: float = 0.5, beta: float = 1.0, chunk_length_s: float = 30.0,
-                 max_batch_seconds: float | None = None) -> dict:
+                 max_batch_seconds: float | None = None, options: DecodeOptions | None = None) -> dict:
         """Score on a manifest; with ``out_dir`` write hyps.jsonl, errs.txt, summary.json.
 
         Greedy decoding, or beam search (with an n-gram ``lm`` when given) as
         :meth:`transcriber` does; recordings longer than ``chunk_length_s`` are decoded in
         windows. Every file's header is read first. An unreadable or missing file is an
         error that names all of them (``on_bad_audio="error"``), or is left out of the
-        score and listed under ``skipped`` in the summary (``"skip"``).
+        score and listed under ``skipped`` in the summary (``"skip"``). ``options`` gives the
+        decoding settings at once, in place of ``lm``, ``beam_width``, ``alpha`` and ``beta``.
         """
         from ..data.audio import check_readable
 
         good, skipped = check_readable(utterances, on_bad_audio, " (--on-bad-audio skip leaves them out)")
-        if lm is None and beam_width is None:
+        options = options or DecodeOptions.of(lm, beam_width, alpha, beta)
+        if options.greedy:  # batched from audio, long recordings in windows
             report = decode_utterances(self.model, self.vocab, self.normalizer, good, self.device, max_batch_seconds,
                                        progress=progress, chunk_length_s=chunk_length_s)
-            decoder = {"decoder": "greedy"}
         else:
-            tr = self.transcriber(chunk_length_s, None, max_batch_seconds, lm=lm, beam_width=beam_width, alpha=alpha, beta=beta)
+            tr = self.transcriber(chunk_length_s, None, max_batch_seconds, options=options)
             report = score_hyps(good, self._hyps(tr, good, progress), self.normalizer)
-            decoder = {"decoder": "beam", "beam_width": beam_width or 32, "lm": str(lm) if lm else None,
-                       "alpha": alpha, "beta": beta}
-        extra = {**decoder, **({"skipped": skipped} if skipped else {})}
+        extra = {**options.summary(), **({"skipped": skipped} if skipped else {})}
         if out_dir is not None:
             return write_results(report, Path(out_dir), extra)
         return {**report.summary(), **(extra or {})}
@@ -282,7 +291,7 @@ class Recognizer:
         cer}, "grid": [...], "greedy": {wer, cer}}``; ties keep the first pair in grid order."""
         from ..data.audio import check_readable
         from ..decoding.decoders import BeamDecoder, GreedyDecoder
-        from .transcribe import Item
+        from .transcribe import Item, Transcriber
 
         good, _ = check_readable(utterances, "error")
         kept: dict[str, np.ndarray] = {}
@@ -292,8 +301,7 @@ class Recognizer:
             kept["last"] = log_probs
             return greedy(log_probs, frame_s)
 
-        tr = self.transcriber()
-        tr.decoder = keep
+        tr = Transcriber(self.model, self.vocab, self.device, decoder=keep)  # greedy, keeping what it decodes
         items = [Item(u.id, u.audio) for u in good]
         log_probs, greedy_hyps = {}, {}
         for i, t in tr.run_indexed(items, progress=progress):

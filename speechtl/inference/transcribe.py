@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..core.threads import cpu_streams, in_order
 from ..data.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_info, load_audio
 from ..data.loader import cut_batches, encoder_batch_seconds, pad_waveforms
 from ..data.text import Vocabulary
 from ..decoding.decoders import GreedyDecoder, Word
-from ..features.extract import cpu_streams, side_by_side
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +238,8 @@ class Transcriber:
         # one of `streams` threads side by side (a CPU's), decoded here in order
         batches = cut_batches(short, infos, self.max_batch_seconds)
         streams = self.streams if self.device.type == "cpu" else 1
-        for failed, done in side_by_side(lambda b: self._short_log_probs(items, b), batches, streams):
+        streams = streams if len(batches) > 1 else 1  # one batch runs on all threads
+        for failed, done in in_order(lambda b: self._short_log_probs(items, b), batches, streams):
             for i, reason in failed:
                 bar.update(1)
                 yield i, self._failed(items[i], reason)

@@ -60,7 +60,7 @@ def average_model_dirs(model_dirs: Sequence[str | os.PathLike], out_dir: str | o
     """Write ``out_dir``: the first model directory with every weight file replaced by the
     mean over all of them. They must share mode, head and vocabulary (adapter models: the
     adapters, languages and each language's vocabulary)."""
-    from .ctc import MODEL_FILE, resolve_model_dir
+    from .model_dir import MODEL_FILE, resolve_model_dir
 
     dirs = [resolve_model_dir(d) for d in model_dirs]
     if len(dirs) < 2:

@@ -41,7 +41,7 @@ from ..core.io import atomic_dir, write_json
 from ..data.text import UNK_TEXT, Vocabulary
 from ..data.units import WORD_START
 from . import adapters as adapter_lib
-from .ctc import language_files, load_model_dir, pick_language, read_meta, resolve_model_dir
+from .model_dir import language_files, load_model_dir, pick_language, read_meta, resolve_model_dir
 
 
 class ExportError(ValueError):
@@ -64,7 +64,7 @@ def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, lang: st
     model_dir = resolve_model_dir(model_dir)
     pick_language(model_dir, read_meta(model_dir), lang)  # a language the model lacks is named before any loading
     model, vocab, _normalizer, meta = load_model_dir(model_dir, lang=lang)
-    if model.mode == "frozen":
+    if model.policy.layer_sum:
         raise ExportError(
             f"{model_dir}: frozen-mode models combine all {model.encoder.num_layers} encoder layers with learned weights"
             f" and a {model.head_config.kind} head, which no transformers *ForCTC class represents. Load them with"

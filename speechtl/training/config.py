@@ -13,8 +13,8 @@ import yaml
 from ..core.constants import ADAPTER_KINDS, check_lang  # noqa: F401  (re-exported)
 from ..core.precision import AMP_CHOICES
 from ..data.units import parse_units
+from ..models.modes import MODES, ModePolicy
 
-MODES = ("frozen", "finetune", "scratch", "adapter")
 HEADS = ("linear", "bilstm")
 SCHEDULES = ("tristage", "linear", "constant")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
@@ -183,26 +183,26 @@ class TrainConfig:
                 raise ValueError(f"config key {key!r}: must be greater than 0 (got {v!r})")
         if not 0 < self.layer_lr_decay <= 1:
             raise ValueError(f"config key 'layer_lr_decay': must be in (0, 1] (got {self.layer_lr_decay!r})")
-        if self.init_from is not None and self.mode == "scratch":
+        if self.init_from is not None and self.policy.random_init:
             raise ValueError("config key 'init_from': scratch mode starts from random weights; use finetune or frozen")
         self._check_adapter_keys()
         if parse_units(self.units)[0] != "char":
             if self.vocab is not None:
                 raise ValueError(f"config key 'vocab': a character vocabulary, and units={self.units} trains a subword "
                                  "tokenizer on the training text instead; leave vocab unset, or use units=char")
-            if self.mode == "adapter":
+            if not self.policy.subword_units:
                 raise ValueError(f"config key 'units': mode=adapter keeps a character vocabulary per language; "
                                  f"units={self.units} is for modes frozen, finetune and scratch")
-        if self.freeze_layers and self.mode != "finetune":
+        if self.freeze_layers and not self.policy.freezes_layers:
             raise ValueError(f"config key 'freeze_layers': for mode=finetune (got mode={self.mode})")
         if not 0 <= self.augment <= 1:
             raise ValueError(f"config key 'augment': must be in [0, 1] (got {self.augment!r})")
-        if self.teacher is not None and self.mode in ("frozen", "adapter"):
+        if self.teacher is not None and not self.policy.distills:
             raise ValueError("config key 'teacher': distillation trains the encoder; use mode=finetune or scratch")
         if self.teacher is not None and self.layerdrop > 0:
             raise ValueError("config key 'layerdrop': distillation predicts the teacher from fixed encoder layers, "
                              "which layerdrop would skip; set layerdrop=0 with a teacher")
-        if self.augment and self.mode == "frozen" and (self.cache_features or self.feature_cache):
+        if self.augment and self.policy.cacheable and (self.cache_features or self.feature_cache):
             raise ValueError("config key 'augment': frozen mode trains from cached clean features; set "
                              "cache_features=false (and no feature_cache) to augment every step")
         for key in ("teacher_layers", "student_layers"):
@@ -226,9 +226,14 @@ class TrainConfig:
         if len({f"{f:g}" for f in self.speed_perturb}) != len(self.speed_perturb):
             raise ValueError(f"config key 'speed_perturb': repeated factor in {self.speed_perturb}")
 
+    @property
+    def policy(self) -> ModePolicy:
+        """What this run's mode trains (:mod:`speechtl.models.modes`)."""
+        return MODES[self.mode]
+
     def _check_adapter_keys(self) -> None:
         adapter_keys = ("adapter", "lang", "lora_rank", "lora_alpha", "adapter_dim")
-        if self.mode != "adapter":
+        if not self.policy.adapters:
             for key in adapter_keys:
                 if getattr(self, key) is not None:
                     raise ValueError(f"config key {key!r}: for mode=adapter (this run is mode={self.mode})")

@@ -1,0 +1,287 @@
+"""``speechtl evaluate``, ``transcribe``, ``align``, ``lm`` and ``zeroshot``: using models."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from .common import add_common, at_least_one, floats, start_up
+
+
+def cmd_evaluate(args) -> int:
+    with start_up(args):
+        from ..data.manifest import read_manifest
+        from ..inference.recognizer import Recognizer
+
+        rec = Recognizer.load(args.model_dir, device=args.device, lang=args.lang)
+    utts = read_manifest(args.manifest, check_files=False)
+    # artefacts of `--json DIR/x.json` go to DIR/x/, so that two test sets scored into one folder keep theirs apart
+    out_dir = Path(args.out_dir) if args.out_dir else (Path(args.json).with_suffix("") if args.json else Path(args.model_dir) / "eval")
+    summary = rec.evaluate(utts, out_dir=out_dir, progress=not args.quiet, on_bad_audio=args.on_bad_audio,
+                           chunk_length_s=args.chunk_length_s, max_batch_seconds=args.batch_seconds,
+                           options=decode_options(args))
+    if args.json:
+        from ..core.io import write_json
+
+        write_json(args.json, summary)
+    print(json.dumps({k: summary[k] for k in ("wer", "cer", "utterances", "audio_seconds")}
+                     | ({"skipped": len(summary["skipped"])} if "skipped" in summary else {})))
+    return 0
+
+
+def decode_options(args):
+    """The decoding flags (``--lm``, ``--beam-width``, ``--alpha``, ``--beta``, and for
+    ``transcribe`` ``--hotwords`` and ``--hotword-weight``) as one :class:`DecodeOptions`."""
+    from ..decoding.options import DecodeOptions
+
+    hotwords = [w for w in (getattr(args, "hotwords", None) or "").split(",") if w.strip()]
+    return DecodeOptions.of(args.lm, args.beam_width, args.alpha, args.beta, hotwords,
+                            getattr(args, "hotword_weight", 10.0))
+
+
+def _output_names(items, ext: str) -> list[str]:
+    """One output file name per input: manifest ids as they are; paths relative to the
+    inputs' common folder, so that same-named files in different folders do not collide."""
+
+    files = [it.path for it in items if it.key == it.path]
+    base = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files]) if files else ""
+    names = []
+    for it in items:
+        if it.key != it.path:
+            names.append(f"{it.key}.{ext}")
+        else:
+            rel = os.path.relpath(os.path.abspath(it.path), base)
+            names.append(str(Path(rel).with_suffix(f".{ext}")))
+    return names
+
+
+def cmd_transcribe(args) -> int:
+    with start_up(args):
+        from ..core.io import write_text
+        from ..inference.recognizer import Recognizer
+        from ..inference.transcribe import collect_inputs, render
+
+    items = collect_inputs(args.paths)
+    if not items:
+        print("speechtl transcribe: error: no audio files found", file=sys.stderr)
+        return 1
+    if args.format in ("srt", "vtt") and args.out is None and len(items) > 1:
+        print(f"speechtl transcribe: error: --format {args.format} with several inputs needs --out DIR", file=sys.stderr)
+        return 2
+    with start_up(args):
+        rec = Recognizer.load(args.model_dir, device=args.device, lang=args.lang)
+    tr = rec.transcriber(args.chunk_length_s, args.stride_length_s, args.batch_seconds, streams=args.streams,
+                         options=decode_options(args))
+    names = _output_names(items, args.format) if args.out else None
+    failed = 0
+    for i, t in tr.run_indexed(items, progress=not args.quiet):
+        if t.error is not None:
+            failed += 1
+            print(f"speechtl transcribe: error: {t.path}: {t.error}", file=sys.stderr)
+            continue
+        if names is not None:
+            write_text(Path(args.out) / names[i], render(t, args.format))
+        elif args.format == "json":
+            print(json.dumps(t.to_dict(), ensure_ascii=False), flush=True)
+        elif args.format == "txt":
+            print(f"{t.path}\t{t.text}" if len(items) > 1 else t.text, flush=True)
+        else:
+            print(render(t, args.format), end="", flush=True)
+    if failed or len(items) > 1:
+        print(f"transcribed {len(items) - failed} of {len(items)} file(s); {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_align(args) -> int:
+    with start_up(args):
+        from ..core.io import write_text
+        from ..decoding.decoders import align_words
+        from ..inference.recognizer import Recognizer
+        from ..inference.transcribe import Item, Transcript, render, segments_from_words
+
+        rec = Recognizer.load(args.model_dir, device=args.device, lang=args.lang)
+    text = args.text
+    if Path(text).is_file():
+        text = Path(text).read_text(encoding="utf-8")
+    text = rec.normalizer(text)
+    item = Item(args.audio, args.audio)
+    tr = rec.transcriber(args.chunk_length_s)
+    duration = item.duration()
+    log_probs = tr.file_log_probs(item, duration)
+    words = align_words(log_probs, text, rec.vocab, tr.frame_s, where=args.audio)
+    t = Transcript(args.audio, " ".join(w.word for w in words), round(duration, 3), segments_from_words(words))
+    out = render(t, args.format)
+    if args.out:
+        write_text(args.out, out)
+    else:
+        print(out, end="")
+    return 0
+
+
+def cmd_lm_build(args) -> int:
+    from ..decoding.lm import read_sentences, wordlist_sentences, write_arpa
+
+    norm = None
+    if args.model:  # only then: reading a model directory imports torch
+        from ..models.model_dir import load_model_normalizer
+
+        norm = load_model_normalizer(args.model, args.lang)
+    lines = []
+    for text in args.text:
+        lines += read_sentences(text, norm)
+    words = wordlist_sentences(args.wordlist, args.wordlist_size, norm) if args.wordlist else []
+    if not lines:
+        raise ValueError("lm build needs TEXT (sentences for the n-grams); --wordlist only adds words")
+    out = write_arpa(lines, args.out, order=args.order, extra_words=words)
+    print(f"wrote a {args.order}-gram modified Kneser-Ney LM of {len(lines)} sentences"
+          + (f" and {len(words)} listed words" if words else "") + f" to {out}")
+    return 0
+
+
+def cmd_lm_tune(args) -> int:
+    if not Path(args.lm).is_file():
+        raise FileNotFoundError(f"{args.lm}: language model not found")
+    with start_up(args):
+        from ..data.manifest import read_manifest
+        from ..inference.recognizer import Recognizer
+
+        rec = Recognizer.load(args.model_dir, device=args.device, lang=args.lang)
+    result = rec.tune_lm(read_manifest(args.manifest, check_files=False), args.lm, args.alphas, args.betas,
+                         args.beam_width, progress=not args.quiet)
+    if args.json:
+        from ..core.io import write_json
+
+        write_json(args.json, result)
+    best, greedy = result["best"], result["greedy"]
+    print(f"best on {result['utterances']} utterances: --alpha {best['alpha']:g} --beta {best['beta']:g}  "
+          f"WER {best['wer']:.4f} CER {best['cer']:.4f} (greedy WER {greedy['wer']:.4f} CER {greedy['cer']:.4f})")
+    return 0
+
+
+def cmd_zeroshot(args) -> int:
+    from ..core.distributed import pick_device
+    from ..data.manifest import read_manifest
+    from ..inference.zeroshot import whisper_zero_shot
+
+    utts = read_manifest(args.manifest)
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    summary = whisper_zero_shot(args.model, utts, language=args.language, batch_size=args.batch_size,
+                                device=str(pick_device(args.device)), progress=not args.quiet, out_dir=out_dir)
+    if args.json:
+        from ..core.io import write_json
+
+        write_json(args.json, summary)
+    print(json.dumps({k: summary[k] for k in ("wer", "cer", "utterances", "audio_seconds")}))
+    return 0
+
+
+def add_evaluate(sub) -> None:
+    s = sub.add_parser("evaluate", help="WER/CER of a model on a manifest", description="Greedy-decode a manifest and write hyps.jsonl, errs.txt and summary.json.")
+    s.add_argument("model_dir")
+    s.add_argument("manifest")
+    s.add_argument("--json", help="write the summary JSON here (wer, cer, utterances, audio_seconds, ...)")
+    s.add_argument("--out-dir", help="folder for hyps.jsonl/errs.txt/summary.json (default: DIR/x/ for --json DIR/x.json, "
+                   "or MODEL_DIR/eval)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--on-bad-audio", choices=["error", "skip"], default="error",
+                   help="unreadable or missing audio: stop naming every such file (error), or leave them out of the "
+                        "score and list them under 'skipped' in summary.json (skip)")
+    s.add_argument("--lm", help="decode with beam search and this n-gram LM (.arpa; `speechtl lm build` makes one)")
+    s.add_argument("--beam-width", type=int, default=None, help="beam search with this width (default: greedy, or 32 with --lm)")
+    s.add_argument("--alpha", type=float, default=0.5, help="LM weight")
+    s.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
+    s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer recordings are decoded in windows of this length")
+    s.add_argument("--batch-seconds", type=float, default=None, help="cap on padded audio seconds per batch (default: 10 on CPU, 300 on GPU)")
+    s.add_argument("--lang", help="language of a model trained with mode=adapter (default: the one trained last); "
+                   "an error lists the languages the model has")
+    s.set_defaults(func=cmd_evaluate)
+
+
+def add_transcribe(sub) -> None:
+    s = sub.add_parser("transcribe", help="transcribe audio files, folders or manifests",
+                       description="Transcribe audio files, folders (searched recursively) or .jsonl manifests. Files that "
+                                   "fail are reported and the rest carry on; the exit status is 1 if any failed.")
+    s.add_argument("model_dir")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt",
+                   help="txt; json (text, segments and words with start/end seconds and confidence); srt; vtt")
+    s.add_argument("--out", metavar="DIR", help="write one file per input here (default: stdout)")
+    s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer audio is decoded in windows of this length")
+    s.add_argument("--stride-length-s", type=float, default=None, help="overlap on each side of a window (default: chunk/6)")
+    s.add_argument("--batch-seconds", type=float, default=None, help="cap on padded audio seconds per batch (default: 10 on CPU, 300 on GPU)")
+    s.add_argument("--streams", type=at_least_one, default=None,
+                   help="CPU: batches of short files run at once, each on one thread (default: one per torch thread, "
+                        "at most 8; 1 = one batch at a time on all threads); ignored on a GPU")
+    s.add_argument("--lm", help="n-gram LM (.arpa; kenlm binary with kenlm installed) for beam search")
+    s.add_argument("--alpha", type=float, default=0.5, help="LM weight")
+    s.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
+    s.add_argument("--beam-width", type=int, default=None, help="beam search with this width (default: greedy, or 32 with --lm)")
+    s.add_argument("--hotwords", help="comma-separated words to favour in beam search")
+    s.add_argument("--hotword-weight", type=float, default=10.0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--lang", help="language of a model trained with mode=adapter (default: the one trained last); "
+                   "an error lists the languages the model has")
+    s.set_defaults(func=cmd_transcribe)
+
+
+def add_align(sub) -> None:
+    s = sub.add_parser("align", help="word times for a known transcript (CTC forced alignment)",
+                       description="Align TEXT (a string, or a file holding it) to AUDIO and write word and segment times.")
+    s.add_argument("model_dir")
+    s.add_argument("audio")
+    s.add_argument("text")
+    s.add_argument("--format", choices=["json", "srt", "vtt", "txt"], default="json")
+    s.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
+    s.add_argument("--chunk-length-s", type=float, default=30.0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--lang", help="language of a model trained with mode=adapter (default: the one trained last); "
+                   "an error lists the languages the model has")
+    s.set_defaults(func=cmd_align)
+
+
+def add_lm(sub) -> None:
+    s = sub.add_parser("lm", help="n-gram language models for beam search", description="n-gram language models.")
+    lm_sub = s.add_subparsers(dest="lm_command", metavar="ACTION", required=True)
+    b = lm_sub.add_parser("build", help="build an ARPA model (interpolated modified Kneser-Ney)",
+                          description="Build a word n-gram ARPA model from TEXT (one sentence per line, or a .jsonl manifest's texts).")
+    b.add_argument("text", nargs="+", help="text files or manifests (one or more)")
+    b.add_argument("--wordlist", metavar="LANG", help="add the language's most frequent words (wordfreq) to the "
+                   "vocabulary, at the unigram level, so that words absent from TEXT can be recognised")
+    b.add_argument("--wordlist-size", type=int, default=50_000, help="how many words --wordlist adds (most frequent first)")
+    b.add_argument("--order", type=int, default=3)
+    b.add_argument("--out", required=True, metavar="LM.arpa")
+    b.add_argument("--model", metavar="MODEL_DIR", help="normalise the text as this model's transcripts are (default: the standard normaliser)")
+    b.add_argument("--lang", help="with --model, an adapter model's language whose normaliser to use (default: the one trained last)")
+    b.set_defaults(func=cmd_lm_build)
+    add_common(b)
+    t = lm_sub.add_parser("tune", help="search the LM weight (alpha) and word bonus (beta) on a dev set",
+                          description="Decode DEV with beam search and LM for every alpha x beta pair (the model runs "
+                                      "once; each pair re-decodes its output) and print the pair with the lowest WER.")
+    t.add_argument("model_dir")
+    t.add_argument("manifest", metavar="DEV.jsonl")
+    t.add_argument("--lm", required=True, help="n-gram LM (.arpa; kenlm binary with kenlm installed)")
+    t.add_argument("--alphas", type=floats, default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5], help="LM weights to try (comma-separated)")
+    t.add_argument("--betas", type=floats, default=[0.0, 0.5, 1.0, 2.0, 3.0], help="word bonuses to try (comma-separated)")
+    t.add_argument("--beam-width", type=int, default=32)
+    t.add_argument("--json", help="write every pair's WER and CER here")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--lang", help="language of a model trained with mode=adapter (default: the one trained last)")
+    t.set_defaults(func=cmd_lm_tune)
+    add_common(t)
+
+
+def add_zeroshot(sub) -> None:
+    s = sub.add_parser("zeroshot", help="score Whisper's own decoder, unadapted, on a manifest (a baseline)",
+                       description="Transcribe a manifest with an unadapted Whisper model (greedy, language and "
+                                   "transcribe tokens forced) and score it with speechtl's normaliser and metrics: "
+                                   "what a user gets without adapting. Writes hyps.jsonl, errs.txt, summary.json.")
+    s.add_argument("model", help="a transformers Whisper directory, a fetched name (whisper-base) or a hub id")
+    s.add_argument("manifest")
+    s.add_argument("--language", help="Whisper language code (cs, it, ...); default: detected")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--json", help="write the summary JSON here")
+    s.add_argument("--out-dir", help="folder for hyps.jsonl/errs.txt/summary.json")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_zeroshot)

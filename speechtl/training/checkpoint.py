@@ -1,0 +1,137 @@
+"""``out/checkpoints/last.pt``: a run's complete state, saved and restored over each part's
+``state_dict()`` (model, optimiser, scheduler, grad scaler, distiller, sampler, loader
+generator) with the random streams of every rank, so that a resumed run continues exactly.
+
+The format (unchanged since the first release of resume): a ``torch.save`` dict of tensors and
+plain data, loaded with ``weights_only=True``, with the keys ``model``, ``optimizer``,
+``scheduler``, ``scaler``, ``state`` (:class:`~speechtl.training.run.TrainState` and the
+sampler's position), ``rng`` (and ``rng_ranks``), ``loader_rng``, ``vocab``, ``units``,
+``tokenizer`` (subword units), ``distill`` (with a teacher) and ``config``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core import distributed as dist_util
+from ..core.distributed import DistContext
+from ..core.io import atomic_path
+from ..data.units import SubwordVocabulary, units_of
+from ..models.ctc import CTCModel
+from .config import TrainConfig
+from .run import Run, TrainState
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_path(out: Path) -> Path:
+    return out / "checkpoints" / "last.pt"
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, loaded with ``weights_only=True``: tensors and plain data only.
+    A file that needs anything more (pickled code) is refused, never executed."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refused to load: the checkpoint holds objects other than tensors and plain data"
+                         f" (torch.load weights_only=True: {first}). speechtl never unpickles code; delete the file"
+                         " or start without resume=true") from None
+
+
+def read_checkpoint(path: Path, cfg: TrainConfig, ctx: DistContext) -> dict | None:
+    """The checkpoint to resume from (``cfg.resume``), or None to start afresh."""
+    if not (cfg.resume and path.is_file()):
+        if cfg.resume:
+            logger.warning("resume: no checkpoint at %s, starting fresh", path)
+        return None
+    ck = load_checkpoint(path)
+    written_by = ck["state"].get("world_size", 1)
+    if written_by != ctx.world_size:
+        raise ValueError(f"{path}: written by a {written_by}-process run; resume it with the same number of "
+                         f"processes (this run has {ctx.world_size}), or start afresh without resume=true")
+    return ck
+
+
+def save(run: Run) -> None:
+    """Write ``run``'s state to its checkpoint (rank 0; every rank sends its random streams)."""
+    rngs = dist_util.gather_objects(rng_state(), run.ctx)  # every rank's random streams, for an exact resume
+    if not run.ctx.is_main:
+        return
+    vocab = run.data.vocab
+    ck = {"model": trainable_state(run.model), "optimizer": run.optimizer.state_dict(),
+          "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+          "state": {**asdict(run.state), **run.sampler.state_dict()}, "rng": rngs[0],
+          "loader_rng": run.loader_gen.get_state(), "vocab": vocab.tokens, "units": units_of(vocab), "config": asdict(run.cfg)}
+    if isinstance(vocab, SubwordVocabulary):
+        ck["tokenizer"] = vocab.to_str()
+    if run.distiller is not None:
+        ck["distill"] = run.distiller.state_dict()
+    if run.ctx.enabled:
+        ck["rng_ranks"] = rngs
+    with atomic_path(run.checkpoint) as tmp:
+        torch.save(ck, tmp)
+
+
+def restore(ck: dict, run: Run) -> None:
+    """Load a checkpoint into ``run``'s parts, built as the checkpointed run built them."""
+    missing, unexpected = run.model.load_state_dict(ck["model"], strict=False)
+    if unexpected or any(not k.startswith("encoder.") for k in missing):
+        raise RuntimeError(f"{run.checkpoint}: checkpoint does not match the model ({unexpected or missing})")
+    if (run.distiller is None) != ("distill" not in ck):
+        raise ValueError(f"{run.checkpoint}: written {'with' if 'distill' in ck else 'without'} a teacher; resume with "
+                         "the same teacher setting, or start afresh")
+    if run.distiller is not None:
+        run.distiller.load_state_dict(ck["distill"])
+    run.optimizer.load_state_dict(ck["optimizer"])
+    run.scheduler.load_state_dict(ck["scheduler"])
+    run.scaler.load_state_dict(ck["scaler"])
+    run.state = TrainState.from_dict(ck["state"])
+    run.sampler.load_state_dict(ck["state"])
+    run.horizon.total = run.state.schedule_total or run.cfg.max_steps
+    set_rng_state(ck["rng_ranks"][run.ctx.rank] if "rng_ranks" in ck else ck["rng"])
+    run.loader_gen.set_state(ck["loader_rng"])
+    logger.info("resumed from %s at step %d", run.checkpoint, run.state.step)
+
+
+def trainable_state(model: CTCModel) -> dict:
+    """The weights a checkpoint holds: all but an encoder that never changes."""
+    # a frozen encoder (and an adapter model's base) never changes and is reloaded from its source on resume
+    if model.policy.adapters:
+        adapters = {f"encoder.model.{k}" for k in model.encoder.adapter_keys}
+        return {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.") or k in adapters}
+    return {k: v for k, v in model.state_dict().items() if model.policy.encoder_grad or not k.startswith("encoder.")}
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    random.setstate(_tuplify(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x

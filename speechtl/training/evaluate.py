@@ -1,0 +1,101 @@
+"""Evaluation during training: dev scoring (gathered across ranks), keeping the best model,
+snapshots for ``average_last``, and their average."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+from safetensors.torch import load_file, save_file
+
+from ..core import distributed as dist_util
+from ..core.io import atomic_path
+from ..decoding.metrics import ScoreReport, write_results
+from ..inference.recognizer import decode_hyps, score_hyps
+from ..models.average import average_state_dicts
+from ..models.model_dir import save_model_dir
+from .build import DEV_WINDOW_S
+from .checkpoint import trainable_state
+from .run import Run
+
+logger = logging.getLogger(__name__)
+
+
+def score_dev(run: Run) -> ScoreReport:
+    """The dev set's score: each rank decodes its share, and the hypotheses are scored once."""
+    data = run.data
+    hyps = decode_hyps(run.model, data.vocab, data.normalizer, run.dev_mine, run.device,
+                       max_batch_seconds=max(run.cfg.max_batch_seconds, 60.0), features=run.dev_features,
+                       chunk_length_s=DEV_WINDOW_S)
+    if run.ctx.enabled:
+        hyps = {k: v for part in dist_util.gather_objects(hyps, run.ctx) for k, v in part.items()}
+    return score_hyps(data.dev, hyps, data.normalizer)
+
+
+def save_model(run: Run) -> None:
+    """``out/model``: the model as it is now, with the run's step and configuration."""
+    if run.ctx.is_main:
+        save_model_dir(run.model, run.data.vocab, run.data.normalizer, run.out / "model",
+                       extra={"step": run.state.step, "train_config": asdict(run.cfg)})
+
+
+def evaluate_and_keep(run: Run) -> dict:
+    """Score dev (when there is one) and keep the model if it is the best so far; the metrics row."""
+    st = run.state
+    if run.cfg.average_last:
+        snapshot(run)
+    if not run.data.dev:
+        save_model(run)
+        return {}
+    report = score_dev(run)
+    metric = report.cer if run.cfg.best_metric == "cer" else report.wer
+    run.shown.update(dev_wer=f"{report.wer:.3f}", dev_cer=f"{report.cer:.3f}")
+    logger.info("step %d: dev WER %.4f CER %.4f (loss %.4f)", st.step, report.wer, report.cer, st.loss or 0.0)
+    if st.best is None or metric < st.best["metric"]:
+        st.best = {"metric": metric, "wer": report.wer, "cer": report.cer}
+        st.best_step = st.step
+        st.bad_evals = 0
+        save_model(run)
+        if run.ctx.is_main:
+            write_results(report, run.out / "dev")
+    else:
+        st.bad_evals += 1
+    return {"dev_wer": report.wer, "dev_cer": report.cer}
+
+
+def snapshot(run: Run) -> None:
+    """The trainable weights at this evaluation, for ``average_last``; the last K are kept."""
+    if not run.ctx.is_main:
+        return
+    folder = run.out / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in trainable_state(run.model).items()}
+    with atomic_path(folder / f"eval-{run.state.step:08d}.safetensors") as tmp:
+        save_file(state, str(tmp))
+    for old in sorted(folder.glob("eval-*.safetensors"))[: -run.cfg.average_last]:
+        old.unlink()
+
+
+def average_snapshots(run: Run) -> dict | None:
+    """Write the mean of the kept snapshots to ``out/model_avg`` and score it on dev (every
+    rank takes part: dev scoring is gathered across ranks)."""
+    dist_util.barrier(run.ctx)  # rank 0 wrote the snapshots
+    files = sorted((run.out / "checkpoints").glob("eval-*.safetensors"))[-run.cfg.average_last :]
+    if len(files) < 2:
+        logger.warning("average_last=%d: only %d evaluation(s) to average; no model_avg written", run.cfg.average_last,
+                       len(files))
+        return None
+    mean = average_state_dicts([load_file(str(f)) for f in files], [f.name for f in files])
+    run.model.load_state_dict(mean, strict=False)
+    data, steps = run.data, [int(f.stem.split("-")[1]) for f in files]
+    if run.ctx.is_main:
+        save_model_dir(run.model, data.vocab, data.normalizer, run.out / "model_avg",
+                       extra={"averaged_steps": steps, "train_config": asdict(run.cfg)})
+    result: dict = {"steps": steps, "model_dir": str(run.out / "model_avg")}
+    if data.dev:
+        report = score_dev(run)
+        if run.ctx.is_main:
+            write_results(report, run.out / "dev_avg")
+        result.update(dev_wer=report.wer, dev_cer=report.cer)
+        logger.info("average of steps %s: dev WER %.4f CER %.4f", steps, report.wer, report.cer)
+    return result

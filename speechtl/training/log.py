@@ -1,0 +1,52 @@
+"""``metrics.csv``: one row per logged update, kept in step with the checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from ..core.distributed import DistContext
+from ..core.io import atomic_path
+
+CSV_FIELDS = ["step", "epoch", "loss", "lr_head", "lr_encoder", "audio_hours", "elapsed_s", "dev_wer", "dev_cer", "distill_loss"]
+
+
+class MetricsLog:
+    """``out/metrics.csv``, written by rank 0. A row goes out before the checkpoint of its
+    update: a kill between the two leaves a row that resume trims and writes again."""
+
+    def __init__(self, path: Path, ctx: DistContext):
+        self.path = path
+        self.ctx = ctx
+
+    def trim(self, step: int) -> None:
+        """On resume, forget rows logged after the checkpoint (they will be redone), and a
+        last row cut short by a killed process."""
+        if not self.ctx.is_main or not self.path.exists():
+            return
+        text = self.path.read_text(encoding="utf-8")
+        if not text.endswith("\n"):  # a row cut short: drop it
+            text = text[: text.rfind("\n") + 1]
+        rows = [r for r in csv.DictReader(io.StringIO(text, newline=""))
+                if None not in r.values() and None not in r and r["step"].isdigit() and int(r["step"]) <= step]
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def append(self, st, epoch: int, optimizer, row: dict) -> None:
+        """One row: ``st``'s progress (a :class:`~speechtl.training.run.TrainState`) at ``epoch``, the
+        optimiser's learning rates, and the evaluation's ``row`` (dev WER and CER, or nothing)."""
+        if not self.ctx.is_main:
+            return
+        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        new = not self.path.exists()
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow({"step": st.step, "epoch": epoch, "loss": st.loss, "lr_head": lrs.get("head"),
+                        "lr_encoder": lrs.get("encoder", lrs.get("adapter", "")), "audio_hours": round(st.audio_seconds / 3600, 5),
+                        "elapsed_s": round(st.elapsed, 2), "dev_wer": row.get("dev_wer", ""), "dev_cer": row.get("dev_cer", ""),
+                        "distill_loss": "" if st.distill_loss is None else st.distill_loss})

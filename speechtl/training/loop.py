@@ -1,0 +1,134 @@
+"""The training loop, read top to bottom: accumulate the micro-batches' losses, step, one
+collective per update, then log, evaluate, save and stop, in that order."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core import distributed as dist_util
+from ..models.ctc import ctc_loss
+from . import checkpoint
+from .config import TrainConfig
+from .evaluate import evaluate_and_keep
+from .lr import fit_to_budget, refit_due
+from .run import Run, TrainingInterrupted, TrainState
+
+
+def micro_step(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward and backward of one micro-batch; its share of the update's loss, and of the
+    distillation loss within it (None without a teacher), as detached tensors: reading them
+    waits for the device, which the loop does once per update."""
+    cfg = run.cfg
+    b = batch.to(run.device, non_blocking=True)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+        if run.features is not None:
+            logits, frames, aux = run.step_module(b.hidden, b.frame_lengths, from_features=True)
+        else:
+            logits, frames, aux = run.step_module(b.waveforms, b.lengths, clean=b.clean)
+    loss = ctc_loss(logits, frames, b.targets, b.target_lengths)
+    if aux is not None:
+        loss = loss + cfg.distill_weight * aux
+    loss = loss / cfg.grad_accum
+    run.scaler.scale(loss).backward()
+    # float64, as Python floats summed them: the logged loss does not depend on how it is read
+    return loss.detach().double(), None if aux is None else aux.detach().double() / cfg.grad_accum
+
+
+def optimizer_step(run: Run) -> None:
+    run.scaler.unscale_(run.optimizer)
+    if run.cfg.clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in run.groups for p in g["params"]], run.cfg.clip_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def stop_reason(cfg: TrainConfig, st: TrainState, time_votes: float) -> str | None:
+    if st.step >= cfg.max_steps:
+        return "max_steps"
+    if time_votes:
+        return "max_minutes"
+    if cfg.patience and st.bad_evals >= cfg.patience:
+        return "early_stopping"
+    return None
+
+
+def train_loop(run: Run, should_stop: Callable[[int], bool] | None, complete: bool) -> tuple[str | None, float]:
+    """Train until a stop reason; returns it and the run's wall seconds (summed over resumes).
+    ``complete``: the checkpoint's run had ended (killed before its summary was written), so
+    nothing is trained and its reason is returned."""
+    cfg, st, ctx, sampler = run.cfg, run.state, run.ctx, run.sampler
+    start = time.monotonic() - st.elapsed
+    budget = None if cfg.max_minutes is None else cfg.max_minutes * 60
+    bar = tqdm(total=cfg.max_steps, initial=st.step, desc=f"train[{cfg.mode}]", unit="step", disable=not run.progress)
+    run.model.train()
+    run.optimizer.zero_grad(set_to_none=True)
+    reason = st.finished if complete else None
+    save_every = cfg.save_every or cfg.eval_every
+    micro, loss_acc, aux_acc, audio_acc, utts_acc = 0, 0.0, 0.0, 0.0, 0  # since the last update
+    while reason is None:
+        for batch in run.loader:  # the sampler starts the epoch after the batches it has handed out
+            sampler.advance()
+            run.model.encoder_trainable = cfg.policy.encoder_grad and st.step >= cfg.freeze_encoder_steps
+            # gradients are averaged across ranks on the last micro-batch of an update only
+            sync = micro + 1 >= cfg.grad_accum or not ctx.enabled
+            with contextlib.nullcontext() if sync else run.step_module.no_sync():
+                loss, aux = micro_step(run, batch)
+            loss_acc = loss_acc + loss
+            aux_acc = aux_acc if aux is None else aux_acc + aux
+            audio_acc += float(sum(batch.durations))
+            utts_acc += len(batch.durations)
+            micro += 1
+            if micro < cfg.grad_accum:
+                continue
+            optimizer_step(run)
+            st.step += 1
+            st.elapsed = time.monotonic() - start
+            if budget is not None and refit_due(st.step, run.horizon):
+                total = fit_to_budget(run.horizon, st.step, st.elapsed, budget, cfg.max_steps, ctx, run.device)
+                st.schedule_total = total if total is not None else st.schedule_total
+            # one collective per update: mean loss, audio seen, and the stop votes, so every rank
+            # stops at the same update (a rank that stopped alone would hang the others)
+            time_up = budget is not None and st.elapsed >= budget
+            asked = should_stop is not None and should_stop(st.step)
+            loss_sum, aux_sum, audio, utts, time_votes, stop_votes = dist_util.sum_across(
+                [float(loss_acc), float(aux_acc), audio_acc, utts_acc, time_up, asked], ctx, run.device)
+            st.loss, st.audio_seconds, st.utterances = loss_sum / ctx.world_size, st.audio_seconds + audio, st.utterances + int(utts)
+            if run.distiller is not None:
+                st.distill_loss = aux_sum / ctx.world_size
+            micro, loss_acc, aux_acc, audio_acc, utts_acc = 0, 0.0, 0.0, 0.0, 0
+            bar.update(1)
+            run.shown["loss"] = f"{st.loss:.3f}"
+            if st.distill_loss is not None:
+                run.shown["distill"] = f"{st.distill_loss:.3f}"
+            bar.set_postfix(run.shown)
+            # the metrics row goes out before the checkpoint: a kill between the two leaves a row
+            # that resume trims and writes again, never a checkpoint whose row is lost
+            evaluated = st.step % cfg.eval_every == 0 or st.step >= cfg.max_steps
+            row = evaluate_and_keep(run) if evaluated else {} if st.step % cfg.log_every == 0 else None
+            if row is not None:
+                run.metrics.append(st, sampler.epoch, run.optimizer, row)
+            if evaluated or st.step % save_every == 0:
+                checkpoint.save(run)
+            reason = stop_reason(cfg, st, time_votes)
+            if reason is None and stop_votes:
+                checkpoint.save(run)
+                bar.close()
+                raise TrainingInterrupted(f"stopped at step {st.step}")
+            if reason:
+                break
+        else:
+            sampler.next_epoch()
+    if not complete:
+        if st.step % cfg.eval_every != 0 and st.step < cfg.max_steps:
+            run.metrics.append(st, sampler.epoch, run.optimizer, evaluate_and_keep(run))  # every rank: it gathers dev results
+        st.finished = reason  # resume=true on this checkpoint is then a no-op
+        checkpoint.save(run)
+    bar.close()
+    return reason, time.monotonic() - start
