@@ -24,7 +24,7 @@ import soundfile as sf
 
 from conftest import make_corrupt, make_wav, write_text
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 # two updates of a tiny encoder; masks off (the tiny encoder is narrower than a 64-channel mask)
 TINY = ["max_steps=2", "eval_every=2", "num_workers=0", "max_batch_seconds=20", "mask_time_prob=0.0",
