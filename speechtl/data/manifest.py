@@ -57,12 +57,14 @@ class Utterance:
         return d
 
 
-def read_manifest(path: str | os.PathLike, check_files: bool = True) -> list[Utterance]:
+def read_manifest(path: str | os.PathLike, check_files: bool = True, unlabelled: bool = False) -> list[Utterance]:
     """Read and validate a manifest. Audio paths come back absolute.
 
     Raises :class:`ManifestError` naming the line for a line that is not JSON, a
     missing or mistyped field, a duplicate id, or (with ``check_files``) a missing
-    audio file.
+    audio file. ``unlabelled``: a manifest of audio without transcripts, where a
+    ``text`` field is an error (so that labelled data is not mistaken for unlabelled);
+    texts come back empty.
     """
     path = Path(path)
     if not path.is_file():
@@ -81,6 +83,11 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> list[Utt
                 raise ManifestError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise ManifestError(f"{where}: expected a JSON object")
+            if unlabelled:
+                if "text" in obj:
+                    raise ManifestError(f"{where}: an unlabelled manifest has no 'text' field (this line has one: "
+                                        "labelled clips belong in the training manifest)")
+                obj["text"] = ""
             missing = [k for k in REQUIRED_FIELDS if k not in obj]
             if missing:
                 raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")

@@ -130,9 +130,13 @@ class Recognizer:
     def load(cls, model_dir: str | os.PathLike, device: str | None = None, lang: str | None = None) -> "Recognizer":
         """Load a model directory (or a training run's folder); ``lang`` picks the language of
         an adapter model (default: the one trained last)."""
-        from ..models.model_dir import resolve_model_dir
+        from ..models.model_dir import read_meta, resolve_model_dir
 
         model_dir = resolve_model_dir(model_dir)
+        if read_meta(model_dir).get("mode") == "seq2seq":  # Whisper's own decoder: its recogniser
+            from .seq2seq import Seq2SeqRecognizer
+
+            return Seq2SeqRecognizer.load(model_dir, device=device, lang=lang)
         model, vocab, normalizer, meta = load_model_dir(model_dir, lang=lang, inference=True)
         return cls(model, vocab, normalizer, meta, device, model_dir)
 

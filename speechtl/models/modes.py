@@ -25,6 +25,7 @@ class ModePolicy:
     heads: tuple[str, ...]  # head kinds the mode takes
     freezes_layers: bool  # freeze_layers applies
     trains: str  # what it trains in the encoder, for messages
+    seq2seq: bool = False  # Whisper's own encoder-decoder, no CTC head (speechtl.training.seq2seq)
 
     @property
     def cacheable(self) -> bool:
@@ -58,6 +59,9 @@ MODES: dict[str, ModePolicy] = {
                    freeze_cnn=False, heads=("linear",), freezes_layers=False, trains="everything"),
         ModePolicy("adapter", encoder_grad=True, encoder_trains=False, adapters=True, layer_sum=False, random_init=False,
                    freeze_cnn=True, heads=("linear",), freezes_layers=False, trains="only adapters"),
+        ModePolicy("seq2seq", encoder_grad=False, encoder_trains=False, adapters=False, layer_sum=False,
+                   random_init=False, freeze_cnn=True, heads=("linear",), freezes_layers=False,
+                   trains="Whisper's decoder (seq2seq_train)", seq2seq=True),
     )
 }
 

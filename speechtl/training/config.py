@@ -15,6 +15,7 @@ from ..core.precision import AMP_CHOICES
 from ..data.units import parse_units
 from ..models.modes import MODES, ModePolicy
 
+SEQ2SEQ_PARTS = ("decoder", "full", "lora")
 HEADS = ("linear", "bilstm")
 SCHEDULES = ("tristage", "linear", "constant")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
@@ -53,7 +54,22 @@ def _f(default: Any, help: str):
 class TrainConfig:
     encoder: str = _f("default", "encoder: local HF directory, hub id, or 'default' (the bundled encoder)")
     mode: str = _f("frozen", "frozen | finetune | scratch | adapter (encoder fixed, small adapters and the head train; "
-                              "one set per language)")
+                              "one set per language) | seq2seq (Whisper's own encoder-decoder fine-tuned: see "
+                              "seq2seq_train; encoder must be a Whisper model with its decoder, e.g. whisper-base)")
+    seq2seq_train: str = _f("decoder", "mode=seq2seq: what trains: decoder (encoder fixed, run once per clip; the decoder "
+                                       "at encoder_lr) | lora (LoRA on both halves at lr; lora_rank, lora_alpha) | full "
+                                       "(all but the convolutions, at encoder_lr)")
+    unlabelled: str | None = _f(None, "mode=seq2seq: a manifest of audio without transcripts (no 'text' field; clips "
+                                      "of at most 30 s), used for self-training: after training on the labelled set, "
+                                      "the best model transcribes it, the transcripts its confidence trusts "
+                                      "(pseudo_min_confidence) join the labelled ones, and training goes on "
+                                      "(self_train_rounds times)")
+    self_train_rounds: int = _f(1, "mode=seq2seq with unlabelled: rounds of pseudo-labelling and further training, each "
+                                    "of max_steps updates")
+    pseudo_min_confidence: float = _f(0.5, "mode=seq2seq with unlabelled: the least confidence (geometric mean of the "
+                                            "token probabilities) of a pseudo-label that is kept")
+    dev_fraction: float = _f(0.1, "mode=seq2seq without dev: this fraction of the labelled clips (4 to 100) is held out "
+                                  "as the dev set for best-update selection and early stopping")
     train: str = _f("", "training manifest (JSONL)")
     dev: str | None = _f(None, "dev manifest for WER/CER, best-checkpoint selection and early stopping")
     out: str = _f("exp/run", "output directory (checkpoints, metrics.csv, model/)")
@@ -82,7 +98,8 @@ class TrainConfig:
                                    "peft; any encoder) | mms (a bottleneck adapter in every layer, transformers' "
                                    "wav2vec2 adapter_attn_dim; wav2vec2 encoders); unset: the init_from model's kind, "
                                    "else lora")
-    lang: str | None = _f(None, "mode=adapter: the language this run trains, saved as adapter.<lang>.safetensors beside the "
+    lang: str | None = _f(None, "mode=seq2seq: the language Whisper writes (cs, ro, ...; unset: the training "
+                                "manifest's). mode=adapter: the language this run trains, saved as adapter.<lang>.safetensors beside the "
                                 "base encoder; with init_from=ADAPTER_MODEL it joins the languages that model has "
                                 "(unset: the lang of the training manifest, when it names one)")
     lora_rank: int | None = _f(None, "adapter=lora: rank of the LoRA update matrices (unset: 8, or the init_from model's)")
@@ -163,7 +180,8 @@ class TrainConfig:
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
         for key, choices in (("mode", MODES), ("head", HEADS), ("schedule", SCHEDULES), ("best_metric", ("cer", "wer")),
-                             ("on_bad_audio", ("error", "skip")), ("amp", AMP_CHOICES)):
+                             ("on_bad_audio", ("error", "skip")), ("amp", AMP_CHOICES),
+                             ("seq2seq_train", SEQ2SEQ_PARTS)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"config key {key!r}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:") and self.device[5:].isdigit()):
@@ -231,7 +249,36 @@ class TrainConfig:
         """What this run's mode trains (:mod:`speechtl.models.modes`)."""
         return MODES[self.mode]
 
+    def _check_seq2seq_keys(self) -> None:
+        if not self.policy.seq2seq:
+            if self.seq2seq_train != "decoder":
+                raise ValueError(f"config key 'seq2seq_train': for mode=seq2seq (this run is mode={self.mode})")
+            if self.unlabelled is not None:
+                raise ValueError(f"config key 'unlabelled': self-training is for mode=seq2seq (this run is "
+                                 f"mode={self.mode})")
+            return
+        if not 0 < self.dev_fraction < 0.5:
+            raise ValueError(f"config key 'dev_fraction': must be in (0, 0.5) (got {self.dev_fraction!r})")
+        if self.lang is not None:
+            check_lang(self.lang)
+        for key in ("adapter", "adapter_dim", "vocab", "init_from", "teacher", "feature_cache"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"config key {key!r}: not used by mode=seq2seq (Whisper's own tokenizer and decoder)")
+        if parse_units(self.units)[0] != "char":
+            raise ValueError(f"config key 'units': mode=seq2seq writes Whisper's own tokens (got units={self.units})")
+        if self.seq2seq_train != "lora" and (self.lora_rank is not None or self.lora_alpha is not None):
+            raise ValueError("config key 'lora_rank'/'lora_alpha': for seq2seq_train=lora")
+        if self.speed_perturb or self.augment:
+            raise ValueError("config keys 'speed_perturb'/'augment': not available in mode=seq2seq")
+        if not 0 <= self.pseudo_min_confidence <= 1:
+            raise ValueError(f"config key 'pseudo_min_confidence': must be in [0, 1] (got {self.pseudo_min_confidence!r})")
+        if self.self_train_rounds < 1:
+            raise ValueError(f"config key 'self_train_rounds': must be at least 1 (got {self.self_train_rounds!r})")
+
     def _check_adapter_keys(self) -> None:
+        self._check_seq2seq_keys()
+        if self.policy.seq2seq:
+            return
         adapter_keys = ("adapter", "lang", "lora_rank", "lora_alpha", "adapter_dim")
         if not self.policy.adapters:
             for key in adapter_keys:
@@ -257,7 +304,7 @@ class TrainConfig:
     def resolve_paths(self, base: Path) -> "TrainConfig":
         """Make manifest/vocab paths given in a YAML file relative to that file."""
         changes = {}
-        for k in ("train", "dev", "vocab", "init_from"):
+        for k in ("train", "dev", "vocab", "init_from", "unlabelled"):
             v = getattr(self, k)
             if v and not os.path.isabs(v) and not Path(v).exists() and (base / v).exists():
                 changes[k] = str(base / v)
@@ -349,7 +396,7 @@ def load_train_config(path: str | os.PathLike | None, overrides: list[str] | dic
     cfg = TrainConfig(**data)
     # paths in the YAML are relative to it; paths from the command line to the cwd
     yaml_only = {k for k in data if k not in over}
-    if path is not None and yaml_only & {"train", "dev", "vocab", "init_from"}:
+    if path is not None and yaml_only & {"train", "dev", "vocab", "init_from", "unlabelled"}:
         cfg = cfg.resolve_paths(base)
     if not cfg.train:
         raise ValueError("no training manifest: set train=PATH")

@@ -52,6 +52,10 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
     stop = interrupt if should_stop is None else (lambda step: should_stop(step) or interrupt(step))
     try:
         with interrupt:
+            if cfg.policy.seq2seq:
+                from .seq2seq import train_seq2seq
+
+                return train_seq2seq(cfg, progress and ctx.is_main, stop)
             return _train(cfg, ctx, device, progress and ctx.is_main, stop)
     except TrainingInterrupted:
         if interrupt.asked:  # Ctrl-C: the checkpoint is saved; end as an interrupt does

@@ -1,0 +1,195 @@
+"""The recogniser of seq2seq models (Whisper's own decoder, :mod:`speechtl.models.seq2seq`),
+with :class:`speechtl.Recognizer`'s methods."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..data.audio import SAMPLE_RATE, AudioError
+from ..data.manifest import Utterance
+from ..data.text import Normalizer
+from ..decoding.metrics import UtteranceResult, score, write_results
+from ..decoding.options import DecodeOptions
+from ..models import seq2seq as s2s
+from ..models.seq2seq import load_seq2seq
+
+logger = logging.getLogger(__name__)
+
+class Seq2SeqRecognizer:
+    """A loaded seq2seq model, with :class:`speechtl.Recognizer`'s ``transcribe``,
+    ``evaluate`` and ``transcriber``. Decoding is Whisper's: greedy, or beam search with
+    ``beam_width`` beams; n-gram LMs and hotwords belong to CTC models and are refused."""
+
+    def __init__(self, model, processor, normalizer: Normalizer, meta: dict, device: str | None = None,
+                 model_dir: str | os.PathLike | None = None):
+        from ..core.distributed import pick_device
+
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.processor = processor
+        self.normalizer = normalizer
+        self.meta = meta
+        self.model_dir = None if model_dir is None else Path(model_dir)
+        self.lang = meta.get("language")
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, device: str | None = None, lang: str | None = None) -> "Seq2SeqRecognizer":
+        model, processor, normalizer, meta = load_seq2seq(model_dir)
+        if lang is not None and lang != meta.get("language"):
+            raise ValueError(f"{model_dir}: this seq2seq model was trained for {meta.get('language')!r}, not {lang!r}")
+        return cls(model, processor, normalizer, meta, device, model_dir)
+
+    @property
+    def language(self) -> str | None:
+        return self.lang
+
+    @property
+    def languages(self) -> list[str]:
+        return []
+
+    def set_language(self, lang: str) -> "Seq2SeqRecognizer":
+        raise ValueError("a seq2seq model has one language and no per-language adapters; set_language is for models "
+                         "trained with mode=adapter")
+
+    def transcriber(self, chunk_length_s: float = 30.0, stride_length_s: float | None = None,
+                    max_batch_seconds: float | None = None, lm=None, beam_width: int | None = None, alpha: float = 0.5,
+                    beta: float = 1.0, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0,
+                    streams: int | None = None, options: DecodeOptions | None = None) -> "Seq2SeqTranscriber":
+        o = options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight)
+        if o.lm is not None or o.hotwords:
+            raise ValueError("a seq2seq model decodes with Whisper's own decoder; an n-gram LM (--lm) and hotwords are "
+                             "for CTC models")
+        if chunk_length_s > s2s.WINDOW_S:
+            raise ValueError(f"chunk_length_s: Whisper's window is {s2s.WINDOW_S:g} s (got {chunk_length_s:g})")
+        return Seq2SeqTranscriber(self, chunk_length_s, o.beam_width or 1, max_batch_seconds)
+
+    def transcribe(self, inputs, max_batch_seconds: float | None = None, progress: bool = False,
+                   chunk_length_s: float = 30.0, stride_length_s: float | None = None, lm=None,
+                   beam_width: int | None = None, alpha: float = 0.5, beta: float = 1.0,
+                   hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0, return_timestamps: bool = False,
+                   options: DecodeOptions | None = None):
+        """As :meth:`speechtl.Recognizer.transcribe`; segments carry times, words none."""
+        from .transcribe import Item, collect_inputs
+
+        one = isinstance(inputs, (str, os.PathLike, np.ndarray))
+        raw = [inputs] if one else list(inputs)
+        single = one and not (isinstance(inputs, (str, os.PathLike)) and (Path(inputs).is_dir() or str(inputs).endswith(".jsonl")))
+        items = []
+        for k, x in enumerate(raw):
+            if isinstance(x, np.ndarray):
+                items.append(Item(f"array-{k}", f"<array {k}>", np.asarray(x, dtype=np.float32).reshape(-1)))
+            else:
+                items += collect_inputs([x])
+        tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, lm, beam_width, alpha, beta, hotwords,
+                              options=options)
+        out = [None] * len(items)
+        for i, t in tr.run_indexed(items, progress=progress):
+            if t.error is not None:
+                raise AudioError(t.path, t.error)
+            out[i] = t if return_timestamps else t.text
+        return out[0] if single else out
+
+    def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,
+                 on_bad_audio: str = "error", lm=None, beam_width: int | None = None, alpha: float = 0.5,
+                 beta: float = 1.0, chunk_length_s: float = 30.0, max_batch_seconds: float | None = None,
+                 options: DecodeOptions | None = None) -> dict:
+        """Score on a manifest, as :meth:`speechtl.Recognizer.evaluate`; the summary also
+        counts hypotheses that loop (``looping``) or run far past their reference
+        (``hallucinated``)."""
+        from ..data.audio import check_readable
+        from .transcribe import Item
+
+        good, skipped = check_readable(utterances, on_bad_audio, " (--on-bad-audio skip leaves them out)")
+        tr = self.transcriber(chunk_length_s, None, max_batch_seconds, lm, beam_width, options=options)
+        items = [Item(u.id, u.audio) for u in good]
+        hyps = {}
+        for i, t in tr.run_indexed(items, progress=progress):
+            if t.error is not None:
+                raise AudioError(t.path, t.error)
+            hyps[items[i].key] = t.text
+        report = score([UtteranceResult(u.id, u.text, hyps[u.id], u.duration) for u in good], normalize=self.normalizer)
+        extra = {"decoder": "whisper greedy" if tr.num_beams == 1 else "whisper beam", "beam_width": tr.num_beams,
+                 "looping": sum(s2s.looping(r.hyp) for r in report.results),
+                 "hallucinated": sum(s2s.hallucinated(r.ref, r.hyp) for r in report.results),
+                 **({"skipped": skipped} if skipped else {})}
+        if out_dir is not None:
+            return write_results(report, Path(out_dir), extra)
+        return {**report.summary(), **extra}
+
+
+class Seq2SeqTranscriber:
+    """Files in duration-sorted batches of short clips; long recordings in 30 s windows."""
+
+    def __init__(self, rec: Seq2SeqRecognizer, chunk_length_s: float, num_beams: int, max_batch_seconds: float | None):
+        self.rec = rec
+        self.chunk_s = chunk_length_s
+        self.num_beams = num_beams
+        self.batch_size = max(1, int((max_batch_seconds or 240.0) // s2s.WINDOW_S))
+
+    def run(self, items, progress: bool = False) -> Iterator:
+        for _, t in self.run_indexed(items, progress):
+            yield t
+
+    def run_indexed(self, items, progress: bool = False) -> Iterator[tuple[int, object]]:
+        from .transcribe import Segment, Transcript
+
+        bar = tqdm(total=len(items), desc="transcribe", unit="file", disable=not progress)
+        durations: dict[int, float] = {}
+        for i, it in enumerate(items):
+            try:
+                durations[i] = it.duration()
+            except AudioError as e:
+                bar.update(1)
+                yield i, Transcript(it.path, error=e.reason, id=_id(it))
+        order = sorted(durations, key=durations.get)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            windows, owners, failed = self._windows(items, batch, durations)
+            for i, reason in failed:
+                bar.update(1)
+                yield i, Transcript(items[i].path, error=reason, id=_id(items[i]))
+            texts = self._decode([w for _, w in windows])
+            by_item: dict[int, list] = {}
+            for (i, offset), (text, conf), (_, wav) in zip(owners, texts, windows):
+                end = offset + len(wav) / SAMPLE_RATE
+                by_item.setdefault(i, []).append(Segment(round(offset, 3), round(end, 3), text, round(conf, 4)))
+            for i, segs in by_item.items():
+                segs = [s for s in segs if s.text]
+                bar.update(1)
+                yield i, Transcript(items[i].path, " ".join(s.text for s in segs), round(durations[i], 3), segs, id=_id(items[i]))
+        bar.close()
+
+    def _windows(self, items, batch, durations):
+        windows, owners, failed = [], [], []
+        for i in batch:
+            try:
+                wav = items[i].read()
+            except AudioError as e:
+                failed.append((i, e.reason))
+                continue
+            step = int(self.chunk_s * SAMPLE_RATE)
+            for a in range(0, max(1, len(wav)), step):
+                windows.append((i, wav[a:a + step]))
+                owners.append((i, a / SAMPLE_RATE))
+        return windows, owners, failed
+
+    def _decode(self, wavs: list[np.ndarray]) -> list[str]:
+        rec = self.rec
+        out = []
+        for k in range(0, len(wavs), self.batch_size):
+            part = wavs[k:k + self.batch_size]
+            hidden = s2s.encode(rec.model, rec.processor, part, rec.device)
+            out += s2s.generate(rec.model, rec.processor.tokenizer, hidden, [len(w) for w in part], rec.lang,
+                                self.num_beams, with_confidence=True)
+        return out
+
+
+def _id(item) -> str | None:
+    return item.key if item.key != item.path else None
+

@@ -1,0 +1,446 @@
+"""Training ``mode=seq2seq``: Whisper's encoder-decoder fine-tuned on the labelled set.
+
+``seq2seq_train`` chooses what learns:
+
+- ``decoder`` (default): the encoder stays fixed and runs once per clip (its outputs are
+  kept in memory as float16); the decoder, embeddings included, trains at ``encoder_lr``.
+  The cheapest of the three, and the one that keeps the encoder's knowledge of real
+  recordings while the decoder learns the language's words and spelling.
+- ``lora``: LoRA updates (peft) on every attention and feed-forward projection of both
+  halves, at ``lr``; the base stays fixed and a language costs a few MB of disk.
+- ``full``: everything but the convolutional front end trains, at ``encoder_lr``.
+
+Targets are Whisper's: start of transcript, language, transcribe, no timestamps, the
+text as the manifest writes it, end of text; the forced prefix is not scored. When no
+dev set is given, one is carved from the labelled set (``dev_fraction``) for selecting
+the best update and early stopping. Checkpoints hold the trainable weights, optimiser,
+schedule position and random state, loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..core.io import atomic_path, write_json
+from ..data.audio import SAMPLE_RATE, check_readable, load_audio
+from ..data.manifest import Utterance, read_manifest
+from ..data.text import Normalizer, NormalizerConfig
+from ..decoding.metrics import UtteranceResult, score
+from ..models import seq2seq as s2s
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoints/last.pt"
+
+
+@dataclass
+class _Set:
+    utts: list[Utterance]
+    targets: list[list[int]]
+    samples: list[int] | None = None  # clip lengths, in samples
+    hidden: list[torch.Tensor] | None = None  # fixed encoder outputs (decoder mode), float16
+
+
+def carve_dev(utts: list[Utterance], fraction: float, seed: int) -> tuple[list[Utterance], list[Utterance]]:
+    """Hold out ``fraction`` of the labelled clips (at least 4, at most 100) as a dev set,
+    drawn with ``seed``; returns (train, dev)."""
+    n = min(100, max(4, round(len(utts) * fraction)))
+    if len(utts) < 2 * n:
+        raise ValueError(f"no dev set was given and {len(utts)} labelled clip(s) are too few to hold out {n} for one; "
+                         "pass dev=DEV.jsonl")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(utts), generator=g).tolist()
+    dev_ids = set(order[:n])
+    return [u for i, u in enumerate(utts) if i not in dev_ids], [u for i, u in enumerate(utts) if i in dev_ids]
+
+
+def _read_sets(cfg: TrainConfig) -> tuple[list[Utterance], list[Utterance], bool]:
+    train = read_manifest(cfg.train)
+    train, _ = check_readable(train, cfg.on_bad_audio, " (on_bad_audio=skip leaves them out)")
+    long = [u.id for u in train if u.duration > s2s.WINDOW_S]
+    if long:
+        logger.warning("%d training clip(s) longer than Whisper's 30 s window left out (first: %s)", len(long), long[0])
+        train = [u for u in train if u.duration <= s2s.WINDOW_S]
+    if cfg.dev:
+        dev = read_manifest(cfg.dev)
+        dev, _ = check_readable(dev, cfg.on_bad_audio, " (on_bad_audio=skip leaves them out)")
+        return train, [u for u in dev if u.duration <= s2s.WINDOW_S], False
+    train, dev = carve_dev(train, cfg.dev_fraction, cfg.seed)
+    return train, dev, True
+
+
+def _targets(tokenizer, utts: list[Utterance], prefix: list[int], limit: int) -> list[list[int]]:
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    out = []
+    for u in utts:
+        ids = prefix + tokenizer.encode(" " + u.text.strip(), add_special_tokens=False) + [eot]
+        if len(ids) > limit:
+            raise ValueError(f"{u.id}: its transcript is {len(ids)} tokens, more than Whisper's {limit}")
+        out.append(ids)
+    return out
+
+
+def _set_trainable(model, part: str, cfg: TrainConfig):
+    """Freeze per ``part``; returns the model to train (a peft wrapper for lora) and the
+    parameter groups of its optimiser."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if part == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        rank = cfg.lora_rank or 8
+        lcfg = LoraConfig(r=rank, lora_alpha=cfg.lora_alpha or 2 * rank, lora_dropout=0.05,
+                          target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+        model = get_peft_model(model, lcfg)
+        return model, [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
+    halves = [model.model.decoder] + ([model.model.encoder] if part == "full" else [])
+    for half in halves:
+        for p in half.parameters():
+            p.requires_grad_(True)
+    if part == "full":
+        for conv in (model.model.encoder.conv1, model.model.encoder.conv2):
+            for p in conv.parameters():
+                p.requires_grad_(False)
+    model.model.decoder.embed_positions.weight.requires_grad_(False)
+    return model, [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.encoder_lr}]
+
+
+def _encode_all(model, processor, data: _Set, device, progress: bool, keep: bool) -> None:
+    """Clip lengths of ``data``, and with ``keep`` its fixed encoder outputs (float16)."""
+    from tqdm.auto import tqdm
+
+    data.samples, hidden = [], []
+    for k in tqdm(range(0, len(data.utts), 8), desc="encode", disable=not progress, leave=False):
+        wavs = [load_audio(u.audio) for u in data.utts[k:k + 8]]
+        data.samples += [len(w) for w in wavs]
+        if keep:
+            hidden += [h.to(torch.float16).cpu() for h in s2s.encode(model, processor, wavs, device)]
+    data.hidden = hidden if keep else None
+
+
+def _batches(utts: list[Utterance], max_seconds: float, gen: torch.Generator) -> list[list[int]]:
+    """One epoch of batches: shuffled, then cut where the padded seconds would pass ``max_seconds``."""
+    order = torch.randperm(len(utts), generator=gen).tolist()
+    batches, cur, longest = [], [], 0.0
+    for i in order:
+        d = max(longest, utts[i].duration)
+        if cur and d * (len(cur) + 1) > max_seconds:
+            batches.append(cur)
+            cur, d = [], utts[i].duration
+        cur.append(i)
+        longest = d
+    return batches + ([cur] if cur else [])
+
+
+def _loss(model, part: str, processor, data: _Set, idx: list[int], prefix_len: int, device) -> torch.Tensor:
+    from transformers.modeling_outputs import BaseModelOutput
+
+    if data.hidden is not None:
+        hidden = [data.hidden[i].to(device, torch.float32) for i in idx]
+    else:
+        hidden = s2s.encode(model, processor, [load_audio(data.utts[i].audio) for i in idx], device, grad=part != "decoder")
+    states = s2s.stack_hidden(hidden, [data.samples[i] for i in idx])
+    seqs = [data.targets[i] for i in idx]
+    t = max(len(s) for s in seqs) - 1
+    inp = torch.full((len(seqs), t), seqs[0][-1], dtype=torch.long)
+    labels = torch.full((len(seqs), t), -100, dtype=torch.long)
+    for k, s in enumerate(seqs):
+        inp[k, : len(s) - 1] = torch.tensor(s[:-1])
+        labels[k, prefix_len - 1: len(s) - 1] = torch.tensor(s[prefix_len:])  # the forced prefix is not scored
+    out = model(encoder_outputs=BaseModelOutput(last_hidden_state=states), decoder_input_ids=inp.to(device))
+    logits = out.logits.float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.to(device).reshape(-1),
+                                             ignore_index=-100)
+
+
+def _score_dev(model, processor, dev: _Set, lang, normalizer: Normalizer, device) -> dict:
+    was = model.training
+    model.eval()
+    hyps = []
+    for k in range(0, len(dev.utts), 8):
+        idx = range(k, min(k + 8, len(dev.utts)))
+        hidden = [dev.hidden[i].to(device, torch.float32) for i in idx]
+        hyps += s2s.generate(model, processor.tokenizer, hidden, [dev.samples[i] for i in idx], lang)
+    model.train(was)
+    report = score([UtteranceResult(u.id, u.text, h, u.duration) for u, h in zip(dev.utts, hyps)], normalize=normalizer)
+    return {"wer": report.wer, "cer": report.cer,
+            "looping": sum(s2s.looping(r.hyp) for r in report.results)}
+
+
+def _trainable_state(model) -> dict:
+    return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(model, state: dict) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+
+
+@dataclass
+class _Run:
+    """What one seq2seq training run holds; built once by :func:`_build`."""
+
+    cfg: TrainConfig
+    out: Path
+    model: object
+    processor: object
+    lang: str | None
+    prefix: list[int]
+    part: str
+    train: _Set
+    dev: _Set
+    unlabelled: list[Utterance]
+    normalizer: Normalizer
+    device: torch.device
+    opt: torch.optim.Optimizer
+    sched: object
+    gen: torch.Generator
+    params: list
+    carved: bool
+    source: str
+    unlabelled_hidden: dict | None = None
+
+
+def _build(cfg: TrainConfig, progress: bool) -> _Run:
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from ..core.distributed import pick_device
+    from .lr import Horizon, lr_lambda
+    from .train import write_config_yaml
+
+    source = s2s.whisper_source(cfg.encoder)  # before any work: a Whisper with a decoder
+    processor = WhisperProcessor.from_pretrained(source)
+    train_utts, dev_utts, carved = _read_sets(cfg)
+    unlabelled = _read_unlabelled(cfg) if cfg.unlabelled else []
+    lang = s2s.language_token(processor.tokenizer, cfg.lang or (train_utts[0].lang if train_utts else None))
+    prefix = s2s.prefix_ids(processor.tokenizer, lang)
+    model = WhisperForConditionalGeneration.from_pretrained(source, use_safetensors=True)
+    train = _Set(train_utts, _targets(processor.tokenizer, train_utts, prefix, model.config.max_target_positions))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_config_yaml(cfg, out / "config.yaml")
+    device = pick_device(None if cfg.device == "auto" else cfg.device)
+    model.to(device).eval()
+    torch.manual_seed(cfg.seed)
+    dev = _Set(dev_utts, [])
+    _encode_all(model, processor, dev, device, progress, keep=True)
+    _encode_all(model, processor, train, device, progress, keep=cfg.seq2seq_train == "decoder")
+    model, groups = _set_trainable(model, cfg.seq2seq_train, cfg)
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    rounds = 1 + (cfg.self_train_rounds if unlabelled else 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, Horizon(cfg.max_steps * rounds)))
+    return _Run(cfg, out, model, processor, lang, prefix, cfg.seq2seq_train, train, dev, unlabelled,
+                Normalizer(NormalizerConfig(**cfg.normalizer)), device, opt, sched,
+                torch.Generator().manual_seed(cfg.seed), [p for g in groups for p in g["params"]], carved, source)
+
+
+def _read_unlabelled(cfg: TrainConfig) -> list[Utterance]:
+    utts = read_manifest(cfg.unlabelled, unlabelled=True)
+    utts, _ = check_readable(utts, cfg.on_bad_audio, " (on_bad_audio=skip leaves them out)")
+    long = [u for u in utts if u.duration > s2s.WINDOW_S]
+    if long:
+        raise ValueError(f"config key 'unlabelled': {len(long)} clip(s) are longer than Whisper's 30 s window (first: "
+                         f"{long[0].id}, {long[0].duration:.1f} s); cut them first (speechtl transcribe handles long "
+                         "files, self-training takes clips)")
+    return utts
+
+
+def _pseudo_label(run: _Run, progress: bool) -> list[list]:
+    """[id, text, confidence] for every unlabelled clip, from the current weights. In decoder
+    mode the encoder outputs are kept (``run.unlabelled_hidden``) for training on them."""
+    from tqdm.auto import tqdm
+
+    run.model.eval()
+    out = []
+    keep = run.train.hidden is not None
+    run.unlabelled_hidden = {}
+    for k in tqdm(range(0, len(run.unlabelled), 8), desc="pseudo-label", disable=not progress, leave=False):
+        utts = run.unlabelled[k:k + 8]
+        wavs = [load_audio(u.audio) for u in utts]
+        with torch.inference_mode():
+            hidden = s2s.encode(run.model, run.processor, wavs, run.device)
+        res = s2s.generate(run.model, run.processor.tokenizer, hidden, [len(w) for w in wavs], run.lang,
+                           with_confidence=True)
+        out += [[u.id, text, round(conf, 4)] for u, (text, conf) in zip(utts, res)]
+        if keep:
+            run.unlabelled_hidden.update({u.id: h.to(torch.float16).cpu() for u, h in zip(utts, hidden)})
+    run.model.train()
+    return out
+
+
+def _add_pseudo(run: _Run, labels: list[list], progress: bool) -> int:
+    """Add the trusted pseudo-labels to the training set; returns how many."""
+    by_id = {u.id: u for u in run.unlabelled}
+    keep = [dataclasses.replace(by_id[i], text=text)
+            for i, text, conf in labels if text and conf >= run.cfg.pseudo_min_confidence and not s2s.looping(text)]
+    limit = run.model.config.max_target_positions if hasattr(run.model, "config") else 448
+    added = _Set(keep, _targets(run.processor.tokenizer, keep, run.prefix, limit))
+    if run.unlabelled_hidden:  # encoded while pseudo-labelling
+        added.samples = [int(round(u.duration * SAMPLE_RATE)) for u in keep]
+        added.hidden = [run.unlabelled_hidden[u.id] for u in keep]
+        run.unlabelled_hidden = {}
+    else:
+        _encode_all(run.model, run.processor, added, run.device, progress, keep=run.train.hidden is not None)
+    run.train.utts += added.utts
+    run.train.targets += added.targets
+    run.train.samples += added.samples
+    if run.train.hidden is not None:
+        run.train.hidden += added.hidden
+    return len(keep)
+
+
+def train_seq2seq(cfg: TrainConfig, progress: bool = True, should_stop=None) -> dict:
+    """Fine-tune Whisper per ``cfg`` (``mode=seq2seq``); returns the training summary, also
+    written to ``out/train_summary.json``. ``should_stop(step)`` is called after every update.
+    With ``unlabelled``, each self-training round pseudo-labels it with the best weights so
+    far and trains ``max_steps`` more updates on labelled and trusted pseudo-labelled clips."""
+    from .checkpoint import load_checkpoint
+
+    run = _build(cfg, progress)
+    st = {"step": 0, "best": None, "best_step": 0, "evals_since_best": 0, "wall": 0.0, "perm": [], "round": 0,
+          "pseudo": [], "pseudo_kept": 0}
+    ck_path = run.out / CHECKPOINT
+    best_state = None
+    if cfg.resume and ck_path.is_file():
+        ck = load_checkpoint(ck_path)
+        _load_trainable(run.model, ck["trainable"])
+        run.opt.load_state_dict(ck["optimizer"])
+        run.sched.load_state_dict(ck["scheduler"])
+        run.gen.set_state(ck["generator"])
+        st, best_state = ck["state"], ck.get("best_state")
+        if st["pseudo"]:
+            _add_pseudo(run, st["pseudo"], progress)
+        logger.info("resumed from %s at update %d", ck_path, st["step"])
+    else:
+        (run.out / "metrics.csv").unlink(missing_ok=True)
+    base = _score_dev(run.model, run.processor, run.dev, run.lang, run.normalizer, run.device) if not st["step"] else None
+    rounds = 1 + (cfg.self_train_rounds if run.unlabelled else 0)
+    stop_reason = None
+    while True:
+        best_state, stop_reason = _fit(run, st, best_state, cfg.max_steps * (st["round"] + 1), progress, should_stop)
+        if st["round"] + 1 >= rounds or stop_reason == "max_minutes":
+            break
+        if best_state is not None:
+            _load_trainable(run.model, best_state)
+        if st["round"] == 0:  # the model from labelled data alone, for comparison
+            _save_model(run, st, run.out / "model_labelled")
+        st["round"] += 1
+        st["pseudo"] = _pseudo_label(run, progress)
+        st["pseudo_kept"] = _add_pseudo(run, st["pseudo"], progress)
+        st["perm"], st["evals_since_best"] = [], 0
+        logger.info("self-training round %d: %d of %d pseudo-labels kept", st["round"], st["pseudo_kept"],
+                    len(st["pseudo"]))
+    if best_state is not None:
+        _load_trainable(run.model, best_state)
+    run.model.eval()
+    return _finish(run, st, base, stop_reason)
+
+
+def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_stop):
+    """Train until update ``until`` (or patience, or the time budget); returns the best
+    trainable state so far and why it stopped early (None when it ran to ``until``)."""
+    from tqdm.auto import tqdm
+
+    from .run import TrainingInterrupted
+
+    cfg = run.cfg
+    run.model.train()
+    start, wall0, losses, stop_reason = time.time(), st["wall"], [], None
+    bar = tqdm(total=until, initial=st["step"], desc=f"train (round {st['round'] + 1})", disable=not progress)
+    while st["step"] < until:
+        if not st["perm"]:
+            st["perm"] = _batches(run.train.utts, cfg.max_batch_seconds, run.gen)
+        loss = _loss(run.model, run.part, run.processor, run.train, st["perm"].pop(0), len(run.prefix), run.device)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"update {st['step'] + 1}: the loss is {loss.item()}; lower encoder_lr/lr")
+        loss.backward()
+        if cfg.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(run.params, cfg.clip_norm)
+        run.opt.step()
+        run.sched.step()
+        run.opt.zero_grad(set_to_none=True)
+        st["step"] += 1
+        losses.append(loss.detach())
+        bar.update(1)
+        st["wall"] = wall0 + time.time() - start
+        row = None
+        if st["step"] % cfg.log_every == 0 or st["step"] == until:
+            row = {"step": st["step"], "loss": round(float(torch.stack(losses).mean()), 5),
+                   "lr": f"{run.sched.get_last_lr()[0]:.3e}", "wall_s": round(st["wall"], 1)}
+            losses = []
+        out_of_time = cfg.max_minutes is not None and st["wall"] > cfg.max_minutes * 60
+        if st["step"] % cfg.eval_every == 0 or st["step"] == until or out_of_time:
+            r = _score_dev(run.model, run.processor, run.dev, run.lang, run.normalizer, run.device)
+            row = (row or {"step": st["step"]}) | {"dev_wer": round(r["wer"], 5), "dev_cer": round(r["cer"], 5)}
+            if st["best"] is None or r[cfg.best_metric] < st["best"][cfg.best_metric]:
+                st["best"], st["best_step"], st["evals_since_best"] = r, st["step"], 0
+                best_state = _trainable_state(run.model)
+            else:
+                st["evals_since_best"] += 1
+            if cfg.patience and st["evals_since_best"] >= cfg.patience:
+                stop_reason = "patience"
+        if row is not None:
+            _append_metrics(run.out / "metrics.csv", row)
+        asked = should_stop is not None and should_stop(st["step"])
+        if st["step"] % (cfg.save_every or cfg.eval_every) == 0 or asked or stop_reason or out_of_time:
+            _save_checkpoint(run.out / CHECKPOINT, run.model, run.opt, run.sched, run.gen, st, best_state)
+        if asked:
+            raise TrainingInterrupted(f"stopped after update {st['step']}")
+        if out_of_time:
+            stop_reason = "max_minutes"
+        if stop_reason:
+            st["step"] = until if stop_reason == "patience" else st["step"]  # the next round starts on schedule
+            break
+    bar.close()
+    return best_state, stop_reason
+
+
+def _save_model(run: _Run, st: dict, path: Path) -> Path:
+    from ..models.seq2seq import save_seq2seq
+
+    meta = {"language": run.lang, "seq2seq_train": run.part, "base_source": run.source, "best_step": st["best_step"],
+            "self_train_rounds": st["round"], "encoder": {"source": run.cfg.encoder}}
+    return save_seq2seq(run.model, run.processor, run.normalizer, path, meta)
+
+
+def _finish(run: _Run, st: dict, base: dict | None, stop_reason: str | None) -> dict:
+    model_dir = _save_model(run, st, run.out / "model")
+    best = st["best"] or {}
+    summary = {"mode": "seq2seq", "seq2seq_train": run.part, "steps": st["step"], "wall_time_s": round(st["wall"], 1),
+               "seconds_per_update": round(st["wall"] / max(st["step"], 1), 3), "model_dir": str(model_dir),
+               "best_dev_wer": best.get("wer"), "best_dev_cer": best.get("cer"), "best_step": st["best_step"],
+               "dev_before": base, "dev_utterances": len(run.dev.utts),
+               "dev_carved_from_train": len(run.dev.utts) if run.carved else 0,
+               "train_utterances": len(run.train.utts) - st["pseudo_kept"], "self_train_rounds": st["round"],
+               "pseudo_labelled": len(st["pseudo"]), "pseudo_kept": st["pseudo_kept"], "stop_reason": stop_reason,
+               "trainable_parameters": sum(p.numel() for p in run.params)}
+    write_json(run.out / "train_summary.json", summary)
+    return summary
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    cols = ["step", "loss", "lr", "wall_s", "dev_wer", "dev_cer"]
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        if new:
+            w.writeheader()
+        w.writerow({k: row.get(k, "") for k in cols})
+
+
+def _save_checkpoint(path: Path, model, opt, sched, gen, st: dict, best_state) -> None:
+    ck = {"trainable": _trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+          "generator": gen.get_state(), "state": st, "best_state": best_state}
+    with atomic_path(path) as tmp:
+        torch.save(ck, tmp)
+

@@ -1,0 +1,202 @@
+"""mode=seq2seq on a tiny random Whisper encoder-decoder: training (each part), the model
+folder, evaluate and transcribe through speechtl.load and the CLI, resume, and the
+errors a bad configuration gets before any work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import make_wav  # noqa: E402
+from speechtl.data.manifest import Utterance, write_manifest  # noqa: E402
+from speechtl.training.config import load_train_config  # noqa: E402
+
+TEXTS = ["ahoj", "dobry den", "ano", "ne", "mozna zitra", "dekuji", "prosim", "nashledanou"]
+
+
+def make_tiny_whisper(out: Path) -> Path:
+    """A random-init Whisper encoder-decoder with a byte-level tokenizer that has Whisper's
+    special tokens and three language tokens (en, ro, cs)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizerFast
+
+    from speechtl.encoders.whisper import tiny_whisper_config
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    eot = "<|endoftext|>"
+    fast = WhisperTokenizerFast(tokenizer_object=tok, unk_token=eot, bos_token=eot, eos_token=eot, pad_token=eot)
+    fast.add_special_tokens({"additional_special_tokens": [
+        "<|startoftranscript|>", "<|en|>", "<|ro|>", "<|cs|>", "<|translate|>", "<|transcribe|>", "<|startoflm|>",
+        "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]})
+    ids = fast.convert_tokens_to_ids
+    torch.manual_seed(0)
+    cfg = tiny_whisper_config(vocab_size=len(fast), pad_token_id=ids(eot), bos_token_id=ids(eot), eos_token_id=ids(eot),
+                              decoder_start_token_id=ids("<|startoftranscript|>"), max_target_positions=64,
+                              init_std=0.3,  # embeddings large enough that a frozen output layer can fit
+                              begin_suppress_tokens=None)  # Whisper suppresses its id 220 (a lone space) first; ours is a byte
+    WhisperForConditionalGeneration(cfg).save_pretrained(out)
+    WhisperProcessor(WhisperFeatureExtractor(feature_size=80), fast).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper(tmp_path_factory) -> Path:
+    return make_tiny_whisper(tmp_path_factory.mktemp("whisper") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("corpus")
+    utts = []
+    for i in range(24):
+        text = TEXTS[i % len(TEXTS)]
+        wav = make_wav(root / f"{i}.wav", 0.6 + 0.1 * (i % 5), freq=200 + 40 * (i % len(TEXTS)), seed=i)
+        utts.append(Utterance(f"u{i}", str(wav), text, 0.6 + 0.1 * (i % 5), lang="cs"))
+    return {"train": write_manifest(root / "train.jsonl", utts[:16]), "test": write_manifest(root / "test.jsonl", utts[16:]),
+            "root": root}
+
+
+def _cfg(tiny, corpus, out, **kw):
+    base = {"mode": "seq2seq", "encoder": str(tiny), "train": str(corpus["train"]), "out": str(out), "max_steps": 40,
+            "eval_every": 20, "encoder_lr": 3e-3, "lr": 3e-3, "warmup": 0.1, "max_batch_seconds": 8.0, "log_every": 5}
+    return load_train_config(None, {**base, **kw})
+
+
+@pytest.mark.parametrize("part", ["decoder", "lora", "full"])
+def test_train_each_part_lowers_loss_and_reloads(tiny_whisper, corpus, tmp_path, part):
+    from speechtl import load
+    from speechtl.training.train import train
+
+    lr = {"lr": 3e-2} if part == "lora" else {}  # LoRA starts from a zero update
+    summary = train(_cfg(tiny_whisper, corpus, tmp_path / part, seq2seq_train=part, max_steps=30, eval_every=30, **lr),
+                    progress=False)
+    assert summary["steps"] == 30 and summary["seq2seq_train"] == part
+    assert summary["dev_carved_from_train"] == 4  # no dev given: 4 of the 16 clips held out
+    rows = [r for r in (tmp_path / part / "metrics.csv").read_text().splitlines()[1:] if r.split(",")[1]]
+    losses = [float(r.split(",")[1]) for r in rows]
+    assert losses[-1] < 0.7 * losses[0], losses
+    rec = load(summary["model_dir"])
+    assert rec.language == "cs"
+    if part == "lora":
+        assert (Path(summary["model_dir"]) / "lora" / "adapter_config.json").is_file()
+    from speechtl.data.manifest import read_manifest
+
+    res = rec.evaluate(read_manifest(corpus["test"]))
+    assert set(res) >= {"wer", "cer", "utterances", "audio_seconds", "looping", "hallucinated"}
+    assert res["utterances"] == 8
+
+
+def test_decoder_training_learns_the_texts(tiny_whisper, corpus, tmp_path):
+    """Each tone stands for one text; after training the model writes them (CER well below
+    the untrained model's)."""
+    from speechtl import load
+    from speechtl.data.manifest import read_manifest
+    from speechtl.training.train import train
+
+    cfg = _cfg(tiny_whisper, corpus, tmp_path / "r", max_steps=150, eval_every=50, dev=str(corpus["test"]))
+    summary = train(cfg, progress=False)
+    assert summary["dev_before"]["cer"] > 0.8
+    res = load(summary["model_dir"]).evaluate(read_manifest(corpus["train"]))
+    assert res["cer"] < 0.5 * summary["dev_before"]["cer"], res
+
+
+def test_transcribe_cli_json_and_long_audio(tiny_whisper, corpus, tmp_path):
+    from speechtl.training.train import train
+
+    summary = train(_cfg(tiny_whisper, corpus, tmp_path / "run", max_steps=5, eval_every=5), progress=False)
+    long = make_wav(tmp_path / "long.wav", 65.0)
+    out = subprocess.run([sys.executable, "-m", "speechtl", "transcribe", summary["model_dir"], str(long),
+                          str(corpus["root"] / "0.wav"), "--format", "json", "-q"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in out.stdout.splitlines()]
+    by_path = {Path(r["path"]).name: r for r in results}
+    segs = by_path["long.wav"]["segments"]
+    assert [s["start"] for s in segs] == [0.0, 30.0, 60.0][: len(segs)] and segs[-1]["end"] <= 65.0
+    assert by_path["0.wav"]["duration"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="n-gram LM"):
+        from speechtl import load
+
+        load(summary["model_dir"]).transcribe(str(long), lm="x.arpa")
+
+
+def test_resume_continues_from_the_checkpoint(tiny_whisper, corpus, tmp_path):
+    from speechtl.training.train import TrainingInterrupted, train
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tiny_whisper, corpus, out, max_steps=20, eval_every=10), progress=False,
+              should_stop=lambda step: step == 10)
+    summary = train(_cfg(tiny_whisper, corpus, out, max_steps=20, eval_every=10, resume=True), progress=False)
+    assert summary["steps"] == 20
+    steps = [int(r.split(",")[0]) for r in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps)) and steps[-1] == 20
+
+
+def test_bad_configurations_fail_before_any_work(tiny_whisper, corpus, tmp_path):
+    from speechtl.training.train import train
+
+    enc = tmp_path / "enc_only"
+    with pytest.raises(ValueError, match="not used by mode=seq2seq"):
+        _cfg(tiny_whisper, corpus, tmp_path / "a", vocab="v.json")
+    with pytest.raises(ValueError, match="seq2seq_train"):
+        load_train_config(None, {"train": str(corpus["train"]), "seq2seq_train": "lora"})
+    with pytest.raises(ValueError, match="seq2seq_train"):
+        _cfg(tiny_whisper, corpus, tmp_path / "a", seq2seq_train="everything")
+    # a wav2vec2-family encoder (the bundled first-generation layout) and an encoder without its decoder
+    (enc).mkdir()
+    (enc / "config.json").write_text(json.dumps({"model_type": "wav2vec2"}))
+    with pytest.raises(ValueError, match="Whisper encoder-decoder"):
+        train(_cfg(enc, corpus, tmp_path / "b"), progress=False)
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="without its decoder"):
+        train(_cfg("default", corpus, tmp_path / "c"), progress=False)
+    with pytest.raises(ValueError, match="Whisper has no language"):
+        train(_cfg(tiny_whisper, corpus, tmp_path / "d", lang="xx"), progress=False)
+    assert not (tmp_path / "d").exists()
+
+
+def _unlabelled(path: Path, utts_manifest: Path) -> Path:
+    rows = [json.loads(line) for line in utts_manifest.read_text().splitlines()]
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "text"}) + "\n" for r in rows))
+    return path
+
+
+def test_self_training_labels_the_unlabelled_audio_and_trains_on(tiny_whisper, corpus, tmp_path):
+    from speechtl.training.train import train
+
+    unl = _unlabelled(tmp_path / "unl.jsonl", corpus["test"])
+    summary = train(_cfg(tiny_whisper, corpus, tmp_path / "run", max_steps=10, eval_every=10, unlabelled=str(unl),
+                         pseudo_min_confidence=0.0), progress=False)
+    assert summary["self_train_rounds"] == 1 and summary["steps"] == 20
+    assert summary["pseudo_labelled"] == 8
+    # empty or looping transcripts are never kept, whatever the confidence
+    assert 0 <= summary["pseudo_kept"] <= 8
+    assert (tmp_path / "run" / "model_labelled" / "speechtl.json").is_file()
+    strict = train(_cfg(tiny_whisper, corpus, tmp_path / "strict", max_steps=5, eval_every=5, unlabelled=str(unl),
+                        pseudo_min_confidence=1.0), progress=False)
+    assert strict["pseudo_kept"] == 0  # no random model is sure of anything
+
+
+def test_bad_unlabelled_manifests_fail_before_any_work(tiny_whisper, corpus, tmp_path):
+    from speechtl.data.manifest import ManifestError
+    from speechtl.training.train import train
+
+    with pytest.raises(ManifestError, match="unlabelled manifest has no 'text'"):
+        train(_cfg(tiny_whisper, corpus, tmp_path / "a", unlabelled=str(corpus["train"])), progress=False)
+    assert not (tmp_path / "a").exists()
+    long = make_wav(tmp_path / "long.wav", 31.0)
+    (tmp_path / "long.jsonl").write_text(json.dumps({"id": "l", "audio": str(long), "duration": 31.0}) + "\n")
+    with pytest.raises(ValueError, match="longer than Whisper's 30 s"):
+        train(_cfg(tiny_whisper, corpus, tmp_path / "b", unlabelled=str(tmp_path / "long.jsonl")), progress=False)
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="config key 'unlabelled'"):
+        load_train_config(None, {"train": str(corpus["train"]), "unlabelled": str(tmp_path / "long.jsonl")})
