@@ -7,12 +7,16 @@ with one intra-op thread each and yields the results in the items' order.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
 import torch
+
+START_TIMEOUT_S = 5.0  # the first tasks wait this long at most for each other
 
 
 def in_order(fn: Callable, items: Iterable, streams: int) -> Iterator:
@@ -21,9 +25,12 @@ def in_order(fn: Callable, items: Iterable, streams: int) -> Iterator:
     Each thread draws its next item from ``items`` itself (one thread at a time, in order),
     so that producing an item (reading and padding audio) happens on the threads that
     compute rather than on another thread competing with them for the cores; a thread
-    that finishes takes the next item at once. ``streams`` items run and as many wait. The
-    caller's torch thread count is restored afterwards; on an error or an early close the
-    waiting tasks are dropped, not run. ``streams <= 1`` runs everything on this thread.
+    that finishes takes the next item at once. ``streams`` items run and as many wait; the
+    first ``streams`` tasks start together, one per thread, so that every thread takes a
+    share even on a busy machine, where a thread started late would otherwise find the
+    work done. The caller's torch thread count is restored afterwards; on an error or an
+    early close the waiting tasks are dropped, not run. ``streams <= 1`` runs everything on
+    this thread.
     """
     if streams <= 1:
         for item in items:
@@ -33,9 +40,14 @@ def in_order(fn: Callable, items: Iterable, streams: int) -> Iterator:
     lock = threading.Lock()
     drawn = 0  # items taken from the source so far
     end = object()
+    together = threading.Barrier(streams)
+    tasks = itertools.count()
 
     def draw_and_run():
         nonlocal drawn
+        if next(tasks) < streams:  # one of the first tasks: each waits for a thread of its own
+            with contextlib.suppress(threading.BrokenBarrierError):
+                together.wait(timeout=START_TIMEOUT_S)
         with lock:  # the source is read by one thread at a time, in order
             n = drawn
             item = next(source, end)
@@ -63,6 +75,7 @@ def in_order(fn: Callable, items: Iterable, streams: int) -> Iterator:
                 yield done.pop(nxt)
                 nxt += 1
     finally:
+        together.abort()  # a first task cancelled before it started must not hold the others
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
 
