@@ -166,6 +166,8 @@ def test_bad_configurations_fail_before_any_work(tiny_whisper, corpus, tmp_path)
 
 def _unlabelled(path: Path, utts_manifest: Path) -> Path:
     rows = [json.loads(line) for line in utts_manifest.read_text().splitlines()]
+    for r in rows:
+        r["audio"] = str(utts_manifest.parent / r["audio"])
     path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "text"}) + "\n" for r in rows))
     return path
 
