@@ -249,34 +249,8 @@ class TrainConfig:
         """What this run's mode trains (:mod:`speechtl.models.modes`)."""
         return MODES[self.mode]
 
-    def _check_seq2seq_keys(self) -> None:
-        if not self.policy.seq2seq:
-            if self.seq2seq_train != "decoder":
-                raise ValueError(f"config key 'seq2seq_train': for mode=seq2seq (this run is mode={self.mode})")
-            if self.unlabelled is not None:
-                raise ValueError(f"config key 'unlabelled': self-training is for mode=seq2seq (this run is "
-                                 f"mode={self.mode})")
-            return
-        if not 0 < self.dev_fraction < 0.5:
-            raise ValueError(f"config key 'dev_fraction': must be in (0, 0.5) (got {self.dev_fraction!r})")
-        if self.lang is not None:
-            check_lang(self.lang)
-        for key in ("adapter", "adapter_dim", "vocab", "init_from", "teacher", "feature_cache"):
-            if getattr(self, key) is not None:
-                raise ValueError(f"config key {key!r}: not used by mode=seq2seq (Whisper's own tokenizer and decoder)")
-        if parse_units(self.units)[0] != "char":
-            raise ValueError(f"config key 'units': mode=seq2seq writes Whisper's own tokens (got units={self.units})")
-        if self.seq2seq_train != "lora" and (self.lora_rank is not None or self.lora_alpha is not None):
-            raise ValueError("config key 'lora_rank'/'lora_alpha': for seq2seq_train=lora")
-        if self.speed_perturb or self.augment:
-            raise ValueError("config keys 'speed_perturb'/'augment': not available in mode=seq2seq")
-        if not 0 <= self.pseudo_min_confidence <= 1:
-            raise ValueError(f"config key 'pseudo_min_confidence': must be in [0, 1] (got {self.pseudo_min_confidence!r})")
-        if self.self_train_rounds < 1:
-            raise ValueError(f"config key 'self_train_rounds': must be at least 1 (got {self.self_train_rounds!r})")
-
     def _check_adapter_keys(self) -> None:
-        self._check_seq2seq_keys()
+        _check_seq2seq_keys(self)
         if self.policy.seq2seq:
             return
         adapter_keys = ("adapter", "lang", "lora_rank", "lora_alpha", "adapter_dim")
@@ -309,6 +283,34 @@ class TrainConfig:
             if v and not os.path.isabs(v) and not Path(v).exists() and (base / v).exists():
                 changes[k] = str(base / v)
         return dataclasses.replace(self, **changes)
+
+
+def _check_seq2seq_keys(self: "TrainConfig") -> None:
+    """The keys of mode=seq2seq, and those it does not take."""
+    if not self.policy.seq2seq:
+        if self.seq2seq_train != "decoder":
+            raise ValueError(f"config key 'seq2seq_train': for mode=seq2seq (this run is mode={self.mode})")
+        if self.unlabelled is not None:
+            raise ValueError(f"config key 'unlabelled': self-training is for mode=seq2seq (this run is "
+                             f"mode={self.mode})")
+        return
+    if not 0 < self.dev_fraction < 0.5:
+        raise ValueError(f"config key 'dev_fraction': must be in (0, 0.5) (got {self.dev_fraction!r})")
+    if self.lang is not None:
+        check_lang(self.lang)
+    for key in ("adapter", "adapter_dim", "vocab", "init_from", "teacher", "feature_cache"):
+        if getattr(self, key) is not None:
+            raise ValueError(f"config key {key!r}: not used by mode=seq2seq (Whisper's own tokenizer and decoder)")
+    if parse_units(self.units)[0] != "char":
+        raise ValueError(f"config key 'units': mode=seq2seq writes Whisper's own tokens (got units={self.units})")
+    if self.seq2seq_train != "lora" and (self.lora_rank is not None or self.lora_alpha is not None):
+        raise ValueError("config key 'lora_rank'/'lora_alpha': for seq2seq_train=lora")
+    if self.speed_perturb or self.augment:
+        raise ValueError("config keys 'speed_perturb'/'augment': not available in mode=seq2seq")
+    if not 0 <= self.pseudo_min_confidence <= 1:
+        raise ValueError(f"config key 'pseudo_min_confidence': must be in [0, 1] (got {self.pseudo_min_confidence!r})")
+    if self.self_train_rounds < 1:
+        raise ValueError(f"config key 'self_train_rounds': must be at least 1 (got {self.self_train_rounds!r})")
 
 
 def config_help() -> str:
