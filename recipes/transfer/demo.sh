@@ -8,8 +8,9 @@
 #   3. train the same architecture from scratch for the same updates, capped at
 #      SCRATCH_MINUTES (default 2) of wall time so the demo stays short
 #   4. score both on the test set, greedy and with a word LM (the training text plus the
-#      language's 50,000 most frequent words); for a Whisper encoder, also score Whisper's
-#      own decoder unadapted (zero-shot); print the table, then transcribe one file
+#      language's 50,000 most frequent words); for a Whisper encoder, or whenever
+#      whisper-base has been fetched, also score Whisper's own decoder unadapted
+#      (zero-shot) on the same test; print the table, then transcribe one file
 # Nothing is selected on the test set: each model is the one left after its last update.
 # Usage: recipes/transfer/demo.sh [--encoder default|whisper-base|DIR] [--out DIR] [--lang LANG]
 #            [--minutes M] [--steps N]
@@ -35,12 +36,19 @@ st train "$here/conf/scratch.yaml" encoder="$encoder" out="$out/scratch" max_min
 st lm build "$out/train/manifest.jsonl" --wordlist "$lang" --order 3 --model "$out/frozen/model" --out "$out/lm.arpa" -q >/dev/null
 for m in frozen scratch; do st evaluate "$out/$m/model" "$out/test/manifest.jsonl" --out-dir "$out/$m/test" -q >/dev/null; done
 st evaluate "$out/frozen/model" "$out/test/manifest.jsonl" --lm "$out/lm.arpa" --out-dir "$out/frozen/test-lm" -q >/dev/null
+# Whisper's own decoder unadapted, on the same test: the encoder's, or whisper-base's once fetched
+zeroshot=""
 if [ $whisper = 1 ]; then
-    st zeroshot "$encoder" "$out/test/manifest.jsonl" --language "$lang" --out-dir "$out/zeroshot" -q >/dev/null
+    zeroshot=$encoder
+elif "$PY" -c "from speechtl.encoders.registry import resolve_encoder as r; r('whisper-base')" 2>/dev/null; then
+    zeroshot=whisper-base
 fi
-"$PY" - "$out" "$encoder" <<'PYEOF'
+if [ -n "$zeroshot" ]; then
+    st zeroshot "$zeroshot" "$out/test/manifest.jsonl" --language "$lang" --out-dir "$out/zeroshot" -q >/dev/null
+fi
+"$PY" - "$out" "$encoder" "$zeroshot" <<'PYEOF'
 import json, os, sys
-out, enc = sys.argv[1], sys.argv[2]
+out, enc, zs = sys.argv[1], sys.argv[2], sys.argv[3]
 name = os.path.basename(enc.rstrip("/")) if enc != "default" else "default encoder"
 print(f"\n{'model':40s} {'steps':>6s} {'train s':>8s} {'test CER':>9s} {'test WER':>9s}")
 rows = [("frozen", "test", f"{name}, frozen + BiLSTM head"), ("frozen", "test-lm", "  same, decoded with the word LM"),
@@ -49,9 +57,10 @@ for run, test, label in rows:
     s = json.load(open(f"{out}/{run}/train_summary.json"))
     t = json.load(open(f"{out}/{run}/{test}/summary.json"))
     print(f"{label:40s} {s['steps']:6d} {s['wall_time_s']:8.0f} {t['cer']:9.3f} {t['wer']:9.3f}")
-if os.path.exists(f"{out}/zeroshot/summary.json"):
+if zs and os.path.exists(f"{out}/zeroshot/summary.json"):
     t = json.load(open(f"{out}/zeroshot/summary.json"))
-    print(f"{name + ' zero-shot (its own decoder)':40s} {'-':>6s} {'-':>8s} {t['cer']:9.3f} {t['wer']:9.3f}")
+    zs_name = os.path.basename(zs.rstrip("/"))
+    print(f"{zs_name + ' zero-shot (its own decoder)':40s} {'-':>6s} {'-':>8s} {t['cer']:9.3f} {t['wer']:9.3f}")
 PYEOF
 wav=$(ls "$out"/test/wavs/*.wav | head -1)
 echo; echo "reference:  $(grep -h "\"$(basename "$wav" .wav)\"" "$out/test/manifest.jsonl" | "$PY" -c 'import json,sys; print(json.loads(sys.stdin.readline())["text"])')"
