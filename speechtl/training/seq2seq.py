@@ -51,14 +51,22 @@ class _Set:
 
 def carve_dev(utts: list[Utterance], fraction: float, seed: int) -> tuple[list[Utterance], list[Utterance]]:
     """Hold out ``fraction`` of the labelled clips (at least 4, at most 100) as a dev set,
-    drawn with ``seed``; returns (train, dev)."""
+    drawn with ``seed``; returns (train, dev). Clips with the same text stay on one side, so
+    that the dev set does not score sentences the model was trained on."""
     n = min(100, max(4, round(len(utts) * fraction)))
     if len(utts) < 2 * n:
         raise ValueError(f"no dev set was given and {len(utts)} labelled clip(s) are too few to hold out {n} for one; "
                          "pass dev=DEV.jsonl")
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(utts), generator=g).tolist()
-    dev_ids = set(order[:n])
+    groups: dict[str, list[int]] = {}
+    for i, u in enumerate(utts):
+        groups.setdefault(" ".join(u.text.lower().split()), []).append(i)
+    keys = sorted(groups)
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    dev_ids: set[int] = set()
+    for k in order:
+        if len(dev_ids) >= n:
+            break
+        dev_ids.update(groups[keys[k]])
     return [u for i, u in enumerate(utts) if i not in dev_ids], [u for i, u in enumerate(utts) if i in dev_ids]
 
 

@@ -202,3 +202,15 @@ def test_bad_unlabelled_manifests_fail_before_any_work(tiny_whisper, corpus, tmp
     assert not (tmp_path / "b").exists()
     with pytest.raises(ValueError, match="config key 'unlabelled'"):
         load_train_config(None, {"train": str(corpus["train"]), "unlabelled": str(tmp_path / "long.jsonl")})
+
+
+def test_carved_dev_set_shares_no_text_with_training():
+    from speechtl.training.seq2seq import carve_dev
+
+    utts = [Utterance(f"u{i}", f"/a/{i}.wav", TEXTS[i % 5].upper() if i % 2 else TEXTS[i % 5], 1.0) for i in range(40)]
+    train, dev = carve_dev(utts, 0.1, seed=3)
+    assert len(dev) >= 4 and len(train) + len(dev) == 40
+    assert not {u.text.lower() for u in train} & {u.text.lower() for u in dev}
+    assert carve_dev(utts, 0.1, seed=3) == (train, dev)  # the same split every time
+    with pytest.raises(ValueError, match="too few"):
+        carve_dev(utts[:6], 0.1, seed=0)
