@@ -225,25 +225,12 @@ class Recognizer:
         :class:`speechtl.AudioError` naming it. ``options`` gives the decoding settings at once,
         in place of ``lm`` .. ``hotword_weight``.
         """
-        from .transcribe import Item, collect_inputs
+        from .transcribe import gather_inputs, results_in_order
 
-        one = isinstance(inputs, (str, os.PathLike, np.ndarray))
-        raw = [inputs] if one else list(inputs)
-        # one file or array gives one result; a folder or manifest, however given, a list
-        single = one and not (isinstance(inputs, (str, os.PathLike)) and (Path(inputs).is_dir() or str(inputs).endswith(".jsonl")))
-        items: list[Item] = []
-        for k, x in enumerate(raw):
-            if isinstance(x, np.ndarray):
-                items.append(Item(f"array-{k}", f"<array {k}>", np.asarray(x, dtype=np.float32).reshape(-1)))
-            else:
-                items += collect_inputs([x])
+        items, single = gather_inputs(inputs)
         options = options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight)
         tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, options=options)
-        out = [None] * len(items)
-        for i, t in tr.run_indexed(items, progress=progress):
-            if t.error is not None:
-                raise AudioError(t.path, t.error)
-            out[i] = t if return_timestamps else t.text
+        out = results_in_order(tr, items, progress, return_timestamps)
         return out[0] if single else out
 
     def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,

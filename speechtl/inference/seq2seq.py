@@ -75,24 +75,12 @@ class Seq2SeqRecognizer:
                    hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0, return_timestamps: bool = False,
                    options: DecodeOptions | None = None):
         """As :meth:`speechtl.Recognizer.transcribe`; segments carry times, words none."""
-        from .transcribe import Item, collect_inputs
+        from .transcribe import gather_inputs, results_in_order
 
-        one = isinstance(inputs, (str, os.PathLike, np.ndarray))
-        raw = [inputs] if one else list(inputs)
-        single = one and not (isinstance(inputs, (str, os.PathLike)) and (Path(inputs).is_dir() or str(inputs).endswith(".jsonl")))
-        items = []
-        for k, x in enumerate(raw):
-            if isinstance(x, np.ndarray):
-                items.append(Item(f"array-{k}", f"<array {k}>", np.asarray(x, dtype=np.float32).reshape(-1)))
-            else:
-                items += collect_inputs([x])
+        items, single = gather_inputs(inputs)
         tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, lm, beam_width, alpha, beta, hotwords,
                               options=options)
-        out = [None] * len(items)
-        for i, t in tr.run_indexed(items, progress=progress):
-            if t.error is not None:
-                raise AudioError(t.path, t.error)
-            out[i] = t if return_timestamps else t.text
+        out = results_in_order(tr, items, progress, return_timestamps)
         return out[0] if single else out
 
     def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,

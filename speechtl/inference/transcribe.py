@@ -112,6 +112,33 @@ def collect_inputs(paths: Iterable[str | os.PathLike]) -> list[Item]:
     return items
 
 
+def gather_inputs(inputs) -> tuple[list[Item], bool]:
+    """The items of :meth:`Recognizer.transcribe`'s ``inputs`` (a path, an array, or several),
+    and whether they make one result (a single file or array) or a list (anything else,
+    a folder or manifest included)."""
+    one = isinstance(inputs, (str, os.PathLike, np.ndarray))
+    raw = [inputs] if one else list(inputs)
+    single = one and not (isinstance(inputs, (str, os.PathLike)) and (Path(inputs).is_dir() or str(inputs).endswith(".jsonl")))
+    items: list[Item] = []
+    for k, x in enumerate(raw):
+        if isinstance(x, np.ndarray):
+            items.append(Item(f"array-{k}", f"<array {k}>", np.asarray(x, dtype=np.float32).reshape(-1)))
+        else:
+            items += collect_inputs([x])
+    return items, single
+
+
+def results_in_order(tr, items: Sequence[Item], progress: bool, return_timestamps: bool) -> list:
+    """Run a transcriber over ``items``: texts (or transcripts) in input order; an unreadable
+    input raises :class:`AudioError` naming it."""
+    out = [None] * len(items)
+    for i, t in tr.run_indexed(items, progress=progress):
+        if t.error is not None:
+            raise AudioError(t.path, t.error)
+        out[i] = t if return_timestamps else t.text
+    return out
+
+
 # ----------------------------------------------------------------------------- decoding
 
 def frame_seconds(model) -> float:
