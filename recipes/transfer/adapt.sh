@@ -3,7 +3,7 @@
 # model folder that `speechtl evaluate DIR/model TEST.jsonl` and `speechtl transcribe
 # DIR/model FILES` use as it is.
 #
-# What it does (measured on real recordings; recipes/transfer/README.md, "Real speech"):
+# What it does (real-recording figures: recipes/transfer/README.md, "Real speech"):
 #   - encoder: whisper-base (fetched with tools/fetch_encoder.sh when missing), unless
 #     --encoder names another Whisper model with its decoder;
 #   - mode=seq2seq, seq2seq_train=decoder: Whisper's encoder stays fixed (run once per clip),
@@ -42,8 +42,8 @@ if "$PY" -c "from speechtl.models.seq2seq import whisper_source as w; w('$encode
     args=(mode=seq2seq seq2seq_train=decoder encoder="$encoder" lang="$lang" max_steps="$steps" eval_every=50 patience=3
           encoder_lr=5e-5 max_batch_seconds=60)
     echo "adapt.sh: $encoder has Whisper's decoder: fine-tuning the decoder on the labelled clips (mode=seq2seq,"
-    echo "          seq2seq_train=decoder), the encoder fixed: on real recordings this beat every CTC mode and"
-    echo "          Whisper unadapted (recipes/transfer/README.md, 'Real speech')"
+    echo "          seq2seq_train=decoder), the encoder fixed: on real Romanian recordings it halved Whisper's"
+    echo "          unadapted CER; on Bulgarian it did not help (recipes/transfer/README.md, 'Real speech')"
     if [ -n "$unlabelled" ]; then
         args+=(unlabelled="$unlabelled" self_train_rounds=1)
         echo "adapt.sh: --unlabelled given: one round of self-training on its confident transcripts"
