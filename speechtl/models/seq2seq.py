@@ -109,10 +109,8 @@ def prefix_ids(tokenizer, lang: str | None) -> list[int]:
 
 
 def kept_frames(samples: int, total: int) -> int:
-    """Encoder frames of a clip of ``samples`` kept for the decoder (its own and the margin;
-    all ``total`` when ``CONTEXT_MARGIN_S`` is None)."""
-    if CONTEXT_MARGIN_S is None:
-        return total
+    """Encoder frames of a clip of ``samples`` kept for the decoder (its own and the margin),
+    at most ``total``."""
     return int(min(total, np.ceil((samples / SAMPLE_RATE + CONTEXT_MARGIN_S) / ENCODER_FRAME_S)))
 
 
