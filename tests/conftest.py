@@ -140,3 +140,18 @@ def speech_corpus(session_dir) -> Path:
     out = session_dir / "speech"
     synthesize(SynthConfig(lang="en-us", minutes=0.6, out_dir=str(out), seed=11, min_words=2, max_words=4, workers=2), progress=False)
     return out / "manifest.jsonl"
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory, speech_corpus):
+    """A recogniser that really outputs words: a BiLSTM head on the bundled encoder, trained
+    on the synthesised English corpus (as the learning test in test_train.py)."""
+    from speechtl.training.config import load_train_config
+    from speechtl.training.train import train
+
+    out = tmp_path_factory.mktemp("tr")
+    cfg = load_train_config(None, dict(encoder="default", mode="frozen", head="bilstm", bilstm_hidden=96, bilstm_layers=1,
+                                       train=str(speech_corpus), out=str(out), max_steps=160, eval_every=160, lr=6e-3,
+                                       max_batch_seconds=20, num_workers=0, seed=0))
+    train(cfg, progress=False)
+    return out / "model"

@@ -21,7 +21,7 @@ def cmd_evaluate(args) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else (Path(args.json).with_suffix("") if args.json else Path(args.model_dir) / "eval")
     summary = rec.evaluate(utts, out_dir=out_dir, progress=not args.quiet, on_bad_audio=args.on_bad_audio,
                            chunk_length_s=args.chunk_length_s, max_batch_seconds=args.batch_seconds,
-                           options=decode_options(args))
+                           options=decode_options(args), vad=vad_options(args))
     if args.json:
         from ..core.io import write_json
 
@@ -39,6 +39,54 @@ def decode_options(args):
     hotwords = [w for w in (getattr(args, "hotwords", None) or "").split(",") if w.strip()]
     return DecodeOptions.of(args.lm, args.beam_width, args.alpha, args.beta, hotwords,
                             getattr(args, "hotword_weight", 10.0))
+
+
+def vad_options(args):
+    """``--vad``, ``--vad-threshold`` and ``--min-silence-s`` as a ``VadOptions`` (None: off)."""
+    from ..inference.vad import VadOptions
+
+    if args.vad == "off":
+        return None
+    return VadOptions(threshold=args.vad_threshold, min_silence_s=args.min_silence_s)
+
+
+def _fraction(text: str) -> float:
+    import argparse
+
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < x < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1 (got {x:g})")
+    return x
+
+
+def _seconds(text: str) -> float:
+    import argparse
+
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative (got {x:g})")
+    return x
+
+
+def add_vad(s) -> None:
+    """The flags that say how recordings longer than ``--chunk-length-s`` are cut."""
+    from ..inference.vad import VadOptions
+
+    d = VadOptions()
+    s.add_argument("--vad", choices=["on", "off"], default="on",
+                   help="recordings longer than --chunk-length-s: cut at pauses found by voice activity detection "
+                        "(Silero VAD), skipping stretches without speech (on, the default), or decoded in fixed "
+                        "overlapping windows (off)")
+    s.add_argument("--vad-threshold", type=_fraction, default=d.threshold,
+                   help=f"speech probability at and above which a 32 ms frame counts as speech (default {d.threshold:g})")
+    s.add_argument("--min-silence-s", type=_seconds, default=d.min_silence_s,
+                   help=f"a pause must last this long (seconds) to end a stretch of speech (default {d.min_silence_s:g})")
 
 
 def _output_names(items, ext: str) -> list[str]:
@@ -73,7 +121,7 @@ def cmd_transcribe(args) -> int:
     with start_up(args):
         rec = Recognizer.load(args.model_dir, device=args.device, lang=args.lang)
     tr = rec.transcriber(args.chunk_length_s, args.stride_length_s, args.batch_seconds, streams=args.streams,
-                         options=decode_options(args))
+                         options=decode_options(args), vad=vad_options(args))
     names = _output_names(items, args.format) if args.out else None
     failed = 0
     for i, t in tr.run_indexed(items, progress=not args.quiet):
@@ -107,11 +155,12 @@ def cmd_align(args) -> int:
         text = Path(text).read_text(encoding="utf-8")
     text = rec.normalizer(text)
     item = Item(args.audio, args.audio)
-    tr = rec.transcriber(args.chunk_length_s)
+    tr = rec.transcriber(args.chunk_length_s, vad=vad_options(args))
     duration = item.duration()
-    log_probs = tr.file_log_probs(item, duration)
+    log_probs, breaks = tr.long_log_probs(item, duration)
     words = align_words(log_probs, text, rec.vocab, tr.frame_s, where=args.audio)
-    t = Transcript(args.audio, " ".join(w.word for w in words), round(duration, 3), segments_from_words(words))
+    t = Transcript(args.audio, " ".join(w.word for w in words), round(duration, 3),
+                   segments_from_words(words, breaks=breaks))
     out = render(t, args.format)
     if args.out:
         write_text(args.out, out)
@@ -192,7 +241,8 @@ def add_evaluate(sub) -> None:
     s.add_argument("--beam-width", type=int, default=None, help="beam search with this width (default: greedy, or 32 with --lm)")
     s.add_argument("--alpha", type=float, default=0.5, help="LM weight")
     s.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
-    s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer recordings are decoded in windows of this length")
+    s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer recordings are decoded in pieces of at most this length")
+    add_vad(s)
     s.add_argument("--batch-seconds", type=float, default=None, help="cap on padded audio seconds per batch (default: 10 on CPU, 300 on GPU)")
     s.add_argument("--lang", help="language of a model trained with mode=adapter (default: the one trained last); "
                    "an error lists the languages the model has")
@@ -208,8 +258,10 @@ def add_transcribe(sub) -> None:
     s.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt",
                    help="txt; json (text, segments and words with start/end seconds and confidence); srt; vtt")
     s.add_argument("--out", metavar="DIR", help="write one file per input here (default: stdout)")
-    s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer audio is decoded in windows of this length")
-    s.add_argument("--stride-length-s", type=float, default=None, help="overlap on each side of a window (default: chunk/6)")
+    s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer audio is decoded in pieces of at most this length")
+    s.add_argument("--stride-length-s", type=float, default=None, help="with --vad off: overlap on each side of a window "
+                   "(default: chunk/6)")
+    add_vad(s)
     s.add_argument("--batch-seconds", type=float, default=None, help="cap on padded audio seconds per batch (default: 10 on CPU, 300 on GPU)")
     s.add_argument("--streams", type=at_least_one, default=None,
                    help="CPU: batches of short files run at once, each on one thread (default: one per torch thread, "
@@ -234,7 +286,8 @@ def add_align(sub) -> None:
     s.add_argument("text")
     s.add_argument("--format", choices=["json", "srt", "vtt", "txt"], default="json")
     s.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
-    s.add_argument("--chunk-length-s", type=float, default=30.0)
+    s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer audio is run in pieces of at most this length")
+    add_vad(s)
     s.add_argument("--device", default="auto")
     s.add_argument("--lang", help="language of a model trained with mode=adapter (default: the one trained last); "
                    "an error lists the languages the model has")

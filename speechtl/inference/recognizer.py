@@ -43,6 +43,7 @@ def decode_hyps(
     progress: bool = False,
     features=None,
     chunk_length_s: float = 30.0,
+    vad=None,
 ) -> dict[str, str]:
     """Greedy hypotheses by utterance id, decoded in duration-sorted batches.
 
@@ -50,7 +51,8 @@ def decode_hyps(
     a :class:`speechtl.features.cache.FeatureCache`), used instead of running the encoder; clips
     without an entry are decoded from their audio. Audio longer than ``chunk_length_s``
     is decoded in overlapping windows read from disk one at a time (as ``transcribe``
-    does), so a recording of hours needs no more memory than a window.
+    does), so a recording of hours needs no more memory than a window; with ``vad`` (a
+    :class:`speechtl.inference.vad.VadOptions`) they are cut at pauses instead.
     """
     device = torch.device(device)
     if max_batch_seconds is None:
@@ -81,7 +83,8 @@ def decode_hyps(
     if long:
         from .transcribe import Item, Transcriber
 
-        windows = Transcriber(model, vocab, device, chunk_length_s=chunk_length_s, max_batch_seconds=max_batch_seconds)
+        windows = Transcriber(model, vocab, device, chunk_length_s=chunk_length_s, max_batch_seconds=max_batch_seconds,
+                              vad=vad)
         for u in long:
             lp = torch.from_numpy(windows.file_log_probs(Item(u.id, u.audio)))
             hyps[u.id] = vocab.decode(greedy_ids(lp[None], torch.tensor([lp.shape[0]]))[0])
@@ -98,10 +101,10 @@ def score_hyps(utterances: Sequence[Utterance], hyps: dict[str, str], normalizer
 
 def decode_utterances(model: CTCModel, vocab: Vocabulary, normalizer: Normalizer, utterances: Sequence[Utterance],
                       device: torch.device | str = "cpu", max_batch_seconds: float | None = None, num_workers: int = 0,
-                      progress: bool = False, features=None, chunk_length_s: float = 30.0) -> ScoreReport:
+                      progress: bool = False, features=None, chunk_length_s: float = 30.0, vad=None) -> ScoreReport:
     """Greedy-decode ``utterances`` (see :func:`decode_hyps`) and score them."""
     hyps = decode_hyps(model, vocab, normalizer, utterances, device, max_batch_seconds, num_workers, progress, features,
-                       chunk_length_s)
+                       chunk_length_s, vad)
     return score_hyps(utterances, hyps, normalizer)
 
 
@@ -189,15 +192,20 @@ class Recognizer:
     def transcriber(self, chunk_length_s: float = 30.0, stride_length_s: float | None = None, max_batch_seconds: float | None = None,
                     lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float = 0.5, beta: float = 1.0,
                     hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0, streams: int | None = None,
-                    options: DecodeOptions | None = None):
+                    options: DecodeOptions | None = None, vad="default"):
         """A :class:`speechtl.inference.transcribe.Transcriber` for this model, decoding as :meth:`decoder` says.
         ``streams``: on a CPU, batches of short files run at once, each on one thread
-        (default: one per torch thread, at most 8; 1 = one batch at a time on all threads)."""
+        (default: one per torch thread, at most 8; 1 = one batch at a time on all threads).
+        ``vad``: how files longer than ``chunk_length_s`` are cut at pauses (a
+        :class:`speechtl.inference.vad.VadOptions`; the default ones unless given; None:
+        fixed overlapping windows instead)."""
         from .transcribe import Transcriber
+        from .vad import resolve
 
+        vad = resolve(vad)
         decoder = self.decoder(options=options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight))
         return Transcriber(self.model, self.vocab, self.device, decoder, chunk_length_s, stride_length_s, max_batch_seconds,
-                           streams=streams)
+                           streams=streams, vad=vad)
 
     def transcribe(
         self,
@@ -214,11 +222,14 @@ class Recognizer:
         hotword_weight: float = 10.0,
         return_timestamps: bool = False,
         options: DecodeOptions | None = None,
+        vad="default",
     ):
         """Transcribe files (any format the audio layer reads), folders, ``.jsonl``
         manifests or 16 kHz mono float arrays.
 
-        Audio longer than ``chunk_length_s`` is decoded in overlapping windows (strides of
+        Audio longer than ``chunk_length_s`` is cut at pauses by voice activity detection
+        (``vad``, a :class:`speechtl.inference.vad.VadOptions`; stretches without speech are
+        skipped), or with ``vad=None`` decoded in overlapping windows (strides of
         ``stride_length_s`` each side, default a sixth of the window). A single input gives
         a string (or a :class:`speechtl.inference.transcribe.Transcript` with ``return_timestamps``);
         several give a list in input order. A file that cannot be read raises
@@ -229,19 +240,19 @@ class Recognizer:
 
         items, single = gather_inputs(inputs)
         options = options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight)
-        tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, options=options)
+        tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, options=options, vad=vad)
         out = results_in_order(tr, items, progress, return_timestamps)
         return out[0] if single else out
 
     def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,
                  on_bad_audio: str = "error", lm: str | os.PathLike | None = None, beam_width: int | None = None,
                  alpha: float = 0.5, beta: float = 1.0, chunk_length_s: float = 30.0,
-                 max_batch_seconds: float | None = None, options: DecodeOptions | None = None) -> dict:
+                 max_batch_seconds: float | None = None, options: DecodeOptions | None = None, vad="default") -> dict:
         """Score on a manifest; with ``out_dir`` write hyps.jsonl, errs.txt, summary.json.
 
         Greedy decoding, or beam search (with an n-gram ``lm`` when given) as
-        :meth:`transcriber` does; recordings longer than ``chunk_length_s`` are decoded in
-        windows. Every file's header is read first. An unreadable or missing file is an
+        :meth:`transcriber` does; recordings longer than ``chunk_length_s`` are cut at pauses
+        (``vad``, as :meth:`transcribe`) or, with ``vad=None``, decoded in windows. Every file's header is read first. An unreadable or missing file is an
         error that names all of them (``on_bad_audio="error"``), or is left out of the
         score and listed under ``skipped`` in the summary (``"skip"``). ``options`` gives the
         decoding settings at once, in place of ``lm``, ``beam_width``, ``alpha`` and ``beta``.
@@ -249,12 +260,15 @@ class Recognizer:
         from ..data.audio import check_readable
 
         good, skipped = check_readable(utterances, on_bad_audio, " (--on-bad-audio skip leaves them out)")
+        from .vad import resolve
+
         options = options or DecodeOptions.of(lm, beam_width, alpha, beta)
+        vad = resolve(vad)
         if options.greedy:  # batched from audio, long recordings in windows
             report = decode_utterances(self.model, self.vocab, self.normalizer, good, self.device, max_batch_seconds,
-                                       progress=progress, chunk_length_s=chunk_length_s)
+                                       progress=progress, chunk_length_s=chunk_length_s, vad=vad)
         else:
-            tr = self.transcriber(chunk_length_s, None, max_batch_seconds, options=options)
+            tr = self.transcriber(chunk_length_s, None, max_batch_seconds, options=options, vad=vad)
             report = score_hyps(good, self._hyps(tr, good, progress), self.normalizer)
         extra = {**options.summary(), **({"skipped": skipped} if skipped else {})}
         if out_dir is not None:

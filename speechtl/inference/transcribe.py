@@ -148,11 +148,15 @@ def frame_seconds(model) -> float:
     return 320 / SAMPLE_RATE
 
 
-def segments_from_words(words: Sequence[Word], max_gap_s: float = 1.0, max_segment_s: float = 10.0) -> list[Segment]:
-    """Split words into subtitle-sized segments at pauses longer than ``max_gap_s`` or
-    before a segment would exceed ``max_segment_s``."""
+def segments_from_words(words: Sequence[Word], max_gap_s: float = 1.0, max_segment_s: float = 10.0,
+                        breaks: Sequence[float] = ()) -> list[Segment]:
+    """Split words into subtitle-sized segments at pauses longer than ``max_gap_s``, at
+    each time in ``breaks`` that falls between two words (pauses a VAD found), or before a
+    segment would exceed ``max_segment_s``."""
     segments: list[Segment] = []
     cur: list[Word] = []
+    breaks = sorted(breaks)
+    nb = 0  # breaks before the current word
 
     def close():
         if cur:
@@ -161,7 +165,10 @@ def segments_from_words(words: Sequence[Word], max_gap_s: float = 1.0, max_segme
             cur.clear()
 
     for w in words:
-        if cur and (w.start - cur[-1].end > max_gap_s or w.end - cur[0].start > max_segment_s):
+        crossed = nb
+        while nb < len(breaks) and breaks[nb] <= w.start:
+            nb += 1
+        if cur and (w.start - cur[-1].end > max_gap_s or w.end - cur[0].start > max_segment_s or nb > crossed):
             close()
         cur.append(w)
     close()
@@ -184,8 +191,9 @@ class Transcriber:
     def __init__(self, model, vocab: Vocabulary, device: torch.device, decoder: Callable | None = None,
                  chunk_length_s: float = 30.0, stride_length_s: float | None = None,
                  max_batch_seconds: float | None = None, max_gap_s: float = 1.0, max_segment_s: float = 10.0,
-                 streams: int | None = None):
+                 streams: int | None = None, vad=None):
         self.model = model
+        self.vad = vad  # a VadOptions: long files cut at pauses (None: fixed overlapping windows)
         self.vocab = vocab
         self.device = device
         self.decoder = decoder or GreedyDecoder(vocab)
@@ -221,6 +229,9 @@ class Transcriber:
         if streams is not None and streams < 1:
             raise ValueError(f"streams must be at least 1 (got {streams})")
         self.max_gap_s = max_gap_s
+        if vad is not None and chunk_length_s - 2 * vad.context_s < 0.5:
+            raise ValueError(f"chunk_length_s ({chunk_length_s:g}) leaves pieces under 0.5 s beside the VAD's "
+                             f"{vad.context_s:g} s of context each side")
         self.max_segment_s = max_segment_s
 
     @torch.inference_mode()
@@ -272,19 +283,70 @@ class Transcriber:
                 yield i, self._failed(items[i], reason)
             for i, lp in done:
                 bar.update(1)
-                yield i, self._finish(items[i], lp, infos[i])
-        # long files: their windows in batches, stitched, decoded once
+                yield i, self._finish(items[i], lp, duration=infos[i])
+        # long files: their windows (or pieces of speech) in batches, stitched, decoded once
         for i in long:
             try:
-                yield i, self._finish(items[i], self.file_log_probs(items[i], infos[i]), infos[i])
+                yield i, self._finish(items[i], *self.long_log_probs(items[i], infos[i]), duration=infos[i])
             except AudioError as e:
                 yield i, self._failed(items[i], e.reason)
             bar.update(1)
         bar.close()
 
     def file_log_probs(self, item: Item, duration: float | None = None) -> np.ndarray:
-        """Frame log-probabilities ``(T, V)`` of one input; long ones in stitched windows."""
+        """Frame log-probabilities ``(T, V)`` of one input; long ones in stitched windows, or
+        cut at pauses (with ``vad``: frames outside speech are blank)."""
+        return self.long_log_probs(item, duration)[0]
+
+    def long_log_probs(self, item: Item, duration: float | None = None) -> tuple[np.ndarray, list[float]]:
+        """:meth:`file_log_probs`, and the times of the pauses the VAD found (none without)."""
         duration = item.duration() if duration is None else duration
+        if self.vad is not None and duration > self.chunk / SAMPLE_RATE:
+            return self._vad_log_probs(item, duration)
+        return self._window_log_probs(item, duration), []
+
+    def _vad_log_probs(self, item: Item, duration: float) -> tuple[np.ndarray, list[float]]:
+        """Pieces of speech (at most a chunk each, context included) run in duration-sorted
+        batches and written into place; every other frame is blank."""
+        from .vad import find_pieces, pauses
+
+        total = int(round(duration * SAMPLE_RATE))
+        frames_of = getattr(self.model, "frame_lengths", None)
+        n_frames = int(frames_of(total)) if frames_of is not None else total // self.hop
+        ctx = int(self.vad.context_s * SAMPLE_RATE) // self.hop * self.hop
+        max_piece_s = (self.chunk - 2 * ctx) / SAMPLE_RATE
+
+        def read(a: int, n: int) -> np.ndarray:
+            return item.read(a / SAMPLE_RATE, n / SAMPLE_RATE)
+
+        pieces = find_pieces(read, total, self.vad, max_piece_s)
+        out = np.full((n_frames, len(self.vocab)), -30.0, np.float32)
+        out[:, self.vocab.blank_id] = 0.0  # silence: certainly blank (other classes still finite, for alignment)
+        # frame bounds: [first, last) file frames kept, and the hop-aligned read around them
+        spans = []
+        for p in pieces:
+            first, last = p.start // self.hop, min(n_frames, -(-p.end // self.hop))
+            r0 = max(0, first * self.hop - ctx)
+            r1 = min(total, last * self.hop + ctx + (self.read_len - self.chunk))
+            spans.append((first, last, r0, r1))
+        # a pause between pieces ends a word: CTC joins letters across any run of blanks, so
+        # the frame before each piece is the word delimiter's
+        delimiter = getattr(self.vocab, "delimiter_id", None)
+        if delimiter is not None:
+            for first, _, _, _ in spans[1:]:
+                out[first - 1, delimiter], out[first - 1, self.vocab.blank_id] = 0.0, -30.0
+        secs = [(r1 - r0) / SAMPLE_RATE for _, _, r0, r1 in spans]
+        order = sorted(range(len(spans)), key=lambda k: secs[k])
+        for batch in cut_batches(order, secs, self.max_batch_seconds):
+            wavs = [read(spans[k][2], spans[k][3] - spans[k][2]) for k in batch]
+            for k, lp in zip(batch, self._log_probs(wavs)):
+                first, last, r0, _ = spans[k]
+                off = r0 // self.hop
+                kept = lp[first - off: last - off]
+                out[first: first + kept.shape[0]] = kept
+        return out, pauses(pieces)
+
+    def _window_log_probs(self, item: Item, duration: float) -> np.ndarray:
         per_batch = max(1, int(self.max_batch_seconds // (self.chunk / SAMPLE_RATE)))
         parts: list[np.ndarray] = []
         pending: list[_Window] = []
@@ -310,9 +372,9 @@ class Transcriber:
     def _failed(self, item: Item, reason: str) -> Transcript:
         return Transcript(item.path, error=reason, id=item.key if item.key != item.path else None)
 
-    def _finish(self, item: Item, log_probs: np.ndarray, duration: float) -> Transcript:
+    def _finish(self, item: Item, log_probs: np.ndarray, breaks: Sequence[float] = (), *, duration: float) -> Transcript:
         words = self.decoder(log_probs, self.frame_s)
-        segments = segments_from_words(words, self.max_gap_s, self.max_segment_s)
+        segments = segments_from_words(words, self.max_gap_s, self.max_segment_s, breaks)
         return Transcript(item.path, " ".join(w.word for w in words), round(duration, 3), segments,
                           id=item.key if item.key != item.path else None)
 

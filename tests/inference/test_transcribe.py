@@ -276,18 +276,8 @@ def test_beam_search_with_lm_prefers_known_words(tmp_path):
 # ------------------------------------------------------------------------ CLI and API on a trained model
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, speech_corpus):
-    """A recogniser that really outputs words: a BiLSTM head on the bundled encoder, trained
-    on the synthesised English corpus (as the learning test in test_train.py)."""
-    from speechtl.training.config import load_train_config
-    from speechtl.training.train import train
-
-    out = tmp_path_factory.mktemp("tr")
-    cfg = load_train_config(None, dict(encoder="default", mode="frozen", head="bilstm", bilstm_hidden=96, bilstm_layers=1,
-                                       train=str(speech_corpus), out=str(out), max_steps=160, eval_every=160, lr=6e-3,
-                                       max_batch_seconds=20, num_workers=0, seed=0))
-    train(cfg, progress=False)
-    return out / "model"
+def model_dir(trained_model):
+    return trained_model
 
 
 @pytest.fixture(scope="module")

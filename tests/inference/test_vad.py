@@ -1,0 +1,126 @@
+"""Long recordings cut at pauses by voice activity detection (Silero VAD)."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from test_transcribe import VOCAB, LocalModel
+
+from speechtl.cli.app import main
+from speechtl.data.audio import load_audio
+from speechtl.inference.transcribe import Item, Transcriber, segments_from_words
+from speechtl.inference.vad import Piece, VadOptions, join_spans
+
+pytest.importorskip("silero_vad")
+SR = 16000
+
+
+def test_spans_join_across_short_gaps_up_to_the_limit():
+    spans = [(0, 16000), (20000, 30000), (60000, 70000), (72000, 200000), (201000, 210000)]
+    pieces = join_spans(spans, max_piece=145000, join_gap=8000)
+    # a 0.25 s gap joins; a 1.9 s gap does not; a join that would pass 9.06 s does not
+    assert [(p.start, p.end) for p in pieces] == [(0, 30000), (60000, 200000), (201000, 210000)]
+    assert pieces[1].spans == ((60000, 70000), (72000, 200000))
+
+
+def test_segments_break_at_pauses_found_by_the_vad():
+    from speechtl.decoding.decoders import Word
+
+    words = [Word("a", 0.0, 0.3, 0.9), Word("b", 0.4, 0.6, 0.9), Word("c", 0.8, 1.0, 0.9), Word("d", 1.1, 1.3, 0.9)]
+    assert [s.text for s in segments_from_words(words)] == ["a b c d"]
+    assert [s.text for s in segments_from_words(words, breaks=[0.7])] == ["a b", "c d"]
+    assert [s.text for s in segments_from_words(words, breaks=[0.35, 1.05])] == ["a", "b c", "d"]
+
+
+@pytest.fixture(scope="module")
+def talk(tmp_path_factory, speech_corpus):
+    """Speech clips with 0.6 s pauses, then 8 s of silence, then more clips: (path, silence start, end)."""
+    from speechtl.data.manifest import read_manifest
+
+    clips = [load_audio(u.audio) for u in read_manifest(speech_corpus)][:12]
+    pause = np.zeros(int(0.6 * SR), np.float32)
+    first = np.concatenate([x for c in clips[:6] for x in (c, pause)])
+    second = np.concatenate([x for c in clips[6:] for x in (c, pause)])
+    silence = np.zeros(8 * SR, np.float32)
+    path = tmp_path_factory.mktemp("vad") / "talk.wav"
+    sf.write(path, np.concatenate([first, silence, second]), SR, subtype="FLOAT")
+    return path, len(first) / SR, (len(first) + len(silence)) / SR
+
+
+def test_vad_skips_the_silence_and_keeps_the_frames_of_speech(talk):
+    path, quiet_from, quiet_to = talk
+    read = []
+
+    class Spy(LocalModel):
+        def forward(self, values, lengths):
+            read.extend(int(n) for n in lengths)
+            return super().forward(values, lengths)
+
+    model = Spy()
+    whole = Transcriber(model, VOCAB, torch.device("cpu"), chunk_length_s=600.0).file_log_probs(Item("t", str(path)))
+    read.clear()
+    tr = Transcriber(model, VOCAB, torch.device("cpu"), chunk_length_s=6.0, max_batch_seconds=12.0, vad=VadOptions())
+    lp, breaks = tr.long_log_probs(Item("t", str(path)))
+    duration = sf.info(path).frames / SR
+    assert lp.shape == whole.shape
+    assert max(read) <= 6 * SR and sum(read) < (duration - 6.0) * SR  # no piece over the chunk; most of the silence never run
+    filled = (lp == -30.0).sum(1) == lp.shape[1] - 1  # frames set, not run: blank, or a delimiter ending a word
+    speech = ~filled
+    assert (lp[filled].argmax(1) == VOCAB.delimiter_id).sum() == len(set(np.flatnonzero(filled) + 1) & set(np.flatnonzero(speech)))
+    t = np.arange(len(lp)) * 0.02
+    assert not speech[(t > quiet_from + 0.5) & (t < quiet_to - 0.5)].any()
+    np.testing.assert_allclose(lp[speech], whole[speech], atol=1e-5)  # in place, frame for frame
+    assert speech.mean() > 0.4
+    assert any(quiet_from < b < quiet_to for b in breaks) and len(breaks) >= 8  # the pauses between the clips
+
+
+def test_pieces_fit_the_chunk_with_their_context(talk):
+    from speechtl.inference import vad
+
+    path, _, _ = talk
+    wav = load_audio(path)
+    opts = VadOptions(min_silence_s=5.0)  # few pauses long enough: the length limit must cut
+    pieces = vad.find_pieces(lambda a, n: wav[a:a + n], len(wav), opts, 4.0)
+    assert all(isinstance(p, Piece) and p.end - p.start <= 4.0 * SR for p in pieces)
+    assert len(pieces) >= 4
+
+
+def test_bad_vad_flags_are_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        main(["transcribe", "model", "a.wav", "--vad-threshold", "1.5"])
+    assert "--vad-threshold: must lie between 0 and 1 (got 1.5)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "model", "m.jsonl", "--min-silence-s", "-1"])
+    assert "--min-silence-s: must not be negative (got -1)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="threshold must lie between 0 and 1"):
+        VadOptions(threshold=0.0)
+
+
+def test_vad_keeps_torch_threads():
+    from speechtl.inference.vad import _detector
+
+    before = torch.get_num_threads()
+    _detector.cache_clear()
+    _detector()
+    assert torch.get_num_threads() == before
+
+
+def test_cli_segments_follow_pauses_and_vad_off_keeps_windows(tmp_path, talk, capsys, trained_model):
+    path, quiet_from, quiet_to = talk
+    for vad in ("on", "off"):
+        assert main(["transcribe", str(trained_model), str(path), "--format", "json", "--chunk-length-s", "6",
+                     "--vad", vad, "-q"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        words = [w for s in out["segments"] for w in s["words"]]
+        assert len(words) >= 12
+        if vad == "on":
+            assert not any(s["start"] < quiet_from + 0.3 and s["end"] > quiet_to - 0.3 for s in out["segments"])
+            assert len(out["segments"]) >= 10  # a cue per clip: each pause of 0.6 s ends one
+    assert main(["align", str(trained_model), str(path), " ".join(w["word"] for w in words), "--chunk-length-s", "6",
+                 "--out", str(tmp_path / "a.srt"), "--format", "srt", "-q"]) == 0
+    import srt
+
+    cues = list(srt.parse((tmp_path / "a.srt").read_text()))
+    assert cues and not any(c.start.total_seconds() < quiet_from and c.end.total_seconds() > quiet_to for c in cues)
