@@ -85,7 +85,7 @@ def build_run(cfg: TrainConfig, ctx: DistContext, device: torch.device, data: Tr
               features=features, dev_features=dev_features, dev_mine=dev_mine, global_seconds=global_seconds,
               loader_gen=loader_gen, sampler=sampler, loader=loader, step_module=step_module,
               state=TrainState(world_size=ctx.world_size, train_items=len(data.train)), checkpoint=path,
-              metrics=MetricsLog(out / "metrics.csv", ctx))
+              metrics=MetricsLog(out / "metrics.csv", ctx, tensorboard="tensorboard" in cfg.log_sinks))
     if ck is not None:
         checkpoint.restore(ck, run)
     run.metrics.trim(run.state.step)

@@ -172,6 +172,9 @@ class TrainConfig:
                                        "up to 8 on a GPU)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     log_every: int = _f(10, "updates between rows of metrics.csv")
+    log: str = _f("csv", "where the training metrics go: csv (metrics.csv), or csv,tensorboard (also TensorBoard event "
+                         "files beside it: losses, learning rates, audio hours, dev WER/CER and a few dev transcripts; "
+                         "needs the tensorboard package, the 'tensorboard' extra); metrics.csv is always written")
     trust_remote_code: bool = _f(False, "allow custom model code from the hub (off by default)")
 
     def __post_init__(self) -> None:
@@ -184,6 +187,7 @@ class TrainConfig:
                              ("seq2seq_train", SEQ2SEQ_PARTS)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"config key {key!r}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
+        self._check_log()
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ValueError(f"config key 'device': {self.device!r} is not auto, cpu, cuda or cuda:N")
         at_least = {"max_steps": 1, "grad_accum": 1, "eval_every": 1, "log_every": 1, "bilstm_hidden": 1,
@@ -248,6 +252,26 @@ class TrainConfig:
     def policy(self) -> ModePolicy:
         """What this run's mode trains (:mod:`speechtl.models.modes`)."""
         return MODES[self.mode]
+
+    @property
+    def log_sinks(self) -> tuple[str, ...]:
+        """Where metrics go besides metrics.csv (``("tensorboard",)`` or nothing)."""
+        return tuple(x for x in (p.strip() for p in self.log.split(",")) if x and x != "csv")
+
+    def _check_log(self) -> None:
+        parts = [p.strip() for p in self.log.split(",")]
+        bad = [p for p in parts if p not in ("csv", "tensorboard")]
+        if bad or not any(parts):
+            raise ValueError(f"config key 'log': {self.log!r} is not csv, tensorboard or csv,tensorboard")
+        if "tensorboard" in parts:
+            import importlib.util
+
+            if self.policy.seq2seq:
+                raise ValueError("config key 'log': mode=seq2seq writes metrics.csv only; use log=csv")
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ValueError("config key 'log': tensorboard needs the tensorboard package "
+                                 "(pip install 'speechtl[tensorboard]')")
 
     def _check_adapter_keys(self) -> None:
         _check_seq2seq_keys(self)

@@ -20,6 +20,8 @@ from .run import Run
 
 logger = logging.getLogger(__name__)
 
+DEV_EXAMPLES = 3  # dev transcripts shown in TensorBoard at each evaluation (log=tensorboard)
+
 
 def score_dev(run: Run) -> ScoreReport:
     """The dev set's score: each rank decodes its share, and the hypotheses are scored once."""
@@ -60,7 +62,8 @@ def evaluate_and_keep(run: Run) -> dict:
             write_results(report, run.out / "dev")
     else:
         st.bad_evals += 1
-    return {"dev_wer": report.wer, "dev_cer": report.cer}
+    examples = [(r.id, r.ref, r.hyp) for r in report.results[:DEV_EXAMPLES]]
+    return {"dev_wer": report.wer, "dev_cer": report.cer, "dev_examples": examples}
 
 
 def snapshot(run: Run) -> None:
