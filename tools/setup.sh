@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up speechtl on a fresh Debian/Ubuntu machine with Python 3.11:
-# a virtual environment in .venv with the package and its test tools, and espeak-ng.
+# a virtual environment in .venv with the package and its test tools, espeak-ng, and chromium
+# with its driver (for the browser test of `speechtl serve`).
 # Safe to run again; it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,14 @@ if ! "$PY" -c "import venv, ensurepip" 2>/dev/null; then
 fi
 if ! command -v espeak-ng >/dev/null; then
     apt_install espeak-ng
+fi
+# the browser test of `speechtl serve`'s page (it skips, saying so, where these are missing)
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt_install chromium chromium-driver
+    else
+        echo "setup: chromium and chromium-driver are missing: the browser test of speechtl serve will skip" >&2
+    fi
 fi
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv

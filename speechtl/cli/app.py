@@ -16,7 +16,7 @@ import os
 import sys
 
 from ..core.constants import __version__
-from . import decode, extract, prepare, train
+from . import decode, extract, prepare, serve, train
 from .common import Parser, add_common
 
 logger = logging.getLogger("speechtl")
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_export(sub)
     train.add_average(sub)
     decode.add_zeroshot(sub)
+    serve.add_serve(sub)
     extract.add_fetch_encoder(sub)
 
     for sp in sub.choices.values():
