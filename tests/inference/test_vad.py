@@ -118,9 +118,28 @@ def test_cli_segments_follow_pauses_and_vad_off_keeps_windows(tmp_path, talk, ca
         if vad == "on":
             assert not any(s["start"] < quiet_from + 0.3 and s["end"] > quiet_to - 0.3 for s in out["segments"])
             assert len(out["segments"]) >= 10  # a cue per clip: each pause of 0.6 s ends one
-    assert main(["align", str(trained_model), str(path), " ".join(w["word"] for w in words), "--chunk-length-s", "6",
+            text = " ".join(w["word"] for w in words)
+    assert main(["align", str(trained_model), str(path), text, "--chunk-length-s", "6",
                  "--out", str(tmp_path / "a.srt"), "--format", "srt", "-q"]) == 0
     import srt
 
     cues = list(srt.parse((tmp_path / "a.srt").read_text()))
     assert cues and not any(c.start.total_seconds() < quiet_from and c.end.total_seconds() > quiet_to for c in cues)
+
+
+def test_evaluate_cuts_long_recordings_at_pauses_too(tmp_path, talk, trained_model, monkeypatch, capsys):
+    from speechtl.data.manifest import Utterance, write_manifest
+    from speechtl.inference import vad
+
+    path, _, _ = talk
+    calls = []
+    real = vad.find_pieces
+    monkeypatch.setattr(vad, "find_pieces", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    m = write_manifest(tmp_path / "m.jsonl", [Utterance("talk", str(path), "a talk", sf.info(path).duration)])
+    scores = {}
+    for setting in ("on", "off"):
+        assert main(["evaluate", str(trained_model), str(m), "--chunk-length-s", "6", "--vad", setting,
+                     "--json", str(tmp_path / f"{setting}.json"), "-q"]) == 0
+        scores[setting] = json.loads((tmp_path / f"{setting}.json").read_text())
+    assert calls == [sf.info(path).frames]  # once, for --vad on
+    assert scores["on"]["utterances"] == scores["off"]["utterances"] == 1
