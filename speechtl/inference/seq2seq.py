@@ -60,33 +60,38 @@ class Seq2SeqRecognizer:
     def transcriber(self, chunk_length_s: float = 30.0, stride_length_s: float | None = None,
                     max_batch_seconds: float | None = None, lm=None, beam_width: int | None = None, alpha: float = 0.5,
                     beta: float = 1.0, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0,
-                    streams: int | None = None, options: DecodeOptions | None = None) -> "Seq2SeqTranscriber":
+                    streams: int | None = None, options: DecodeOptions | None = None,
+                    vad="default") -> "Seq2SeqTranscriber":
+        """Long recordings are cut at pauses into pieces of at most ``chunk_length_s`` (``vad``,
+        as :meth:`speechtl.Recognizer.transcriber`), or with ``vad=None`` into back-to-back windows."""
+        from .vad import resolve
+
         o = options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight)
         if o.lm is not None or o.hotwords:
             raise ValueError("a seq2seq model decodes with Whisper's own decoder; an n-gram LM (--lm) and hotwords are "
                              "for CTC models")
         if chunk_length_s > s2s.WINDOW_S:
             raise ValueError(f"chunk_length_s: Whisper's window is {s2s.WINDOW_S:g} s (got {chunk_length_s:g})")
-        return Seq2SeqTranscriber(self, chunk_length_s, o.beam_width or 1, max_batch_seconds)
+        return Seq2SeqTranscriber(self, chunk_length_s, o.beam_width or 1, max_batch_seconds, resolve(vad))
 
     def transcribe(self, inputs, max_batch_seconds: float | None = None, progress: bool = False,
                    chunk_length_s: float = 30.0, stride_length_s: float | None = None, lm=None,
                    beam_width: int | None = None, alpha: float = 0.5, beta: float = 1.0,
                    hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0, return_timestamps: bool = False,
-                   options: DecodeOptions | None = None):
+                   options: DecodeOptions | None = None, vad="default"):
         """As :meth:`speechtl.Recognizer.transcribe`; segments carry times, words none."""
         from .transcribe import gather_inputs, results_in_order
 
         items, single = gather_inputs(inputs)
         tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, lm, beam_width, alpha, beta, hotwords,
-                              options=options)
+                              options=options, vad=vad)
         out = results_in_order(tr, items, progress, return_timestamps)
         return out[0] if single else out
 
     def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,
                  on_bad_audio: str = "error", lm=None, beam_width: int | None = None, alpha: float = 0.5,
                  beta: float = 1.0, chunk_length_s: float = 30.0, max_batch_seconds: float | None = None,
-                 options: DecodeOptions | None = None) -> dict:
+                 options: DecodeOptions | None = None, vad="default") -> dict:
         """Score on a manifest, as :meth:`speechtl.Recognizer.evaluate`; the summary also
         counts hypotheses that loop (``looping``) or run far past their reference
         (``hallucinated``)."""
@@ -94,7 +99,7 @@ class Seq2SeqRecognizer:
         from .transcribe import Item
 
         good, skipped = check_readable(utterances, on_bad_audio, " (--on-bad-audio skip leaves them out)")
-        tr = self.transcriber(chunk_length_s, None, max_batch_seconds, lm, beam_width, options=options)
+        tr = self.transcriber(chunk_length_s, None, max_batch_seconds, lm, beam_width, options=options, vad=vad)
         items = [Item(u.id, u.audio) for u in good]
         hyps = {}
         for i, t in tr.run_indexed(items, progress=progress):
@@ -112,10 +117,13 @@ class Seq2SeqRecognizer:
 
 
 class Seq2SeqTranscriber:
-    """Files in duration-sorted batches of short clips; long recordings in 30 s windows."""
+    """Files in duration-sorted batches of short clips; long recordings cut at pauses (``vad``)
+    or in back-to-back windows."""
 
-    def __init__(self, rec: Seq2SeqRecognizer, chunk_length_s: float, num_beams: int, max_batch_seconds: float | None):
+    def __init__(self, rec: Seq2SeqRecognizer, chunk_length_s: float, num_beams: int, max_batch_seconds: float | None,
+                 vad=None):
         self.rec = rec
+        self.vad = vad
         self.chunk_s = chunk_length_s
         self.num_beams = num_beams
         self.batch_size = max(1, int((max_batch_seconds or 240.0) // s2s.WINDOW_S))
@@ -143,7 +151,8 @@ class Seq2SeqTranscriber:
                 bar.update(1)
                 yield i, Transcript(items[i].path, error=reason, id=_id(items[i]))
             texts = self._decode([w for _, w in windows])
-            by_item: dict[int, list] = {}
+            gone = {i for i, _ in failed}
+            by_item: dict[int, list] = {i: [] for i in batch if i not in gone}  # a recording without speech has no windows
             for (i, offset), (text, conf), (_, wav) in zip(owners, texts, windows):
                 end = offset + len(wav) / SAMPLE_RATE
                 by_item.setdefault(i, []).append(Segment(round(offset, 3), round(end, 3), text, round(conf, 4)))
@@ -162,8 +171,15 @@ class Seq2SeqTranscriber:
                 failed.append((i, e.reason))
                 continue
             step = int(self.chunk_s * SAMPLE_RATE)
-            for a in range(0, max(1, len(wav)), step):
-                windows.append((i, wav[a:a + step]))
+            if self.vad is not None and len(wav) > step:  # pieces of speech, each decoded whole
+                from .vad import find_pieces
+
+                pieces = find_pieces(lambda a, n, w=wav: w[a:a + n], len(wav), self.vad, self.chunk_s)
+                spans = [(p.start, p.end) for p in pieces]
+            else:
+                spans = [(a, a + step) for a in range(0, max(1, len(wav)), step)]
+            for a, b in spans:
+                windows.append((i, wav[a:b]))
                 owners.append((i, a / SAMPLE_RATE))
         return windows, owners, failed
 

@@ -115,13 +115,20 @@ def test_transcribe_cli_json_and_long_audio(tiny_whisper, corpus, tmp_path):
     summary = train(_cfg(tiny_whisper, corpus, tmp_path / "run", max_steps=5, eval_every=5), progress=False)
     long = make_wav(tmp_path / "long.wav", 65.0)
     out = subprocess.run([sys.executable, "-m", "speechtl", "transcribe", summary["model_dir"], str(long),
-                          str(corpus["root"] / "0.wav"), "--format", "json", "-q"], capture_output=True, text=True)
+                          str(corpus["root"] / "0.wav"), "--format", "json", "--vad", "off", "-q"], capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stderr
     results = [json.loads(line) for line in out.stdout.splitlines()]
     by_path = {Path(r["path"]).name: r for r in results}
     segs = by_path["long.wav"]["segments"]
     assert [s["start"] for s in segs] == [0.0, 30.0, 60.0][: len(segs)] and segs[-1]["end"] <= 65.0
     assert by_path["0.wav"]["duration"] == pytest.approx(0.6)
+    # cut at pauses (VAD, the default): every piece within Whisper's window, the recording's length kept
+    out = subprocess.run([sys.executable, "-m", "speechtl", "transcribe", summary["model_dir"], str(long), "--format", "json",
+                          "-q"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    cut = json.loads(out.stdout)
+    assert cut["duration"] == pytest.approx(65.0) and all(0 <= s["end"] - s["start"] <= 30.0 for s in cut["segments"])
     with pytest.raises(ValueError, match="n-gram LM"):
         from speechtl import load
 
