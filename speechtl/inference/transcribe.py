@@ -6,7 +6,9 @@ seconds. Longer files are cut into overlapping windows, as in the transformers A
 pipeline's ``chunk_length_s``/``stride_length_s``: each window is read from disk on its
 own (``load_audio(offset=, duration=)``), so memory stays bounded whatever the length,
 and the frames of its left and right strides are dropped, so the kept frames tile the
-recording. Decoding then runs once over the stitched frame log-probabilities.
+recording. With a ``vad`` (:mod:`speechtl.inference.vad`), long files are instead cut at
+pauses: only the pieces of speech run, each with a little context, and the frames
+between them are blank. Decoding then runs once over the stitched frame log-probabilities.
 
 Times come from CTC frame spans: a character's time is the run of frames on which it
 is the best class; a word runs from its first character's first frame to its last
