@@ -20,6 +20,7 @@ from . import decode, extract, prepare, serve, train
 from .common import Parser, add_common
 
 logger = logging.getLogger("speechtl")
+THREADED = ("train", "extract", "evaluate", "transcribe", "align", "zeroshot", "export", "average")  # commands that run torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_serve(sub)
     extract.add_fetch_encoder(sub)
 
-    for sp in sub.choices.values():
-        add_common(sp)
+    for name, sp in sub.choices.items():
+        add_common(sp, threads=name in THREADED)
     return p
 
 
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "urllib3", "numba", "filelock", "pyctcdecode"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     _quiet_transformers(args.verbose)
+    from ..core.cpus import request_threads
+
+    request_threads(getattr(args, "threads", None))  # withdrawn again by a later main() without it
     try:
         return args.func(args)
     except KeyboardInterrupt:

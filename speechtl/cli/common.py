@@ -47,9 +47,13 @@ def start_up(args):
             gc.enable()
 
 
-def add_common(p: argparse.ArgumentParser) -> None:
+def add_common(p: argparse.ArgumentParser, threads: bool = False) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars; warnings and errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    if threads:
+        p.add_argument("--threads", type=at_least_one, default=None,
+                       help="CPU threads at most (default: the CPUs this process may use, after taskset, a cgroup "
+                            "CPU quota and OMP_NUM_THREADS)")
 
 
 def at_least_one(text: str) -> int:

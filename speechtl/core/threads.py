@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
 import torch
+
+from .cpus import cpu_threads
 
 START_TIMEOUT_S = 5.0  # the first tasks wait this long at most for each other
 
@@ -86,4 +90,103 @@ def cpu_streams(device: torch.device | str) -> int:
     than one split across them); on a GPU, one."""
     if torch.device(device).type != "cpu":
         return 1
-    return max(1, min(torch.get_num_threads(), 8))
+    return max(1, min(torch.get_num_threads(), cpu_threads(), 8))
+
+
+class ThreadTuner:
+    """Runs a repeated piece of work (a training update) on the intra-op threads that
+    measure fastest right now: ``threads`` or one.
+
+    Splitting a small matrix product across threads pays on an idle machine, but when
+    other processes hold cores a thread that is not running holds every other one at the
+    end of each parallel region: a BiLSTM's time steps, which are many and small, then
+    stall for seconds (``benchmarks/bench_lstm_threads.py``). No fixed rule knows whether
+    the machine is busy, and that changes during a run, so the tuner measures seconds per
+    unit of work (padded audio seconds) on each choice:
+
+    - the first call warms up; the next runs on ``threads`` and the one after on one thread,
+      and the faster goes on;
+    - on one thread, ``threads`` is tried again after ``explore_every`` calls, an interval
+      that doubles each time one thread still wins (up to ``explore_max``): other jobs end;
+    - either way, the other count is tried at once when the chosen one turns ``slower_by``
+      times slower than it was when chosen (another job started).
+
+    An idle machine so pays one call on one thread, and more only when its speed changes.
+    Use as ``with tuner.run(work): ...``; the caller's thread count is restored when a
+    call ends. With ``threads <= 1`` or ``tune=False`` every call runs on ``threads``.
+    ``clock`` gives seconds (tests pass their own).
+
+    Float results may differ in their last bits between thread counts (sums split
+    differently), so a run that must repeat exactly names its threads (``threads=N``), and
+    then runs on them throughout.
+    """
+
+    def __init__(self, threads: int, tune: bool = True, explore_every: int = 8, explore_max: int = 128,
+                 slower_by: float = 1.5, margin: float = 0.95, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.options = [threads, 1] if threads > 1 and tune else [max(threads, 1)]
+        self.explore_every, self.explore_max, self.slower_by, self.margin = explore_every, explore_max, slower_by, margin
+        self.rate: dict[int, float] = {}  # seconds per unit of work, smoothed, per thread count
+        self.settled: float | None = None  # the chosen way's rate when it was last confirmed
+        self.calls = 0
+        self.choice = self.options[0]
+        self.interval = explore_every
+        self.next_try = 0  # the call that tries the other way
+        # the first ways to run: (threads, whether the call counts); the first warms up
+        self.plan = [(self.options[0], False), (self.options[0], True), (1, True)] if len(self.options) > 1 else []
+        self.switches = 0
+
+    def _pick(self) -> int:
+        if len(self.options) == 1:
+            return self.options[0]
+        if self.plan:
+            return self.plan[0][0]
+        if self.calls >= self.next_try:
+            return self.options[1] if self.choice == self.options[0] else self.options[0]
+        return self.choice
+
+    def _record(self, threads: int, rate: float) -> None:
+        self.calls += 1
+        if self.plan:  # probing
+            if self.plan.pop(0)[1]:
+                self.rate[threads] = rate
+            if not self.plan:
+                self._settle(min(self.options, key=lambda o: self.rate.get(o, math.inf)))
+            return
+        if threads != self.choice:  # the other way, tried once
+            self.rate[threads] = rate
+            if rate < self.margin * self.rate[self.choice]:
+                self.switches += 1
+                self.interval = self.explore_every
+                self._settle(threads)
+            else:
+                self.interval = min(2 * self.interval, self.explore_max)
+                self._settle(self.choice)
+            return
+        self.rate[threads] = 0.7 * self.rate[threads] + 0.3 * rate
+        if self.settled is not None and self.rate[threads] > self.slower_by * self.settled:
+            self.next_try = self.calls  # slower than it was: is the other way faster now?
+
+    def _settle(self, threads: int) -> None:
+        """Go on with ``threads``; on one thread, try the others again after the interval."""
+        self.choice = threads
+        self.settled = self.rate[threads]
+        self.next_try = self.calls + self.interval if threads == 1 else math.inf
+
+    @contextlib.contextmanager
+    def run(self, work: float = 1.0):
+        """Time the block, run on the chosen thread count; ``work`` is its size in any unit
+        that grows with its cost (padded audio seconds)."""
+        threads = self._pick()
+        before = torch.get_num_threads()
+        if before != threads:
+            torch.set_num_threads(threads)
+        t0 = self.clock()
+        try:
+            yield threads
+        finally:
+            elapsed = self.clock() - t0
+            if before != threads:
+                torch.set_num_threads(before)
+        if len(self.options) > 1:
+            self._record(threads, elapsed / max(work, 1e-9))

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..core.constants import SMALL_JOB_CLIPS, SMALL_JOB_SECONDS  # noqa: F401  (re-exported)
+from ..core.cpus import cap_workers, cpu_threads
 from .audio import SAMPLE_RATE, change_speed, load_audio
 from .manifest import Utterance
 
@@ -293,7 +294,7 @@ def sorted_loader(dataset, max_batch_seconds: float, collate_fn, num_workers: in
     """Duration-sorted, unshuffled batches for inference and feature extraction."""
     sampler = DynamicBucketSampler(dataset.durations, max_batch_seconds, shuffle=False)
     pin = device is not None and torch.device(device).type == "cuda"
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=cap_workers(num_workers), pin_memory=pin)
 
 
 def padding_overhead(batches: Sequence[Sequence[int]], durations: Sequence[float]) -> float:
@@ -325,12 +326,11 @@ def decode_workers(device: torch.device | str, durations: Sequence[float] | None
     """Default DataLoader workers for decoding audio next to an encoder: none for a small
     job (:func:`is_small_job`, when the clips' ``durations`` are given); none on a CPU with
     at most 4 cores, where worker processes only take cores from the model; else 2 on a
-    CPU and up to 8 on a GPU."""
-    import os
-
+    CPU and up to 8 on a GPU; never more than the CPUs this process may use
+    (:func:`~speechtl.core.cpus.cpu_budget`: affinity, cgroup quota, ``--threads``)."""
     if durations is not None and is_small_job(durations):
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_threads()
     if torch.device(device).type == "cuda":
         return min(8, max(cores - 1, 0))
     return 0 if cores <= 4 else 2

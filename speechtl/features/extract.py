@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..core.cpus import apply_budget, cap_workers
 from ..core.io import atomic_path, write_json
 from ..core.precision import AMP_FOR_COMPUTE, compute_dtype_name
 from ..data.loader import (
@@ -74,6 +75,7 @@ def extract_in_memory(
     amp: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Return ``{utterance id: (layers, frames, dim) float16}`` for every utterance."""
+    apply_budget()
     device = torch.device(device)
     if max_batch_seconds is None:
         max_batch_seconds = encoder_batch_seconds(device)
@@ -195,6 +197,7 @@ def extract_to_cache(
     finished before the others (rank 0 returns the cache once all shards exist).
     """
     _check_request(encoder, utterances, dtype, shard_seconds, shard_gb)
+    apply_budget()
     if rank is None or world_size is None:
         rank, world_size = _dist_info()
     out = Path(out_dir)
@@ -268,8 +271,7 @@ def _extract_todo(encoder, todo, by_id, out, layer_ids, dtype, device, max_batch
     """Extract the shards still to do, with the decoding processes and (for a big job on a
     CPU) the streams and CNN that suit the job."""
     todo_durations = [by_id[i].duration for s in todo for i in s.ids]
-    if num_workers is None:
-        num_workers = decode_workers(device, todo_durations)
+    num_workers = decode_workers(device, todo_durations) if num_workers is None else cap_workers(num_workers)
     fast_cnn = encoder.fast_cnn
     if streams is None and device.type == "cpu" and not is_small_job(todo_durations):
         # a job this size repays timing the ways of running the encoder here (once per machine)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..core.cpus import apply_budget
 from ..core.distributed import pick_device
 from ..data.audio import AudioError
 from ..data.loader import AudioDataset, collate, encoder_batch_seconds, sorted_loader
@@ -117,6 +118,7 @@ class Recognizer:
 
     def __init__(self, model: CTCModel, vocab: Vocabulary, normalizer: Normalizer, meta: dict | None = None,
                  device: str | None = None, model_dir: str | os.PathLike | None = None):
+        apply_budget()
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         if model.policy.adapters:  # inference only: LoRA updates folded into the base weights

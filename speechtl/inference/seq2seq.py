@@ -28,8 +28,10 @@ class Seq2SeqRecognizer:
 
     def __init__(self, model, processor, normalizer: Normalizer, meta: dict, device: str | None = None,
                  model_dir: str | os.PathLike | None = None):
+        from ..core.cpus import apply_budget
         from ..core.distributed import pick_device
 
+        apply_budget()
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.processor = processor

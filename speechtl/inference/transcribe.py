@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..core.cpus import apply_budget
 from ..core.threads import cpu_streams, in_order
 from ..data.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_info, load_audio
 from ..data.loader import cut_batches, encoder_batch_seconds, pad_waveforms
@@ -194,6 +195,7 @@ class Transcriber:
                  chunk_length_s: float = 30.0, stride_length_s: float | None = None,
                  max_batch_seconds: float | None = None, max_gap_s: float = 1.0, max_segment_s: float = 10.0,
                  streams: int | None = None, vad=None):
+        apply_budget()
         self.model = model
         self.vad = vad  # a VadOptions: long files cut at pauses (None: fixed overlapping windows)
         self.vocab = vocab

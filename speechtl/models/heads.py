@@ -69,8 +69,9 @@ class BiLSTMHead(nn.Module):
     4 x 500 frames twice as fast as one, but beside one other busy process 2 threads take
     twice as long as one, and on a loaded machine steps stall for seconds
     (``benchmarks/bench_lstm_threads.py``). Transcription therefore runs batches side by
-    side on one thread each (``Transcriber``'s ``streams``); set ``OMP_NUM_THREADS=1`` for
-    training runs that share a machine.
+    side on one thread each (``Transcriber``'s ``streams``), and training runs each update
+    on all threads or on one, whichever measures faster at the time
+    (:class:`speechtl.core.threads.ThreadTuner`).
     """
 
     def __init__(self, input_size: int, vocab_size: int, hidden_size: int = 256, num_layers: int = 2, dropout: float = 0.1):

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..core import distributed as dist_util
+from ..core.cpus import cap_workers
 from ..core.distributed import DistContext
 from ..core.precision import autocast_dtype, compute_dtype_name
 from ..data.augment import Augmenter
@@ -234,7 +235,7 @@ def open_or_extract(encoder, utterances, path: Path, device, max_batch_seconds: 
 def workers_for(cfg: TrainConfig, device: torch.device, utterances: list[Utterance]) -> int:
     """``num_workers``, or when unset the rule for jobs beside an encoder (:func:`decode_workers`)."""
     if cfg.num_workers is not None:
-        return cfg.num_workers
+        return cap_workers(cfg.num_workers)
     return decode_workers(device, [u.duration for u in utterances])
 
 

@@ -170,6 +170,10 @@ class TrainConfig:
     num_workers: int | None = _f(None, "DataLoader worker processes decoding audio (unset: none for a small job, under 200 "
                                        "clips or 10 min of audio, and on a CPU with at most 4 cores; else 2 on a CPU, "
                                        "up to 8 on a GPU)")
+    threads: int | None = _f(None, "CPU threads (unset: the CPUs this process may use, after taskset, a cgroup CPU "
+                                   "quota and OMP_NUM_THREADS, each update on all of them or on one, whichever "
+                                   "measures faster at the time; set: every update on that many, at most the "
+                                   "CPUs, so that float results repeat exactly)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     log_every: int = _f(10, "updates between rows of metrics.csv")
     log: str = _f("csv", "where the training metrics go: csv (metrics.csv), or csv,tensorboard (also TensorBoard event "
@@ -192,7 +196,7 @@ class TrainConfig:
             raise ValueError(f"config key 'device': {self.device!r} is not auto, cpu, cuda or cuda:N")
         at_least = {"max_steps": 1, "grad_accum": 1, "eval_every": 1, "log_every": 1, "bilstm_hidden": 1,
                     "bilstm_layers": 1, "mask_time_length": 1, "mask_feature_length": 1, "patience": 0,
-                    "freeze_encoder_steps": 0, "num_workers": 0, "save_every": 1, "freeze_layers": 0, "average_last": 0,
+                    "freeze_encoder_steps": 0, "num_workers": 0, "threads": 1, "save_every": 1, "freeze_layers": 0, "average_last": 0,
                     "lora_rank": 1, "adapter_dim": 1}
         for key, low in at_least.items():
             v = getattr(self, key)

@@ -11,6 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import distributed as dist_util
+from ..core.cpus import requested
+from ..core.threads import ThreadTuner
 from ..models.ctc import ctc_loss
 from . import checkpoint
 from .config import TrainConfig
@@ -71,6 +73,10 @@ def train_loop(run: Run, should_stop: Callable[[int], bool] | None, complete: bo
     run.optimizer.zero_grad(set_to_none=True)
     reason = st.finished if complete else None
     save_every = cfg.save_every or cfg.eval_every
+    # on a CPU each micro-batch (and the update it ends) runs on the threads that measure
+    # fastest now: all of them on an idle machine, one beside other busy processes; threads
+    # named by the user (threads=, --threads) are kept throughout
+    tuner = ThreadTuner(torch.get_num_threads(), tune=run.device.type == "cpu" and cfg.threads is None and requested() is None)
     micro, loss_acc, aux_acc, audio_acc, utts_acc = 0, 0.0, 0.0, 0.0, 0  # since the last update
     while reason is None:
         for batch in run.loader:  # the sampler starts the epoch after the batches it has handed out
@@ -78,16 +84,18 @@ def train_loop(run: Run, should_stop: Callable[[int], bool] | None, complete: bo
             run.model.encoder_trainable = cfg.policy.encoder_grad and st.step >= cfg.freeze_encoder_steps
             # gradients are averaged across ranks on the last micro-batch of an update only
             sync = micro + 1 >= cfg.grad_accum or not ctx.enabled
-            with contextlib.nullcontext() if sync else run.step_module.no_sync():
-                loss, aux = micro_step(run, batch)
+            with tuner.run(max(batch.durations) * len(batch.durations)):
+                with contextlib.nullcontext() if sync else run.step_module.no_sync():
+                    loss, aux = micro_step(run, batch)
+                micro += 1
+                if micro >= cfg.grad_accum:
+                    optimizer_step(run)
             loss_acc = loss_acc + loss
             aux_acc = aux_acc if aux is None else aux_acc + aux
             audio_acc += float(sum(batch.durations))
             utts_acc += len(batch.durations)
-            micro += 1
             if micro < cfg.grad_accum:
                 continue
-            optimizer_step(run)
             st.step += 1
             st.elapsed = time.monotonic() - start
             if budget is not None and refit_due(st.step, run.horizon):

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from ..core import distributed as dist_util
+from ..core.cpus import apply_budget
 from ..core.distributed import DistContext
 from ..core.io import atomic_path, write_json
 from . import checkpoint
@@ -46,7 +47,23 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
     sampler deals each rank its own batches, DistributedDataParallel averages the
     gradients, dev scoring is gathered across ranks, and only rank 0 writes files. One
     update then covers ``world_size x grad_accum`` micro-batches.
+
+    On a CPU the run uses the threads :func:`speechtl.core.cpus.cpu_budget` allows, each
+    update on all of them or on one, whichever measures faster at the time; float results
+    may then differ in their last bits between two runs. ``threads=N`` runs every update
+    on N threads (at most the budget), so that a run and its resumed copy repeat exactly;
+    the caller's thread count comes back afterwards.
     """
+    caller_threads = torch.get_num_threads()
+    apply_budget(cfg.threads)
+    try:
+        return _train_on(cfg, progress, should_stop)
+    finally:
+        if cfg.threads is not None:
+            torch.set_num_threads(caller_threads)
+
+
+def _train_on(cfg: TrainConfig, progress: bool, should_stop: Callable[[int], bool] | None) -> dict:
     ctx, device = dist_util.setup(cfg.device)
     interrupt = _GracefulInterrupt()
     stop = interrupt if should_stop is None else (lambda step: should_stop(step) or interrupt(step))

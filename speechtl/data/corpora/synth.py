@@ -29,6 +29,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ...core.cpus import cpu_threads
 from ...data.audio import SAMPLE_RATE, resample, write_wav
 from ...data.manifest import Utterance, write_manifest
 from ...data.text import Normalizer
@@ -66,7 +67,7 @@ class SynthConfig:
     rate_range: tuple[int, int] = (130, 200)
     pitch_range: tuple[int, int] = (30, 70)
     n_speakers: int = 12
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=cpu_threads)
     noise_snr_db: float | None = None  # white noise at this SNR (dB); None: clean
     prefix: str = ""  # prepended to every utterance id
     speakers: tuple[str, ...] | None = None
