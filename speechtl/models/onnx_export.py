@@ -18,7 +18,10 @@ model, front end included, so that a padded batch gives each clip what it gives 
   (Whisper's own decoder) are refused before any work.
 
 ``lengths`` has a default (one clip, as long as the input), so that sherpa-onnx, which
-feeds a single waveform input, can run the same file. ``--quantize int8`` adds
+feeds a single waveform input, can run the same file. sherpa-onnx scales each waveform to
+zero mean and unit variance first; without ``lengths`` the graph therefore brings the
+clip to an RMS of ``SHERPA_LEVEL`` (0.1), which a Whisper front end needs (it reads the
+signal's level) and a normalising wav2vec2 ignores. ``--quantize int8`` adds
 ``model.int8.onnx``: ONNX Runtime's dynamic int8 quantisation of the matrix products
 with constant weights; the front end's DFT and mel filters stay in float.
 """
@@ -47,6 +50,10 @@ ONNX_META_FILE = "speechtl-onnx.json"  # the name inference.onnx reads it by
 OPSET = 17
 HOP, N_FFT = 160, 400
 LENGTH_DEFAULT = 2**40  # "as long as the input": the graph clamps lengths to the input's samples
+# RMS a clip gets when it comes without lengths: sherpa-onnx's omnilingual CTC type scales every
+# waveform to unit variance, and a Whisper-shaped front end reads level (speech at -20 dBFS RMS;
+# the test clips of the transfer demo lie at 0.07-0.10)
+SHERPA_LEVEL = 0.1
 
 
 class ExportError(ValueError):
@@ -103,6 +110,10 @@ class _Graph(nn.Module):
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         samples = torch.ones_like(waveforms, dtype=torch.long).sum(1)
+        # without lengths (sherpa-onnx, which scales each clip to unit variance first) the clip
+        # is brought back to a speech level; lengths given (speechtl) leave the signal as it is
+        gain = torch.where(lengths >= LENGTH_DEFAULT, SHERPA_LEVEL, 1.0).to(waveforms.dtype)
+        waveforms = waveforms * gain[:, None]
         lengths = torch.minimum(lengths, samples)
         hidden, frames = self._whisper(waveforms, lengths) if self.whisper else self._wav2vec2(waveforms, lengths)
         logits = self.model.head(self._layer_sum(hidden), frames)

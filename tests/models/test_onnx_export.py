@@ -199,3 +199,22 @@ def test_sherpa_onnx_reads_the_folder_and_agrees_on_a_normalised_wav2vec2(tmp_pa
         rec.decode_stream(s)
         theirs.append(" ".join(s.result.text.split()))
     assert theirs == ours and any(ours)
+
+
+def test_sherpa_onnx_gives_a_whisper_front_end_speech_level(exported, clips):
+    """sherpa-onnx hands the graph unit-variance audio; without lengths the graph brings it to an
+    RMS of 0.1, so sherpa-onnx's texts are speechtl's on the clip at that level."""
+    sherpa_onnx = pytest.importorskip("sherpa_onnx")
+    from speechtl.data.audio import load_audio
+
+    rec = sherpa_onnx.OfflineRecognizer.from_omnilingual_asr_ctc(model=str(exported[0] / "model.onnx"),
+                                                                 tokens=str(exported[0] / "tokens.txt"))
+    ours = OnnxRecognizer.load(exported[0])
+    for c in clips:
+        a = load_audio(c) * 0.5  # not at RMS 0.1 already
+        s = rec.create_stream()
+        s.accept_waveform(16_000, a)
+        rec.decode_stream(s)
+        at_level = (a - a.mean()) / np.sqrt(a.var() + 1e-5) * 0.1
+        assert " ".join(s.result.text.split()) == ours.transcribe(at_level.astype(np.float32))
+        assert ours.transcribe(a) != ours.transcribe(a * 20)  # the level does matter to this front end
