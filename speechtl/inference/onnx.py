@@ -88,6 +88,9 @@ class OnnxModel:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # the default-lengths input draws a warning on every load
         opts.enable_cpu_mem_arena = False  # an arena keeps each window's peak: 60 min peaked at 397 MiB with it
+        # threads that spin while waiting for work take the cores from everything else on a shared
+        # machine (the transfer demo's test set: 20x real time spinning, 73x not, at load 19 on 2 cores)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

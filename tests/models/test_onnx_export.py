@@ -218,3 +218,19 @@ def test_sherpa_onnx_gives_a_whisper_front_end_speech_level(exported, clips):
         at_level = (a - a.mean()) / np.sqrt(a.var() + 1e-5) * 0.1
         assert " ".join(s.result.text.split()) == ours.transcribe(at_level.astype(np.float32))
         assert ours.transcribe(a) != ours.transcribe(a * 20)  # the level does matter to this front end
+
+
+def test_an_lm_exported_into_the_folder_is_its_default_decoder(whisper_frozen, clips, tmp_path):
+    pytest.importorskip("pyctcdecode")
+    from speechtl.decoding.lm import build_arpa
+
+    lm = tmp_path / "words.arpa"
+    lm.write_text(build_arpa(["abc bad", "cab dab fed", "ace bead"], 2))
+    assert main(["export", str(whisper_frozen), "--format", "onnx", "--lm", str(lm), "--alpha", "0.9",
+                 "--out", str(tmp_path / "o")]) == 0
+    rec = OnnxRecognizer.load(tmp_path / "o")
+    assert (tmp_path / "o" / "lm.arpa").read_text() == lm.read_text()
+    default = rec.transcribe(clips)
+    assert default == rec.transcribe(clips, lm=str(tmp_path / "o" / "lm.arpa"), alpha=0.9)
+    assert type(rec.transcriber().decoder).__name__ == "BeamDecoder"  # not greedy
+    assert rec.evaluate([], out_dir=None)["decoder"] == "beam"
