@@ -234,3 +234,14 @@ def test_an_lm_exported_into_the_folder_is_its_default_decoder(whisper_frozen, c
     assert default == rec.transcribe(clips, lm=str(tmp_path / "o" / "lm.arpa"), alpha=0.9)
     assert type(rec.transcriber().decoder).__name__ == "BeamDecoder"  # not greedy
     assert rec.evaluate([], out_dir=None)["decoder"] == "beam"
+
+
+def test_float_layers_stay_out_of_int8(whisper_frozen, tmp_path):
+    import onnx
+
+    out = export_onnx(whisper_frozen, tmp_path / "q", quantize="int8", float_layers=(0,))
+    nodes = onnx.load(str(out / "model.int8.onnx")).graph.node
+    integer = [n.name for n in nodes if n.op_type == "MatMulInteger"]
+    assert integer and not any("layers.0/" in n for n in integer) and any("layers.1/" in n for n in integer)
+    with pytest.raises(ExportError, match="is for --quantize int8"):
+        export_onnx(whisper_frozen, tmp_path / "f", float_layers=(0,))
