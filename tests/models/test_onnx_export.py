@@ -245,3 +245,14 @@ def test_float_layers_stay_out_of_int8(whisper_frozen, tmp_path):
     assert integer and not any("layers.0/" in n for n in integer) and any("layers.1/" in n for n in integer)
     with pytest.raises(ExportError, match="is for --quantize int8"):
         export_onnx(whisper_frozen, tmp_path / "f", float_layers=(0,))
+
+
+def test_a_group_norm_cnn_runs_one_clip_per_batch_and_equals_torch(tmp_path, clips):
+    from conftest import tiny_encoder_dir
+
+    enc = tiny_encoder_dir(tmp_path, "wav2vec2", feat_extract_norm="group")
+    model_dir = _model_dir(tmp_path, str(enc), "finetune")
+    out = export_onnx(model_dir, tmp_path / "onnx")
+    assert json.loads((out / "speechtl-onnx.json").read_text())["one_clip_per_batch"] is True
+    _same_transcripts(Recognizer.load(model_dir).transcribe(clips, return_timestamps=True),
+                      OnnxRecognizer.load(out).transcribe(clips, return_timestamps=True))
