@@ -115,7 +115,9 @@ class OnnxModel:
         if self.one_clip and len(wavs) > 1:  # group-norm CNNs normalise over the whole input
             return [lp for w in wavs for lp in self.log_probs([w])]
         lengths = np.array([w.size for w in wavs], np.int64)
-        values = np.zeros((len(wavs), int(lengths.max())), np.float32)
+        # at least one wav2vec2 receptive field (400 samples) of input: the graph pads no shorter
+        # input up itself; each clip's own length still counts
+        values = np.zeros((len(wavs), max(int(lengths.max()), 400)), np.float32)
         for k, w in enumerate(wavs):
             values[k, : w.size] = w
         lp, frames = self.session.run(None, {"waveforms": values, "lengths": lengths})

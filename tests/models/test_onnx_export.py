@@ -115,6 +115,13 @@ def speechtl_load(path):
     return rec
 
 
+def test_clips_shorter_than_a_frame_decode(exported, tmp_path):
+    rec = OnnxRecognizer.load(exported[1])
+    for n in (1, 100, 399):
+        assert isinstance(rec.transcribe(np.full(n, 0.1, np.float32)), str)
+    assert rec.model.log_probs([np.zeros(100, np.float32)])[0].shape[0] == 1  # one frame, as torch gives
+
+
 def test_int8_runs_and_mostly_agrees_with_float(exported, clips):
     f, q = OnnxRecognizer.load(exported[0]), OnnxRecognizer.load(exported[1])
     from speechtl.data.audio import load_audio
