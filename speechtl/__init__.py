@@ -40,10 +40,12 @@ def __dir__() -> list[str]:
 def load(model_dir, device: str | None = None, lang: str | None = None):
     """Load a trained speechtl model directory; returns a :class:`speechtl.inference.recognizer.Recognizer`.
     ``lang`` picks the language of a model trained with ``mode=adapter`` (default: the one
-    trained last); ``Recognizer.set_language`` switches later without reloading the encoder."""
-    from .inference.recognizer import Recognizer
+    trained last); ``Recognizer.set_language`` switches later without reloading the encoder.
+    A folder written by ``speechtl export --format onnx`` loads as an
+    :class:`speechtl.inference.onnx.OnnxRecognizer`, which runs without torch."""
+    from .inference.onnx import load as load_any
 
-    return Recognizer.load(model_dir, device=device, lang=lang)
+    return load_any(model_dir, device=device, lang=lang)
 
 
 __all__ = ["AudioError", "ManifestError", "Recognizer", "Utterance", "load", "load_audio", "read_manifest", "write_manifest",

@@ -13,9 +13,9 @@ from .common import add_common, at_least_one, floats, start_up
 def cmd_evaluate(args) -> int:
     with start_up(args):
         from ..data.manifest import read_manifest
-        from ..inference.recognizer import Recognizer
+        from ..inference.onnx import load
 
-        rec = Recognizer.load(args.model_dir, device=args.device, lang=args.lang)
+        rec = load(args.model_dir, device=args.device, lang=args.lang)  # an ONNX folder runs without torch
     utts = read_manifest(args.manifest, check_files=False)
     # artefacts of `--json DIR/x.json` go to DIR/x/, so that two test sets scored into one folder keep theirs apart
     out_dir = Path(args.out_dir) if args.out_dir else (Path(args.json).with_suffix("") if args.json else Path(args.model_dir) / "eval")
@@ -108,7 +108,7 @@ def _output_names(items, ext: str) -> list[str]:
 def cmd_transcribe(args) -> int:
     with start_up(args):
         from ..core.io import write_text
-        from ..inference.recognizer import Recognizer
+        from ..inference.onnx import load
         from ..inference.transcribe import collect_inputs, render
 
     items = collect_inputs(args.paths)
@@ -119,7 +119,7 @@ def cmd_transcribe(args) -> int:
         print(f"speechtl transcribe: error: --format {args.format} with several inputs needs --out DIR", file=sys.stderr)
         return 2
     with start_up(args):
-        rec = Recognizer.load(args.model_dir, device=args.device, lang=args.lang)
+        rec = load(args.model_dir, device=args.device, lang=args.lang)  # an ONNX folder runs without torch
     tr = rec.transcriber(args.chunk_length_s, args.stride_length_s, args.batch_seconds, streams=args.streams,
                          options=decode_options(args), vad=vad_options(args))
     names = _output_names(items, args.format) if args.out else None

@@ -14,9 +14,10 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .cpus import cpu_threads
 
@@ -40,6 +41,8 @@ def in_order(fn: Callable, items: Iterable, streams: int) -> Iterator:
         for item in items:
             yield fn(item)
         return
+    import torch
+
     source = iter(items)
     lock = threading.Lock()
     drawn = 0  # items taken from the source so far
@@ -88,6 +91,8 @@ def cpu_streams(device: torch.device | str) -> int:
     """Default number of batches an encoder runs at once: on a CPU, one per core, each on
     one intra-op thread (several small matrix products side by side keep the cores busier
     than one split across them); on a GPU, one."""
+    import torch
+
     if torch.device(device).type != "cpu":
         return 1
     return max(1, min(torch.get_num_threads(), cpu_threads(), 8))

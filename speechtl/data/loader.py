@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..core.constants import SMALL_JOB_CLIPS, SMALL_JOB_SECONDS  # noqa: F401  (re-exported)
 from ..core.cpus import cap_workers, cpu_threads
 from .audio import SAMPLE_RATE, change_speed, load_audio
+from .batching import cut_batches
 from .manifest import Utterance
 
 logger = logging.getLogger(__name__)
@@ -262,25 +263,6 @@ class DynamicBucketSampler(Sampler[list[int]]):
             padded += max(ds) * len(ds)
             real += sum(ds)
         return 0.0 if padded == 0 else 1.0 - real / padded
-
-
-def cut_batches(order: Sequence[int], durations: Sequence[float], max_batch_seconds: float,
-                max_batch_size: int | None = None) -> list[list[int]]:
-    """Cut ``order`` greedily into batches whose padded seconds stay under the cap."""
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    cur_max = 0.0
-    for i in order:
-        new_max = max(cur_max, durations[i])
-        full = max_batch_size is not None and len(cur) >= max_batch_size
-        if cur and (new_max * (len(cur) + 1) > max_batch_seconds or full):
-            batches.append(cur)
-            cur, new_max = [], durations[i]
-        cur.append(i)
-        cur_max = new_max
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 def random_batches(durations: Sequence[float], max_batch_seconds: float, seed: int = 0) -> list[list[int]]:

@@ -18,10 +18,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from ..data.text import UNK_TEXT, Vocabulary
 
@@ -160,6 +162,7 @@ def align_words(log_probs: np.ndarray, text: str, vocab: Vocabulary, frame_s: fl
     """Word times of a known (normalised) transcript, by CTC forced alignment
     (``torchaudio.functional.forced_align``). A word's confidence is the mean posterior
     of its units' aligned frames."""
+    import torch
     import torchaudio.functional as taF
 
     words = text.split()

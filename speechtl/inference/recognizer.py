@@ -136,7 +136,10 @@ class Recognizer:
         """Load a model directory (or a training run's folder); ``lang`` picks the language of
         an adapter model (default: the one trained last)."""
         from ..models.model_dir import read_meta, resolve_model_dir
+        from .onnx import OnnxRecognizer, is_onnx_dir
 
+        if is_onnx_dir(model_dir):  # an exported ONNX folder: onnxruntime, no torch model
+            return OnnxRecognizer.load(model_dir, device=device, lang=lang)
         model_dir = resolve_model_dir(model_dir)
         if read_meta(model_dir).get("mode") == "seq2seq":  # Whisper's own decoder: its recogniser
             from .seq2seq import Seq2SeqRecognizer

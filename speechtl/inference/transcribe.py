@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..core.cpus import apply_budget
 from ..core.threads import cpu_streams, in_order
 from ..data.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_info, load_audio
-from ..data.loader import cut_batches, encoder_batch_seconds, pad_waveforms
+from ..data.batching import cut_batches
 from ..data.text import Vocabulary
 from ..decoding.decoders import GreedyDecoder, Word
 
@@ -191,7 +190,7 @@ class _Window:
 class Transcriber:
     """Runs a loaded model over inputs and turns frame log-probs into transcripts."""
 
-    def __init__(self, model, vocab: Vocabulary, device: torch.device, decoder: Callable | None = None,
+    def __init__(self, model, vocab: Vocabulary, device, decoder: Callable | None = None,
                  chunk_length_s: float = 30.0, stride_length_s: float | None = None,
                  max_batch_seconds: float | None = None, max_gap_s: float = 1.0, max_segment_s: float = 10.0,
                  streams: int | None = None, vad=None):
@@ -226,6 +225,8 @@ class Transcriber:
                 raise ValueError(f"this model makes {int(frames_of(self.read_len))} frames from {self.read_len} samples; "
                                  f"windows need {want}")
         if max_batch_seconds is None:
+            from ..data.loader import encoder_batch_seconds
+
             max_batch_seconds = encoder_batch_seconds(device)
         self.max_batch_seconds = max_batch_seconds
         # short files' batches run this many at a time on a CPU, each on one thread
@@ -238,10 +239,14 @@ class Transcriber:
                              f"{vad.context_s:g} s of context each side")
         self.max_segment_s = max_segment_s
 
-    @torch.inference_mode()
     def _log_probs(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        from ..data.loader import pad_waveforms
+
         values, lengths = pad_waveforms([torch.from_numpy(w) for w in wavs])
-        logits, frames = self.model(values.to(self.device), lengths.to(self.device))
+        with torch.inference_mode():
+            logits, frames = self.model(values.to(self.device), lengths.to(self.device))
         lp = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
         return [lp[i, : int(n)] for i, n in enumerate(frames.cpu())]
 

@@ -1,0 +1,246 @@
+"""Running an exported ONNX folder (``speechtl export --format onnx``) without torch.
+
+The folder holds ``model.onnx`` or ``model.int8.onnx``, sherpa-onnx's ``tokens.txt``,
+``speechtl-onnx.json`` (vocabulary, frame geometry, default decoding), ``vocab.json``
+(``tokenizer.json`` for subword units) and ``normalizer.json``. This module needs
+onnxruntime, numpy, soundfile and soxr, and imports neither torch nor transformers (a
+test checks ``sys.modules``): the transcriber, decoders, metrics and output formats are
+the torch path's own, so texts, word times and confidences, JSON/SRT/VTT, beam search
+with an LM and long files in windows come out the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..data.audio import AudioError
+from ..data.manifest import Utterance
+from ..data.text import UNK_TEXT, load_normalizer
+from ..data.units import WORD_START, load_vocabulary
+from ..decoding.metrics import UtteranceResult, score, write_results
+from ..decoding.options import DecodeOptions
+
+ONNX_META_FILE = "speechtl-onnx.json"
+CPU_BATCH_SECONDS = 10.0  # as the torch path's cap on a CPU (data.loader.encoder_batch_seconds)
+
+
+class OnnxFolderError(ValueError):
+    pass
+
+
+def is_onnx_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an exported ONNX folder (it holds ``speechtl-onnx.json``)."""
+    return (Path(path) / ONNX_META_FILE).is_file()
+
+
+def read_onnx_meta(folder: str | os.PathLike) -> dict:
+    """The folder's record, after checking that its model file and ``tokens.txt`` are there
+    and that ``tokens.txt`` matches the vocabulary: a clear error before any work."""
+    folder = Path(folder)
+    meta = json.loads((folder / ONNX_META_FILE).read_text(encoding="utf-8"))
+    model = folder / meta["model"]
+    if not model.is_file():
+        raise OnnxFolderError(f"{model}: missing ({ONNX_META_FILE} names it as the model); export the folder again")
+    check_tokens(folder / meta.get("tokens", "tokens.txt"), meta["vocab"])
+    return meta
+
+
+def check_tokens(path: Path, vocab: Sequence[str]) -> None:
+    """``tokens.txt`` must list the model's units in order: ``symbol id``, blank first."""
+    if not path.is_file():
+        raise OnnxFolderError(f"{path}: missing; an exported ONNX folder needs tokens.txt (sherpa-onnx's symbol table, "
+                              f"{len(vocab)} lines); export the folder again with speechtl export --format onnx")
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if len(lines) != len(vocab):
+        raise OnnxFolderError(f"{path}: {len(lines)} tokens, but the model has {len(vocab)} output units")
+    for i, (line, tok) in enumerate(zip(lines, vocab)):
+        parts = line.split()
+        want = "<blk>" if i == 0 else (UNK_TEXT if i == 1 else (WORD_START if tok == "|" else tok))
+        if len(parts) != 2 or parts[1] != str(i) or parts[0] not in (want, tok):
+            raise OnnxFolderError(f"{path}: line {i + 1} is {line!r}, but the model's unit {i} is {want!r} "
+                                  f"(expected '{want} {i}')")
+
+
+@dataclass(frozen=True)
+class _Device:
+    type: str = "cpu"
+
+
+@dataclass(frozen=True)
+class _EncoderInfo:
+    frame_rate: float
+    max_seconds: float
+
+
+class OnnxModel:
+    """An ONNX Runtime session over padded batches: ``log_probs(wavs)`` gives each clip's
+    ``(T, V)`` frame log-probabilities."""
+
+    def __init__(self, path: str | os.PathLike, meta: dict, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # the default-lengths input draws a warning on every load
+        opts.enable_cpu_mem_arena = False  # an arena keeps each window's peak: 60 min peaked at 397 MiB with it
+        # threads that spin while waiting for work take the cores from everything else on a shared
+        # machine (the transfer demo's test set: 20x real time spinning, 73x not, at load 19 on 2 cores)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        out = self.session.get_outputs()[0].shape
+        if isinstance(out[-1], int) and out[-1] != len(meta["vocab"]):
+            raise OnnxFolderError(f"{path}: the model has {out[-1]} output units but {ONNX_META_FILE} lists "
+                                  f"{len(meta['vocab'])}")
+        self.encoder = _EncoderInfo(float(meta["frame_rate"]), float(meta["max_seconds"]))
+        self.rule = meta["frames"]
+        self.one_clip = bool(meta.get("one_clip_per_batch"))
+
+    def frame_lengths(self, samples: int) -> int:
+        if self.rule["kind"] == "whisper":
+            mel = max(int(samples), 160) // 160
+            return (mel - 1) // 2 + 1
+        n = int(samples)
+        for k, s in zip(self.rule["kernels"], self.rule["strides"]):
+            n = max((n - k) // s + 1, 0)
+        return n
+
+    def log_probs(self, wavs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if self.one_clip and len(wavs) > 1:  # group-norm CNNs normalise over the whole input
+            return [lp for w in wavs for lp in self.log_probs([w])]
+        lengths = np.array([w.size for w in wavs], np.int64)
+        # at least one wav2vec2 receptive field (400 samples) of input: the graph pads no shorter
+        # input up itself; each clip's own length still counts
+        values = np.zeros((len(wavs), max(int(lengths.max()), 400)), np.float32)
+        for k, w in enumerate(wavs):
+            values[k, : w.size] = w
+        lp, frames = self.session.run(None, {"waveforms": values, "lengths": lengths})
+        return [lp[i, : int(n)] for i, n in enumerate(frames)]
+
+
+def _transcriber_class():
+    from .transcribe import Transcriber
+
+    class OnnxTranscriber(Transcriber):
+        def _log_probs(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+            return self.model.log_probs(wavs)
+
+    return OnnxTranscriber
+
+
+class OnnxRecognizer:
+    """:class:`~speechtl.inference.recognizer.Recognizer`'s interface over an exported ONNX folder."""
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None):
+        self.model_dir = Path(folder)
+        self.meta = read_onnx_meta(folder)
+        units_meta = {"units": self.meta.get("units", "char")}
+        self.vocab = load_vocabulary(folder, units_meta)
+        if list(self.vocab.tokens) != list(self.meta["vocab"]):
+            raise OnnxFolderError(f"{folder}: the vocabulary files disagree with {ONNX_META_FILE}'s vocab")
+        self.normalizer = load_normalizer(self.model_dir / "normalizer.json")
+        self.model = OnnxModel(self.model_dir / self.meta["model"], self.meta, threads)
+        self.device = _Device()
+        self._decoders: dict = {}
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, device: str | None = None, lang: str | None = None) -> "OnnxRecognizer":
+        if device not in (None, "cpu", "auto"):
+            raise OnnxFolderError(f"{folder}: an ONNX folder runs on the CPU with onnxruntime (got device {device!r})")
+        rec = cls(folder)
+        if lang is not None and lang != rec.language:
+            have = rec.language or "none (not an adapter model)"
+            raise OnnxFolderError(f"{folder}: exported for language {have}; export the model again with --lang {lang}")
+        return rec
+
+    @property
+    def language(self) -> str | None:
+        return self.meta.get("language")
+
+    @property
+    def languages(self) -> list[str]:
+        return [self.language] if self.language else []
+
+    def default_options(self) -> DecodeOptions:
+        """The folder's decoding (its LM, when exported with one), else greedy."""
+        d = self.meta.get("decoding")
+        if not d:
+            return DecodeOptions()
+        return DecodeOptions.of(self.model_dir / d["lm"], d.get("beam_width"), d.get("alpha", 0.5), d.get("beta", 1.0))
+
+    def decoder(self, options: DecodeOptions | None = None):
+        from ..decoding.decoders import BeamDecoder, GreedyDecoder
+
+        o = options or DecodeOptions()
+        if o.greedy:
+            return GreedyDecoder(self.vocab)
+        key = (o.lm, o.width, o.alpha, o.beta, o.hotwords, o.hotword_weight)
+        if key not in self._decoders:
+            self._decoders[key] = BeamDecoder(self.vocab, o.lm, o.alpha, o.beta, o.width, list(o.hotwords) or None,
+                                              o.hotword_weight)
+        return self._decoders[key]
+
+    def transcriber(self, chunk_length_s: float = 30.0, stride_length_s: float | None = None,
+                    max_batch_seconds: float | None = None, lm=None, beam_width=None, alpha: float = 0.5,
+                    beta: float = 1.0, hotwords=None, hotword_weight: float = 10.0, streams: int | None = None,
+                    options: DecodeOptions | None = None):
+        """A transcriber over this folder's model (``streams`` is accepted for the torch
+        path's signature; ONNX Runtime spreads one batch over its own threads)."""
+        o = options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight)
+        if o == DecodeOptions():
+            o = self.default_options()
+        return _transcriber_class()(self.model, self.vocab, self.device, self.decoder(o), chunk_length_s,
+                                    stride_length_s, max_batch_seconds or CPU_BATCH_SECONDS, streams=1)
+
+    def transcribe(self, inputs: str | os.PathLike | np.ndarray | Iterable, max_batch_seconds: float | None = None,
+                   progress: bool = False, chunk_length_s: float = 30.0, stride_length_s: float | None = None,
+                   lm=None, beam_width=None, alpha: float = 0.5, beta: float = 1.0, hotwords=None,
+                   hotword_weight: float = 10.0, return_timestamps: bool = False, options: DecodeOptions | None = None):
+        """As :meth:`speechtl.inference.recognizer.Recognizer.transcribe`."""
+        from .transcribe import gather_inputs, results_in_order
+
+        items, single = gather_inputs(inputs)
+        options = options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight)
+        tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, options=options)
+        out = results_in_order(tr, items, progress, return_timestamps)
+        return out[0] if single else out
+
+    def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,
+                 on_bad_audio: str = "error", lm=None, beam_width=None, alpha: float = 0.5, beta: float = 1.0,
+                 chunk_length_s: float = 30.0, max_batch_seconds: float | None = None,
+                 options: DecodeOptions | None = None) -> dict:
+        """As :meth:`speechtl.inference.recognizer.Recognizer.evaluate`."""
+        from ..data.audio import check_readable
+        from .transcribe import Item
+
+        good, skipped = check_readable(utterances, on_bad_audio, " (--on-bad-audio skip leaves them out)")
+        options = options or DecodeOptions.of(lm, beam_width, alpha, beta)
+        tr = self.transcriber(chunk_length_s, None, max_batch_seconds, options=options)
+        items = [Item(u.id, u.audio) for u in good]
+        hyps = {}
+        for i, t in tr.run_indexed(items, progress=progress):
+            if t.error is not None:
+                raise AudioError(t.path, t.error)
+            hyps[items[i].key] = t.text
+        report = score([UtteranceResult(u.id, u.text, hyps[u.id], u.duration) for u in good], normalize=self.normalizer)
+        used = options if options != DecodeOptions() else self.default_options()
+        extra = {**used.summary(), **({"skipped": skipped} if skipped else {})}
+        if out_dir is not None:
+            return write_results(report, Path(out_dir), extra)
+        return {**report.summary(), **extra}
+
+
+def load(model_dir: str | os.PathLike, device: str | None = None, lang: str | None = None):
+    """An :class:`OnnxRecognizer` for an exported ONNX folder, else the torch
+    :class:`~speechtl.inference.recognizer.Recognizer` (which imports torch)."""
+    if is_onnx_dir(model_dir):
+        return OnnxRecognizer.load(model_dir, device=device, lang=lang)
+    from .recognizer import Recognizer
+
+    return Recognizer.load(model_dir, device=device, lang=lang)
