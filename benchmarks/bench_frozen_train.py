@@ -40,7 +40,7 @@ def main() -> None:
         synthesize(SynthConfig(lang=args.lang, minutes=args.minutes, out_dir=str(work / "speech"), seed=3), progress=False)
         base = dict(encoder=args.encoder, train=str(work / "speech" / "manifest.jsonl"), mode="frozen", head=args.head,
                     bilstm_hidden=128, bilstm_layers=1, max_batch_seconds=args.batch_seconds, num_workers=0,
-                    device=args.device, seed=0, lr=5e-3)
+                    device=args.device, seed=0, lr=5e-3, lm="none", dev_fraction=0)  # the loop alone
         runs = {
             "recompute": dict(cache_features=False, max_steps=args.steps_recompute),
             "cache": dict(feature_cache=str(work / "cache"), max_steps=args.steps_cached),

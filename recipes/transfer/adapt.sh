@@ -12,7 +12,9 @@
 #   - with --unlabelled: one round of self-training (the adapted model transcribes the
 #     unlabelled audio; transcripts it is confident of join the labelled ones; training goes on).
 # An encoder that is not a Whisper encoder-decoder (the bundled one, wav2vec2-family folders)
-# gets the frozen-encoder BiLSTM CTC recipe instead.
+# gets the frozen-encoder BiLSTM CTC recipe instead, with a word LM in its folder (the
+# training text and the language's word list, weights tuned on dev) that evaluate and
+# transcribe use by default.
 #
 # Usage: recipes/transfer/adapt.sh --lang L --train LABELLED.jsonl --out DIR
 #            [--unlabelled AUDIO.jsonl] [--dev DEV.jsonl] [--encoder E] [--steps N] [key=value ...]
@@ -51,9 +53,15 @@ if "$PY" -c "from speechtl.models.seq2seq import whisper_source as w; w('$encode
 else
     args=("$here/conf/frozen.yaml" encoder="$encoder" max_steps="$steps" eval_every=50)
     echo "adapt.sh: $encoder has no Whisper decoder: frozen encoder with a BiLSTM CTC head (mode=frozen)"
+    if "$PY" -c "from speechtl.decoding.lm import wordlist_code as w; w('$lang')" 2>/dev/null; then
+        args+=(lm_wordlist="$lang")
+        echo "adapt.sh: the model folder's word LM: the training transcripts and the 50,000 commonest $lang words"
+    else
+        echo "adapt.sh: the model folder's word LM: the training transcripts (wordfreq has no $lang list)"
+    fi
     [ -z "$unlabelled" ] || echo "adapt.sh: --unlabelled is used by the seq2seq recipe only; ignored here" >&2
 fi
 [ -z "$dev" ] || args+=(dev="$dev")
-[ -n "$dev" ] || [ "${args[0]}" != mode=seq2seq ] || echo "adapt.sh: no --dev: 10 % of the labelled clips are held out as the dev set"
+[ -n "$dev" ] || echo "adapt.sh: no --dev: 10 % of the labelled clips are held out as the dev set"
 st train "${args[@]}" train="$train" out="$out" "${overrides[@]}"
 echo "adapt.sh: model in $out/model (speechtl evaluate $out/model TEST.jsonl; speechtl transcribe $out/model FILES)"

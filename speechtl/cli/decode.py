@@ -21,7 +21,7 @@ def cmd_evaluate(args) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else (Path(args.json).with_suffix("") if args.json else Path(args.model_dir) / "eval")
     summary = rec.evaluate(utts, out_dir=out_dir, progress=not args.quiet, on_bad_audio=args.on_bad_audio,
                            chunk_length_s=args.chunk_length_s, max_batch_seconds=args.batch_seconds,
-                           options=decode_options(args), vad=vad_options(args))
+                           options=decode_options(args, rec), vad=vad_options(args))
     if args.json:
         from ..core.io import write_json
 
@@ -31,14 +31,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def decode_options(args):
-    """The decoding flags (``--lm``, ``--beam-width``, ``--alpha``, ``--beta``, and for
-    ``transcribe`` ``--hotwords`` and ``--hotword-weight``) as one :class:`DecodeOptions`."""
+def decode_options(args, rec):
+    """The decoding flags (``--greedy``, ``--lm``, ``--beam-width``, ``--alpha``, ``--beta``,
+    and for ``transcribe`` ``--hotwords`` and ``--hotword-weight``) laid over the model
+    folder's own decoding (its LM and tuned weights, when training wrote them)."""
     from ..decoding.options import DecodeOptions
 
     hotwords = [w for w in (getattr(args, "hotwords", None) or "").split(",") if w.strip()]
-    return DecodeOptions.of(args.lm, args.beam_width, args.alpha, args.beta, hotwords,
-                            getattr(args, "hotword_weight", 10.0))
+    if args.greedy:
+        if args.lm or args.beam_width or hotwords:
+            raise ValueError("--greedy decodes without beam search: drop --lm, --beam-width and --hotwords, or --greedy")
+        return DecodeOptions()
+    return rec.decode_options(None, args.lm, args.beam_width, args.alpha, args.beta, hotwords,
+                              getattr(args, "hotword_weight", 10.0))
 
 
 def vad_options(args):
@@ -121,7 +126,7 @@ def cmd_transcribe(args) -> int:
     with start_up(args):
         rec = load(args.model_dir, device=args.device, lang=args.lang)  # an ONNX folder runs without torch
     tr = rec.transcriber(args.chunk_length_s, args.stride_length_s, args.batch_seconds, streams=args.streams,
-                         options=decode_options(args), vad=vad_options(args))
+                         options=decode_options(args, rec), vad=vad_options(args))
     names = _output_names(items, args.format) if args.out else None
     failed = 0
     for i, t in tr.run_indexed(items, progress=not args.quiet):
@@ -155,7 +160,10 @@ def cmd_align(args) -> int:
         text = Path(text).read_text(encoding="utf-8")
     text = rec.normalizer(text)
     item = Item(args.audio, args.audio)
-    tr = rec.transcriber(args.chunk_length_s, vad=vad_options(args))
+    from ..decoding.options import DecodeOptions
+
+    # alignment needs the log-probabilities only
+    tr = rec.transcriber(args.chunk_length_s, options=DecodeOptions(), vad=vad_options(args))
     duration = item.duration()
     log_probs, breaks = tr.long_log_probs(item, duration)
     words = align_words(log_probs, text, rec.vocab, tr.frame_s, where=args.audio)
@@ -227,7 +235,8 @@ def cmd_zeroshot(args) -> int:
 
 
 def add_evaluate(sub) -> None:
-    s = sub.add_parser("evaluate", help="WER/CER of a model on a manifest", description="Greedy-decode a manifest and write hyps.jsonl, errs.txt and summary.json.")
+    s = sub.add_parser("evaluate", help="WER/CER of a model on a manifest", description="Decode a manifest as the model folder says (its word LM and tuned weights when "
+                       "training wrote them; else greedy) and write hyps.jsonl, errs.txt and summary.json.")
     s.add_argument("model_dir")
     s.add_argument("manifest")
     s.add_argument("--json", help="write the summary JSON here (wer, cer, utterances, audio_seconds, ...)")
@@ -237,10 +246,14 @@ def add_evaluate(sub) -> None:
     s.add_argument("--on-bad-audio", choices=["error", "skip"], default="error",
                    help="unreadable or missing audio: stop naming every such file (error), or leave them out of the "
                         "score and list them under 'skipped' in summary.json (skip)")
-    s.add_argument("--lm", help="decode with beam search and this n-gram LM (.arpa; `speechtl lm build` makes one)")
-    s.add_argument("--beam-width", type=int, default=None, help="beam search with this width (default: greedy, or 32 with --lm)")
-    s.add_argument("--alpha", type=float, default=0.5, help="LM weight")
-    s.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
+    s.add_argument("--greedy", action="store_true", help="greedy decoding, leaving out the word LM a model folder "
+                   "carries (decoding.json, written by training; see `speechtl train --help`, key lm)")
+    s.add_argument("--lm", help="decode with beam search and this n-gram LM (.arpa; `speechtl lm build` makes one) "
+                   "instead of the model folder's own")
+    s.add_argument("--beam-width", type=int, default=None, help="beam search with this width (default: the model "
+                   "folder's decoding; greedy, or 32 with --lm, for a folder without one)")
+    s.add_argument("--alpha", type=float, default=None, help="LM weight (default: the folder's tuned one, or 0.5)")
+    s.add_argument("--beta", type=float, default=None, help="word insertion bonus (default: the folder's tuned one, or 1.0)")
     s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer recordings are decoded in pieces of at most this length")
     add_vad(s)
     s.add_argument("--batch-seconds", type=float, default=None, help="cap on padded audio seconds per batch (default: 10 on CPU, 300 on GPU)")
@@ -266,10 +279,14 @@ def add_transcribe(sub) -> None:
     s.add_argument("--streams", type=at_least_one, default=None,
                    help="CPU: batches of short files run at once, each on one thread (default: one per torch thread, "
                         "at most 8; 1 = one batch at a time on all threads); ignored on a GPU")
-    s.add_argument("--lm", help="n-gram LM (.arpa; kenlm binary with kenlm installed) for beam search")
-    s.add_argument("--alpha", type=float, default=0.5, help="LM weight")
-    s.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
-    s.add_argument("--beam-width", type=int, default=None, help="beam search with this width (default: greedy, or 32 with --lm)")
+    s.add_argument("--greedy", action="store_true", help="greedy decoding, leaving out the word LM a model folder "
+                   "carries (decoding.json, written by training; see `speechtl train --help`, key lm)")
+    s.add_argument("--lm", help="n-gram LM (.arpa; kenlm binary with kenlm installed) for beam search, instead of the "
+                   "model folder's own")
+    s.add_argument("--alpha", type=float, default=None, help="LM weight (default: the folder's tuned one, or 0.5)")
+    s.add_argument("--beta", type=float, default=None, help="word insertion bonus (default: the folder's tuned one, or 1.0)")
+    s.add_argument("--beam-width", type=int, default=None, help="beam search with this width (default: the model "
+                   "folder's decoding; greedy, or 32 with --lm, for a folder without one)")
     s.add_argument("--hotwords", help="comma-separated words to favour in beam search")
     s.add_argument("--hotword-weight", type=float, default=10.0)
     s.add_argument("--device", default="auto")

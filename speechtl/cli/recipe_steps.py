@@ -74,6 +74,7 @@ def score_sets(model_dir: str | os.PathLike, sets: dict[str, str | os.PathLike],
             pending.append((name, manifest, with_lm, folder))
     if not pending:
         return results
+    from ..decoding.options import DecodeOptions
     from ..inference.recognizer import Recognizer  # torch and transformers: only when there is work
 
     rec = Recognizer.load(model_dir)
@@ -91,7 +92,7 @@ def score_sets(model_dir: str | os.PathLike, sets: dict[str, str | os.PathLike],
             logger.info("LM weights tuned on %s: alpha %g, beta %g", tune_on, alpha, beta)
     for _name, manifest, with_lm, folder in pending:
         utts = read_manifest(manifest, check_files=False)
-        kw = {"lm": lm, "alpha": alpha, "beta": beta, "beam_width": beam_width} if with_lm else {}
+        kw = {"lm": lm, "alpha": alpha, "beta": beta, "beam_width": beam_width} if with_lm else {"options": DecodeOptions()}
         summary = rec.evaluate(utts, out_dir=folder, progress=progress, on_bad_audio="skip", **kw)
         logger.info("%s: WER %.4f CER %.4f on %d utterance(s)", folder.name, summary["wer"], summary["cer"],
                     summary["utterances"])

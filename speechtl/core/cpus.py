@@ -166,12 +166,16 @@ def apply_budget(requested: int | None = None) -> int:
 
     Without ``requested`` a caller that already set fewer threads keeps them; with it the
     request is run as asked, up to the budget. The choice is logged at debug level the
-    first time it is made (and again when it changes)."""
-    import torch
+    first time it is made (and again when it changes). A process that has not imported
+    torch (the ONNX runtime) gets the count and no torch."""
+    import sys
 
     global _logged
     requested = _requested if requested is None else requested
     budget = cpu_budget(requested)
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return budget.threads
     n = budget.threads if requested is not None else min(budget.threads, torch.get_num_threads())
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

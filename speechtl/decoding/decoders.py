@@ -112,7 +112,7 @@ def subword_labels(vocab) -> list[str]:
 
 class BeamDecoder:
     """pyctcdecode beam search, optionally with an n-gram LM (ARPA, or kenlm binary when
-    kenlm is installed) and hotwords. Needs the ``lm`` extra: ``pip install 'speechtl[lm]'``."""
+    kenlm is installed) and hotwords."""
 
     def __init__(self, vocab: Vocabulary, lm: str | os.PathLike | None = None, alpha: float = 0.5, beta: float = 1.0,
                  beam_width: int = 32, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0,
@@ -126,7 +126,7 @@ class BeamDecoder:
             from pyctcdecode.alphabet import Alphabet
             from pyctcdecode.decoder import BeamSearchDecoderCTC
         except ImportError:
-            raise RuntimeError("beam search needs pyctcdecode: pip install 'speechtl[lm]'") from None
+            raise RuntimeError("beam search needs pyctcdecode: pip install pyctcdecode") from None
 
         if lm is not None and not Path(lm).is_file():
             raise FileNotFoundError(f"{lm}: language model not found")

@@ -169,20 +169,30 @@ def read_sentences(path: str | os.PathLike, normalizer=None) -> list[str]:
     return lines
 
 
+def wordlist_code(lang: str) -> str:
+    """wordfreq's code for ``lang`` (an espeak or ISO code); a language it has no list for
+    is an error naming it."""
+    import wordfreq
+
+    from ..data.corpora.synth import wordfreq_lang
+
+    code = wordfreq_lang(lang)
+    if code not in wordfreq.available_languages():
+        raise ValueError(f"wordfreq has no word list for {lang!r} (looked for {code!r})")
+    return code
+
+
 def wordlist_sentences(lang: str, size: int = 50_000, normalizer=None) -> list[str]:
     """The ``size`` most frequent words of ``lang`` (wordfreq; an espeak or ISO code), each
     normalised as a model's transcripts are (for :func:`build_arpa`'s ``extra_words``).
     Words with digits or that normalise to several words are left out."""
     import wordfreq
 
-    from ..data.corpora.synth import wordfreq_lang
     from ..data.text import Normalizer
 
     if size <= 0:
         raise ValueError(f"wordlist size must be positive, got {size}")
-    code = wordfreq_lang(lang)
-    if code not in wordfreq.available_languages():
-        raise ValueError(f"wordfreq has no word list for {lang!r} (looked for {code!r})")
+    code = wordlist_code(lang)
     norm = normalizer or Normalizer()
     out, seen = [], set()
     for w in wordfreq.top_n_list(code, size):

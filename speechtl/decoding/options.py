@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 DEFAULT_BEAM_WIDTH = 32
+DECODING_FILE = "decoding.json"  # a model folder's own decoding (written by training: :mod:`speechtl.training.words`)
+LM_FILE = "lm.arpa"  # the LM that decoding.json names, beside it
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,48 @@ class DecodeOptions:
     hotword_weight: float = 10.0
 
     @classmethod
-    def of(cls, lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float = 0.5, beta: float = 1.0,
-           hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0) -> DecodeOptions:
-        """Options from the keyword arguments that :class:`Recognizer`'s methods also take."""
-        return cls(None if lm is None else str(lm), beam_width, alpha, beta, tuple(hotwords or ()), hotword_weight)
+    def of(cls, lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float | None = 0.5,
+           beta: float | None = 1.0, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0) -> DecodeOptions:
+        """Options from the keyword arguments that :class:`Recognizer`'s methods also take
+        (``alpha``/``beta`` None: 0.5 and 1.0)."""
+        return cls(None if lm is None else str(lm), beam_width, 0.5 if alpha is None else alpha,
+                   1.0 if beta is None else beta, tuple(hotwords or ()), hotword_weight)
+
+    def over(self, lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float | None = None,
+             beta: float | None = None, hotwords: Sequence[str] | None = None,
+             hotword_weight: float = 10.0) -> DecodeOptions:
+        """These options (a model folder's own) with what the caller set laid over them: an
+        ``lm`` replaces the model's (with the given weights, or 0.5 and 1.0), a
+        ``beam_width``, ``alpha``, ``beta`` or ``hotwords`` changes that setting alone."""
+        if lm is not None:
+            return DecodeOptions.of(lm, beam_width or self.beam_width, alpha, beta, hotwords, hotword_weight)
+        return DecodeOptions(self.lm, beam_width or self.beam_width, self.alpha if alpha is None else alpha,
+                             self.beta if beta is None else beta, tuple(hotwords or ()), hotword_weight)
+
+    @classmethod
+    def read(cls, model_dir: str | os.PathLike) -> DecodeOptions:
+        """A model folder's own decoding (``decoding.json``; greedy without one). Its LM must
+        be there: a missing one is an error naming the file."""
+        import json
+        from pathlib import Path
+
+        path = Path(model_dir) / DECODING_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if record["decoder"] == "greedy":
+                return cls()
+            lm = Path(model_dir) / record["lm"] if record.get("lm") else None
+            options = cls(None if lm is None else str(lm), int(record.get("beam_width") or DEFAULT_BEAM_WIDTH),
+                          float(record.get("alpha", 0.5)), float(record.get("beta", 1.0)))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a decoding record speechtl can read ({type(e).__name__}: {e}); delete it "
+                             "to decode greedily") from None
+        if lm is not None and not lm.is_file():
+            raise FileNotFoundError(f"{lm}: the language model {path} names is missing; restore it, or delete "
+                                    f"{DECODING_FILE} to decode greedily")
+        return options
 
     @property
     def greedy(self) -> bool:

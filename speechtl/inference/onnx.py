@@ -12,6 +12,7 @@ with an LM and long files in windows come out the same way.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from ..data.text import UNK_TEXT, load_normalizer
 from ..data.units import WORD_START, load_vocabulary
 from ..decoding.metrics import UtteranceResult, score, write_results
 from ..decoding.options import DecodeOptions
+
+logger = logging.getLogger(__name__)
 
 ONNX_META_FILE = "speechtl-onnx.json"
 CPU_BATCH_SECONDS = 10.0  # as the torch path's cap on a CPU (data.loader.encoder_batch_seconds)
@@ -174,6 +177,15 @@ class OnnxRecognizer:
             return DecodeOptions()
         return DecodeOptions.of(self.model_dir / d["lm"], d.get("beam_width"), d.get("alpha", 0.5), d.get("beta", 1.0))
 
+    def decode_options(self, options: DecodeOptions | None = None, lm=None, beam_width: int | None = None,
+                       alpha: float | None = None, beta: float | None = None, hotwords=None,
+                       hotword_weight: float = 10.0) -> DecodeOptions:
+        """As :meth:`speechtl.inference.recognizer.Recognizer.decode_options`: ``options`` when
+        given (``DecodeOptions()`` is greedy), else the folder's own with the arguments laid over it."""
+        if options is not None:
+            return options
+        return self.default_options().over(lm, beam_width, alpha, beta, hotwords, hotword_weight)
+
     def decoder(self, options: DecodeOptions | None = None):
         from ..decoding.decoders import BeamDecoder, GreedyDecoder
 
@@ -187,41 +199,43 @@ class OnnxRecognizer:
         return self._decoders[key]
 
     def transcriber(self, chunk_length_s: float = 30.0, stride_length_s: float | None = None,
-                    max_batch_seconds: float | None = None, lm=None, beam_width=None, alpha: float = 0.5,
-                    beta: float = 1.0, hotwords=None, hotword_weight: float = 10.0, streams: int | None = None,
-                    options: DecodeOptions | None = None):
+                    max_batch_seconds: float | None = None, lm=None, beam_width=None, alpha: float | None = None,
+                    beta: float | None = None, hotwords=None, hotword_weight: float = 10.0, streams: int | None = None,
+                    options: DecodeOptions | None = None, vad="default"):
         """A transcriber over this folder's model (``streams`` is accepted for the torch
-        path's signature; ONNX Runtime spreads one batch over its own threads)."""
-        o = options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight)
-        if o == DecodeOptions():
-            o = self.default_options()
+        path's signature; ONNX Runtime spreads one batch over its own threads). ``vad`` as
+        :meth:`speechtl.inference.recognizer.Recognizer.transcriber`; Silero VAD's package
+        imports torch, so where torch is not installed long files go in fixed windows."""
+        o = self.decode_options(options, lm, beam_width, alpha, beta, hotwords, hotword_weight)
         return _transcriber_class()(self.model, self.vocab, self.device, self.decoder(o), chunk_length_s,
-                                    stride_length_s, max_batch_seconds or CPU_BATCH_SECONDS, streams=1)
+                                    stride_length_s, max_batch_seconds or CPU_BATCH_SECONDS, streams=1,
+                                    vad=_vad_here(vad))
 
     def transcribe(self, inputs: str | os.PathLike | np.ndarray | Iterable, max_batch_seconds: float | None = None,
                    progress: bool = False, chunk_length_s: float = 30.0, stride_length_s: float | None = None,
-                   lm=None, beam_width=None, alpha: float = 0.5, beta: float = 1.0, hotwords=None,
-                   hotword_weight: float = 10.0, return_timestamps: bool = False, options: DecodeOptions | None = None):
+                   lm=None, beam_width=None, alpha: float | None = None, beta: float | None = None, hotwords=None,
+                   hotword_weight: float = 10.0, return_timestamps: bool = False, options: DecodeOptions | None = None,
+                   vad="default"):
         """As :meth:`speechtl.inference.recognizer.Recognizer.transcribe`."""
         from .transcribe import gather_inputs, results_in_order
 
         items, single = gather_inputs(inputs)
-        options = options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight)
-        tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, options=options)
+        options = self.decode_options(options, lm, beam_width, alpha, beta, hotwords, hotword_weight)
+        tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, options=options, vad=vad)
         out = results_in_order(tr, items, progress, return_timestamps)
         return out[0] if single else out
 
     def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,
-                 on_bad_audio: str = "error", lm=None, beam_width=None, alpha: float = 0.5, beta: float = 1.0,
-                 chunk_length_s: float = 30.0, max_batch_seconds: float | None = None,
-                 options: DecodeOptions | None = None) -> dict:
+                 on_bad_audio: str = "error", lm=None, beam_width=None, alpha: float | None = None,
+                 beta: float | None = None, chunk_length_s: float = 30.0, max_batch_seconds: float | None = None,
+                 options: DecodeOptions | None = None, vad="default") -> dict:
         """As :meth:`speechtl.inference.recognizer.Recognizer.evaluate`."""
         from ..data.audio import check_readable
         from .transcribe import Item
 
         good, skipped = check_readable(utterances, on_bad_audio, " (--on-bad-audio skip leaves them out)")
-        options = options or DecodeOptions.of(lm, beam_width, alpha, beta)
-        tr = self.transcriber(chunk_length_s, None, max_batch_seconds, options=options)
+        options = self.decode_options(options, lm, beam_width, alpha, beta)
+        tr = self.transcriber(chunk_length_s, None, max_batch_seconds, options=options, vad=vad)
         items = [Item(u.id, u.audio) for u in good]
         hyps = {}
         for i, t in tr.run_indexed(items, progress=progress):
@@ -229,11 +243,24 @@ class OnnxRecognizer:
                 raise AudioError(t.path, t.error)
             hyps[items[i].key] = t.text
         report = score([UtteranceResult(u.id, u.text, hyps[u.id], u.duration) for u in good], normalize=self.normalizer)
-        used = options if options != DecodeOptions() else self.default_options()
-        extra = {**used.summary(), **({"skipped": skipped} if skipped else {})}
+        extra = {**options.summary(), **({"skipped": skipped} if skipped else {})}
         if out_dir is not None:
             return write_results(report, Path(out_dir), extra)
         return {**report.summary(), **extra}
+
+
+def _vad_here(vad):
+    """The VAD options a transcriber gets: Silero VAD's package imports torch, so without
+    torch installed, long files are cut in fixed windows (logged once)."""
+    import importlib.util
+
+    from .vad import resolve
+
+    vad = resolve(vad)
+    if vad is not None and importlib.util.find_spec("torch") is None:
+        logger.warning("no torch here, which Silero VAD's package needs: long files are cut in fixed windows")
+        return None
+    return vad
 
 
 def load(model_dir: str | os.PathLike, device: str | None = None, lang: str | None = None):

@@ -130,6 +130,8 @@ class Recognizer:
         self.meta = meta or {}
         self.model_dir = None if model_dir is None else Path(model_dir)  # where other languages are read from
         self._decoders: dict = {}  # beam decoders (and their LMs) by setting
+        # the folder's own decoding (decoding.json: its LM and tuned weights), used unless told otherwise
+        self.default_options = DecodeOptions.read(self.model_dir) if self.model_dir is not None else DecodeOptions()
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, device: str | None = None, lang: str | None = None) -> "Recognizer":
@@ -176,8 +178,19 @@ class Recognizer:
             self._decoders.clear()  # their vocabularies were the previous language's
         return self
 
-    def decoder(self, lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float = 0.5,
-                beta: float = 1.0, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0,
+    def decode_options(self, options: DecodeOptions | None = None, lm: str | os.PathLike | None = None,
+                       beam_width: int | None = None, alpha: float | None = None, beta: float | None = None,
+                       hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0) -> DecodeOptions:
+        """The decoding a call gets: ``options`` when given (``DecodeOptions()`` is greedy);
+        else the folder's own (:attr:`default_options`, from ``decoding.json``: its LM and
+        tuned weights, or greedy) with the keyword arguments laid over it
+        (:meth:`DecodeOptions.over`)."""
+        if options is not None:
+            return options
+        return self.default_options.over(lm, beam_width, alpha, beta, hotwords, hotword_weight)
+
+    def decoder(self, lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float | None = None,
+                beta: float | None = None, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0,
                 options: DecodeOptions | None = None):
         """Greedy decoding unless ``lm``, ``beam_width`` or ``hotwords`` is given (pyctcdecode
         beam search); ``options`` gives them all at once, in place of the others. A beam
@@ -185,7 +198,7 @@ class Recognizer:
         from disk once, however many calls use it."""
         from ..decoding.decoders import BeamDecoder, GreedyDecoder
 
-        o = options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight)
+        o = self.decode_options(options, lm, beam_width, alpha, beta, hotwords, hotword_weight)
         if o.greedy:
             return GreedyDecoder(self.vocab)
         key = (o.lm, o.width, o.alpha, o.beta, o.hotwords, o.hotword_weight)
@@ -195,7 +208,7 @@ class Recognizer:
         return self._decoders[key]
 
     def transcriber(self, chunk_length_s: float = 30.0, stride_length_s: float | None = None, max_batch_seconds: float | None = None,
-                    lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float = 0.5, beta: float = 1.0,
+                    lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float | None = None, beta: float | None = None,
                     hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0, streams: int | None = None,
                     options: DecodeOptions | None = None, vad="default"):
         """A :class:`speechtl.inference.transcribe.Transcriber` for this model, decoding as :meth:`decoder` says.
@@ -208,7 +221,7 @@ class Recognizer:
         from .vad import resolve
 
         vad = resolve(vad)
-        decoder = self.decoder(options=options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight))
+        decoder = self.decoder(options=self.decode_options(options, lm, beam_width, alpha, beta, hotwords, hotword_weight))
         return Transcriber(self.model, self.vocab, self.device, decoder, chunk_length_s, stride_length_s, max_batch_seconds,
                            streams=streams, vad=vad)
 
@@ -221,8 +234,8 @@ class Recognizer:
         stride_length_s: float | None = None,
         lm: str | os.PathLike | None = None,
         beam_width: int | None = None,
-        alpha: float = 0.5,
-        beta: float = 1.0,
+        alpha: float | None = None,
+        beta: float | None = None,
         hotwords: Sequence[str] | None = None,
         hotword_weight: float = 10.0,
         return_timestamps: bool = False,
@@ -244,14 +257,14 @@ class Recognizer:
         from .transcribe import gather_inputs, results_in_order
 
         items, single = gather_inputs(inputs)
-        options = options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight)
+        options = self.decode_options(options, lm, beam_width, alpha, beta, hotwords, hotword_weight)
         tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, options=options, vad=vad)
         out = results_in_order(tr, items, progress, return_timestamps)
         return out[0] if single else out
 
     def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,
                  on_bad_audio: str = "error", lm: str | os.PathLike | None = None, beam_width: int | None = None,
-                 alpha: float = 0.5, beta: float = 1.0, chunk_length_s: float = 30.0,
+                 alpha: float | None = None, beta: float | None = None, chunk_length_s: float = 30.0,
                  max_batch_seconds: float | None = None, options: DecodeOptions | None = None, vad="default") -> dict:
         """Score on a manifest; with ``out_dir`` write hyps.jsonl, errs.txt, summary.json.
 
@@ -267,7 +280,7 @@ class Recognizer:
         good, skipped = check_readable(utterances, on_bad_audio, " (--on-bad-audio skip leaves them out)")
         from .vad import resolve
 
-        options = options or DecodeOptions.of(lm, beam_width, alpha, beta)
+        options = self.decode_options(options, lm, beam_width, alpha, beta)
         vad = resolve(vad)
         if options.greedy:  # batched from audio, long recordings in windows
             report = decode_utterances(self.model, self.vocab, self.normalizer, good, self.device, max_batch_seconds,

@@ -39,6 +39,8 @@ class Seq2SeqRecognizer:
         self.meta = meta
         self.model_dir = None if model_dir is None else Path(model_dir)
         self.lang = meta.get("language")
+        # the folder's own decoding (decoding.json: Whisper's beam width), used unless told otherwise
+        self.default_options = DecodeOptions.read(self.model_dir) if self.model_dir is not None else DecodeOptions()
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, device: str | None = None, lang: str | None = None) -> "Seq2SeqRecognizer":
@@ -59,16 +61,24 @@ class Seq2SeqRecognizer:
         raise ValueError("a seq2seq model has one language and no per-language adapters; set_language is for models "
                          "trained with mode=adapter")
 
+    def decode_options(self, options: DecodeOptions | None = None, lm=None, beam_width: int | None = None,
+                       alpha: float | None = None, beta: float | None = None, hotwords: Sequence[str] | None = None,
+                       hotword_weight: float = 10.0) -> DecodeOptions:
+        """As :meth:`speechtl.Recognizer.decode_options`."""
+        if options is not None:
+            return options
+        return self.default_options.over(lm, beam_width, alpha, beta, hotwords, hotword_weight)
+
     def transcriber(self, chunk_length_s: float = 30.0, stride_length_s: float | None = None,
-                    max_batch_seconds: float | None = None, lm=None, beam_width: int | None = None, alpha: float = 0.5,
-                    beta: float = 1.0, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0,
+                    max_batch_seconds: float | None = None, lm=None, beam_width: int | None = None, alpha: float | None = None,
+                    beta: float | None = None, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0,
                     streams: int | None = None, options: DecodeOptions | None = None,
                     vad="default") -> "Seq2SeqTranscriber":
         """Long recordings are cut at pauses into pieces of at most ``chunk_length_s`` (``vad``,
         as :meth:`speechtl.Recognizer.transcriber`), or with ``vad=None`` into back-to-back windows."""
         from .vad import resolve
 
-        o = options or DecodeOptions.of(lm, beam_width, alpha, beta, hotwords, hotword_weight)
+        o = self.decode_options(options, lm, beam_width, alpha, beta, hotwords, hotword_weight)
         if o.lm is not None or o.hotwords:
             raise ValueError("a seq2seq model decodes with Whisper's own decoder; an n-gram LM (--lm) and hotwords are "
                              "for CTC models")
@@ -78,7 +88,7 @@ class Seq2SeqRecognizer:
 
     def transcribe(self, inputs, max_batch_seconds: float | None = None, progress: bool = False,
                    chunk_length_s: float = 30.0, stride_length_s: float | None = None, lm=None,
-                   beam_width: int | None = None, alpha: float = 0.5, beta: float = 1.0,
+                   beam_width: int | None = None, alpha: float | None = None, beta: float | None = None,
                    hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0, return_timestamps: bool = False,
                    options: DecodeOptions | None = None, vad="default"):
         """As :meth:`speechtl.Recognizer.transcribe`; segments carry times, words none."""
@@ -91,8 +101,8 @@ class Seq2SeqRecognizer:
         return out[0] if single else out
 
     def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,
-                 on_bad_audio: str = "error", lm=None, beam_width: int | None = None, alpha: float = 0.5,
-                 beta: float = 1.0, chunk_length_s: float = 30.0, max_batch_seconds: float | None = None,
+                 on_bad_audio: str = "error", lm=None, beam_width: int | None = None, alpha: float | None = None,
+                 beta: float | None = None, chunk_length_s: float = 30.0, max_batch_seconds: float | None = None,
                  options: DecodeOptions | None = None, vad="default") -> dict:
         """Score on a manifest, as :meth:`speechtl.Recognizer.evaluate`; the summary also
         counts hypotheses that loop (``looping``) or run far past their reference

@@ -68,8 +68,18 @@ class TrainConfig:
                                     "of max_steps updates")
     pseudo_min_confidence: float = _f(0.5, "mode=seq2seq with unlabelled: the least confidence (geometric mean of the "
                                             "token probabilities) of a pseudo-label that is kept")
-    dev_fraction: float = _f(0.1, "mode=seq2seq without dev: this fraction of the labelled clips (4 to 100) is held out "
-                                  "as the dev set for best-update selection and early stopping")
+    dev_fraction: float = _f(0.1, "without dev: this fraction of the labelled clips (4 to 100; clips with the same text "
+                                  "kept together) is held out as the dev set for best-update selection, early stopping "
+                                  "and LM tuning; CTC modes carve one only from 40 clips up (0 = never); mode=seq2seq "
+                                  "always does")
+    lm: str | None = _f("auto", "the word LM the model folder carries, which evaluate and transcribe use unless told otherwise "
+                         "(CTC modes): auto (an n-gram of the training transcripts, plus lm_wordlist's words) | none "
+                         "(greedy decoding) | PATH.arpa (copied in); its weight and word bonus are tuned on dev, and "
+                         "the folder decodes greedily if the LM does worse there")
+    lm_wordlist: str | None = _f(None, "lm=auto: add this language's 50,000 most frequent words (wordfreq) to the LM, "
+                                       "e.g. ro (unset: the training transcripts only)")
+    lm_order: int = _f(3, "lm=auto: n-gram order")
+    lm_beam_width: int = _f(32, "beams of the folder's LM decoding")
     train: str = _f("", "training manifest (JSONL)")
     dev: str | None = _f(None, "dev manifest for WER/CER, best-checkpoint selection and early stopping")
     out: str = _f("exp/run", "output directory (checkpoints, metrics.csv, model/)")
@@ -212,6 +222,7 @@ class TrainConfig:
         if self.init_from is not None and self.policy.random_init:
             raise ValueError("config key 'init_from': scratch mode starts from random weights; use finetune or frozen")
         self._check_adapter_keys()
+        _check_decoding_keys(self)
         if parse_units(self.units)[0] != "char":
             if self.vocab is not None:
                 raise ValueError(f"config key 'vocab': a character vocabulary, and units={self.units} trains a subword "
@@ -306,11 +317,28 @@ class TrainConfig:
     def resolve_paths(self, base: Path) -> "TrainConfig":
         """Make manifest/vocab paths given in a YAML file relative to that file."""
         changes = {}
-        for k in ("train", "dev", "vocab", "init_from", "unlabelled"):
+        for k in ("train", "dev", "vocab", "init_from", "unlabelled", "lm"):
             v = getattr(self, k)
             if v and not os.path.isabs(v) and not Path(v).exists() and (base / v).exists():
                 changes[k] = str(base / v)
         return dataclasses.replace(self, **changes)
+
+
+def _check_decoding_keys(self: "TrainConfig") -> None:
+    """The keys of the folder's own decoding (:mod:`speechtl.training.words`) and of the carved dev set."""
+    if not 0 <= self.dev_fraction < 0.5:
+        raise ValueError(f"config key 'dev_fraction': must be in [0, 0.5) (got {self.dev_fraction!r})")
+    if self.lm not in ("auto", "none", None):
+        if not self.lm.endswith(".arpa"):
+            raise ValueError(f"config key 'lm': auto, none or an .arpa file (got {self.lm!r})")
+    if self.lm_order < 1 or self.lm_beam_width < 1:
+        raise ValueError(f"config key 'lm_order'/'lm_beam_width': must be at least 1 (got {self.lm_order}, "
+                         f"{self.lm_beam_width})")
+    if self.lm_wordlist is not None:
+        check_lang(self.lm_wordlist, "lm_wordlist")
+    if self.policy.seq2seq and (self.lm not in ("auto", "none", None) or self.lm_wordlist is not None):
+        raise ValueError("config key 'lm'/'lm_wordlist': a seq2seq model decodes with Whisper's own decoder; word LMs "
+                         "are for CTC modes")
 
 
 def _check_seq2seq_keys(self: "TrainConfig") -> None:
@@ -323,7 +351,8 @@ def _check_seq2seq_keys(self: "TrainConfig") -> None:
                              f"mode={self.mode})")
         return
     if not 0 < self.dev_fraction < 0.5:
-        raise ValueError(f"config key 'dev_fraction': must be in (0, 0.5) (got {self.dev_fraction!r})")
+        raise ValueError(f"config key 'dev_fraction': mode=seq2seq needs a dev set, so without dev=, it must be in "
+                         f"(0, 0.5) (got {self.dev_fraction!r})")
     if self.lang is not None:
         check_lang(self.lang)
     for key in ("adapter", "adapter_dim", "vocab", "init_from", "teacher", "feature_cache"):
@@ -377,7 +406,7 @@ def _coerce(key: str, v: Any, t: type) -> Any:
 
 
 # keys whose values are names, taken as written: YAML would read lang=no (Norwegian) as false
-_VERBATIM = ("lang",)
+_VERBATIM = ("lang", "lm_wordlist")
 
 
 def parse_overrides(pairs: list[str]) -> dict:

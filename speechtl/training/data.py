@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ..core import distributed as dist_util
 from ..core.distributed import DistContext
 from ..data.audio import check_readable
@@ -18,6 +20,8 @@ from ..data.units import SubwordVocabulary, describe_units, parse_units
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
+
+MIN_CARVE = 40  # labelled clips from which a CTC run without dev= holds some out as its dev set
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,41 @@ def read_data(cfg: TrainConfig) -> TrainData:
     hint = "; fix them, or train with on_bad_audio=skip, or re-run `speechtl prepare --on-bad-audio skip`"
     train_utts, bad_train = check_readable(read_manifest(cfg.train, check_files=False), cfg.on_bad_audio, hint)
     dev_utts, bad_dev = check_readable(read_manifest(cfg.dev, check_files=False), cfg.on_bad_audio, hint) if cfg.dev else ([], [])
+    if cfg.lm not in ("auto", "none", None) and not Path(cfg.lm).is_file():
+        raise FileNotFoundError(f"config key 'lm': {cfg.lm}: no such file")
+    if cfg.lm == "auto" and cfg.lm_wordlist:
+        from ..decoding.lm import wordlist_code
+
+        try:
+            wordlist_code(cfg.lm_wordlist)
+        except ValueError as e:
+            raise ValueError(f"config key 'lm_wordlist': {e}") from None
+    if not cfg.dev and cfg.dev_fraction > 0 and len(train_utts) >= MIN_CARVE:
+        train_utts, dev_utts = carve_dev(train_utts, cfg.dev_fraction, cfg.seed)
+        logger.info("no dev set: %d of the %d labelled clips are held out as one (dev_fraction=%g; dev_fraction=0 "
+                    "trains on all)", len(dev_utts), len(train_utts) + len(dev_utts), cfg.dev_fraction)
     return TrainData(normalizer, None, train_utts, dev_utts, bad_train, bad_dev)
+
+
+def carve_dev(utts: list[Utterance], fraction: float, seed: int) -> tuple[list[Utterance], list[Utterance]]:
+    """Hold out ``fraction`` of the labelled clips (at least 4, at most 100) as a dev set,
+    drawn with ``seed``; returns (train, dev). Clips with the same text stay on one side, so
+    that the dev set does not score sentences the model was trained on."""
+    n = min(100, max(4, round(len(utts) * fraction)))
+    if len(utts) < 2 * n:
+        raise ValueError(f"no dev set was given and {len(utts)} labelled clip(s) are too few to hold out {n} for one; "
+                         "pass dev=DEV.jsonl")
+    groups: dict[str, list[int]] = {}
+    for i, u in enumerate(utts):
+        groups.setdefault(" ".join(u.text.lower().split()), []).append(i)
+    keys = sorted(groups)
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    dev_ids: set[int] = set()
+    for k in order:
+        if len(dev_ids) >= n:
+            break
+        dev_ids.update(groups[keys[k]])
+    return [u for i, u in enumerate(utts) if i not in dev_ids], [u for i, u in enumerate(utts) if i in dev_ids]
 
 
 def choose_vocab(cfg: TrainConfig, data: TrainData, ck: dict | None, ckpt_path: Path | None = None,

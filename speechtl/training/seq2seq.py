@@ -35,6 +35,7 @@ from ..data.text import Normalizer, NormalizerConfig
 from ..decoding.metrics import UtteranceResult, score
 from ..models import seq2seq as s2s
 from .config import TrainConfig
+from .data import carve_dev
 
 logger = logging.getLogger(__name__)
 
@@ -47,27 +48,6 @@ class _Set:
     targets: list[list[int]]
     samples: list[int] | None = None  # clip lengths, in samples
     hidden: list[torch.Tensor] | None = None  # fixed encoder outputs (decoder mode), float16
-
-
-def carve_dev(utts: list[Utterance], fraction: float, seed: int) -> tuple[list[Utterance], list[Utterance]]:
-    """Hold out ``fraction`` of the labelled clips (at least 4, at most 100) as a dev set,
-    drawn with ``seed``; returns (train, dev). Clips with the same text stay on one side, so
-    that the dev set does not score sentences the model was trained on."""
-    n = min(100, max(4, round(len(utts) * fraction)))
-    if len(utts) < 2 * n:
-        raise ValueError(f"no dev set was given and {len(utts)} labelled clip(s) are too few to hold out {n} for one; "
-                         "pass dev=DEV.jsonl")
-    groups: dict[str, list[int]] = {}
-    for i, u in enumerate(utts):
-        groups.setdefault(" ".join(u.text.lower().split()), []).append(i)
-    keys = sorted(groups)
-    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
-    dev_ids: set[int] = set()
-    for k in order:
-        if len(dev_ids) >= n:
-            break
-        dev_ids.update(groups[keys[k]])
-    return [u for i, u in enumerate(utts) if i not in dev_ids], [u for i, u in enumerate(utts) if i in dev_ids]
 
 
 def _read_sets(cfg: TrainConfig) -> tuple[list[Utterance], list[Utterance], bool]:

@@ -132,10 +132,23 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     run = build_run(cfg, ctx, device, data, ck, progress)
     reason, wall_s = train_loop(run, should_stop, complete)
     averaged = average_snapshots(run) if cfg.average_last else None
-    return summary(run, reason, wall_s, averaged)
+    return summary(run, reason, wall_s, averaged, _words(run, progress))
 
 
-def summary(run: Run, stop_reason: str | None, wall_s: float, averaged: dict | None = None) -> dict:
+def _words(run: Run, progress: bool) -> dict | None:
+    """The model folder's own decoding (:mod:`.words`), written by rank 0."""
+    if not run.ctx.is_main:
+        return None
+    if run.model.policy.adapters:
+        return {"decoder": "greedy", "reason": "adapter models carry no LM yet: pass --lm to evaluate and transcribe"}
+    from .words import attach_decoding
+
+    texts = [run.data.normalizer(u.text) for u in run.data.train[: run.data.originals]]
+    return attach_decoding(run.cfg, run.out / "model", texts, run.data.dev, run.data.normalizer, progress)
+
+
+def summary(run: Run, stop_reason: str | None, wall_s: float, averaged: dict | None = None,
+            decoding: dict | None = None) -> dict:
     """``train_summary.json`` (written by rank 0), and the dict it holds."""
     cfg, st, data = run.cfg, run.state, run.data
     summary = {
@@ -176,6 +189,8 @@ def summary(run: Run, stop_reason: str | None, wall_s: float, averaged: dict | N
                        adapter_parameters=sum(p.numel() for p in run.model.adapter_parameters()))
     if averaged is not None:
         summary["average"] = averaged
+    if decoding is not None:
+        summary["decoding"] = decoding
     if run.ctx.is_main:
         write_json(run.out / "train_summary.json", summary)
     return summary

@@ -212,7 +212,7 @@ def test_bad_unlabelled_manifests_fail_before_any_work(tiny_whisper, corpus, tmp
 
 
 def test_carved_dev_set_shares_no_text_with_training():
-    from speechtl.training.seq2seq import carve_dev
+    from speechtl.training.data import carve_dev
 
     utts = [Utterance(f"u{i}", f"/a/{i}.wav", TEXTS[i % 5].upper() if i % 2 else TEXTS[i % 5], 1.0) for i in range(40)]
     train, dev = carve_dev(utts, 0.1, seed=3)

@@ -137,6 +137,21 @@ def test_training_learns_to_transcribe_speech(tmp_path, speech_corpus):
     losses = [float(r["loss"]) for r in rows]
     assert losses[-1] < losses[0] / 3, losses
     assert summary["best_dev_cer"] < 0.3, summary
+    # the folder's own decoding: an LM of the training text, tuned on dev, which evaluate uses by default
+    from speechtl.data.manifest import read_manifest
+    from speechtl.decoding.options import DecodeOptions
+    from speechtl.inference.recognizer import Recognizer
+
+    d = summary["decoding"]
+    tuned = d["tuned_on"]
+    assert tuned["utterances"] == 20 and tuned["greedy"]["cer"] == pytest.approx(summary["best_dev_cer"], abs=1e-9)
+    rec = Recognizer.load(tmp_path / "out" / "model")
+    dev = read_manifest(speech_corpus, check_files=False)
+    default, greedy = rec.evaluate(dev), rec.evaluate(dev, options=DecodeOptions())
+    assert greedy["wer"] == pytest.approx(tuned["greedy"]["wer"])
+    assert default["decoder"] == d["decoder"]
+    if d["decoder"] == "beam":  # what tuning measured is what a user gets, and no worse than greedy
+        assert default["wer"] == pytest.approx(tuned["beam"]["wer"]) and default["wer"] <= greedy["wer"]
 
 
 def test_cached_frozen_training_matches_on_the_fly(tmp_path, tones, tiny_encoder):
