@@ -38,9 +38,16 @@ def cmd_export(args) -> int:
     if args.format == "onnx":
         from ..models.onnx_export import check_exportable, export_onnx
 
-        check_exportable(args.model_dir, args.lang)  # a kind that cannot go is refused before torch loads
-        out = export_onnx(args.model_dir, args.out, quantize=args.quantize, lang=args.lang, lm=args.lm,
-                          alpha=args.alpha, beta=args.beta, beam_width=args.beam_width, float_layers=args.float_layers)
+        model_dir, _ = check_exportable(args.model_dir, args.lang)  # a kind that cannot go is refused before torch loads
+        lm, alpha, beta, width = args.lm, args.alpha, args.beta, args.beam_width
+        if lm is None:  # the model folder's own LM and tuned weights go with it
+            from ..decoding.options import DecodeOptions
+
+            own = DecodeOptions.read(model_dir)
+            if own.lm is not None:
+                lm, alpha, beta, width = own.lm, own.alpha, own.beta, width or own.beam_width
+        out = export_onnx(args.model_dir, args.out, quantize=args.quantize, lang=args.lang, lm=lm,
+                          alpha=alpha, beta=beta, beam_width=width, float_layers=args.float_layers)
         print(f"exported {'an int8' if args.quantize else 'a float32'} ONNX model, tokens.txt and speechtl-onnx.json to {out}")
         return 0
     if args.quantize or args.lm:
@@ -86,7 +93,8 @@ def add_export(sub) -> None:
     s.add_argument("--float-layers", type=_layer_list, default=(), metavar="I,J",
                    help="onnx with --quantize int8: transformer layers (0 = the first) to keep in float "
                         "(whisper-base: 0 brings int8 within 0.01 CER of float32)")
-    s.add_argument("--lm", help="onnx: an n-gram LM (.arpa) to copy into the folder as its default decoder")
+    s.add_argument("--lm", help="onnx: an n-gram LM (.arpa) to copy into the folder as its default decoder (default: "
+                   "the model folder's own, with its tuned weights, when training wrote one)")
     s.add_argument("--alpha", type=float, default=0.5, help="onnx with --lm: LM weight")
     s.add_argument("--beta", type=float, default=1.0, help="onnx with --lm: word insertion bonus")
     s.add_argument("--beam-width", type=int, help="onnx with --lm: beams kept (default 32)")
