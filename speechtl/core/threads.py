@@ -182,6 +182,8 @@ class ThreadTuner:
     def run(self, work: float = 1.0):
         """Time the block, run on the chosen thread count; ``work`` is its size in any unit
         that grows with its cost (padded audio seconds)."""
+        import torch
+
         threads = self._pick()
         before = torch.get_num_threads()
         if before != threads:
