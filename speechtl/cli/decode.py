@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 from .common import add_common, at_least_one, floats, start_up
+from .outputs import output_names
 
 
 def cmd_evaluate(args) -> int:
@@ -41,22 +41,6 @@ def decode_options(args):
                             getattr(args, "hotword_weight", 10.0))
 
 
-def _output_names(items, ext: str) -> list[str]:
-    """One output file name per input: manifest ids as they are; paths relative to the
-    inputs' common folder, so that same-named files in different folders do not collide."""
-
-    files = [it.path for it in items if it.key == it.path]
-    base = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files]) if files else ""
-    names = []
-    for it in items:
-        if it.key != it.path:
-            names.append(f"{it.key}.{ext}")
-        else:
-            rel = os.path.relpath(os.path.abspath(it.path), base)
-            names.append(str(Path(rel).with_suffix(f".{ext}")))
-    return names
-
-
 def cmd_transcribe(args) -> int:
     with start_up(args):
         from ..core.io import write_text
@@ -70,11 +54,11 @@ def cmd_transcribe(args) -> int:
     if args.format in ("srt", "vtt") and args.out is None and len(items) > 1:
         print(f"speechtl transcribe: error: --format {args.format} with several inputs needs --out DIR", file=sys.stderr)
         return 2
+    names = output_names(items, args.format) if args.out else None
     with start_up(args):
         rec = Recognizer.load(args.model_dir, device=args.device, lang=args.lang)
     tr = rec.transcriber(args.chunk_length_s, args.stride_length_s, args.batch_seconds, streams=args.streams,
                          options=decode_options(args))
-    names = _output_names(items, args.format) if args.out else None
     failed = 0
     for i, t in tr.run_indexed(items, progress=not args.quiet):
         if t.error is not None:
