@@ -144,6 +144,8 @@ class TrainConfig:
     average_last: int = _f(0, "keep the weights of the last K evaluations and write their mean to out/model_avg, "
                               "scored on dev (0 = off)")
     resume: bool = _f(False, "continue from out/checkpoints/last.pt if it exists")
+    overwrite: bool = _f(False, "start afresh in an out folder that holds a run or a model, replacing it (without "
+                                "this or resume=true, such a folder is refused)")
     # data
     on_bad_audio: str = _f("error", "unreadable or missing audio in train/dev: error (stop before the first update, naming "
                                     "every such file) | skip (leave them out, listed in the log and train_summary.json)")
@@ -201,6 +203,9 @@ class TrainConfig:
                 raise ValueError(f"config key {key!r}: must be greater than 0 (got {v!r})")
         if not 0 < self.layer_lr_decay <= 1:
             raise ValueError(f"config key 'layer_lr_decay': must be in (0, 1] (got {self.layer_lr_decay!r})")
+        if self.resume and self.overwrite:
+            raise ValueError("config keys 'resume' and 'overwrite': resume=true continues the run in out, "
+                             "overwrite=true replaces it; choose one")
         if self.init_from is not None and self.policy.random_init:
             raise ValueError("config key 'init_from': scratch mode starts from random weights; use finetune or frozen")
         self._check_adapter_keys()

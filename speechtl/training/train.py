@@ -13,6 +13,7 @@ Outputs in ``cfg.out``: ``checkpoints/last.pt`` (full training state, for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict
@@ -31,6 +32,7 @@ from .data import min_ctc_frames, read_data
 from .evaluate import average_snapshots
 from .loop import train_loop
 from .lr import lr_lambda
+from .outdir import OutLock, check_out, clear_previous_run
 from .run import Run, TrainingInterrupted, TrainState
 
 logger = logging.getLogger(__name__)
@@ -47,11 +49,14 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
     gradients, dev scoring is gathered across ranks, and only rank 0 writes files. One
     update then covers ``world_size x grad_accum`` micro-batches.
     """
+    check_out(cfg.out, cfg.resume, cfg.overwrite)  # before any process writes there
     ctx, device = dist_util.setup(cfg.device)
     interrupt = _GracefulInterrupt()
     stop = interrupt if should_stop is None else (lambda step: should_stop(step) or interrupt(step))
     try:
-        with interrupt:
+        with OutLock(cfg.out) if ctx.is_main else contextlib.nullcontext(), interrupt:
+            if cfg.overwrite and ctx.is_main:
+                clear_previous_run(Path(cfg.out))
             if cfg.policy.seq2seq:
                 from .seq2seq import train_seq2seq
 

@@ -85,3 +85,80 @@ def test_transcribe_still_writes_ids_with_subfolders_and_same_named_files_apart(
     assert {p.relative_to(out).as_posix() for p in out.rglob("*.json")} == {"spk1/u1.json", "spk2/u1.json",
                                                                             "d1/x.json", "d2/x.json"}
     assert all("text" in json.loads(p.read_text()) for p in out.rglob("*.json"))
+
+
+# ------------------------------------------------------- train: a run folder is never replaced or shared
+
+@pytest.fixture(scope="module")
+def tiny_run_args(tmp_path_factory) -> list[str]:
+    from conftest import tiny_encoder_dir, tone_corpus
+
+    root = tmp_path_factory.mktemp("hostile_train")
+    corpus = tone_corpus(root / "tones", n=4)
+    return ["train", f"encoder={tiny_encoder_dir(root)}", f"train={corpus}", "mode=frozen", "head=linear",
+            "max_steps=2", "eval_every=2", "max_batch_seconds=4", "num_workers=0", "-q"]
+
+
+def test_train_refuses_a_folder_holding_a_run_unless_told(tiny_run_args, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, *tiny_run_args, f"out={out}")
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in (out / "model").rglob("*") if p.is_file()}
+    code, _, err = run(capsys, *tiny_run_args, f"out={out}", "seed=7")
+    assert code == 1 and str(out) in err and "resume=true" in err and "overwrite=true" in err
+    assert {p: p.read_bytes() for p in (out / "model").rglob("*") if p.is_file()} == before
+    code, _, err = run(capsys, *tiny_run_args, f"out={out}", "seed=7", "overwrite=true")
+    assert code == 0, err
+    assert {p: p.read_bytes() for p in (out / "model").rglob("*") if p.is_file()} != before
+
+
+def test_train_refuses_an_out_folder_that_is_a_model(tiny_run_args, tiny_model, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(tiny_model, tmp_path / "m")
+    code, _, err = run(capsys, *tiny_run_args, f"out={tmp_path / 'm'}")
+    assert code == 1 and "speechtl.json" in err and "overwrite=true" in err
+
+
+def test_resume_and_overwrite_together_are_refused(tiny_run_args, tmp_path, capsys):
+    code, _, err = run(capsys, *tiny_run_args, f"out={tmp_path / 'r'}", "resume=true", "overwrite=true")
+    assert code == 1 and "choose one" in err and not (tmp_path / "r").exists()
+
+
+_HOLD = """
+import sys, time
+from speechtl.training.outdir import OutLock
+with OutLock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def _holder(out: Path):
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_a_second_run_into_a_folder_in_use_refuses_at_once(tiny_run_args, tmp_path, capsys):
+    import time
+
+    out = tmp_path / "busy"
+    holder = _holder(out)
+    try:
+        t0 = time.monotonic()
+        code, _, err = run(capsys, *tiny_run_args, f"out={out}")
+        assert code == 1 and "in use by a live training run" in err and f"pid {holder.pid}" in err
+        assert time.monotonic() - t0 < 20 and not (out / "metrics.csv").exists() and not (out / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without letting go: its lock file stays, and the next run takes it over
+    assert f"pid {holder.pid}" in (out / ".lock").read_text()
+    code, _, err = run(capsys, *tiny_run_args, f"out={out}")
+    assert code == 0, err
