@@ -20,7 +20,7 @@ from ..core import distributed as dist_util
 from ..core.distributed import DistContext
 from ..core.precision import autocast_dtype, compute_dtype_name
 from ..data.augment import Augmenter
-from ..data.loader import AudioDataset, DynamicBucketSampler, collate, decode_workers
+from ..data.loader import AudioDataset, DynamicBucketSampler, collate, decode_workers, ignore_stop_signals
 from ..data.manifest import Utterance
 from ..encoders.registry import load_encoder
 from ..features.cache import FeatureCache, StaleCacheError
@@ -255,7 +255,7 @@ def build_loader(cfg: TrainConfig, data: TrainData, features, distiller: Distill
                                         rank=ctx.rank, world_size=ctx.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers,
                              pin_memory=features is None and device.type == "cuda", generator=loader_gen,
-                             persistent_workers=False)
+                             persistent_workers=False, worker_init_fn=ignore_stop_signals if workers else None)
     return loader_gen, sampler, loader
 
 

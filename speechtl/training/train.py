@@ -63,43 +63,65 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
                 return train_seq2seq(cfg, progress and ctx.is_main, stop)
             return _train(cfg, ctx, device, progress and ctx.is_main, stop)
     except TrainingInterrupted:
-        if interrupt.asked:  # Ctrl-C: the checkpoint is saved; end as an interrupt does
-            raise KeyboardInterrupt from None
+        if interrupt.asked:  # a stop signal: the checkpoint is saved; end as an interrupt does
+            raise Stopped(interrupt.signum) from None
         raise
     finally:
         dist_util.teardown(ctx)
 
 
+class Stopped(KeyboardInterrupt):
+    """Training stopped on a signal after saving its checkpoint; ``exit_status`` is the shell's
+    128 + signal number (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"stopped by {signal.Signals(signum).name}; the checkpoint is saved: resume=true goes on")
+        self.exit_status = 128 + signum
+
+
 class _GracefulInterrupt:
-    """The first Ctrl-C (SIGINT) asks training to stop after the update in progress, with a
-    checkpoint that ``resume=true`` continues from; a second one stops at once."""
+    """The first SIGINT (Ctrl-C), SIGTERM (what ``timeout``, systemd, docker, Kubernetes and
+    SLURM send) or SIGHUP (a closed terminal) asks training to stop after the update in
+    progress, with a checkpoint that ``resume=true`` continues from; a second one stops at once."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
     def __init__(self):
         self.asked = False
-        self._previous = None
+        self.signum = 0
+        self._previous: dict = {}
 
     def __call__(self, step: int) -> bool:
         return self.asked
 
     def _handle(self, signum, frame):
+        import signal
+
         if self.asked:
             raise KeyboardInterrupt
-        self.asked = True
-        logger.warning("interrupted: saving a checkpoint after this update (Ctrl-C again to stop at once)")
+        self.asked, self.signum = True, signum
+        logger.warning("%s: saving a checkpoint after this update (send it again to stop at once)",
+                       signal.Signals(signum).name)
 
     def __enter__(self):
         import signal
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
         return False
 
 

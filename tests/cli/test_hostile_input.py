@@ -162,3 +162,35 @@ def test_a_second_run_into_a_folder_in_use_refuses_at_once(tiny_run_args, tmp_pa
     assert f"pid {holder.pid}" in (out / ".lock").read_text()
     code, _, err = run(capsys, *tiny_run_args, f"out={out}")
     assert code == 0, err
+
+
+# ------------------------------------------------------ train: every stop signal saves the update
+
+@pytest.mark.parametrize("signame,status", [("SIGTERM", 143), ("SIGINT", 130), ("SIGHUP", 129)])
+def test_a_stop_signal_to_the_whole_process_group_saves_a_checkpoint(tiny_run_args, tmp_path, signame, status):
+    """As systemd, SLURM or Ctrl-C in a terminal deliver it: to the trainer and its DataLoader
+    workers at once; a worker must not die before the checkpoint is written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    out = tmp_path / "run"
+    args = [a for a in tiny_run_args if not a.startswith(("max_steps", "eval_every", "num_workers", "mode"))]
+    p = subprocess.Popen([sys.executable, "-m", "speechtl", *args, f"out={out}", "mode=finetune", "num_workers=2",
+                          "max_steps=100000", "eval_every=100000", "log_every=1"],
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.csv").is_file() and p.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.killpg(p.pid, getattr(signal, signame))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == status, err
+    assert f"{signame}: saving a checkpoint" in err and "resume=true" in err
+    ck = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["state"]["step"] >= 1
