@@ -194,3 +194,36 @@ def test_a_stop_signal_to_the_whole_process_group_saves_a_checkpoint(tiny_run_ar
     assert f"{signame}: saving a checkpoint" in err and "resume=true" in err
     ck = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ck["state"]["step"] >= 1
+
+
+# ------------------------------------------------- prepare: outputs never overwrite inputs or each other
+
+@pytest.fixture
+def small_manifest(tmp_path) -> Path:
+    utts = [Utterance(f"u{i}", str(make_wav(tmp_path / "wav" / f"u{i}.wav", 0.5 + 0.1 * i, seed=i)), "ab ba", 0.5 + 0.1 * i)
+            for i in range(6)]
+    return write_manifest(tmp_path / "M.jsonl", utts)
+
+
+@pytest.mark.parametrize("extra", [["--out", "{M}", "--dev-out", "{M}", "--dev-fraction", "0.3"],
+                                   ["--out", "{M}"],
+                                   ["--out", "{dir}/new.jsonl", "--dev-out", "{M}", "--dev-fraction", "0.3"],
+                                   ["--out", "{dir}/new.jsonl", "--dev-out", "{dir}/new.jsonl", "--dev-fraction", "0.3"],
+                                   ["--out", "{dir}/a.jsonl", "--skip-report", "{dir}/wav/u0.wav", "--on-bad-audio", "skip"]])
+def test_prepare_refuses_outputs_that_are_inputs_or_each_other_before_writing(small_manifest, capsys, extra):
+    d = small_manifest.parent
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    argv = [a.replace("{M}", str(small_manifest)).replace("{dir}", str(d)) for a in extra]
+    code, _, err = run(capsys, "prepare", str(small_manifest), "--format", "jsonl", *argv, "-q")
+    assert code == 1 and ("same file" in err or "is an input of this command" in err), err
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before  # nothing written, nothing lost
+
+
+def test_prepare_refuses_a_hard_link_to_its_source(small_manifest, capsys):
+    import os
+
+    link = small_manifest.with_name("link.jsonl")
+    os.link(small_manifest, link)
+    before = small_manifest.read_bytes()
+    code, _, err = run(capsys, "prepare", str(small_manifest), "--format", "jsonl", "--out", str(link), "-q")
+    assert code == 1 and "is an input of this command" in err and small_manifest.read_bytes() == before
