@@ -227,3 +227,102 @@ def test_prepare_refuses_a_hard_link_to_its_source(small_manifest, capsys):
     before = small_manifest.read_bytes()
     code, _, err = run(capsys, "prepare", str(small_manifest), "--format", "jsonl", "--out", str(link), "-q")
     assert code == 1 and "is an input of this command" in err and small_manifest.read_bytes() == before
+
+
+# ------------------------------- NaN samples and lying durations: skip means skip, caps hold on real lengths
+
+def _nan_wav(path: Path) -> Path:
+    import numpy as np
+    import soundfile as sf
+
+    x = (0.1 * np.sin(np.arange(16000) / 10)).astype(np.float32)
+    x[8000:8010] = np.nan
+    x[9000] = np.inf
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), x, 16000, subtype="FLOAT")
+    return path
+
+
+@pytest.fixture
+def nan_corpus(tmp_path) -> Path:
+    """Eight good clips and one float WAV with NaN and infinite samples."""
+    good = [Utterance(f"g{i}", str(make_wav(tmp_path / "wav" / f"g{i}.wav", 1.0 + 0.1 * i, freq=200 + 40 * i, seed=i)),
+                      "ab ba", round(1.0 + 0.1 * i, 4)) for i in range(8)]
+    bad = Utterance("nan", str(_nan_wav(tmp_path / "wav" / "nan.wav")), "ab ba", 1.0)
+    return write_manifest(tmp_path / "nan.jsonl", [*good[:4], bad, *good[4:]])
+
+
+def test_prepare_skip_leaves_out_a_file_with_nan_samples(nan_corpus, capsys):
+    out = nan_corpus.with_name("prepared.jsonl")
+    code, text, err = run(capsys, "prepare", str(nan_corpus), "--format", "jsonl", "--out", str(out),
+                          "--on-bad-audio", "skip", "-q")
+    assert code == 0, err
+    from speechtl.data.manifest import read_manifest
+
+    assert "nan" not in {u.id for u in read_manifest(out)} and len(read_manifest(out)) == 8
+    assert "NaN or infinite samples" in out.with_suffix(".skipped.tsv").read_text()
+    code, _, err = run(capsys, "prepare", str(nan_corpus), "--format", "jsonl", "--out", str(out) + "2", "-q")
+    assert code == 1 and "nan.wav" in err and "NaN or infinite samples" in err
+
+
+def test_train_skip_leaves_out_a_file_with_nan_samples(tiny_run_args, nan_corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [a for a in tiny_run_args if not a.startswith("train=")]
+    code, _, err = run(capsys, *args, f"train={nan_corpus}", f"out={out}", "on_bad_audio=skip")
+    assert code == 0, err
+    s = json.loads((out / "train_summary.json").read_text())
+    assert [b["id"] for b in s["skipped_audio"]] == ["nan"] and s["train_utterances"] == 8
+    code, _, err = run(capsys, *args, f"train={nan_corpus}", f"out={tmp_path / 'run2'}")
+    assert code == 1 and "nan.wav" in err and "NaN or infinite samples" in err and not (tmp_path / "run2" / "checkpoints").exists()
+
+
+def test_evaluate_skip_leaves_out_a_file_with_nan_samples(tiny_model, nan_corpus, tmp_path, capsys):
+    code, text, err = run(capsys, "evaluate", str(tiny_model), str(nan_corpus), "--out-dir", str(tmp_path / "e"),
+                          "--on-bad-audio", "skip", "-q")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["utterances"] == 8 and [s["id"] for s in summary["skipped"]] == ["nan"]
+
+
+def test_extract_refuses_a_file_with_nan_samples_before_any_work(tiny_run_args, nan_corpus, tmp_path, capsys):
+    enc = next(a.split("=", 1)[1] for a in tiny_run_args if a.startswith("encoder="))
+    cache = tmp_path / "cache"
+    code, _, err = run(capsys, "extract", "--encoder", enc, "--manifest", str(nan_corpus), "--out", str(cache), "-q")
+    assert code == 1 and "nan.wav" in err and "NaN or infinite samples" in err and not cache.exists()
+
+
+@pytest.fixture
+def lying_corpus(tmp_path) -> Path:
+    """Eight good clips and a 20 s recording whose manifest line says 2 s."""
+    good = [Utterance(f"g{i}", str(make_wav(tmp_path / "wav" / f"g{i}.wav", 1.0 + 0.1 * i, freq=200 + 40 * i, seed=i)),
+                      "ab ba", round(1.0 + 0.1 * i, 4)) for i in range(8)]
+    liar = Utterance("liar", str(make_wav(tmp_path / "wav" / "long.wav", 20.0)), "ab ba", 2.0)
+    return write_manifest(tmp_path / "lying.jsonl", [*good, liar])
+
+
+def test_train_refuses_or_skips_a_clip_longer_than_its_manifest_says(tiny_run_args, lying_corpus, tmp_path, capsys):
+    args = [a for a in tiny_run_args if not a.startswith("train=")]
+    code, _, err = run(capsys, *args, f"train={lying_corpus}", f"out={tmp_path / 'a'}", "max_duration=5")
+    assert code == 1 and "long.wav" in err and "the manifest says 2 s but the audio is 20.00 s long" in err
+    code, _, err = run(capsys, *args, f"train={lying_corpus}", f"out={tmp_path / 'b'}", "max_duration=5", "on_bad_audio=skip")
+    assert code == 0, err
+    s = json.loads((tmp_path / "b" / "train_summary.json").read_text())
+    assert [b["id"] for b in s["skipped_audio"]] == ["liar"] and "20.00 s" in s["skipped_audio"][0]["reason"]
+
+
+def test_evaluate_refuses_a_clip_longer_than_its_manifest_says(tiny_model, lying_corpus, tmp_path, capsys):
+    code, _, err = run(capsys, "evaluate", str(tiny_model), str(lying_corpus), "--out-dir", str(tmp_path / "e"), "-q")
+    assert code == 1 and "liar" in err and "audio is 20.00 s long" in err
+
+
+def test_max_batch_seconds_holds_for_a_real_long_clip_with_no_max_duration(tiny_run_args, tmp_path, capsys):
+    utts = [Utterance(f"g{i}", str(make_wav(tmp_path / "wav" / f"g{i}.wav", 1.0 + 0.1 * i, seed=i)), "ab ba",
+                      round(1.0 + 0.1 * i, 4)) for i in range(6)]
+    utts.append(Utterance("long", str(make_wav(tmp_path / "wav" / "long.wav", 20.0)), "ab ba", 20.0))
+    m = write_manifest(tmp_path / "m.jsonl", utts)
+    args = [a for a in tiny_run_args if not a.startswith("train=")]
+    code, _, err = run(capsys, *args, f"train={m}", f"out={tmp_path / 'r'}", "max_duration=none")
+    assert code == 0, err
+    s = json.loads((tmp_path / "r" / "train_summary.json").read_text())
+    assert s["dropped_ids"]["too_long"] == ["long"] and s["train_utterances"] == 6
+

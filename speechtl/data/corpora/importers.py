@@ -155,7 +155,7 @@ def prepare(source: str | os.PathLike, options: PrepareOptions | None = None) ->
     mismatched = 0
     for c in candidates:
         try:
-            info = audio_info(c.audio)
+            info = audio_info(c.audio, samples=True)  # a float file with NaN samples is bad audio too
         except AudioError as e:
             if options.on_bad_audio == "error":
                 raise
