@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,6 +25,8 @@ _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "d
 def _check_type(key: str, value: Any, annotation: str) -> None:
     """``value`` fits the field's annotation (``float | None``, ``int``, ...); ints pass for floats."""
     names = [t.strip() for t in str(annotation).split("|")]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"config key {key!r}: must be a finite number (got {value!r})")
     if value is None:
         if "None" in names:
             return

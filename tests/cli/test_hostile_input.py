@@ -326,3 +326,37 @@ def test_max_batch_seconds_holds_for_a_real_long_clip_with_no_max_duration(tiny_
     s = json.loads((tmp_path / "r" / "train_summary.json").read_text())
     assert s["dropped_ids"]["too_long"] == ["long"] and s["train_utterances"] == 6
 
+
+# -------------------------------------------------- non-finite settings and losses never reach a saved model
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+@pytest.mark.parametrize("key", ["lr", "encoder_lr", "max_batch_seconds", "warmup", "max_duration", "clip_norm"])
+def test_non_finite_float_settings_are_refused(tiny_run_args, tmp_path, capsys, key, value):
+    code, _, err = run(capsys, *tiny_run_args, f"out={tmp_path / 'r'}", f"{key}={value}")
+    assert code == 1 and f"config key {key!r}: must be a finite number" in err and not (tmp_path / "r").exists()
+
+
+def test_a_loss_that_stays_nan_stops_the_run_and_keeps_the_last_good_weights(tiny_run_args, tmp_path, monkeypatch, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    import speechtl.training.loop as loop
+
+    real, calls = loop.ctc_loss, []
+
+    def poisoned(*a, **kw):  # finite for the first 4 updates, NaN from the 5th on
+        calls.append(1)
+        loss = real(*a, **kw)
+        return loss * float("nan") if len(calls) > 4 else loss
+
+    monkeypatch.setattr(loop, "ctc_loss", poisoned)
+    out = tmp_path / "r"
+    args = [a for a in tiny_run_args if not a.startswith(("max_steps", "eval_every"))]
+    code, _, err = run(capsys, *args, f"out={out}", "max_steps=50", "eval_every=2", "log_every=1")
+    assert code == 1 and "NaN or infinite for 3 updates in a row (steps 5-7)" in err and "last good weights" in err
+    ck = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["state"]["step"] == 4 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    head = load_file(str(out / "model" / "head.safetensors"))
+    assert all(torch.isfinite(v).all() for v in head.values())
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]  # no row of a broken update
