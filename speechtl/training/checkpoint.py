@@ -6,7 +6,8 @@ The format (unchanged since the first release of resume): a ``torch.save`` dict 
 plain data, loaded with ``weights_only=True``, with the keys ``model``, ``optimizer``,
 ``scheduler``, ``scaler``, ``state`` (:class:`~speechtl.training.run.TrainState` and the
 sampler's position), ``rng`` (and ``rng_ranks``), ``loader_rng``, ``vocab``, ``units``,
-``tokenizer`` (subword units), ``distill`` (with a teacher) and ``config``.
+``tokenizer`` (subword units), ``distill`` (with a teacher), ``config`` and (since resume checks it)
+``encoder_fingerprint``, the starting encoder's.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def save(run: Run) -> None:
         ck["tokenizer"] = vocab.to_str()
     if run.distiller is not None:
         ck["distill"] = run.distiller.state_dict()
+    if run.encoder_fingerprint:
+        ck["encoder_fingerprint"] = run.encoder_fingerprint
     if run.ctx.enabled:
         ck["rng_ranks"] = rngs
     with atomic_path(run.checkpoint) as tmp:

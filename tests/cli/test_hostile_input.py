@@ -360,3 +360,28 @@ def test_a_loss_that_stays_nan_stops_the_run_and_keeps_the_last_good_weights(tin
     assert all(torch.isfinite(v).all() for v in head.values())
     rows = (out / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]  # no row of a broken update
+
+
+# ------------------------------------------------------- resume: the encoder the run started with, or none
+
+def test_resume_with_another_encoder_of_the_same_shape_is_refused(tiny_run_args, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    enc = Path(next(a.split("=", 1)[1] for a in tiny_run_args if a.startswith("encoder=")))
+    other = tmp_path / "other-encoder"
+    shutil.copytree(enc, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 0.01
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "run"
+    code, _, err = run(capsys, *tiny_run_args, f"out={out}")
+    assert code == 0, err
+    args = [a for a in tiny_run_args if not a.startswith(("encoder=", "max_steps"))]
+    code, _, err = run(capsys, *args, f"encoder={other}", f"out={out}", "resume=true", "max_steps=4")
+    assert code == 1 and "another encoder" in err and str(enc) in err and "fingerprint" in err
+    code, _, err = run(capsys, *args, f"encoder={enc}", f"out={out}", "resume=true", "max_steps=4")
+    assert code == 0, err
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 4
