@@ -385,3 +385,27 @@ def test_resume_with_another_encoder_of_the_same_shape_is_refused(tiny_run_args,
     code, _, err = run(capsys, *args, f"encoder={enc}", f"out={out}", "resume=true", "max_steps=4")
     assert code == 0, err
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 4
+
+
+# --------------------------------------------------------- a feature cache moved with its corpus is reused
+
+def test_a_cache_moved_with_its_corpus_is_not_extracted_again(tiny_run_args, tmp_path, capsys):
+    import shutil
+
+    from speechtl.data.manifest import read_manifest
+    from speechtl.features.cache import FeatureCache
+
+    enc = next(a.split("=", 1)[1] for a in tiny_run_args if a.startswith("encoder="))
+    here = tmp_path / "here"
+    utts = [Utterance(f"u{i}", str(make_wav(here / "wav" / f"u{i}.wav", 0.6 + 0.1 * i, seed=i)), "ab", round(0.6 + 0.1 * i, 4))
+            for i in range(4)]
+    write_manifest(here / "m.jsonl", utts)  # audio paths relative to the manifest
+    code, _, err = run(capsys, "extract", "--encoder", enc, "--manifest", str(here / "m.jsonl"), "--out", str(here / "cache"), "-q")
+    assert code == 0, err
+    there = tmp_path / "elsewhere" / "there"
+    shutil.move(str(here), str(there))
+    shards = {p.name: p.stat().st_mtime_ns for p in (there / "cache").glob("*.safetensors")}
+    FeatureCache(there / "cache").check(read_manifest(there / "m.jsonl"))  # current where it now lies
+    code, _, err = run(capsys, "extract", "--encoder", enc, "--manifest", str(there / "m.jsonl"), "--out", str(there / "cache"))
+    assert code == 0, err
+    assert {p.name: p.stat().st_mtime_ns for p in (there / "cache").glob("*.safetensors")} == shards  # nothing extracted
