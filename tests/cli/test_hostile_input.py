@@ -409,3 +409,62 @@ def test_a_cache_moved_with_its_corpus_is_not_extracted_again(tiny_run_args, tmp
     code, _, err = run(capsys, "extract", "--encoder", enc, "--manifest", str(there / "m.jsonl"), "--out", str(there / "cache"))
     assert code == 0, err
     assert {p.name: p.stat().st_mtime_ns for p in (there / "cache").glob("*.safetensors")} == shards  # nothing extracted
+
+
+# ------------------------------------------- damaged checkpoints: named, and the previous one takes over
+
+def _damage(path: Path, how: str) -> None:
+    import os
+
+    import torch
+
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "random":
+        path.write_bytes(os.urandom(4096))
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:  # another torch file
+        torch.save({"weights": torch.zeros(3)}, path)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_run_args, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    args = [a for a in tiny_run_args if not a.startswith(("max_steps", "eval_every"))]
+    assert main([*args, f"out={out}", "max_steps=4", "eval_every=2"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("how,says", [("truncated", "not a readable checkpoint"), ("random", "not a torch zip archive"),
+                                      ("empty", "(empty)"), ("other", "not a speechtl training checkpoint")])
+def test_a_damaged_checkpoint_is_named(tiny_run_args, finished_run, tmp_path, capsys, how, says):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / "checkpoints" / "previous.pt").unlink(missing_ok=True)
+    _damage(out / "checkpoints" / "last.pt", how)
+    args = [a for a in tiny_run_args if not a.startswith(("max_steps", "eval_every"))]
+    code, _, err = run(capsys, *args, f"out={out}", "max_steps=6", "eval_every=2", "resume=true")
+    assert code == 1 and f"{out / 'checkpoints' / 'last.pt'}: " in err and says in err, err
+    assert "unexpected error" not in err and "start afresh" in err
+
+
+@pytest.mark.parametrize("how", ["truncated", "random", "empty", "other"])
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tiny_run_args, finished_run, tmp_path, capsys, how):
+    import shutil
+
+    import torch
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    previous = torch.load(out / "checkpoints" / "previous.pt", weights_only=True)["state"]["step"]
+    _damage(out / "checkpoints" / "last.pt", how)
+    args = [a for a in tiny_run_args if not a.startswith(("max_steps", "eval_every"))]
+    code, _, err = run(capsys, *args, f"out={out}", "max_steps=6", "eval_every=2", "resume=true")
+    assert code == 0, err
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 6
+    assert (out / "checkpoints" / "last.pt.damaged").is_file() and previous >= 2
+    assert torch.load(out / "checkpoints" / "previous.pt", weights_only=True)["state"]["step"] >= previous
