@@ -468,3 +468,43 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tiny_run_args,
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 6
     assert (out / "checkpoints" / "last.pt.damaged").is_file() and previous >= 2
     assert torch.load(out / "checkpoints" / "previous.pt", weights_only=True)["state"]["step"] >= previous
+
+
+# ------------------------------------------------------------- a full disk: the error names the file
+
+def test_a_full_disk_while_saving_a_checkpoint_names_the_file_and_keeps_the_last_one(tiny_run_args, finished_run, tmp_path,
+                                                                                     monkeypatch, capsys):
+    import shutil
+
+    import speechtl.training.checkpoint as checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+
+    def full_disk(obj, f, *a, **kw):  # what torch.save says when the disk fills under it
+        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 2240 vs 2134\n"
+                           "basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    args = [a for a in tiny_run_args if not a.startswith(("max_steps", "eval_every"))]
+    code, _, err = run(capsys, *args, f"out={out}", "max_steps=6", "eval_every=2", "resume=true")
+    assert code == 1 and f"{out / 'checkpoints' / 'last.pt'}: cannot write it (" in err and "is the disk full" in err, err
+    assert "unexpected error" not in err
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before
+    assert not list((out / "checkpoints").glob(".last.pt.*.tmp"))
+
+
+def test_a_full_disk_in_transcribe_names_the_output_file(tiny_model, tmp_path, monkeypatch, capsys):
+    import errno
+    import pathlib
+
+    wav = make_wav(tmp_path / "a.wav", 0.5)
+
+    def full_disk(self, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    code, _, err = run(capsys, "transcribe", str(tiny_model), str(wav), "--out", str(tmp_path / "out"), "-q")
+    assert code == 1 and f"{tmp_path / 'out' / 'a.txt'}: cannot write it (No space left on device" in err, err
