@@ -98,6 +98,21 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def load_safetensors(path: str | os.PathLike) -> dict:
+    """``safetensors.torch.load_file``, with errors that name the file (safetensors' own, such
+    as ``incomplete metadata`` for a file cut short, do not)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read these weights ({type(e).__name__}: {e}); the file is damaged or cut "
+                         f"short (a full disk, an interrupted copy?): copy it again, or write it again") from e
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -508,3 +508,20 @@ def test_a_full_disk_in_transcribe_names_the_output_file(tiny_model, tmp_path, m
     monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
     code, _, err = run(capsys, "transcribe", str(tiny_model), str(wav), "--out", str(tmp_path / "out"), "-q")
     assert code == 1 and f"{tmp_path / 'out' / 'a.txt'}: cannot write it (No space left on device" in err, err
+
+
+# ------------------------------------------------------------------ damaged model files are named
+
+@pytest.mark.parametrize("cut", [10, 0.5])
+def test_a_truncated_head_is_named(tiny_model, tmp_path, capsys, cut):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model, model)
+    head = model / "head.safetensors"
+    data = head.read_bytes()
+    head.write_bytes(data[: cut if isinstance(cut, int) else int(len(data) * cut)])
+    wav = make_wav(tmp_path / "a.wav", 0.5)
+    code, _, err = run(capsys, "transcribe", str(model), str(wav), "-q")
+    assert code == 1 and f"{head}: cannot read these weights" in err and "damaged or cut short" in err, err
+    assert "unexpected error" not in err
