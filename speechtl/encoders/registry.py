@@ -106,10 +106,30 @@ def load_encoder(
             torch.manual_seed(seed)
             model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
     else:
-        model = AutoModel.from_pretrained(source, config=config, trust_remote_code=trust_remote_code)
+        model = _from_pretrained(AutoModel, source, config=config, trust_remote_code=trust_remote_code)
     for k, v in final_masking.items():
         setattr(model.config, k, v)
     return SpeechEncoder(model, normalize_waveform=_read_do_normalize(source), source=str(name_or_path))
+
+
+def _from_pretrained(cls, source: str, **kwargs):
+    """``cls.from_pretrained``, with pickle weights that hold more than tensors refused in
+    speechtl's words: torch's own message suggests ``weights_only=False``, the unsafe way."""
+    import pickle
+
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else type(e).__name__)
+        bins = sorted(p.name for p in Path(source).glob("*.bin")) if os.path.isdir(source) else []
+        where = os.path.join(source, bins[0]) if len(bins) == 1 else source
+        raise ValueError(
+            f"{where}: refused: these pickle weights hold more than tensors ({detail}), and loading them could run "
+            f"code; speechtl reads only safetensors or plain tensors. Get a model.safetensors for this encoder, or, "
+            f"only if you trust where the file came from, convert it once: python -c \"import torch; "
+            f"from safetensors.torch import save_file; sd = torch.load('{where}', weights_only=False); "
+            f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{os.path.join(source, 'model.safetensors')}')\"") from None
 
 
 def native_enabled() -> bool:

@@ -525,3 +525,30 @@ def test_a_truncated_head_is_named(tiny_model, tmp_path, capsys, cut):
     code, _, err = run(capsys, "transcribe", str(model), str(wav), "-q")
     assert code == 1 and f"{head}: cannot read these weights" in err and "damaged or cut short" in err, err
     assert "unexpected error" not in err
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_pickle_encoder_weights_are_refused_with_a_safe_way_out(tiny_run_args, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    enc = Path(next(a.split("=", 1)[1] for a in tiny_run_args if a.startswith("encoder=")))
+    bad = tmp_path / "pickled-encoder"
+    shutil.copytree(enc, bad)
+    (bad / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"weight": _Payload(marker)}, bad / "pytorch_model.bin")
+    args = [a for a in tiny_run_args if not a.startswith("encoder=")]
+    code, _, err = run(capsys, *args, f"encoder={bad}", f"out={tmp_path / 'r'}")
+    assert code == 1 and f"{bad / 'pytorch_model.bin'}: refused: these pickle weights" in err and "model.safetensors" in err
+    assert "weights_only` set to `False` will likely succeed" not in err and not marker.exists()
