@@ -42,6 +42,9 @@ def read_data(cfg: TrainConfig) -> TrainData:
     hint = "; fix them, or train with on_bad_audio=skip, or re-run `speechtl prepare --on-bad-audio skip`"
     train_utts, bad_train = check_readable(read_manifest(cfg.train, check_files=False), cfg.on_bad_audio, hint)
     dev_utts, bad_dev = check_readable(read_manifest(cfg.dev, check_files=False), cfg.on_bad_audio, hint) if cfg.dev else ([], [])
+    if cfg.dev and not dev_utts:
+        logger.warning("%s: the dev manifest holds no %sutterances: nothing is scored, and the model kept is the last "
+                       "one, not the best", cfg.dev, "readable " if bad_dev else "")
     return TrainData(normalizer, None, train_utts, dev_utts, bad_train, bad_dev)
 
 

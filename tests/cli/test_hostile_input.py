@@ -552,3 +552,72 @@ def test_pickle_encoder_weights_are_refused_with_a_safe_way_out(tiny_run_args, t
     code, _, err = run(capsys, *args, f"encoder={bad}", f"out={tmp_path / 'r'}")
     assert code == 1 and f"{bad / 'pytorch_model.bin'}: refused: these pickle weights" in err and "model.safetensors" in err
     assert "weights_only` set to `False` will likely succeed" not in err and not marker.exists()
+
+
+# ------------------------------------------------------------------------------ the smaller items
+
+def test_a_nan_duration_names_its_line(tmp_path, capsys):
+    wav = make_wav(tmp_path / "a.wav", 0.5)
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"id": "a", "audio": str(wav), "text": "ab", "duration": 0.5}) + "\n"
+                 + '{"id": "b", "audio": "%s", "text": "ab", "duration": NaN}\n' % wav)
+    code, _, err = run(capsys, "prepare", str(m), "--format", "jsonl", "--out", str(tmp_path / "o.jsonl"), "-q")
+    assert code == 1 and f"{m}:2: 'duration' must be a non-negative number of seconds" in err, err
+
+
+def test_a_jsonl_manifest_with_a_byte_order_mark_is_read(tmp_path, capsys):
+    wav = make_wav(tmp_path / "a.wav", 0.5)
+    m = tmp_path / "m.jsonl"
+    m.write_bytes(b"\xef\xbb\xbf" + (json.dumps({"id": "a", "audio": str(wav), "text": "ab", "duration": 0.5}) + "\n").encode())
+    code, _, err = run(capsys, "prepare", str(m), "--format", "jsonl", "--out", str(tmp_path / "o.jsonl"), "-q")
+    assert code == 0, err
+    from speechtl.data.manifest import read_manifest
+
+    assert [u.id for u in read_manifest(tmp_path / "o.jsonl")] == ["a"]
+
+
+@pytest.mark.parametrize("flag,value", [("--beam-width", "0"), ("--beam-width", "-3"), ("--batch-seconds", "0"),
+                                        ("--batch-seconds", "-1"), ("--batch-seconds", "nan"), ("--chunk-length-s", "0"),
+                                        ("--chunk-length-s", "-5")])
+def test_transcribe_refuses_meaningless_numbers(tiny_model, tmp_path, capsys, flag, value):
+    wav = make_wav(tmp_path / "a.wav", 0.5)
+    with pytest.raises(SystemExit) as e:
+        main(["transcribe", str(tiny_model), str(wav), flag, value, "-q"])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_a_chunk_too_short_to_hold_a_frame_is_named(tiny_model, tmp_path, capsys):
+    wav = make_wav(tmp_path / "a.wav", 0.5)
+    code, _, err = run(capsys, "transcribe", str(tiny_model), str(wav), "--chunk-length-s", "0.01", "-q")
+    assert code == 1 and "chunk_length_s (0.01) leaves windows of less than one frame" in err and "ZeroDivision" not in err
+
+
+def test_beam_width_zero_is_refused_by_the_library_too():
+    from speechtl.decoding.options import DecodeOptions
+
+    with pytest.raises(ValueError, match="beam width must be a whole number of at least 1"):
+        DecodeOptions.of(beam_width=0)
+
+
+def test_transcribe_no_overwrite_refuses_existing_outputs(tiny_model, tmp_path, capsys):
+    wav = make_wav(tmp_path / "a.wav", 0.5)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("keep me\n")
+    code, _, err = run(capsys, "transcribe", str(tiny_model), str(wav), "--out", str(out), "--no-overwrite", "-q")
+    assert code == 1 and str(out / "a.txt") in err and (out / "a.txt").read_text() == "keep me\n"
+    code, _, err = run(capsys, "transcribe", str(tiny_model), str(wav), "--out", str(out), "-q")  # today's default
+    assert code == 0 and (out / "a.txt").read_text() != "keep me\n"
+    from speechtl.cli.app import build_parser
+
+    sub = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "transcribe" in a.choices)
+    assert "replace transcripts already there (the default)" in " ".join(sub.choices["transcribe"].format_help().split())
+
+
+def test_an_empty_dev_manifest_is_warned_about(tiny_run_args, tmp_path, caplog, capsys):
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("\n")
+    with caplog.at_level("WARNING", logger="speechtl"):
+        code, _, err = run(capsys, *tiny_run_args, f"out={tmp_path / 'r'}", f"dev={dev}")
+    assert code == 0, err
+    assert f"{dev}: the dev manifest holds no utterances" in caplog.text
