@@ -18,6 +18,8 @@ import torch
 
 from ..core.paths import fetched_dir
 from .base import TRAINING_CONFIG_KEYS
+from .config_check import check_encoder_config
+from .ct2 import is_ct2_dir
 from .lora import base_state_dict
 from .native import load_native
 from .wav2vec2 import SpeechEncoder, _read_do_normalize
@@ -77,6 +79,8 @@ def load_encoder(
     if not os.path.exists(source) and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
         # a hub id is owner/name; anything else that does not exist is a mistyped folder
         raise FileNotFoundError(f"encoder folder {source} does not exist")
+    if os.path.isdir(source) and not is_ct2_dir(source):  # a CTranslate2 folder has no transformers config
+        check_encoder_config(source)
     if inference and not random_init and not overrides and os.path.isdir(source) and native_enabled():
         model = load_native(source)
         if model is not None:

@@ -621,3 +621,50 @@ def test_an_empty_dev_manifest_is_warned_about(tiny_run_args, tmp_path, caplog, 
         code, _, err = run(capsys, *tiny_run_args, f"out={tmp_path / 'r'}", f"dev={dev}")
     assert code == 0, err
     assert f"{dev}: the dev manifest holds no utterances" in caplog.text
+
+
+# ------------------------------------------------------- a hand-broken encoder config.json is named with its key
+
+@pytest.mark.parametrize("edit,says", [
+    ("delete", "config.json: missing"),
+    ("not_json", "config.json: not valid JSON"),
+    ({"model_type": None}, "no 'model_type' key"),
+    ({"num_hidden_layers": -1}, "key 'num_hidden_layers' must be a whole number of at least 1 (got -1)"),
+    ({"hidden_size": "32"}, "key 'hidden_size' must be a whole number of at least 1 (got '32')"),
+    ({"intermediate_size": 1.5}, "key 'intermediate_size' must be a whole number"),
+    ({"conv_dim": [8, "x"]}, "key 'conv_dim' must be a list of whole numbers"),
+    ({"hidden_act": "gelu_but_not_really"}, "key 'hidden_act': 'gelu_but_not_really' is not an activation"),
+    ({"feat_extract_activation": 3}, "key 'feat_extract_activation': 3 is not an activation"),
+    ({"hidden_size": 48}, "key 'hidden_size' is 48, but model.safetensors holds feature_projection.projection.weight"),
+    ({"num_hidden_layers": 3}, "key 'num_hidden_layers' is 3, but model.safetensors holds 2 transformer layers"),
+])
+@pytest.mark.parametrize("command", ["train", "transcribe"])
+def test_a_broken_encoder_config_is_named_with_its_key(tiny_run_args, tiny_model, tmp_path, capsys, edit, says, command):
+    import shutil
+
+    if command == "train":
+        enc = tmp_path / "enc"
+        shutil.copytree(Path(next(a.split("=", 1)[1] for a in tiny_run_args if a.startswith("encoder="))), enc)
+    else:
+        shutil.copytree(tiny_model, tmp_path / "m")
+        enc = tmp_path / "m" / "encoder"
+    cfg_path = enc / "config.json"
+    if edit == "delete":
+        cfg_path.unlink()
+    elif edit == "not_json":
+        cfg_path.write_text('{"model_type": "wav2vec2", "hidden_size": 32,,}')
+    else:
+        cfg = json.loads(cfg_path.read_text())
+        for k, v in edit.items():
+            if v is None:
+                cfg.pop(k)
+            else:
+                cfg[k] = v
+        cfg_path.write_text(json.dumps(cfg))
+    if command == "train":
+        args = [a for a in tiny_run_args if not a.startswith("encoder=")]
+        code, _, err = run(capsys, *args, f"encoder={enc}", f"out={tmp_path / 'r'}")
+    else:
+        code, _, err = run(capsys, "transcribe", str(tmp_path / "m"), str(make_wav(tmp_path / "a.wav", 0.5)), "-q")
+    assert code == 1 and f"{cfg_path}: " in err and says in err, err
+    assert "unexpected error" not in err and "freeze_layers" not in err
