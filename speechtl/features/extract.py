@@ -318,7 +318,8 @@ def _extract_shards(encoder, shards, by_id, out, layer_ids, dtype, device, max_b
     was_training = encoder.training
     encoder.eval().to(device)
     hours = sum(durations) / 3600
-    bar = tqdm(total=round(hours, 4), desc="extract", unit="h", disable=not progress, bar_format=(
+    # unrounded: a total rounded down below the sum of the updates made tqdm clamp (a warning, a negative estimate)
+    bar = tqdm(total=hours, desc="extract", unit="h", disable=not progress, bar_format=(
         "{desc}: {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}, {rate_fmt}]"))
     pending: dict[str, torch.Tensor] = {}
     shard_i, done = 0, 0
@@ -336,7 +337,7 @@ def _extract_shards(encoder, shards, by_id, out, layer_ids, dtype, device, max_b
             for batch, feats in encoded:
                 pending.update(zip(batch.ids, feats))
                 done += len(batch.ids)
-                bar.update(round(sum(batch.durations) / 3600, 6))
+                bar.update(sum(batch.durations) / 3600)
                 while shard_i < len(shards) and done >= bounds[shard_i]:
                     s = shards[shard_i]
                     if writing is not None:

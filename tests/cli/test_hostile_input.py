@@ -668,3 +668,23 @@ def test_a_broken_encoder_config_is_named_with_its_key(tiny_run_args, tiny_model
         code, _, err = run(capsys, "transcribe", str(tmp_path / "m"), str(make_wav(tmp_path / "a.wav", 0.5)), "-q")
     assert code == 1 and f"{cfg_path}: " in err and says in err, err
     assert "unexpected error" not in err and "freeze_layers" not in err
+
+
+def test_a_resumed_extraction_shows_a_sane_progress_bar(tiny_run_args, tmp_path):
+    import io
+    import warnings
+
+    from speechtl.encoders.registry import load_encoder
+    from speechtl.features.extract import extract_to_cache
+
+    enc = load_encoder(next(a.split("=", 1)[1] for a in tiny_run_args if a.startswith("encoder=")))
+    # 1.9 s in all: 0.000528 audio-hours, which a total rounded to 4 places put under the sum of the updates
+    utts = [Utterance(f"u{i}", str(make_wav(tmp_path / f"u{i}.wav", 0.95, seed=i)), "ab", 0.95) for i in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import contextlib
+
+        with contextlib.redirect_stderr(io.StringIO()) as bar:
+            extract_to_cache(enc, utts, tmp_path / "c", num_workers=0, progress=True)
+    assert not [w for w in caught if "clamping frac" in str(w.message)]
+    assert "-" not in bar.getvalue().split("<")[-1].split(",")[0]  # no negative time left
