@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -16,6 +17,10 @@ from ..core.precision import AMP_CHOICES
 from ..data.units import parse_units
 from ..models.modes import MODES, ModePolicy
 
+logger = logging.getLogger(__name__)
+
+# the first line of the config.yaml a run writes into its folder
+RUN_CONFIG_HEADER = "# the resolved configuration of this run"
 SEQ2SEQ_PARTS = ("decoder", "full", "lora")
 HEADS = ("linear", "bilstm")
 SCHEDULES = ("tristage", "linear", "constant")
@@ -391,10 +396,16 @@ def load_train_config(path: str | os.PathLike | None, overrides: list[str] | dic
     base = Path.cwd()
     if path is not None:
         path = Path(path)
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of key: value")
         base = path.resolve().parent
+        if text.startswith(RUN_CONFIG_HEADER) and isinstance(data.get("out"), str) \
+                and Path(data["out"]).resolve() != base and (base / "checkpoints").is_dir():
+            # a run's own config.yaml in a copied or moved run folder: that folder is the run now
+            logger.info("%s: a run's config, read from another folder than its out=%s; out is %s", path, data["out"], base)
+            data["out"] = str(base)
     over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     data.update(over)
     valid = {f.name: f for f in fields(TrainConfig)}

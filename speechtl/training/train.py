@@ -27,7 +27,7 @@ from ..core.distributed import DistContext
 from ..core.io import atomic_path, write_json
 from . import checkpoint
 from .build import build_run, seed_everything
-from .config import TrainConfig
+from .config import RUN_CONFIG_HEADER, TrainConfig
 from .data import min_ctc_frames, read_data
 from .evaluate import average_snapshots
 from .loop import train_loop
@@ -203,7 +203,7 @@ def write_config_yaml(cfg: TrainConfig, path: Path) -> None:
             data[key] = str(Path(value).resolve())
     data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
     with atomic_path(path) as tmp:
-        tmp.write_text("# the resolved configuration of this run; `speechtl train THIS_FILE` repeats it\n"
+        tmp.write_text(f"{RUN_CONFIG_HEADER}; `speechtl train THIS_FILE` repeats it in this folder\n"
                        + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 

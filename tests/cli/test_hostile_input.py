@@ -688,3 +688,16 @@ def test_a_resumed_extraction_shows_a_sane_progress_bar(tiny_run_args, tmp_path)
             extract_to_cache(enc, utts, tmp_path / "c", num_workers=0, progress=True)
     assert not [w for w in caught if "clamping frac" in str(w.message)]
     assert "-" not in bar.getvalue().split("<")[-1].split(",")[0]  # no negative time left
+
+
+def test_a_copied_run_folder_resumes_in_itself(tiny_run_args, finished_run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    before = (finished_run / "train_summary.json").read_text()
+    code, out_text, err = run(capsys, "train", str(copy / "config.yaml"), "resume=true", "max_steps=6", "-q")
+    assert code == 0, err
+    assert f"model in {copy / 'model'}" in out_text
+    assert json.loads((copy / "train_summary.json").read_text())["steps"] == 6
+    assert (finished_run / "train_summary.json").read_text() == before  # the original run is left alone
