@@ -50,12 +50,14 @@ class OutLock:
         self.out = Path(out)
         self.path = self.out / LOCK_NAME
         self._file = None
+        self._created = False
 
     def __enter__(self) -> "OutLock":
         try:
             import fcntl
         except ImportError:  # no flock on this platform: run unlocked
             return self
+        self._created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+", encoding="utf-8")
         try:
@@ -80,4 +82,8 @@ class OutLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+            if self._created and [p.name for p in self.out.iterdir()] == [LOCK_NAME]:
+                # a run refused before any work leaves no folder behind
+                self.path.unlink(missing_ok=True)
+                self.out.rmdir()
         return False
