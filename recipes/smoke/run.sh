@@ -26,7 +26,7 @@ fi
 if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
     for mode in frozen finetune scratch; do
         st train "$here/conf/$mode.yaml" encoder="$out/encoder" out="$out/$mode" \
-            train="$out/data/train/manifest.jsonl" dev="$out/data/dev/manifest.jsonl" -q
+            train="$out/data/train/manifest.jsonl" dev="$out/data/dev/manifest.jsonl" overwrite=true -q
     done
 fi
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then

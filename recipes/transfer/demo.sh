@@ -31,7 +31,7 @@ case $encoder in *whisper*) whisper=1;; esac
 held_out=m7,f5,klatt3  # test voices: variants the training speakers never use
 [ -f "$out/train/manifest.jsonl" ] || st synth --lang "$lang" --minutes "$minutes" --out "$out/train" --seed 1 --exclude-variants "$held_out" --prefix train- -q
 [ -f "$out/test/manifest.jsonl" ] || st synth --lang "$lang" --minutes 1 --out "$out/test" --seed 9 --variants "$held_out" --speakers 6 --prefix test- -q
-common=(train="$out/train/manifest.jsonl" max_steps="$steps" eval_every="$steps" seed=0 num_workers=0 -q)
+common=(train="$out/train/manifest.jsonl" max_steps="$steps" eval_every="$steps" seed=0 num_workers=0 overwrite=true -q)
 # a smaller head than the full recipe's 384 x 2 keeps the demo inside its time budget
 st train "$here/conf/frozen.yaml" encoder="$encoder" out="$out/frozen" bilstm_hidden=128 bilstm_layers=1 head_dropout=0.1 \
     lm_wordlist="$lang" "${common[@]}"

@@ -86,7 +86,7 @@ if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
                     if [ "$mode" = finetune ] && [ -n "${ENC_FINETUNE[$enc]:-}" ]; then read -ra more <<< "${ENC_FINETUNE[$enc]}"; head+=("${more[@]}"); fi
                     st train "$here/conf/$mode.yaml" encoder="$enc" out="$run" \
                         train="$out/data/$t/train${m}min.jsonl" dev="$out/data/$t/dev/manifest.jsonl" \
-                        max_steps="${STEPS[$m]}" eval_every=$((STEPS[$m] / 6)) seed=0 num_workers=0 -q "${head[@]}" "${overrides[@]}"
+                        max_steps="${STEPS[$m]}" eval_every=$((STEPS[$m] / 6)) seed=0 num_workers=0 overwrite=true -q "${head[@]}" "${overrides[@]}"
                 done
             done
         done

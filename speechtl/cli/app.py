@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     request_threads(getattr(args, "threads", None))  # withdrawn again by a later main() without it
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("speechtl: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"speechtl: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+        return getattr(e, "exit_status", 130)
     except Exception as e:
         if args.verbose:
             raise

@@ -66,6 +66,19 @@ def at_least_one(text: str) -> int:
     return n
 
 
+def positive_float(text: str) -> float:
+    """A finite number greater than 0 (seconds, sizes): 0, negatives, nan and inf are refused here."""
+    import math
+
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number greater than 0 (got {text})")
+    return x
+
+
 def floats(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from .common import add_common, at_least_one, floats, start_up
+from .common import add_common, at_least_one, floats, positive_float, start_up
+from .outputs import output_names
 
 
 def cmd_evaluate(args) -> int:
@@ -94,22 +95,6 @@ def add_vad(s) -> None:
                    help=f"a pause must last this long (seconds) to end a stretch of speech (default {d.min_silence_s:g})")
 
 
-def _output_names(items, ext: str) -> list[str]:
-    """One output file name per input: manifest ids as they are; paths relative to the
-    inputs' common folder, so that same-named files in different folders do not collide."""
-
-    files = [it.path for it in items if it.key == it.path]
-    base = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files]) if files else ""
-    names = []
-    for it in items:
-        if it.key != it.path:
-            names.append(f"{it.key}.{ext}")
-        else:
-            rel = os.path.relpath(os.path.abspath(it.path), base)
-            names.append(str(Path(rel).with_suffix(f".{ext}")))
-    return names
-
-
 def cmd_transcribe(args) -> int:
     with start_up(args):
         from ..core.io import write_text
@@ -123,11 +108,17 @@ def cmd_transcribe(args) -> int:
     if args.format in ("srt", "vtt") and args.out is None and len(items) > 1:
         print(f"speechtl transcribe: error: --format {args.format} with several inputs needs --out DIR", file=sys.stderr)
         return 2
+    names = output_names(items, args.format) if args.out else None
+    if names is not None and not args.overwrite:
+        existing = [str(Path(args.out) / n) for n in names if (Path(args.out) / n).exists()]
+        if existing:
+            print(f"speechtl transcribe: error: --no-overwrite: {len(existing)} output file(s) exist already:\n  "
+                  + "\n  ".join(existing[:10]) + ("\n  ..." if len(existing) > 10 else ""), file=sys.stderr)
+            return 1
     with start_up(args):
         rec = load(args.model_dir, device=args.device, lang=args.lang)  # an ONNX folder runs without torch
     tr = rec.transcriber(args.chunk_length_s, args.stride_length_s, args.batch_seconds, streams=args.streams,
                          options=decode_options(args, rec), vad=vad_options(args))
-    names = _output_names(items, args.format) if args.out else None
     failed = 0
     for i, t in tr.run_indexed(items, progress=not args.quiet):
         if t.error is not None:
@@ -250,13 +241,14 @@ def add_evaluate(sub) -> None:
                    "carries (decoding.json, written by training; see `speechtl train --help`, key lm)")
     s.add_argument("--lm", help="decode with beam search and this n-gram LM (.arpa; `speechtl lm build` makes one) "
                    "instead of the model folder's own")
-    s.add_argument("--beam-width", type=int, default=None, help="beam search with this width (default: the model "
-                   "folder's decoding; greedy, or 32 with --lm, for a folder without one)")
+    s.add_argument("--beam-width", type=at_least_one, default=None, help="beam search with this width (default: the "
+                   "model folder's decoding; greedy, or 32 with --lm, for a folder without one)")
     s.add_argument("--alpha", type=float, default=None, help="LM weight (default: the folder's tuned one, or 0.5)")
     s.add_argument("--beta", type=float, default=None, help="word insertion bonus (default: the folder's tuned one, or 1.0)")
-    s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer recordings are decoded in pieces of at most this length")
+    s.add_argument("--chunk-length-s", type=positive_float, default=30.0, help="longer recordings are decoded in pieces of "
+                   "at most this length")
     add_vad(s)
-    s.add_argument("--batch-seconds", type=float, default=None, help="cap on padded audio seconds per batch (default: 10 on CPU, 300 on GPU)")
+    s.add_argument("--batch-seconds", type=positive_float, default=None, help="cap on padded audio seconds per batch (default: 10 on CPU, 300 on GPU)")
     s.add_argument("--lang", help="language of a model trained with mode=adapter (default: the one trained last); "
                    "an error lists the languages the model has")
     s.set_defaults(func=cmd_evaluate)
@@ -271,11 +263,15 @@ def add_transcribe(sub) -> None:
     s.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt",
                    help="txt; json (text, segments and words with start/end seconds and confidence); srt; vtt")
     s.add_argument("--out", metavar="DIR", help="write one file per input here (default: stdout)")
-    s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer audio is decoded in pieces of at most this length")
+    s.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --out: replace transcripts already there (the default); --no-overwrite refuses, before "
+                        "any work, naming every output file that exists")
+    s.add_argument("--chunk-length-s", type=positive_float, default=30.0, help="longer audio is decoded in pieces of at "
+                   "most this length")
     s.add_argument("--stride-length-s", type=float, default=None, help="with --vad off: overlap on each side of a window "
                    "(default: chunk/6)")
     add_vad(s)
-    s.add_argument("--batch-seconds", type=float, default=None, help="cap on padded audio seconds per batch (default: 10 on CPU, 300 on GPU)")
+    s.add_argument("--batch-seconds", type=positive_float, default=None, help="cap on padded audio seconds per batch (default: 10 on CPU, 300 on GPU)")
     s.add_argument("--streams", type=at_least_one, default=None,
                    help="CPU: batches of short files run at once, each on one thread (default: one per torch thread, "
                         "at most 8; 1 = one batch at a time on all threads); ignored on a GPU")
@@ -285,8 +281,8 @@ def add_transcribe(sub) -> None:
                    "model folder's own")
     s.add_argument("--alpha", type=float, default=None, help="LM weight (default: the folder's tuned one, or 0.5)")
     s.add_argument("--beta", type=float, default=None, help="word insertion bonus (default: the folder's tuned one, or 1.0)")
-    s.add_argument("--beam-width", type=int, default=None, help="beam search with this width (default: the model "
-                   "folder's decoding; greedy, or 32 with --lm, for a folder without one)")
+    s.add_argument("--beam-width", type=at_least_one, default=None, help="beam search with this width (default: the "
+                   "model folder's decoding; greedy, or 32 with --lm, for a folder without one)")
     s.add_argument("--hotwords", help="comma-separated words to favour in beam search")
     s.add_argument("--hotword-weight", type=float, default=10.0)
     s.add_argument("--device", default="auto")
@@ -303,7 +299,8 @@ def add_align(sub) -> None:
     s.add_argument("text")
     s.add_argument("--format", choices=["json", "srt", "vtt", "txt"], default="json")
     s.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
-    s.add_argument("--chunk-length-s", type=float, default=30.0, help="longer audio is run in pieces of at most this length")
+    s.add_argument("--chunk-length-s", type=positive_float, default=30.0, help="longer audio is run in pieces of at most "
+                   "this length")
     add_vad(s)
     s.add_argument("--device", default="auto")
     s.add_argument("--lang", help="language of a model trained with mode=adapter (default: the one trained last); "
@@ -334,7 +331,7 @@ def add_lm(sub) -> None:
     t.add_argument("--lm", required=True, help="n-gram LM (.arpa; kenlm binary with kenlm installed)")
     t.add_argument("--alphas", type=floats, default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5], help="LM weights to try (comma-separated)")
     t.add_argument("--betas", type=floats, default=[0.0, 0.5, 1.0, 2.0, 3.0], help="word bonuses to try (comma-separated)")
-    t.add_argument("--beam-width", type=int, default=32)
+    t.add_argument("--beam-width", type=at_least_one, default=32)
     t.add_argument("--json", help="write every pair's WER and CER here")
     t.add_argument("--device", default="auto")
     t.add_argument("--lang", help="language of a model trained with mode=adapter (default: the one trained last)")

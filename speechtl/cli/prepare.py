@@ -8,7 +8,7 @@ from .common import int_range
 
 
 def cmd_prepare(args) -> int:
-    from ..data.corpora.importers import PrepareOptions, prepare, write_prepared
+    from ..data.corpora.importers import PrepareOptions, check_output_paths, output_paths, prepare, write_prepared
 
     opts = PrepareOptions(
         format=args.format, audio_column=args.audio_column, text_column=args.text_column,
@@ -16,8 +16,11 @@ def cmd_prepare(args) -> int:
         max_duration=args.max_duration, max_minutes=args.max_minutes, on_bad_audio=args.on_bad_audio, dev_fraction=args.dev_fraction,
         dev_by_speaker=args.dev_by_speaker, seed=args.seed, lang=args.lang, absolute_paths=args.absolute_paths,
     )
+    # outputs against each other and the source now, before the corpus is read; the audio files once it is
+    check_output_paths(output_paths(args.out, args.dev_out, args.skip_report, dev=args.dev_fraction > 0,
+                                    skipped=args.on_bad_audio == "skip"), [args.source])
     result = prepare(args.source, opts)
-    written = write_prepared(result, args.out, dev_out=args.dev_out, skip_report=args.skip_report)
+    written = write_prepared(result, args.out, dev_out=args.dev_out, skip_report=args.skip_report, source=args.source)
     hours = sum(u.duration for u in result.utterances) / 3600
     print(f"wrote {len(result.utterances)} utterances ({hours:.3f} h) to {args.out}")
     if result.dev:

@@ -38,6 +38,7 @@ class AudioInfo:
     sample_rate: int
     channels: int
     duration: float
+    subtype: str = ""  # libsndfile's sample format (PCM_16, FLOAT, ...); empty when another decoder read it
 
 
 def _check_exists(path: Path) -> None:
@@ -49,10 +50,17 @@ def _check_exists(path: Path) -> None:
         raise AudioError(path, "file is empty (0 bytes)")
 
 
-def audio_info(path: str | os.PathLike) -> AudioInfo:
+# sample formats that can hold NaN or infinity; integer PCM and the lossy codecs' integer output cannot
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
+
+
+def audio_info(path: str | os.PathLike, samples: bool = False) -> AudioInfo:
     """Read duration and format from the header, without decoding the samples.
 
-    Falls back to a full decode only for formats libsndfile cannot open.
+    Falls back to a full decode only for formats libsndfile cannot open. ``samples``: also
+    check that a float file (the only kind that can hold them) has no NaN or infinite
+    samples, reading it in blocks, so that a job that skips bad files skips this one at its
+    start, not when it meets it half-way.
     """
     path = Path(path)
     _check_exists(path)
@@ -60,7 +68,9 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
         info = sf.info(str(path))
         if info.frames <= 0 or info.samplerate <= 0:
             raise AudioError(path, "no audio frames in file")
-        return AudioInfo(info.samplerate, info.channels, info.frames / info.samplerate)
+        if samples and info.subtype in FLOAT_SUBTYPES:
+            _check_finite(path)
+        return AudioInfo(info.samplerate, info.channels, info.frames / info.samplerate, info.subtype)
     except AudioError:
         raise
     except Exception as sf_err:  # libsndfile could not open it; try librosa
@@ -78,6 +88,16 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
             raise
         except Exception:
             raise AudioError(path, f"cannot decode audio ({_reason(sf_err)})") from None
+
+
+def _check_finite(path: Path, block_seconds: int = 60) -> None:
+    with sf.SoundFile(str(path)) as f:
+        for block in f.blocks(blocksize=block_seconds * f.samplerate, dtype="float32"):
+            if not np.isfinite(block).all():
+                raise AudioError(path, NON_FINITE)
+
+
+NON_FINITE = "audio contains NaN or infinite samples"
 
 
 def load_audio(
@@ -118,7 +138,7 @@ def load_audio(
     wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     wav = resample(wav, native_sr, sample_rate)
     if not np.all(np.isfinite(wav)):
-        raise AudioError(path, "audio contains NaN or infinite samples")
+        raise AudioError(path, NON_FINITE)
     return np.ascontiguousarray(wav, dtype=np.float32)
 
 
@@ -161,9 +181,20 @@ def _reason(err: Exception) -> str:
     return msg or type(err).__name__
 
 
+def duration_mismatch(stated: float, real: float) -> str | None:
+    """Why a manifest's ``duration`` cannot be trusted for a clip whose header says ``real``
+    seconds, or None: batches are cut and long clips dropped by the stated lengths, so a
+    1-hour file listed as 2 s would pass every cap. A codec's padding and rounding pass."""
+    if abs(stated - real) <= max(0.5, 0.05 * real):
+        return None
+    return (f"the manifest says {stated:g} s but the audio is {real:.2f} s long (rewrite the durations from the "
+            f"files: speechtl prepare MANIFEST --format jsonl --out NEW.jsonl)")
+
+
 def check_readable(utterances, on_bad_audio: str = "error", fix_hint: str = "") -> tuple[list, list[dict]]:
     """Read every utterance's audio header before a long job, so that a broken or missing
-    file stops it at the start with all such files named (``"error"``, ``fix_hint``
+    file, a float file with NaN or infinite samples, or a clip whose ``duration`` is not its
+    real length stops it at the start with all such files named (``"error"``, ``fix_hint``
     appended to the message), or is left out and logged (``"skip"``).
     Returns the readable utterances and ``{id, audio, reason}`` for each bad one."""
     if on_bad_audio not in ("error", "skip"):
@@ -171,10 +202,16 @@ def check_readable(utterances, on_bad_audio: str = "error", fix_hint: str = "") 
     good, bad = [], []
     for u in utterances:
         try:
-            audio_info(u.audio)
-            good.append(u)
+            info = audio_info(u.audio, samples=True)
         except AudioError as e:
             bad.append({"id": u.id, "audio": u.audio, "reason": e.reason})
+            continue
+        stated = getattr(u, "duration", None)
+        wrong = None if stated is None else duration_mismatch(stated, info.duration / getattr(u, "speed", 1.0))
+        if wrong:
+            bad.append({"id": u.id, "audio": u.audio, "reason": wrong})
+        else:
+            good.append(u)
     if bad and on_bad_audio == "error":
         lines = [f"{b['id']}: {b['audio']}: {b['reason']}" for b in bad[:10]]
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""

@@ -272,6 +272,18 @@ def random_batches(durations: Sequence[float], max_batch_seconds: float, seed: i
     return cut_batches(order, durations, max_batch_seconds)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: Ctrl-C, ``kill`` and a closed terminal reach
+    the whole process group (SLURM and systemd signal every process too), and a worker they
+    killed would end training before it saves. The main process alone handles them and then
+    shuts its workers down (a worker also exits when its parent is gone)."""
+    import signal
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def sorted_loader(dataset, max_batch_seconds: float, collate_fn, num_workers: int = 0, device=None) -> DataLoader:
     """Duration-sorted, unshuffled batches for inference and feature extraction."""
     sampler = DynamicBucketSampler(dataset.durations, max_batch_seconds, shuffle=False)

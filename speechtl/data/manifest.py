@@ -13,6 +13,7 @@ reads or writes manifests.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,7 +73,7 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True, unlabelled:
     base = path.resolve().parent
     utts: list[Utterance] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark, as some editors write, is no part of line 1
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -98,7 +99,7 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True, unlabelled:
                 raise ManifestError(f"{where}: 'audio' must be a non-empty string")
             if not isinstance(text, str):
                 raise ManifestError(f"{where}: 'text' must be a string")
-            if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration < 0:
+            if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 <= duration < math.inf:
                 raise ManifestError(f"{where}: 'duration' must be a non-negative number of seconds")
             if uid in seen:
                 raise ManifestError(f"{where}: duplicate id {uid!r} (first on line {seen[uid]})")

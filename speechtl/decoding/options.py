@@ -33,6 +33,11 @@ class DecodeOptions:
     hotwords: tuple[str, ...] = ()
     hotword_weight: float = 10.0
 
+    def __post_init__(self) -> None:
+        if self.beam_width is not None and (isinstance(self.beam_width, bool) or not isinstance(self.beam_width, int)
+                                            or self.beam_width < 1):
+            raise ValueError(f"beam width must be a whole number of at least 1 (got {self.beam_width!r})")
+
     @classmethod
     def of(cls, lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float | None = 0.5,
            beta: float | None = 1.0, hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0) -> DecodeOptions:

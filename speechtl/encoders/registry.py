@@ -18,6 +18,8 @@ import torch
 
 from ..core.paths import fetched_dir
 from .base import TRAINING_CONFIG_KEYS
+from .config_check import check_encoder_config
+from .ct2 import is_ct2_dir
 from .lora import base_state_dict
 from .native import load_native
 from .wav2vec2 import SpeechEncoder, _read_do_normalize
@@ -77,6 +79,8 @@ def load_encoder(
     if not os.path.exists(source) and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
         # a hub id is owner/name; anything else that does not exist is a mistyped folder
         raise FileNotFoundError(f"encoder folder {source} does not exist")
+    if os.path.isdir(source) and not is_ct2_dir(source):  # a CTranslate2 folder has no transformers config
+        check_encoder_config(source)
     if inference and not random_init and not overrides and os.path.isdir(source) and native_enabled():
         model = load_native(source)
         if model is not None:
@@ -106,10 +110,30 @@ def load_encoder(
             torch.manual_seed(seed)
             model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
     else:
-        model = AutoModel.from_pretrained(source, config=config, trust_remote_code=trust_remote_code)
+        model = _from_pretrained(AutoModel, source, config=config, trust_remote_code=trust_remote_code)
     for k, v in final_masking.items():
         setattr(model.config, k, v)
     return SpeechEncoder(model, normalize_waveform=_read_do_normalize(source), source=str(name_or_path))
+
+
+def _from_pretrained(cls, source: str, **kwargs):
+    """``cls.from_pretrained``, with pickle weights that hold more than tensors refused in
+    speechtl's words: torch's own message suggests ``weights_only=False``, the unsafe way."""
+    import pickle
+
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else type(e).__name__)
+        bins = sorted(p.name for p in Path(source).glob("*.bin")) if os.path.isdir(source) else []
+        where = os.path.join(source, bins[0]) if len(bins) == 1 else source
+        raise ValueError(
+            f"{where}: refused: these pickle weights hold more than tensors ({detail}), and loading them could run "
+            f"code; speechtl reads only safetensors or plain tensors. Get a model.safetensors for this encoder, or, "
+            f"only if you trust where the file came from, convert it once: python -c \"import torch; "
+            f"from safetensors.torch import save_file; sd = torch.load('{where}', weights_only=False); "
+            f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{os.path.join(source, 'model.safetensors')}')\"") from None
 
 
 def native_enabled() -> bool:

@@ -17,7 +17,10 @@ preprocessing and each of its manifest entries, so:
   right key (each shard is written atomically, so a shard on disk is whole);
 - a cache made with other weights, layers, precision or audio is detected as stale and
   is never read silently (:class:`StaleCacheError`);
-- with ``torchrun``, rank r extracts shards r, r + N, r + 2N, ... of one shared plan.
+- with ``torchrun``, rank r extracts shards r, r + N, r + 2N, ... of one shared plan;
+- an entry's key holds its audio's content, not its path (``"entry_keys": "content"`` in
+  ``cache.json``), so a corpus moved with its cache to another folder or machine is still
+  current; caches written before also hashed the absolute path and are read as written.
 
 The keys are made in :mod:`speechtl.features.fingerprint` (the encoder's part, a hash of all
 its weights, is computed once per encoder folder and kept in a small per-user store), and the
@@ -183,7 +186,8 @@ class FeatureCache:
         if absent:
             raise StaleCacheError(f"{self.path}: {len(absent)} clip(s) are not in the cache, e.g. {absent[0]!r}")
         entries = self.meta["entries"]
-        changed = [u.id for u in utterances if entries.get(u.id) != _sha(base, entry_key(u))]
+        with_path = self.meta.get("entry_keys") != "content"  # a cache written before keys left the path out
+        changed = [u.id for u in utterances if entries.get(u.id) != _sha(base, entry_key(u, with_path))]
         if changed:
             raise StaleCacheError(f"{self.path}: {len(changed)} clip(s) were cached from other audio or another manifest "
                                   f"entry, e.g. {changed[0]!r}")

@@ -10,6 +10,7 @@ then serves them to the head, which is all that trains.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +54,7 @@ from .cache import (
 )
 from .cpu_plan import choose as choose_schedule
 from .encode import encode_batches
-from .fingerprint import encoder_fingerprint, entry_key, preprocessing
+from .fingerprint import audio_digest, encoder_fingerprint, entry_key, preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -214,9 +215,13 @@ def extract_to_cache(
         compute, amp = _rank_zero_precision(compute, amp, rank)
     base_key = _base_key(fingerprint, layer_ids, dtype, compute, prep)
     bytes_per_second = encoder.frame_rate * len(layer_ids) * encoder.hidden_size * DTYPES[dtype].itemsize
-    keys = {u.id: entry_key(u) for u in utterances}
+    digests = {u.audio: audio_digest(u.audio) for u in utterances}
+    with_path = _current_with_paths(out, base_key, utterances, digests)
+    keys = {u.id: entry_key(u, with_path, digests[u.audio]) for u in utterances}
     shards = plan_shards(utterances, base_key, min(shard_seconds, shard_gb * 1e9 / bytes_per_second), keys)
     meta = _cache_meta(encoder, utterances, fingerprint, base_key, layer_ids, dtype, compute, prep, shards, keys)
+    if not with_path:
+        meta["entry_keys"] = "content"
     if rank == 0:
         write_json(out / CACHE_FILE, meta)
 
@@ -233,6 +238,21 @@ def extract_to_cache(
     if rank != 0:
         return None
     return FeatureCache(out)
+
+
+def _current_with_paths(out: Path, base_key: str, utterances: Sequence[Utterance], digests: dict[str, str]) -> bool:
+    """Whether ``out`` holds a cache written before keys left the audio path out that is
+    current for ``utterances``: it is then kept as it is, with its keys, rather than
+    extracted again only for a change of key."""
+    try:
+        meta = json.loads((out / CACHE_FILE).read_text(encoding="utf-8"))
+        if meta.get("version") != CACHE_VERSION or meta.get("entry_keys") == "content":
+            return False
+        entries = meta["entries"]
+        return len(entries) == len(utterances) and all(
+            entries.get(u.id) == _sha(base_key, entry_key(u, True, digests[u.audio])) for u in utterances)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def _cache_meta(encoder: Encoder, utterances: Sequence[Utterance], fingerprint: str, base_key: str,
@@ -300,7 +320,8 @@ def _extract_shards(encoder, shards, by_id, out, layer_ids, dtype, device, max_b
     was_training = encoder.training
     encoder.eval().to(device)
     hours = sum(durations) / 3600
-    bar = tqdm(total=round(hours, 4), desc="extract", unit="h", disable=not progress, bar_format=(
+    # unrounded: a total rounded down below the sum of the updates made tqdm clamp (a warning, a negative estimate)
+    bar = tqdm(total=hours, desc="extract", unit="h", disable=not progress, bar_format=(
         "{desc}: {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}, {rate_fmt}]"))
     pending: dict[str, torch.Tensor] = {}
     shard_i, done = 0, 0
@@ -318,7 +339,7 @@ def _extract_shards(encoder, shards, by_id, out, layer_ids, dtype, device, max_b
             for batch, feats in encoded:
                 pending.update(zip(batch.ids, feats))
                 done += len(batch.ids)
-                bar.update(round(sum(batch.durations) / 3600, 6))
+                bar.update(sum(batch.durations) / 3600)
                 while shard_i < len(shards) and done >= bounds[shard_i]:
                     s = shards[shard_i]
                     if writing is not None:

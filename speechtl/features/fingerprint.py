@@ -1,6 +1,6 @@
 """What a cached feature depends on, as keys: encoder fingerprints (kept in a small per-user
 store, since hashing reads every weight), the preprocessing, and each manifest entry's audio
-(its path, size and a digest of its bytes)."""
+(its size and a digest of its bytes; not its path, so a moved cache stays current)."""
 
 from __future__ import annotations
 
@@ -184,8 +184,12 @@ def audio_digest(path: str) -> str:
     return f"{size}:{h.hexdigest()}"
 
 
-def entry_key(u: Utterance) -> str:
-    """What of a manifest entry the features depend on: its id, audio file (path, size and
-    content), duration and speed."""
+def entry_key(u: Utterance, with_path: bool = False, digest: str | None = None) -> str:
+    """What of a manifest entry the features depend on: its id, duration, speed and audio
+    content (size and digest, :func:`audio_digest` unless ``digest`` is given), and not where
+    the file lies, so that a corpus and its cache moved together, to another folder or
+    machine, are still current. ``with_path``: the key of caches written before (their
+    ``cache.json`` has no ``entry_keys``), which also held the file's absolute path."""
     speed = f"\tspeed={u.speed!r}" if u.speed != 1 else ""  # a speed-perturbed copy (train speed_perturb)
-    return f"{u.id}\t{os.path.abspath(u.audio)}\t{u.duration:.4f}\t{audio_digest(u.audio)}{speed}"
+    where = f"\t{os.path.abspath(u.audio)}" if with_path else ""
+    return f"{u.id}{where}\t{u.duration:.4f}\t{audio_digest(u.audio) if digest is None else digest}{speed}"

@@ -212,6 +212,9 @@ class Transcriber:
         self.chunk = int(chunk_length_s * SAMPLE_RATE) // hop * hop
         self.stride = int(stride * SAMPLE_RATE) // hop * hop
         self.hop = hop
+        if self.chunk - 2 * self.stride < hop:
+            raise ValueError(f"chunk_length_s ({chunk_length_s:g}) leaves windows of less than one frame ({self.frame_s:g} s) "
+                             f"once the strides ({stride:g} s a side) are taken off; use a few seconds or more")
         # a window of `chunk` samples may make fewer than chunk / hop frames (wav2vec2's CNN needs
         # 400 samples for its first): read a little more, so that every window yields the frames
         # its place in the file calls for, whatever the stride (even 0)

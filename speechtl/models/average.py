@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..core.io import atomic_dir
+from ..core.io import atomic_dir, load_safetensors
 
 
 def average_state_dicts(states: Sequence[dict[str, torch.Tensor]], names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -77,7 +77,7 @@ def average_model_dirs(model_dirs: Sequence[str | os.PathLike], out_dir: str | o
     with atomic_dir(out_dir) as tmp:
         shutil.copytree(dirs[0], tmp, dirs_exist_ok=True)
         for name in _weight_files(dirs[0]):
-            states = [load_file(str(d / name)) for d in dirs]
+            states = [load_safetensors(d / name) for d in dirs]
             save_file(average_state_dicts(states, [str(d / name) for d in dirs]), str(tmp / name), metadata={"format": "pt"})
         meta = dict(metas[0], averaged_from=[str(d) for d in dirs])
         (tmp / MODEL_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")

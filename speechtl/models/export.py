@@ -37,7 +37,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..core.io import atomic_dir, write_json
+from ..core.io import atomic_dir, load_safetensors, write_json
 from ..data.text import UNK_TEXT, Vocabulary
 from ..data.units import WORD_START
 from . import adapters as adapter_lib
@@ -130,12 +130,11 @@ def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, lang: st
 def _write_mms_adapters(folder: Path, model_dir: Path, meta: dict, prefix: str) -> dict[str, dict[str, int]]:
     """Every language's ``adapter.<lang>.safetensors`` under the names ``Wav2Vec2ForCTC.load_adapter``
     reads; returns the vocabularies by language (the tokenizer's nested ``vocab.json``)."""
-    from safetensors.torch import load_file
 
     vocabs = {}
     for lang in sorted(meta["languages"]):
         weights, vocab_file, _ = language_files(lang)
-        state = load_file(str(model_dir / weights))
+        state = load_safetensors(model_dir / weights)
         out = {f"{prefix}.{k[len('adapter.'):]}": v for k, v in state.items() if k.startswith("adapter.")}
         out.update({f"lm_head.{k[len('head.proj.'):]}": v for k, v in state.items() if k.startswith("head.proj.")})
         save_file(out, str(folder / weights), metadata={"format": "pt"})

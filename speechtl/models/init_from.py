@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 
-from safetensors.torch import load_file
-
+from ..core.io import load_safetensors
 from ..data.text import Vocabulary
 from ..data.units import describe_units, load_vocabulary, units_of
 from . import adapters as adapter_lib
@@ -65,7 +64,7 @@ def init_from_model(model: CTCModel, vocab: Vocabulary, model_dir: str | os.Path
         state = {}
     else:
         old_vocab = load_vocabulary(model_dir, meta)
-        state = load_file(str(model_dir / "head.safetensors"))
+        state = load_safetensors(model_dir / "head.safetensors")
         head_state = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
     out_keys = [k for k in head_state if k.startswith("proj.")]
     fresh = model.head.state_dict()

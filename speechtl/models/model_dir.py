@@ -17,10 +17,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..core.constants import __version__
-from ..core.io import atomic_dir, write_json
+from ..core.io import atomic_dir, load_safetensors, write_json
 from ..data.text import Normalizer, Vocabulary, load_normalizer, save_normalizer
 from ..data.units import load_vocabulary, save_vocabulary, units_of
 from ..encoders.native import is_native
@@ -132,7 +132,7 @@ def _read_language(model_dir: Path, lang: str) -> tuple[Vocabulary, Normalizer, 
     for name in (weights, vocab_file, norm_file):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"{model_dir}: {name} is missing (speechtl.json lists language {lang!r})")
-    state = load_file(str(model_dir / weights))
+    state = load_safetensors(model_dir / weights)
     adapters = {k[8:]: v for k, v in state.items() if k.startswith("adapter.")}
     head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
     return Vocabulary.load(model_dir / vocab_file), load_normalizer(model_dir / norm_file), adapters, head
@@ -197,7 +197,7 @@ def load_model_dir(model_dir: str | os.PathLike, device: str | torch.device = "c
     vocab = load_vocabulary(model_dir, meta)
     normalizer = load_normalizer(model_dir / "normalizer.json")
     model = CTCModel(encoder, len(vocab), meta["mode"], head, encoder.num_layers, encoder.hidden_size)
-    state = load_file(str(model_dir / "head.safetensors"))
+    state = load_safetensors(model_dir / "head.safetensors")
     model.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
     if model.layer_sum is not None:
         model.layer_sum.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("layer_sum.")})

@@ -21,7 +21,7 @@ from ..core.cpus import cap_workers
 from ..core.distributed import DistContext
 from ..core.precision import autocast_dtype, compute_dtype_name
 from ..data.augment import Augmenter
-from ..data.loader import AudioDataset, DynamicBucketSampler, collate, decode_workers
+from ..data.loader import AudioDataset, DynamicBucketSampler, collate, decode_workers, ignore_stop_signals
 from ..data.manifest import Utterance
 from ..encoders.registry import load_encoder
 from ..features.cache import FeatureCache, StaleCacheError
@@ -60,6 +60,7 @@ def build_run(cfg: TrainConfig, ctx: DistContext, device: torch.device, data: Tr
     path = checkpoint.checkpoint_path(out)
     data = replace(data, vocab=choose_vocab(cfg, data, ck, path, ctx))
     model, distiller = build_model_for(cfg, data, device)
+    fingerprint = check_same_encoder(cfg, model, ck, path)
     span = model.encoder.max_seconds if model.encoder is not None else float("inf")
     if distiller is not None:
         span = min(span, distiller.teacher.max_seconds)
@@ -86,11 +87,29 @@ def build_run(cfg: TrainConfig, ctx: DistContext, device: torch.device, data: Tr
               features=features, dev_features=dev_features, dev_mine=dev_mine, global_seconds=global_seconds,
               loader_gen=loader_gen, sampler=sampler, loader=loader, step_module=step_module,
               state=TrainState(world_size=ctx.world_size, train_items=len(data.train)), checkpoint=path,
-              metrics=MetricsLog(out / "metrics.csv", ctx, tensorboard="tensorboard" in cfg.log_sinks))
+              metrics=MetricsLog(out / "metrics.csv", ctx, tensorboard="tensorboard" in cfg.log_sinks),
+              encoder_fingerprint=fingerprint)
     if ck is not None:
         checkpoint.restore(ck, run)
     run.metrics.trim(run.state.step)
     return run
+
+
+def check_same_encoder(cfg: TrainConfig, model: CTCModel, ck: dict | None, path: Path) -> str:
+    """The fingerprint of the encoder this run starts from (saved in every checkpoint); on
+    resume it must be the checkpoint's, or the head would go on training on another encoder's
+    features while the run's files named two encoders. Checkpoints written before fingerprints
+    were kept are not checked."""
+    if model.encoder is None:
+        return ""
+    fingerprint = encoder_fingerprint(model.encoder)
+    was = (ck or {}).get("encoder_fingerprint")
+    if was and was != fingerprint:
+        before = (ck.get("config") or {}).get("encoder", "?")
+        raise ValueError(f"{path}: written by a run on another encoder ({before}, fingerprint {was[:12]}); "
+                         f"encoder={cfg.encoder} has fingerprint {fingerprint[:12]}. Resume with the encoder the run "
+                         f"started with, or start afresh with overwrite=true (or another out=)")
+    return fingerprint
 
 
 def build_model_for(cfg: TrainConfig, data: TrainData, device: torch.device) -> tuple[CTCModel, Distiller | None]:
@@ -256,7 +275,7 @@ def build_loader(cfg: TrainConfig, data: TrainData, features, distiller: Distill
                                         rank=ctx.rank, world_size=ctx.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers,
                              pin_memory=features is None and device.type == "cuda", generator=loader_gen,
-                             persistent_workers=False)
+                             persistent_workers=False, worker_init_fn=ignore_stop_signals if workers else None)
     return loader_gen, sampler, loader
 
 

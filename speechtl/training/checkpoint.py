@@ -6,12 +6,14 @@ The format (unchanged since the first release of resume): a ``torch.save`` dict 
 plain data, loaded with ``weights_only=True``, with the keys ``model``, ``optimizer``,
 ``scheduler``, ``scaler``, ``state`` (:class:`~speechtl.training.run.TrainState` and the
 sampler's position), ``rng`` (and ``rng_ranks``), ``loader_rng``, ``vocab``, ``units``,
-``tokenizer`` (subword units), ``distill`` (with a teacher) and ``config``.
+``tokenizer`` (subword units), ``distill`` (with a teacher), ``config`` and (since resume checks it)
+``encoder_fingerprint``, the starting encoder's.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -34,11 +36,25 @@ def checkpoint_path(out: Path) -> Path:
     return out / "checkpoints" / "last.pt"
 
 
+def previous_path(path: Path) -> Path:
+    """The checkpoint before ``path``, kept so that a damaged last one can be resumed past."""
+    return path.with_name("previous.pt")
+
+
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "state", "rng", "loader_rng", "vocab")
+
+
 def load_checkpoint(path: Path) -> dict:
     """A training checkpoint, loaded with ``weights_only=True``: tensors and plain data only.
-    A file that needs anything more (pickled code) is refused, never executed."""
+    A file that needs anything more (pickled code) is refused, never executed; a file that is
+    not a whole torch checkpoint (empty, cut short, other bytes) is named as damaged."""
     import pickle
+    import zipfile
 
+    damaged = (f"{path}: not a readable checkpoint ({{}}): the file is damaged (a full disk or a copy cut short?). "
+               f"Restore it, or delete it and start afresh without resume=true")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else cannot be one of ours
+        raise ValueError(damaged.format("empty" if path.stat().st_size == 0 else "not a torch zip archive"))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -46,15 +62,43 @@ def load_checkpoint(path: Path) -> dict:
         raise ValueError(f"{path}: refused to load: the checkpoint holds objects other than tensors and plain data"
                          f" (torch.load weights_only=True: {first}). speechtl never unpickles code; delete the file"
                          " or start without resume=true") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(damaged.format(f"{type(e).__name__}: {first}" if first else type(e).__name__)) from None
+
+
+def _load_training_checkpoint(path: Path) -> dict:
+    ck = load_checkpoint(path)
+    missing = [k for k in REQUIRED_KEYS if k not in ck] if isinstance(ck, dict) else list(REQUIRED_KEYS)
+    if missing or not isinstance(ck.get("state"), dict) or "step" not in ck["state"]:
+        raise ValueError(f"{path}: not a speechtl training checkpoint (it lacks {', '.join(missing) or 'state.step'}); "
+                         f"restore the run's own checkpoint, or delete it and start afresh without resume=true")
+    return ck
 
 
 def read_checkpoint(path: Path, cfg: TrainConfig, ctx: DistContext) -> dict | None:
-    """The checkpoint to resume from (``cfg.resume``), or None to start afresh."""
-    if not (cfg.resume and path.is_file()):
-        if cfg.resume:
-            logger.warning("resume: no checkpoint at %s, starting fresh", path)
+    """The checkpoint to resume from (``cfg.resume``), or None to start afresh. A damaged
+    ``last.pt`` falls back to ``previous.pt`` (and is set aside as ``last.pt.damaged``)."""
+    if not cfg.resume:
         return None
-    ck = load_checkpoint(path)
+    previous = previous_path(path)
+    if not path.is_file() and not previous.is_file():
+        logger.warning("resume: no checkpoint at %s, starting fresh", path)
+        return None
+    try:
+        if not path.is_file():  # killed between setting the last one aside and putting the new one in place
+            raise ValueError(f"{path}: missing")
+        ck = _load_training_checkpoint(path)
+    except ValueError as e:
+        if not previous.is_file():
+            raise
+        try:
+            ck = _load_training_checkpoint(previous)
+        except ValueError as e2:
+            raise ValueError(f"{e}\nand the previous one: {e2}") from None
+        logger.warning("%s\nresuming from the previous checkpoint %s (step %d) instead", e, previous, ck["state"]["step"])
+        if ctx.is_main and path.is_file():  # kept for a look, and never moved over the good previous one
+            os.replace(path, path.with_name(path.name + ".damaged"))
     written_by = ck["state"].get("world_size", 1)
     if written_by != ctx.world_size:
         raise ValueError(f"{path}: written by a {written_by}-process run; resume it with the same number of "
@@ -76,10 +120,14 @@ def save(run: Run) -> None:
         ck["tokenizer"] = vocab.to_str()
     if run.distiller is not None:
         ck["distill"] = run.distiller.state_dict()
+    if run.encoder_fingerprint:
+        ck["encoder_fingerprint"] = run.encoder_fingerprint
     if run.ctx.enabled:
         ck["rng_ranks"] = rngs
     with atomic_path(run.checkpoint) as tmp:
         torch.save(ck, tmp)
+        if run.checkpoint.is_file():  # the last one becomes the previous one once the new one is whole
+            os.replace(run.checkpoint, previous_path(run.checkpoint))
 
 
 def restore(ck: dict, run: Run) -> None:

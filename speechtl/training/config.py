@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,6 +17,10 @@ from ..core.precision import AMP_CHOICES
 from ..data.units import parse_units
 from ..models.modes import MODES, ModePolicy
 
+logger = logging.getLogger(__name__)
+
+# the first line of the config.yaml a run writes into its folder
+RUN_CONFIG_HEADER = "# the resolved configuration of this run"
 SEQ2SEQ_PARTS = ("decoder", "full", "lora")
 HEADS = ("linear", "bilstm")
 SCHEDULES = ("tristage", "linear", "constant")
@@ -24,6 +30,8 @@ _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "d
 def _check_type(key: str, value: Any, annotation: str) -> None:
     """``value`` fits the field's annotation (``float | None``, ``int``, ...); ints pass for floats."""
     names = [t.strip() for t in str(annotation).split("|")]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"config key {key!r}: must be a finite number (got {value!r})")
     if value is None:
         if "None" in names:
             return
@@ -154,6 +162,8 @@ class TrainConfig:
     average_last: int = _f(0, "keep the weights of the last K evaluations and write their mean to out/model_avg, "
                               "scored on dev (0 = off)")
     resume: bool = _f(False, "continue from out/checkpoints/last.pt if it exists")
+    overwrite: bool = _f(False, "start afresh in an out folder that holds a run or a model, replacing it (without "
+                                "this or resume=true, such a folder is refused)")
     # data
     on_bad_audio: str = _f("error", "unreadable or missing audio in train/dev: error (stop before the first update, naming "
                                     "every such file) | skip (leave them out, listed in the log and train_summary.json)")
@@ -219,6 +229,9 @@ class TrainConfig:
                 raise ValueError(f"config key {key!r}: must be greater than 0 (got {v!r})")
         if not 0 < self.layer_lr_decay <= 1:
             raise ValueError(f"config key 'layer_lr_decay': must be in (0, 1] (got {self.layer_lr_decay!r})")
+        if self.resume and self.overwrite:
+            raise ValueError("config keys 'resume' and 'overwrite': resume=true continues the run in out, "
+                             "overwrite=true replaces it; choose one")
         if self.init_from is not None and self.policy.random_init:
             raise ValueError("config key 'init_from': scratch mode starts from random weights; use finetune or frozen")
         self._check_adapter_keys()
@@ -440,10 +453,16 @@ def load_train_config(path: str | os.PathLike | None, overrides: list[str] | dic
     base = Path.cwd()
     if path is not None:
         path = Path(path)
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of key: value")
         base = path.resolve().parent
+        if text.startswith(RUN_CONFIG_HEADER) and isinstance(data.get("out"), str) \
+                and Path(data["out"]).resolve() != base and (base / "checkpoints").is_dir():
+            # a run's own config.yaml in a copied or moved run folder: that folder is the run now
+            logger.info("%s: a run's config, read from another folder than its out=%s; out is %s", path, data["out"], base)
+            data["out"] = str(base)
     over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     data.update(over)
     valid = {f.name: f for f in fields(TrainConfig)}

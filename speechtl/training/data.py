@@ -46,6 +46,9 @@ def read_data(cfg: TrainConfig) -> TrainData:
     hint = "; fix them, or train with on_bad_audio=skip, or re-run `speechtl prepare --on-bad-audio skip`"
     train_utts, bad_train = check_readable(read_manifest(cfg.train, check_files=False), cfg.on_bad_audio, hint)
     dev_utts, bad_dev = check_readable(read_manifest(cfg.dev, check_files=False), cfg.on_bad_audio, hint) if cfg.dev else ([], [])
+    if cfg.dev and not dev_utts:
+        logger.warning("%s: the dev manifest holds no %sutterances: nothing is scored, and the model kept is the last "
+                       "one, not the best", cfg.dev, "readable " if bad_dev else "")
     if cfg.lm not in ("auto", "none", None) and not Path(cfg.lm).is_file():
         raise FileNotFoundError(f"config key 'lm': {cfg.lm}: no such file")
     if cfg.lm == "auto" and cfg.lm_wordlist:
@@ -155,6 +158,12 @@ def filter_data(cfg: TrainConfig, data: TrainData, frames_for: Callable[[int], i
     if span < (max_duration if max_duration is not None else float("inf")):
         logger.info("max_duration %s s: this encoder takes clips of at most %g s", cfg.max_duration, span)
         max_duration = span
+    # a clip longer than a micro-batch's cap would be a batch of its own, of any size: one hour of audio
+    # (max_duration=none) needs tens of GB in a real encoder
+    if cfg.max_batch_seconds < (max_duration if max_duration is not None else float("inf")):
+        logger.info("max_duration %s s: clips longer than max_batch_seconds=%g s are dropped too", cfg.max_duration,
+                    cfg.max_batch_seconds)
+        max_duration = cfg.max_batch_seconds
     texts = [data.normalizer(u.text) for u in data.train]
     train, dropped_ids = filter_trainable(data.train, texts, data.vocab, frames_for, max_duration)
     originals, dropped_copies = len(train), 0
@@ -172,8 +181,8 @@ def filter_data(cfg: TrainConfig, data: TrainData, frames_for: Callable[[int], i
     dropped = {k: len(v) for k, v in dropped_ids.items()}
     if any(dropped.values()):
         logger.warning("dropped from training: %d with empty transcript, %d too short for their transcript under CTC, "
-                       "%d longer than max_duration=%s s", dropped["empty_transcript"],
-                       dropped["too_short_for_transcript"], dropped["too_long"], cfg.max_duration)
+                       "%d longer than max_duration=%s s (or max_batch_seconds=%g)", dropped["empty_transcript"],
+                       dropped["too_short_for_transcript"], dropped["too_long"], cfg.max_duration, cfg.max_batch_seconds)
     if not train:
         raise ValueError(f"{cfg.train}: no trainable utterances left after filtering ({dropped})")
     return replace(data, train=train, originals=originals, dropped=dropped, dropped_ids=dropped_ids,

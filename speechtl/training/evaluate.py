@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..core import distributed as dist_util
-from ..core.io import atomic_path
+from ..core.io import atomic_path, load_safetensors
 from ..decoding.metrics import ScoreReport, write_results
 from ..inference.recognizer import decode_hyps, score_hyps
 from ..models.average import average_state_dicts
@@ -88,7 +88,7 @@ def average_snapshots(run: Run) -> dict | None:
         logger.warning("average_last=%d: only %d evaluation(s) to average; no model_avg written", run.cfg.average_last,
                        len(files))
         return None
-    mean = average_state_dicts([load_file(str(f)) for f in files], [f.name for f in files])
+    mean = average_state_dicts([load_safetensors(f) for f in files], [f.name for f in files])
     run.model.load_state_dict(mean, strict=False)
     data, steps = run.data, [int(f.stem.split("-")[1]) for f in files]
     if run.ctx.is_main:

@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 
 from ..core.distributed import DistContext
-from ..core.io import atomic_path
+from ..core.io import atomic_path, write_error
 
 CSV_FIELDS = ["step", "epoch", "loss", "lr_head", "lr_encoder", "audio_hours", "elapsed_s", "dev_wer", "dev_cer", "distill_loss"]
 
@@ -56,6 +56,12 @@ class MetricsLog:
             return
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         new = not self.path.exists()
+        try:
+            self._write(new, st, epoch, lrs, row)
+        except OSError as e:  # a full disk: say which file
+            raise write_error(self.path, e) from e
+
+    def _write(self, new: bool, st, epoch: int, lrs: dict, row: dict) -> None:
         with open(self.path, "a", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             if new:

@@ -4,6 +4,7 @@ collective per update, then log, evaluate, save and stop, in that order."""
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Callable
 
@@ -41,14 +42,41 @@ def micro_step(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     return loss.detach().double(), None if aux is None else aux.detach().double() / cfg.grad_accum
 
 
-def optimizer_step(run: Run) -> None:
+def optimizer_step(run: Run) -> torch.Tensor | None:
+    """Clip, step, schedule. Returns the gradient norm (None without clipping) where a
+    non-finite one reaches the weights: without a grad scaler, which skips such steps itself."""
     run.scaler.unscale_(run.optimizer)
+    norm = None
     if run.cfg.clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for g in run.groups for p in g["params"]], run.cfg.clip_norm)
+        norm = torch.nn.utils.clip_grad_norm_([p for g in run.groups for p in g["params"]], run.cfg.clip_norm)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    return None if run.scaler.is_enabled() else norm
+
+
+NONFINITE_LIMIT = 3  # updates in a row with a NaN or infinite loss (or gradient) before the run stops
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss stayed NaN or infinite: the run stopped without saving the broken weights."""
+
+
+def _check_finite(run: Run, loss: float, norm: torch.Tensor | None, bad: int, last: bool) -> int:
+    """Updates in a row whose loss or gradient was not finite, this one counted; raises
+    :class:`NonFiniteLoss` at :data:`NONFINITE_LIMIT`, or at the ``last`` update. Such updates are neither evaluated nor
+    saved, so the last checkpoint and model hold the last good weights."""
+    if math.isfinite(loss) and (norm is None or math.isfinite(float(norm))):
+        return 0
+    bad += 1
+    if bad >= NONFINITE_LIMIT or last:
+        raise NonFiniteLoss(
+            f"the training loss (or its gradient) was NaN or infinite for {bad} updates in a row (steps "
+            f"{run.state.step - bad + 1}-{run.state.step}); stopped without saving them: {run.checkpoint} and "
+            f"{run.out / 'model'} keep the last good weights. Lower lr (or encoder_lr), set clip_norm, or check the "
+            f"data; resume=true restarts from that checkpoint")
+    return bad
 
 
 def stop_reason(cfg: TrainConfig, st: TrainState, time_votes: float) -> str | None:
@@ -78,6 +106,7 @@ def train_loop(run: Run, should_stop: Callable[[int], bool] | None, complete: bo
     # named by the user (threads=, --threads) are kept throughout
     tuner = ThreadTuner(torch.get_num_threads(), tune=run.device.type == "cpu" and cfg.threads is None and requested() is None)
     micro, loss_acc, aux_acc, audio_acc, utts_acc = 0, 0.0, 0.0, 0.0, 0  # since the last update
+    nonfinite = 0  # updates in a row with a NaN or infinite loss
     while reason is None:
         for batch in run.loader:  # the sampler starts the epoch after the batches it has handed out
             sampler.advance()
@@ -89,7 +118,7 @@ def train_loop(run: Run, should_stop: Callable[[int], bool] | None, complete: bo
                     loss, aux = micro_step(run, batch)
                 micro += 1
                 if micro >= cfg.grad_accum:
-                    optimizer_step(run)
+                    norm = optimizer_step(run)
             loss_acc = loss_acc + loss
             aux_acc = aux_acc if aux is None else aux_acc + aux
             audio_acc += float(sum(batch.durations))
@@ -112,6 +141,10 @@ def train_loop(run: Run, should_stop: Callable[[int], bool] | None, complete: bo
                 st.distill_loss = aux_sum / ctx.world_size
             micro, loss_acc, aux_acc, audio_acc, utts_acc = 0, 0.0, 0.0, 0.0, 0
             bar.update(1)
+            last = st.step >= cfg.max_steps or bool(time_votes) or bool(stop_votes)  # no later update to recover on
+            nonfinite = _check_finite(run, st.loss, norm, nonfinite, last)
+            if nonfinite:  # not logged, evaluated or saved: the weights may be broken
+                continue
             run.shown["loss"] = f"{st.loss:.3f}"
             if st.distill_loss is not None:
                 run.shown["distill"] = f"{st.distill_loss:.3f}"

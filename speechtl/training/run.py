@@ -80,4 +80,5 @@ class Run:
     state: TrainState
     checkpoint: Path  # out/checkpoints/last.pt
     metrics: MetricsLog
+    encoder_fingerprint: str = ""  # of the encoder the run started from; checked on resume
     shown: dict = field(default_factory=dict)  # the progress bar's postfix: loss, and dev WER/CER since the last evaluation

@@ -350,7 +350,7 @@ def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_sto
             st["perm"] = _batches(run.train.utts, cfg.max_batch_seconds, run.gen)
         loss = _loss(run.model, run.part, run.processor, run.train, st["perm"].pop(0), len(run.prefix), run.device)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"update {st['step'] + 1}: the loss is {loss.item()}; lower encoder_lr/lr")
+            raise RuntimeError(f"update {st['step'] + 1}: the loss is {loss.item()}; stopped before applying it (the last checkpoint and model are kept); lower encoder_lr/lr")
         loss.backward()
         if cfg.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(run.params, cfg.clip_norm)

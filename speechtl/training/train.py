@@ -13,6 +13,7 @@ Outputs in ``cfg.out``: ``checkpoints/last.pt`` (full training state, for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict
@@ -27,11 +28,12 @@ from ..core.distributed import DistContext
 from ..core.io import atomic_path, write_json
 from . import checkpoint
 from .build import build_run, seed_everything
-from .config import TrainConfig
+from .config import RUN_CONFIG_HEADER, TrainConfig
 from .data import min_ctc_frames, read_data
 from .evaluate import average_snapshots
 from .loop import train_loop
 from .lr import lr_lambda
+from .outdir import OutLock, check_out, clear_previous_run
 from .run import Run, TrainingInterrupted, TrainState
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ def train(cfg: TrainConfig, progress: bool = True, should_stop: Callable[[int], 
     on N threads (at most the budget), so that a run and its resumed copy repeat exactly;
     the caller's thread count comes back afterwards.
     """
+    check_out(cfg.out, cfg.resume, cfg.overwrite)  # before any process writes there
     caller_threads = torch.get_num_threads()
     apply_budget(cfg.threads)
     try:
@@ -68,50 +71,74 @@ def _train_on(cfg: TrainConfig, progress: bool, should_stop: Callable[[int], boo
     interrupt = _GracefulInterrupt()
     stop = interrupt if should_stop is None else (lambda step: should_stop(step) or interrupt(step))
     try:
-        with interrupt:
+        with OutLock(cfg.out) if ctx.is_main else contextlib.nullcontext(), interrupt:
+            if cfg.overwrite and ctx.is_main:
+                clear_previous_run(Path(cfg.out))
             if cfg.policy.seq2seq:
                 from .seq2seq import train_seq2seq
 
                 return train_seq2seq(cfg, progress and ctx.is_main, stop)
             return _train(cfg, ctx, device, progress and ctx.is_main, stop)
     except TrainingInterrupted:
-        if interrupt.asked:  # Ctrl-C: the checkpoint is saved; end as an interrupt does
-            raise KeyboardInterrupt from None
+        if interrupt.asked:  # a stop signal: the checkpoint is saved; end as an interrupt does
+            raise Stopped(interrupt.signum) from None
         raise
     finally:
         dist_util.teardown(ctx)
 
 
+class Stopped(KeyboardInterrupt):
+    """Training stopped on a signal after saving its checkpoint; ``exit_status`` is the shell's
+    128 + signal number (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"stopped by {signal.Signals(signum).name}; the checkpoint is saved: resume=true goes on")
+        self.exit_status = 128 + signum
+
+
 class _GracefulInterrupt:
-    """The first Ctrl-C (SIGINT) asks training to stop after the update in progress, with a
-    checkpoint that ``resume=true`` continues from; a second one stops at once."""
+    """The first SIGINT (Ctrl-C), SIGTERM (what ``timeout``, systemd, docker, Kubernetes and
+    SLURM send) or SIGHUP (a closed terminal) asks training to stop after the update in
+    progress, with a checkpoint that ``resume=true`` continues from; a second one stops at once."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
     def __init__(self):
         self.asked = False
-        self._previous = None
+        self.signum = 0
+        self._previous: dict = {}
 
     def __call__(self, step: int) -> bool:
         return self.asked
 
     def _handle(self, signum, frame):
+        import signal
+
         if self.asked:
             raise KeyboardInterrupt
-        self.asked = True
-        logger.warning("interrupted: saving a checkpoint after this update (Ctrl-C again to stop at once)")
+        self.asked, self.signum = True, signum
+        logger.warning("%s: saving a checkpoint after this update (send it again to stop at once)",
+                       signal.Signals(signum).name)
 
     def __enter__(self):
         import signal
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
         return False
 
 
@@ -208,7 +235,7 @@ def write_config_yaml(cfg: TrainConfig, path: Path) -> None:
             data[key] = str(Path(value).resolve())
     data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
     with atomic_path(path) as tmp:
-        tmp.write_text("# the resolved configuration of this run; `speechtl train THIS_FILE` repeats it\n"
+        tmp.write_text(f"{RUN_CONFIG_HEADER}; `speechtl train THIS_FILE` repeats it in this folder\n"
                        + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 

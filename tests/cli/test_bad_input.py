@@ -27,9 +27,9 @@ READABLE = {  # name: (file name, make_wav keyword arguments)
     "stereo": ("stereo.wav", dict(channels=2)),
     "pcm24": ("pcm24.wav", dict(subtype="PCM_24")),
     "float": ("float.wav", dict(subtype="FLOAT")),
-    "flac": ("clip.flac", {}),
-    "ogg": ("clip.ogg", {}),
-    "mp3": ("clip.mp3", {}),
+    "flac": ("flac.flac", {}),  # own stems: transcribe --out refuses inputs that would share an output
+    "ogg": ("ogg.ogg", {}),
+    "mp3": ("mp3.mp3", {}),
 }
 UNREADABLE = ["corrupt", "empty_file", "text_file", "missing"]
 TRANSCRIPT_CASES = ["too_short", "empty_transcript", "oov"]

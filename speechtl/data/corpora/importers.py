@@ -42,6 +42,7 @@ one space.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -154,7 +155,7 @@ def prepare(source: str | os.PathLike, options: PrepareOptions | None = None) ->
     mismatched = 0
     for c in candidates:
         try:
-            info = audio_info(c.audio)
+            info = audio_info(c.audio, samples=True)  # a float file with NaN samples is bad audio too
         except AudioError as e:
             if options.on_bad_audio == "error":
                 raise
@@ -206,12 +207,59 @@ def prepare(source: str | os.PathLike, options: PrepareOptions | None = None) ->
     return PrepareResult(utterances=train, dev=dev, skipped=skipped, dropped_duration=dropped, options=options)
 
 
+def output_paths(out_path: str | os.PathLike, dev_out: str | os.PathLike | None = None,
+                 skip_report: str | os.PathLike | None = None, dev: bool = True,
+                 skipped: bool = True) -> dict[str, Path]:
+    """The files :func:`write_prepared` writes, by the option that names them: the train
+    manifest, the dev manifest (``dev``: if there is a dev set) and the skip report
+    (``skipped``: if files were skipped), each at its default place unless given."""
+    out_path = Path(out_path)
+    paths = {"--out": out_path}
+    if dev or dev_out is not None:
+        paths["--dev-out"] = Path(dev_out) if dev_out is not None else out_path.with_name(f"{out_path.stem}.dev{out_path.suffix}")
+    if skipped or skip_report is not None:
+        paths["--skip-report"] = Path(skip_report) if skip_report is not None else out_path.with_suffix(".skipped.tsv")
+    return paths
+
+
+def check_output_paths(outputs: dict[str, Path], inputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse, before anything is written, outputs that are the same file as each other or as
+    an input (the source manifest or table, an audio file): writing one would destroy another."""
+    def same(a: Path, b: Path) -> bool:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+
+    named = list(outputs.items())
+    for i, (opt, path) in enumerate(named):
+        for other, path2 in named[:i]:
+            if same(path, path2):
+                raise ValueError(f"{other} and {opt} are the same file ({path}); give each its own path")
+    existing = {}
+    for opt, path in named:
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            existing[(st.st_dev, st.st_ino)] = (opt, path)
+    if not existing:  # an input exists; outputs that do not cannot be one
+        return
+    for src in inputs:
+        try:
+            st = os.stat(src)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in existing:
+            opt, path = existing[(st.st_dev, st.st_ino)]
+            raise ValueError(f"{opt} {path} is an input of this command ({src}); writing it would destroy it. "
+                             f"Write elsewhere")
+
+
 def write_prepared(
     result: PrepareResult,
     out_path: str | os.PathLike,
     dev_out: str | os.PathLike | None = None,
     skip_report: str | os.PathLike | None = None,
     absolute: bool | None = None,
+    source: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Write the train manifest to ``out_path`` and return the paths written.
 
@@ -220,21 +268,23 @@ def write_prepared(
     goes to ``skip_report``, by default ``out_path`` with the suffix ``.skipped.tsv``;
     it is JSONL (``{"path", "reason"}`` per line) if its name ends in ``.jsonl``, else
     TSV with a ``path<TAB>reason`` header. ``absolute`` defaults to the options'
-    ``absolute_paths``. Every file is written atomically.
+    ``absolute_paths``. Before anything is written, every path is checked against the others
+    and against the inputs (``source``, the audio files): ValueError names a clash. Every file
+    is written atomically.
     """
     out_path = Path(out_path)
     if absolute is None:
         absolute = bool(result.options and result.options.absolute_paths)
+    paths = output_paths(out_path, dev_out, skip_report, dev=bool(result.dev), skipped=bool(result.skipped))
+    inputs = [*([source] if source is not None else []), *(u.audio for u in (*result.utterances, *result.dev)),
+              *(p for p, _ in result.skipped)]
+    check_output_paths(paths, inputs)
     written = [write_manifest(out_path, result.utterances, absolute=absolute)]
-    if result.dev or dev_out is not None:
-        dev_path = Path(dev_out) if dev_out is not None else out_path.with_name(f"{out_path.stem}.dev{out_path.suffix}")
-        if dev_path.resolve() == out_path.resolve():
-            raise ValueError(f"dev manifest path is the same as the train manifest: {dev_path}")
-        written.append(write_manifest(dev_path, result.dev, absolute=absolute))
+    if "--dev-out" in paths:
+        written.append(write_manifest(paths["--dev-out"], result.dev, absolute=absolute))
     if result.skipped:
-        report = Path(skip_report) if skip_report is not None else out_path.with_suffix(".skipped.tsv")
-        write_skip_report(report, result.skipped)
-        written.append(report)
+        write_skip_report(paths["--skip-report"], result.skipped)
+        written.append(paths["--skip-report"])
     return written
 
 
