@@ -85,4 +85,7 @@ def test_an_old_checkpoint_resumes_to_the_same_weights_without_extracting(tmp_pa
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.safetensors")} == shards
     want, got = load_file(str(FIX / "model" / "head.safetensors")), load_file(str(out / "model" / "head.safetensors"))
     assert want.keys() == got.keys()
-    assert all(torch.equal(want[k], got[k]) for k in want), "resumed weights differ from the uninterrupted run's"
+    # equal to float rounding: the fixture was written on another CPU, whose kernels (AVX2 there, AVX-512 and AMX
+    # on others) may round the last bits differently (2.6e-5 at most, seen on an AMX CPU); bit-exact resume on one machine is tested in test_train.py
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-3, msg=lambda m, k=k: f"{k}: resumed weights differ: {m}")
