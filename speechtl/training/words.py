@@ -24,18 +24,22 @@ logger = logging.getLogger(__name__)
 ALPHAS = (0.3, 0.5, 0.8, 1.2)
 BETAS = (0.0, 1.0, 2.0)
 UNTUNED = {"alpha": 0.5, "beta": 1.0}  # with no dev set, `speechtl lm tune`'s middle of the road
+# tuning beam-decodes every dev clip once per grid point: clips of a sentence or a few, not recordings of hours
+TUNE_MAX_CLIP_S = 30.0
+TUNE_MAX_CLIPS = 200
 
 
 def attach_decoding(cfg: TrainConfig, model_dir: Path, train_texts: list[str], dev, normalizer,
                     progress: bool = False) -> dict:
     """Write ``model_dir``'s LM and ``decoding.json`` per ``cfg.lm``; returns what was written
     (the summary's ``decoding``). ``train_texts``: the normalised training transcripts;
-    ``dev``: the dev utterances (may be empty)."""
+    ``dev``: the dev utterances (may be empty; the first 200 of at most 30 s are tuned on)."""
     if cfg.lm in ("none", None):
         return {"decoder": "greedy", "reason": "lm=none"}
     lm_path = model_dir / LM_FILE
     sources = _write_lm(cfg, lm_path, train_texts, normalizer)
     record = {"decoder": "beam", "lm": LM_FILE, "beam_width": cfg.lm_beam_width, **UNTUNED, "lm_sources": sources}
+    dev = [u for u in dev if u.duration <= TUNE_MAX_CLIP_S][:TUNE_MAX_CLIPS]
     if dev:
         from ..inference.recognizer import Recognizer
 
@@ -53,8 +57,8 @@ def attach_decoding(cfg: TrainConfig, model_dir: Path, train_texts: list[str], d
                     "the model decodes %s", tuned["utterances"], greedy["wer"], greedy["cer"], best["alpha"],
                     best["beta"], best["wer"], best["cer"], "with the LM" if record["decoder"] == "beam" else "greedily")
     else:
-        logger.info("no dev set: the model decodes with its LM at alpha %g, beta %g, untuned", UNTUNED["alpha"],
-                    UNTUNED["beta"])
+        logger.info("no dev clips of at most %g s: the model decodes with its LM at alpha %g, beta %g, untuned",
+                    TUNE_MAX_CLIP_S, UNTUNED["alpha"], UNTUNED["beta"])
     write_json(model_dir / DECODING_FILE, record)
     return record
 

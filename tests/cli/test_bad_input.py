@@ -135,7 +135,7 @@ class Matrix:
         src = {"readable": self.train_readable, "unreadable": self.unreadable, **self.broken}[which]
         dev = self.dev if which == "readable" else self.dev_short  # the 2-hour dev recording is decoded once
         argv = ["train", f"encoder={self.enc}", f"train={src}", f"dev={dev}", "mode=frozen", "head=linear",
-                "max_steps=4", "eval_every=4", "max_batch_seconds=6", "num_workers=0", f"out={out}", "-q", *extra]
+                "max_steps=4", "eval_every=4", "max_batch_seconds=6", "num_workers=0", "lm=none", f"out={out}", "-q", *extra]
         return (*self.run(f"train-{which}-{extra}", argv, capsys), out)
 
     def model(self, capsys) -> Path:
