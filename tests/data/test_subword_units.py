@@ -13,6 +13,7 @@ import torch
 
 from speechtl.data.manifest import read_manifest, write_manifest
 from speechtl.data.units import WORD_START, SubwordVocabulary
+from speechtl.decoding.options import DecodeOptions
 from speechtl.training.config import config_help, load_train_config
 from speechtl.training.train import train
 
@@ -167,7 +168,7 @@ def test_subword_model_loads_and_decodes_into_words(subword_model, tones, capsys
     assert isinstance(rec.vocab, SubwordVocabulary)
     assert rec.vocab.tokens == [saved.id_to_token(i) for i in range(len(rec.vocab))]
     utts = read_manifest(tones)
-    texts = rec.transcribe([u.audio for u in utts])
+    texts = rec.transcribe([u.audio for u in utts], options=DecodeOptions())  # greedy, as decode_hyps below
     assert any(texts), "the model transcribes nothing: the checks below would be empty"
     hyps = decode_hyps(rec.model, rec.vocab, rec.normalizer, utts)
     for u, text in zip(utts, texts):
@@ -234,7 +235,7 @@ def test_subword_export_matches_transformers_pipeline(tmp_path, subword_model, t
     pipe = pipeline("automatic-speech-recognition", model=str(tmp_path / "hf"), device="cpu")
     rec = speechtl.load(subword_model, device="cpu")
     utts = read_manifest(tones)
-    ours = rec.transcribe([u.audio for u in utts])
+    ours = rec.transcribe([u.audio for u in utts], options=DecodeOptions())  # the HF directory has no LM
     theirs = [pipe({"raw": load_audio(u.audio), "sampling_rate": 16000})["text"] for u in utts]
     assert any(ours), "the model transcribes nothing: the comparison would be empty"
     assert ours == theirs
