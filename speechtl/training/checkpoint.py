@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -127,7 +128,20 @@ def save(run: Run) -> None:
     with atomic_path(run.checkpoint) as tmp:
         torch.save(ck, tmp)
         if run.checkpoint.is_file():  # the last one becomes the previous one once the new one is whole
-            os.replace(run.checkpoint, previous_path(run.checkpoint))
+            _keep_as_previous(run.checkpoint)
+
+
+def _keep_as_previous(path: Path) -> None:
+    """``path`` also becomes ``previous.pt`` while staying where it is, so that a kill at any
+    moment leaves a whole ``last.pt`` (until the new one is renamed over it)."""
+    previous = previous_path(path)
+    staged = previous.with_name(previous.name + ".tmp")
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(path, staged)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(path, staged)
+    os.replace(staged, previous)
 
 
 def restore(ck: dict, run: Run) -> None:
