@@ -66,14 +66,19 @@ def at_least_one(text: str) -> int:
     return n
 
 
+def number(text: str) -> float:
+    """A flag's value as a float, or argparse's usage error naming it."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
 def positive_float(text: str) -> float:
     """A finite number greater than 0 (seconds, sizes): 0, negatives, nan and inf are refused here."""
     import math
 
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    x = number(text)
     if not (math.isfinite(x) and x > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number greater than 0 (got {text})")
     return x

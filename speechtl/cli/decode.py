@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import add_common, at_least_one, floats, positive_float, start_up
+from .common import add_common, at_least_one, floats, number, positive_float, start_up
 from .outputs import output_names
 
 
@@ -59,10 +59,7 @@ def vad_options(args):
 def _fraction(text: str) -> float:
     import argparse
 
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    x = number(text)
     if not 0.0 < x < 1.0:
         raise argparse.ArgumentTypeError(f"must lie between 0 and 1 (got {x:g})")
     return x
@@ -71,10 +68,7 @@ def _fraction(text: str) -> float:
 def _seconds(text: str) -> float:
     import argparse
 
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    x = number(text)
     if x < 0:
         raise argparse.ArgumentTypeError(f"must not be negative (got {x:g})")
     return x

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
 from ..data.text import UNK_TEXT, Vocabulary
+from .options import DecodeOptions
 
 
 @dataclass
@@ -203,3 +204,22 @@ def align_words(log_probs: np.ndarray, text: str, vocab: Vocabulary, frame_s: fl
         if piece_text:
             chars.append(span)
     return out
+
+
+class Decoders:
+    """The decoder for each setting over one vocabulary: greedy, or a :class:`BeamDecoder`
+    built on first use and kept, so that its language model is read from disk once however
+    many calls use it."""
+
+    def __init__(self, vocab: Vocabulary):
+        self.vocab = vocab
+        self._beams: dict = {}
+
+    def get(self, o: DecodeOptions):
+        if o.greedy:
+            return GreedyDecoder(self.vocab)
+        key = (o.lm, o.width, o.alpha, o.beta, o.hotwords, o.hotword_weight)
+        if key not in self._beams:
+            self._beams[key] = BeamDecoder(self.vocab, o.lm, o.alpha, o.beta, o.width, list(o.hotwords) or None,
+                                           o.hotword_weight)
+        return self._beams[key]

@@ -24,6 +24,7 @@ from ..data.audio import AudioError
 from ..data.manifest import Utterance
 from ..data.text import UNK_TEXT, load_normalizer
 from ..data.units import WORD_START, load_vocabulary
+from ..decoding.decoders import Decoders
 from ..decoding.metrics import UtteranceResult, score, write_results
 from ..decoding.options import DecodeOptions
 
@@ -150,7 +151,7 @@ class OnnxRecognizer:
         self.normalizer = load_normalizer(self.model_dir / "normalizer.json")
         self.model = OnnxModel(self.model_dir / self.meta["model"], self.meta, threads)
         self.device = _Device()
-        self._decoders: dict = {}
+        self._decoders = Decoders(self.vocab)
 
     @classmethod
     def load(cls, folder: str | os.PathLike, device: str | None = None, lang: str | None = None) -> "OnnxRecognizer":
@@ -187,16 +188,7 @@ class OnnxRecognizer:
         return self.default_options().over(lm, beam_width, alpha, beta, hotwords, hotword_weight)
 
     def decoder(self, options: DecodeOptions | None = None):
-        from ..decoding.decoders import BeamDecoder, GreedyDecoder
-
-        o = options or DecodeOptions()
-        if o.greedy:
-            return GreedyDecoder(self.vocab)
-        key = (o.lm, o.width, o.alpha, o.beta, o.hotwords, o.hotword_weight)
-        if key not in self._decoders:
-            self._decoders[key] = BeamDecoder(self.vocab, o.lm, o.alpha, o.beta, o.width, list(o.hotwords) or None,
-                                              o.hotword_weight)
-        return self._decoders[key]
+        return self._decoders.get(options or DecodeOptions())
 
     def transcriber(self, chunk_length_s: float = 30.0, stride_length_s: float | None = None,
                     max_batch_seconds: float | None = None, lm=None, beam_width=None, alpha: float | None = None,

@@ -17,7 +17,7 @@ from ..data.audio import AudioError
 from ..data.loader import AudioDataset, collate, encoder_batch_seconds, sorted_loader
 from ..data.manifest import Utterance
 from ..data.text import Normalizer, Vocabulary
-from ..decoding.decoders import greedy_ids
+from ..decoding.decoders import Decoders, greedy_ids
 from ..decoding.metrics import ScoreReport, UtteranceResult, score, write_results
 from ..decoding.options import DecodeOptions
 from ..features.extract import FeatureDataset, collate_features
@@ -129,7 +129,7 @@ class Recognizer:
         self.normalizer = normalizer
         self.meta = meta or {}
         self.model_dir = None if model_dir is None else Path(model_dir)  # where other languages are read from
-        self._decoders: dict = {}  # beam decoders (and their LMs) by setting
+        self._decoders = Decoders(vocab)  # beam decoders (and their LMs) by setting
         # the folder's own decoding (decoding.json: its LM and tuned weights), used unless told otherwise
         self.default_options = DecodeOptions.read(self.model_dir) if self.model_dir is not None else DecodeOptions()
 
@@ -175,7 +175,7 @@ class Recognizer:
         if lang != self.model.language:
             self.vocab, self.normalizer = use_language(self.model, self.model_dir, lang)
             self.model.eval()
-            self._decoders.clear()  # their vocabularies were the previous language's
+            self._decoders = Decoders(self.vocab)  # the old ones spoke the previous language's vocabulary
         return self
 
     def decode_options(self, options: DecodeOptions | None = None, lm: str | os.PathLike | None = None,
@@ -196,16 +196,7 @@ class Recognizer:
         beam search); ``options`` gives them all at once, in place of the others. A beam
         decoder, with its language model, is built once per setting and kept: the LM is read
         from disk once, however many calls use it."""
-        from ..decoding.decoders import BeamDecoder, GreedyDecoder
-
-        o = self.decode_options(options, lm, beam_width, alpha, beta, hotwords, hotword_weight)
-        if o.greedy:
-            return GreedyDecoder(self.vocab)
-        key = (o.lm, o.width, o.alpha, o.beta, o.hotwords, o.hotword_weight)
-        if key not in self._decoders:
-            self._decoders[key] = BeamDecoder(self.vocab, o.lm, o.alpha, o.beta, o.width, list(o.hotwords) or None,
-                                              o.hotword_weight)
-        return self._decoders[key]
+        return self._decoders.get(self.decode_options(options, lm, beam_width, alpha, beta, hotwords, hotword_weight))
 
     def transcriber(self, chunk_length_s: float = 30.0, stride_length_s: float | None = None, max_batch_seconds: float | None = None,
                     lm: str | os.PathLike | None = None, beam_width: int | None = None, alpha: float | None = None, beta: float | None = None,
