@@ -20,7 +20,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..data.audio import AudioError
 from ..data.manifest import Utterance
 from ..data.text import UNK_TEXT, load_normalizer
 from ..data.units import WORD_START, load_vocabulary
@@ -223,17 +222,12 @@ class OnnxRecognizer:
                  options: DecodeOptions | None = None, vad="default") -> dict:
         """As :meth:`speechtl.inference.recognizer.Recognizer.evaluate`."""
         from ..data.audio import check_readable
-        from .transcribe import Item
+        from .transcribe import hyps_by_id
 
         good, skipped = check_readable(utterances, on_bad_audio, " (--on-bad-audio skip leaves them out)")
         options = self.decode_options(options, lm, beam_width, alpha, beta)
         tr = self.transcriber(chunk_length_s, None, max_batch_seconds, options=options, vad=vad)
-        items = [Item(u.id, u.audio) for u in good]
-        hyps = {}
-        for i, t in tr.run_indexed(items, progress=progress):
-            if t.error is not None:
-                raise AudioError(t.path, t.error)
-            hyps[items[i].key] = t.text
+        hyps = hyps_by_id(tr, good, progress)
         report = score([UtteranceResult(u.id, u.text, hyps[u.id], u.duration) for u in good], normalize=self.normalizer)
         extra = {**options.summary(), **({"skipped": skipped} if skipped else {})}
         if out_dir is not None:

@@ -267,10 +267,10 @@ class Recognizer:
         decoding settings at once, in place of ``lm``, ``beam_width``, ``alpha`` and ``beta``.
         """
         from ..data.audio import check_readable
-
-        good, skipped = check_readable(utterances, on_bad_audio, " (--on-bad-audio skip leaves them out)")
+        from .transcribe import hyps_by_id
         from .vad import resolve
 
+        good, skipped = check_readable(utterances, on_bad_audio, " (--on-bad-audio skip leaves them out)")
         options = self.decode_options(options, lm, beam_width, alpha, beta)
         vad = resolve(vad)
         if options.greedy:  # batched from audio, long recordings in windows
@@ -278,23 +278,11 @@ class Recognizer:
                                        progress=progress, chunk_length_s=chunk_length_s, vad=vad)
         else:
             tr = self.transcriber(chunk_length_s, None, max_batch_seconds, options=options, vad=vad)
-            report = score_hyps(good, self._hyps(tr, good, progress), self.normalizer)
+            report = score_hyps(good, hyps_by_id(tr, good, progress), self.normalizer)
         extra = {**options.summary(), **({"skipped": skipped} if skipped else {})}
         if out_dir is not None:
             return write_results(report, Path(out_dir), extra)
         return {**report.summary(), **(extra or {})}
-
-    @staticmethod
-    def _hyps(tr, utterances: Sequence[Utterance], progress: bool) -> dict[str, str]:
-        from .transcribe import Item
-
-        items = [Item(u.id, u.audio) for u in utterances]
-        hyps = {}
-        for i, t in tr.run_indexed(items, progress=progress):
-            if t.error is not None:
-                raise AudioError(t.path, t.error)
-            hyps[items[i].key] = t.text
-        return hyps
 
     def tune_lm(self, utterances: Sequence[Utterance], lm: str | os.PathLike, alphas: Sequence[float],
                 betas: Sequence[float], beam_width: int = 32, progress: bool = False) -> dict:

@@ -108,16 +108,11 @@ class Seq2SeqRecognizer:
         counts hypotheses that loop (``looping``) or run far past their reference
         (``hallucinated``)."""
         from ..data.audio import check_readable
-        from .transcribe import Item
+        from .transcribe import hyps_by_id
 
         good, skipped = check_readable(utterances, on_bad_audio, " (--on-bad-audio skip leaves them out)")
         tr = self.transcriber(chunk_length_s, None, max_batch_seconds, lm, beam_width, options=options, vad=vad)
-        items = [Item(u.id, u.audio) for u in good]
-        hyps = {}
-        for i, t in tr.run_indexed(items, progress=progress):
-            if t.error is not None:
-                raise AudioError(t.path, t.error)
-            hyps[items[i].key] = t.text
+        hyps = hyps_by_id(tr, good, progress)
         report = score([UtteranceResult(u.id, u.text, hyps[u.id], u.duration) for u in good], normalize=self.normalizer)
         extra = {"decoder": "whisper greedy" if tr.num_beams == 1 else "whisper beam", "beam_width": tr.num_beams,
                  "looping": sum(s2s.looping(r.hyp) for r in report.results),

@@ -141,6 +141,12 @@ def results_in_order(tr, items: Sequence[Item], progress: bool, return_timestamp
     return out
 
 
+def hyps_by_id(tr, utterances, progress: bool = False) -> dict[str, str]:
+    """A transcriber's texts of manifest ``utterances``, by id (as :func:`results_in_order`)."""
+    items = [Item(u.id, u.audio) for u in utterances]
+    return dict(zip((it.key for it in items), results_in_order(tr, items, progress, False)))
+
+
 # ----------------------------------------------------------------------------- decoding
 
 def frame_seconds(model) -> float:
