@@ -191,3 +191,65 @@ def cap_workers(workers: int) -> int:
     if capped != workers:
         logger.debug("DataLoader workers: %d, not %d (%s)", capped, workers, cpu_budget().describe())
     return capped
+
+
+def _busy_seconds(stat: Path) -> float | None:
+    """CPU seconds spent busy by every process since boot (``/proc/stat``'s first line:
+    all but idle and iowait), None where unreadable."""
+    try:
+        fields = [int(x) for x in stat.read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    if len(fields) < 5:
+        return None
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class OthersMeter:
+    """CPUs kept busy by other processes: the machine's busy time (``/proc/stat``) less
+    this process's own (``os.times``, all its threads), per second of wall time, averaged
+    since the previous reading of at least ``min_window`` seconds.
+
+    Our own DataLoader workers count as others: they compete for the same cores. Where
+    ``/proc/stat`` cannot be read, :meth:`read` returns None (nothing known)."""
+
+    def __init__(self, stat: str | os.PathLike = "/proc/stat", min_window: float = 0.25,
+                 clock=None, own=None):
+        import time
+
+        self.stat = Path(stat)
+        self.min_window = min_window
+        self.clock = clock or time.monotonic
+        self.own = own or (lambda: sum(os.times()[:2]))
+        self.last = self._snap()
+        self.value: float | None = None
+
+    def _snap(self):
+        busy = _busy_seconds(self.stat)
+        return None if busy is None else (self.clock(), busy, self.own())
+
+    def read(self) -> float | None:
+        """Others' CPUs since the last reading (the previous figure when less than
+        ``min_window`` has passed)."""
+        now = self._snap()
+        if now is None or self.last is None:
+            self.last = now
+            return self.value
+        wall = now[0] - self.last[0]
+        if wall < self.min_window:
+            return self.value
+        others = ((now[1] - self.last[1]) - (now[2] - self.last[2])) / wall
+        self.value, self.last = max(0.0, others), now
+        return self.value
+
+    def probe(self, seconds: float = 0.2) -> float | None:
+        """Others' CPUs over ``seconds`` from now, this process sleeping meanwhile."""
+        import time
+
+        self.last = self._snap()
+        time.sleep(seconds)
+        window, self.min_window = self.min_window, 0.0
+        try:
+            return self.read()
+        finally:
+            self.min_window = window

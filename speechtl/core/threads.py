@@ -109,14 +109,21 @@ class ThreadTuner:
     the machine is busy, and that changes during a run, so the tuner measures seconds per
     unit of work (padded audio seconds) on each choice:
 
-    - the first call warms up; the next runs on ``threads`` and the one after on one thread,
-      and the faster goes on;
+    - the first call warms up and the next is timed, both on one thread; the one after runs on
+      ``threads``, and the faster goes on;
     - on one thread, ``threads`` is tried again after ``explore_every`` calls, an interval
       that doubles each time one thread still wins (up to ``explore_max``): other jobs end;
     - either way, the other count is tried at once when the chosen one turns ``slower_by``
       times slower than it was when chosen (another job started).
 
-    An idle machine so pays one call on one thread, and more only when its speed changes.
+    An idle machine so pays two calls on one thread, and more only when its speed changes.
+
+    A call on ``threads`` beside busy processes can stall for seconds, so it is only tried
+    while the cores are free: ``others()`` gives the CPUs that other processes kept busy
+    lately (:class:`speechtl.core.cpus.OthersMeter`), and while they leave fewer than
+    ``threads`` CPUs of ``cpus`` free the tuner starts on one thread and postpones its
+    tries of more (the interval doubling as before).
+
     Use as ``with tuner.run(work): ...``; the caller's thread count is restored when a
     call ends. With ``threads <= 1`` or ``tune=False`` every call runs on ``threads``.
     ``clock`` gives seconds (tests pass their own).
@@ -127,8 +134,11 @@ class ThreadTuner:
     """
 
     def __init__(self, threads: int, tune: bool = True, explore_every: int = 8, explore_max: int = 128,
-                 slower_by: float = 1.5, margin: float = 0.95, clock: Callable[[], float] = time.perf_counter):
+                 slower_by: float = 1.5, margin: float = 0.95, clock: Callable[[], float] = time.perf_counter,
+                 others: Callable[[], float | None] | None = None, cpus: int | None = None):
         self.clock = clock
+        self.others = others
+        self.cpus = cpus if cpus is not None else cpu_threads()
         self.options = [threads, 1] if threads > 1 and tune else [max(threads, 1)]
         self.explore_every, self.explore_max, self.slower_by, self.margin = explore_every, explore_max, slower_by, margin
         self.rate: dict[int, float] = {}  # seconds per unit of work, smoothed, per thread count
@@ -138,15 +148,33 @@ class ThreadTuner:
         self.interval = explore_every
         self.next_try = 0  # the call that tries the other way
         # the first ways to run: (threads, whether the call counts); the first warms up
-        self.plan = [(self.options[0], False), (self.options[0], True), (1, True)] if len(self.options) > 1 else []
+        # one thread first (it cannot stall), then all of them if the cores are free by then
+        self.plan = [(1, False), (1, True), (self.options[0], True)] if len(self.options) > 1 else []
         self.switches = 0
+        self.postponed = 0  # tries of ``threads`` put off because the cores were taken
+
+    def _room(self) -> bool:
+        """Whether the CPUs others leave free hold all of ``threads`` (True when unknown)."""
+        if self.others is None:
+            return True
+        busy = self.others()
+        return busy is None or self.cpus - busy >= self.options[0] - 0.5
 
     def _pick(self) -> int:
         if len(self.options) == 1:
             return self.options[0]
+        if self.plan and self.plan[0][0] > 1 and not self._room():  # busy: settle on one thread for now
+            self.plan = []
+            self.postponed += 1
+            self._settle(1)
         if self.plan:
             return self.plan[0][0]
         if self.calls >= self.next_try:
+            if self.choice == 1 and not self._room():  # the cores are taken: try later
+                self.postponed += 1
+                self.interval = min(2 * self.interval, self.explore_max)
+                self.next_try = self.calls + self.interval
+                return 1
             return self.options[1] if self.choice == self.options[0] else self.options[0]
         return self.choice
 
@@ -156,7 +184,7 @@ class ThreadTuner:
             if self.plan.pop(0)[1]:
                 self.rate[threads] = rate
             if not self.plan:
-                self._settle(min(self.options, key=lambda o: self.rate.get(o, math.inf)))
+                self._settle(min(self.rate, key=self.rate.get))
             return
         if threads != self.choice:  # the other way, tried once
             self.rate[threads] = rate

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import distributed as dist_util
-from ..core.cpus import requested
+from ..core.cpus import OthersMeter, requested
 from ..core.threads import ThreadTuner
 from ..models.ctc import ctc_loss
 from . import checkpoint
@@ -104,7 +104,9 @@ def train_loop(run: Run, should_stop: Callable[[int], bool] | None, complete: bo
     # on a CPU each micro-batch (and the update it ends) runs on the threads that measure
     # fastest now: all of them on an idle machine, one beside other busy processes; threads
     # named by the user (threads=, --threads) are kept throughout
-    tuner = ThreadTuner(torch.get_num_threads(), tune=run.device.type == "cpu" and cfg.threads is None and requested() is None)
+    tune = run.device.type == "cpu" and cfg.threads is None and requested() is None and torch.get_num_threads() > 1
+    others = OthersMeter() if tune else None  # read first after the tuner's two calls on one thread
+    tuner = ThreadTuner(torch.get_num_threads(), tune=tune, others=others.read if others else None)
     micro, loss_acc, aux_acc, audio_acc, utts_acc = 0, 0.0, 0.0, 0.0, 0  # since the last update
     nonfinite = 0  # updates in a row with a NaN or infinite loss
     while reason is None:

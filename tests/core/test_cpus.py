@@ -170,3 +170,53 @@ def test_tuner_with_one_thread_or_told_not_to_tune_only_runs(restore_threads):
             with tuner.run(1.0) as n:
                 assert n == threads == torch.get_num_threads()
                 clock.work(slow_on=threads)
+
+
+def test_tuner_beside_busy_processes_never_risks_all_threads(restore_threads):
+    torch.set_num_threads(1)
+    clock = _Clock()
+    busy = [1.0]  # one other process holds one of the two CPUs
+    tuner = ThreadTuner(2, explore_every=4, explore_max=8, clock=clock, others=lambda: busy[0], cpus=2)
+    used = []
+    for _ in range(30):
+        with tuner.run(1.0) as n:
+            used.append(n)
+            clock.work(slow_on=2)
+    assert set(used) == {1} and tuner.postponed >= 2  # tries of two threads were put off, none made
+    busy[0] = 0.1  # the other process ended: two threads are tried, and win
+    for _ in range(30):
+        with tuner.run(1.0) as n:
+            used.append(n)
+            clock.work(slow_on=1)
+    assert tuner.choice == 2 and used[-3:] == [2, 2, 2]
+    # nothing known about others (no /proc/stat): the measured probe decides, as before
+    tuner = ThreadTuner(2, clock=clock, others=lambda: None, cpus=2)
+    probe = []
+    for _ in range(3):
+        with tuner.run(1.0) as n:
+            probe.append(n)
+            clock.work(slow_on=1)
+    assert probe == [1, 1, 2] and tuner.choice == 2
+
+
+def test_others_meter_subtracts_this_process(tmp_path):
+    import os
+
+    from speechtl.core.cpus import OthersMeter
+
+    hz = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    now, own = [0.0], [0.0]
+
+    def write(busy_s, idle_s):  # user nice system idle iowait irq softirq steal
+        stat.write_text(f"cpu  {int(busy_s * hz)} 0 0 {int(idle_s * hz)} 0 0 0 0 0 0\ncpu0 1 2 3 4\n")
+
+    write(100, 1000)
+    meter = OthersMeter(stat, min_window=0.25, clock=lambda: now[0], own=lambda: own[0])
+    now[0], own[0] = 2.0, 1.0  # 2 s on 2 CPUs: 3 busy CPU-seconds, 1 of them ours
+    write(103, 1001)
+    assert meter.read() == pytest.approx(1.0)
+    now[0] += 0.1  # too short a window: the last figure stands
+    write(200, 1001)
+    assert meter.read() == pytest.approx(1.0)
+    assert OthersMeter(tmp_path / "missing").read() is None
