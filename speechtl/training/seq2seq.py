@@ -13,7 +13,9 @@
 Targets are Whisper's: start of transcript, language, transcribe, no timestamps, the
 text as the manifest writes it, end of text; the forced prefix is not scored. When no
 dev set is given, one is carved from the labelled set (``dev_fraction``) for selecting
-the best update and early stopping. Checkpoints hold the trainable weights, optimiser,
+the best update and early stopping; the unadapted model is scored on it first and is kept
+when no update beats it (small labelled sets can teach the decoder to write training
+sentences over unseen speech). Checkpoints hold the trainable weights, optimiser,
 schedule position and random state, loaded with ``weights_only=True``.
 """
 
@@ -311,7 +313,10 @@ def train_seq2seq(cfg: TrainConfig, progress: bool = True, should_stop=None) -> 
         logger.info("resumed from %s at update %d", ck_path, st["step"])
     else:
         (run.out / "metrics.csv").unlink(missing_ok=True)
-    base = _score_dev(run.model, run.processor, run.dev, run.lang, run.normalizer, run.device) if not st["step"] else None
+    base = None
+    if not st["step"]:  # the unadapted model is the first candidate: an update must beat it on dev to be kept
+        base = _score_dev(run.model, run.processor, run.dev, run.lang, run.normalizer, run.device)
+        st["best"], st["best_step"], best_state = base, 0, _trainable_state(run.model)
     rounds = 1 + (cfg.self_train_rounds if run.unlabelled else 0)
     stop_reason = None
     while True:
@@ -330,6 +335,9 @@ def train_seq2seq(cfg: TrainConfig, progress: bool = True, should_stop=None) -> 
                     len(st["pseudo"]))
     if best_state is not None:
         _load_trainable(run.model, best_state)
+    if st["best_step"] == 0 and st["best"] is not None:
+        logger.warning("no update beat the unadapted model on the dev set (%s %.4f); the model keeps Whisper's own "
+                       "weights", cfg.best_metric, st["best"][cfg.best_metric])
     run.model.eval()
     return _finish(run, st, base, stop_reason)
 

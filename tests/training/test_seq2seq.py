@@ -221,3 +221,41 @@ def test_carved_dev_set_shares_no_text_with_training():
     assert carve_dev(utts, 0.1, seed=3) == (train, dev)  # the same split every time
     with pytest.raises(ValueError, match="too few"):
         carve_dev(utts[:6], 0.1, seed=0)
+
+
+def test_the_unadapted_model_is_kept_when_no_update_beats_it_on_dev(tiny_whisper, corpus, tmp_path, monkeypatch, caplog):
+    """Dev scores worse after every update than before any: the model folder holds the
+    unadapted weights and says it kept update 0; scores that improve keep a later update."""
+    from safetensors.torch import load_file
+
+    from speechtl.training import seq2seq as trainer
+    from speechtl.training.train import train
+
+    real = trainer._score_dev
+    calls = []
+
+    def worse_after_training(*a, **kw):
+        r = real(*a, **kw)
+        calls.append(r)
+        return r if len(calls) == 1 else {**r, "wer": 5.0, "cer": 5.0}
+
+    monkeypatch.setattr(trainer, "_score_dev", worse_after_training)
+    with caplog.at_level("WARNING"):
+        summary = train(_cfg(tiny_whisper, corpus, tmp_path / "kept", max_steps=20, eval_every=10, patience=0),
+                        progress=False)
+    assert summary["steps"] == 20 and summary["best_step"] == 0 and len(calls) == 3
+    assert summary["best_dev_cer"] == calls[0]["cer"] < 5.0
+    assert "no update beat the unadapted model" in caplog.text
+    kept = load_file(Path(summary["model_dir"]) / "whisper" / "model.safetensors")
+    base = load_file(tiny_whisper / "model.safetensors")
+    assert len(set(kept) & set(base)) == len(base)
+    assert all(torch.equal(kept[k], base[k]) for k in base)
+    last = torch.load(tmp_path / "kept" / "checkpoints" / "last.pt", weights_only=True)["trainable"]
+    assert len(set(last) & set(base)) > 10
+    assert any(not torch.equal(v, base[k]) for k, v in last.items() if k in base)  # training did move the weights
+
+    calls.clear()
+    monkeypatch.setattr(trainer, "_score_dev", lambda *a, **kw: (calls.append(1), {"wer": 1.0 / len(calls),
+                                                                                  "cer": 1.0 / len(calls), "looping": 0})[1])
+    summary = train(_cfg(tiny_whisper, corpus, tmp_path / "moved", max_steps=20, eval_every=10), progress=False)
+    assert summary["best_step"] == 20
