@@ -195,8 +195,8 @@ class OnnxRecognizer:
                     options: DecodeOptions | None = None, vad="default"):
         """A transcriber over this folder's model (``streams`` is accepted for the torch
         path's signature; ONNX Runtime spreads one batch over its own threads). ``vad`` as
-        :meth:`speechtl.inference.recognizer.Recognizer.transcriber`; Silero VAD's package
-        imports torch, so where torch is not installed long files go in fixed windows."""
+        :meth:`speechtl.inference.recognizer.Recognizer.transcriber`: long files are cut at
+        pauses by Silero VAD's ONNX model, which needs no torch."""
         o = self.decode_options(options, lm, beam_width, alpha, beta, hotwords, hotword_weight)
         return _transcriber_class()(self.model, self.vocab, self.device, self.decoder(o), chunk_length_s,
                                     stride_length_s, max_batch_seconds or CPU_BATCH_SECONDS, streams=1,
@@ -236,17 +236,10 @@ class OnnxRecognizer:
 
 
 def _vad_here(vad):
-    """The VAD options a transcriber gets: Silero VAD's package imports torch, so without
-    torch installed, long files are cut in fixed windows (logged once)."""
-    import importlib.util
-
+    """The VAD options a transcriber gets (the detector runs on onnxruntime, without torch)."""
     from .vad import resolve
 
-    vad = resolve(vad)
-    if vad is not None and importlib.util.find_spec("torch") is None:
-        logger.warning("no torch here, which Silero VAD's package needs: long files are cut in fixed windows")
-        return None
-    return vad
+    return resolve(vad)
 
 
 def load(model_dir: str | os.PathLike, device: str | None = None, lang: str | None = None):

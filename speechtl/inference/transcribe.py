@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -305,7 +305,10 @@ class Transcriber:
         # long files: their windows (or pieces of speech) in batches, stitched, decoded once
         for i in long:
             try:
-                yield i, self._finish(items[i], *self.long_log_probs(items[i], infos[i]), duration=infos[i])
+                if self.vad is not None:  # each piece of speech decoded as it comes
+                    yield i, self._finish_words(items[i], *self._vad_words(items[i], infos[i]), duration=infos[i])
+                else:
+                    yield i, self._finish(items[i], *self.long_log_probs(items[i], infos[i]), duration=infos[i])
             except AudioError as e:
                 yield i, self._failed(items[i], e.reason)
             bar.update(1)
@@ -326,11 +329,41 @@ class Transcriber:
     def _vad_log_probs(self, item: Item, duration: float) -> tuple[np.ndarray, list[float]]:
         """Pieces of speech (at most a chunk each, context included) run in duration-sorted
         batches and written into place; every other frame is blank."""
+        n_frames = self._n_frames(duration)
+        out = np.full((n_frames, len(self.vocab)), -30.0, np.float32)
+        out[:, self.vocab.blank_id] = 0.0  # silence: certainly blank (other classes still finite, for alignment)
+        # a pause between pieces ends a word: CTC joins letters across any run of blanks, so
+        # the frame before each piece is the word delimiter's
+        delimiter = getattr(self.vocab, "delimiter_id", None)
+        pieces = self._vad_pieces(item, duration)
+        for first, kept in pieces:
+            out[first: first + kept.shape[0]] = kept
+            if delimiter is not None and first > pieces.spans[0][0]:  # not before the first
+                out[first - 1, delimiter], out[first - 1, self.vocab.blank_id] = 0.0, -30.0
+        return out, pieces.pauses
+
+    def _vad_words(self, item: Item, duration: float) -> tuple[list, list[float]]:
+        """Each piece of speech decoded on its own as soon as it is computed (memory stays
+        that of one batch, however long the file), its words moved to the file's times."""
+        words = []
+        pieces = self._vad_pieces(item, duration)
+        for first, kept in pieces:
+            shift = first * self.frame_s
+            words += [replace(w, start=round(w.start + shift, 3), end=round(w.end + shift, 3))
+                      for w in self.decoder(kept, self.frame_s)]
+        words.sort(key=lambda w: w.start)
+        return words, pieces.pauses
+
+    def _n_frames(self, duration: float) -> int:
+        total = int(round(duration * SAMPLE_RATE))
+        frames_of = getattr(self.model, "frame_lengths", None)
+        return int(frames_of(total)) if frames_of is not None else total // self.hop
+
+    def _vad_pieces(self, item: Item, duration: float) -> "_Pieces":
         from .vad import find_pieces, pauses
 
         total = int(round(duration * SAMPLE_RATE))
-        frames_of = getattr(self.model, "frame_lengths", None)
-        n_frames = int(frames_of(total)) if frames_of is not None else total // self.hop
+        n_frames = self._n_frames(duration)
         ctx = int(self.vad.context_s * SAMPLE_RATE) // self.hop * self.hop
         max_piece_s = (self.chunk - 2 * ctx) / SAMPLE_RATE
 
@@ -338,31 +371,16 @@ class Transcriber:
             return item.read(a / SAMPLE_RATE, n / SAMPLE_RATE)
 
         pieces = find_pieces(read, total, self.vad, max_piece_s)
-        out = np.full((n_frames, len(self.vocab)), -30.0, np.float32)
-        out[:, self.vocab.blank_id] = 0.0  # silence: certainly blank (other classes still finite, for alignment)
         # frame bounds: [first, last) file frames kept, and the hop-aligned read around them
+        firsts = [p.start // self.hop for p in pieces]
         spans = []
-        for p in pieces:
-            first, last = p.start // self.hop, min(n_frames, -(-p.end // self.hop))
+        for k, p in enumerate(pieces):
+            # a piece cut inside speech ends where the next begins: no frame is kept twice
+            first, last = firsts[k], min(n_frames, -(-p.end // self.hop), *firsts[k + 1:k + 2])
             r0 = max(0, first * self.hop - ctx)
             r1 = min(total, last * self.hop + ctx + (self.read_len - self.chunk))
             spans.append((first, last, r0, r1))
-        # a pause between pieces ends a word: CTC joins letters across any run of blanks, so
-        # the frame before each piece is the word delimiter's
-        delimiter = getattr(self.vocab, "delimiter_id", None)
-        if delimiter is not None:
-            for first, _, _, _ in spans[1:]:
-                out[first - 1, delimiter], out[first - 1, self.vocab.blank_id] = 0.0, -30.0
-        secs = [(r1 - r0) / SAMPLE_RATE for _, _, r0, r1 in spans]
-        order = sorted(range(len(spans)), key=lambda k: secs[k])
-        for batch in cut_batches(order, secs, self.max_batch_seconds):
-            wavs = [read(spans[k][2], spans[k][3] - spans[k][2]) for k in batch]
-            for k, lp in zip(batch, self._log_probs(wavs)):
-                first, last, r0, _ = spans[k]
-                off = r0 // self.hop
-                kept = lp[first - off: last - off]
-                out[first: first + kept.shape[0]] = kept
-        return out, pauses(pieces)
+        return _Pieces(self, spans, read, pauses(pieces))
 
     def _window_log_probs(self, item: Item, duration: float) -> np.ndarray:
         per_batch = max(1, int(self.max_batch_seconds // (self.chunk / SAMPLE_RATE)))
@@ -391,10 +409,31 @@ class Transcriber:
         return Transcript(item.path, error=reason, id=item.key if item.key != item.path else None)
 
     def _finish(self, item: Item, log_probs: np.ndarray, breaks: Sequence[float] = (), *, duration: float) -> Transcript:
-        words = self.decoder(log_probs, self.frame_s)
+        return self._finish_words(item, self.decoder(log_probs, self.frame_s), breaks, duration=duration)
+
+    def _finish_words(self, item: Item, words: list, breaks: Sequence[float] = (), *, duration: float) -> Transcript:
         segments = segments_from_words(words, self.max_gap_s, self.max_segment_s, breaks)
         return Transcript(item.path, " ".join(w.word for w in words), round(duration, 3), segments,
                           id=item.key if item.key != item.path else None)
+
+
+class _Pieces:
+    """A file's pieces of speech, run in duration-sorted batches: iterating yields
+    ``(first_frame, log_probs)`` for each piece, the frames it keeps only, in batch order."""
+
+    def __init__(self, tr: "Transcriber", spans: list, read: Callable, pauses: list[float]):
+        self.tr, self.spans, self.read, self.pauses = tr, spans, read, pauses
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        tr, spans = self.tr, self.spans
+        secs = [(r1 - r0) / SAMPLE_RATE for _, _, r0, r1 in spans]
+        order = sorted(range(len(spans)), key=lambda k: secs[k])
+        for batch in cut_batches(order, secs, tr.max_batch_seconds):
+            wavs = [self.read(spans[k][2], spans[k][3] - spans[k][2]) for k in batch]
+            for k, lp in zip(batch, tr._log_probs(wavs)):
+                first, last, r0, _ = spans[k]
+                off = r0 // tr.hop
+                yield first, lp[first - off: last - off]
 
 
 # ----------------------------------------------------------------------------- output

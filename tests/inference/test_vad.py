@@ -143,3 +143,48 @@ def test_evaluate_cuts_long_recordings_at_pauses_too(tmp_path, talk, trained_mod
         scores[setting] = json.loads((tmp_path / f"{setting}.json").read_text())
     assert calls == [sf.info(path).frames]  # once, for --vad on
     assert scores["on"]["utterances"] == scores["off"]["utterances"] == 1
+
+
+def test_speech_spans_follow_silero_rules():
+    """Our torch-free spans equal Silero's own function on random probability tracks,
+    with and without cuts at the length limit."""
+    from silero_vad.utils_vad import get_speech_timestamps_from_probs
+
+    from speechtl.inference.vad import speech_spans
+
+    rng = np.random.default_rng(0)
+    cuts = 0
+    for trial in range(300):
+        n = int(rng.integers(1, 2000))
+        # runs of speech and silence, with noisy probabilities around the thresholds
+        level = np.repeat(rng.random(n // 20 + 1) > 0.5, 20)[:n]
+        probs = np.clip(np.where(level, 0.8, 0.1) + rng.normal(0, 0.25, n), 0, 1).astype(np.float32)
+        opts = VadOptions(threshold=float(rng.choice([0.35, 0.5, 0.65])), min_silence_s=float(rng.choice([0.1, 0.3, 0.6])))
+        max_s = float(rng.choice([3.0, 8.0, 1e9]))
+        total = n * 512 - int(rng.integers(0, 512))
+        theirs = get_speech_timestamps_from_probs(
+            probs.tolist(), SR, threshold=opts.threshold, min_speech_duration_ms=opts.min_speech_s * 1000,
+            max_speech_duration_s=max_s, min_silence_duration_ms=opts.min_silence_s * 1000,
+            speech_pad_ms=opts.speech_pad_s * 1000, audio_length_samples=total)
+        ours = speech_spans(probs, total, opts, max_s)
+        assert ours == [(int(s["start"]), int(s["end"])) for s in theirs if s["end"] > s["start"]], trial
+        cuts += ours != speech_spans(probs, total, opts, 1e9)  # the length limit cut something
+    assert cuts > 20
+
+
+def test_vad_runs_without_torch(tmp_path, talk):
+    """The detector and the spans import no torch (ONNX model folders use them without it)."""
+    import subprocess
+    import sys
+
+    path, quiet_from, quiet_to = talk
+    code = ("import sys, soundfile as sf\n"
+            "from speechtl.inference.vad import VadOptions, find_pieces\n"
+            f"wav, sr = sf.read({str(path)!r}, dtype='float32')\n"
+            "pieces = find_pieces(lambda a, n: wav[a:a + n], len(wav), VadOptions(), 6.0)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "print(len(pieces), min(p.start for p in pieces), max(p.end for p in pieces))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    n, first, last = map(int, out.stdout.split())
+    assert n >= 2 and first < quiet_from * SR and last > quiet_to * SR

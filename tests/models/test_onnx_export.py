@@ -144,8 +144,15 @@ def test_finetuned_wav2vec2_and_lora_adapter_models_export(tmp_path, tiny_encode
 
 
 def test_the_runtime_imports_neither_torch_nor_transformers(exported, clips, tmp_path):
+    import soundfile as sf
+
+    long = tmp_path / "long.wav"  # over the 2 s chunk below: cut at pauses by the VAD, without torch
+    pause = np.zeros(8000, np.float32)
+    sf.write(long, np.concatenate([x for c in clips for x in (sf.read(c, dtype="float32")[0], pause)]), 16000)
     code = (f"import sys, json; from speechtl.cli.app import main;"
             f"rc = main(['transcribe', {str(exported[1])!r}, {str(clips[0])!r}, '--format', 'json', '-q']);"
+            f"rc |= main(['transcribe', {str(exported[1])!r}, {str(long)!r}, '--chunk-length-s', '2', '--out', {str(tmp_path / 'l')!r}, '-q']);"
+            "from speechtl.inference import vad; assert vad._detector.cache_info().currsize == 1, 'the VAD did not run';"
             f"rc |= main(['evaluate', {str(exported[1])!r}, {str(tmp_path / 'm.jsonl')!r}, '--out-dir', {str(tmp_path / 'e')!r}, '-q']);"
             "import speechtl; speechtl.load(sys.argv[1]).transcribe(sys.argv[2]);"
             "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, 'transformers': 'transformers' in sys.modules}))")
@@ -263,3 +270,15 @@ def test_a_group_norm_cnn_runs_one_clip_per_batch_and_equals_torch(tmp_path, cli
     assert json.loads((out / "speechtl-onnx.json").read_text())["one_clip_per_batch"] is True
     _same_transcripts(Recognizer.load(model_dir).transcribe(clips, return_timestamps=True),
                       OnnxRecognizer.load(out).transcribe(clips, return_timestamps=True))
+
+
+def test_int8_keeps_the_first_layer_of_wide_whisper_encoders_in_float():
+    from types import SimpleNamespace
+
+    from speechtl.cli.train import _layer_list
+    from speechtl.models.onnx_export import default_float_layers
+
+    assert default_float_layers(SimpleNamespace(model_type="whisper", d_model=512)) == (0,)  # whisper-base
+    assert default_float_layers(SimpleNamespace(model_type="whisper", d_model=384)) == ()  # the bundled encoder
+    assert default_float_layers(SimpleNamespace(model_type="wav2vec2", hidden_size=1024)) == ()
+    assert _layer_list("") == () and _layer_list("0,3") == (0, 3)
