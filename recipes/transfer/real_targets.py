@@ -23,10 +23,16 @@ def main() -> None:
     p.add_argument("--test-clips", type=int, default=150)
     p.add_argument("--minutes", type=float, nargs="+", default=[1, 10], help="labelled training sets, nested")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=30.0,
+                   help="longer clips are left out (Whisper's window; zero-shot scoring and mode=seq2seq take clips)")
     args = p.parse_args()
     base = Path(args.manifest).resolve().parent
     rows = [json.loads(line) for line in open(args.manifest, encoding="utf-8") if line.strip()]
     rows = [r for r in rows if r.get("speaker") == args.speaker]
+    long = [r for r in rows if r["duration"] > args.max_seconds]
+    if long:
+        print(f"{args.speaker}: {len(long)} clip(s) over {args.max_seconds:g} s left out (first: {long[0]['id']})")
+        rows = [r for r in rows if r["duration"] <= args.max_seconds]
     if not rows:
         raise SystemExit(f"real_targets: no clips of speaker {args.speaker!r} in {args.manifest}")
     for r in rows:
