@@ -30,6 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..core.cpus import apply_budget
+from ..core.memory import trim_heap
 from ..core.threads import cpu_streams, in_order
 from ..data.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_info, load_audio
 from ..data.batching import cut_batches
@@ -392,6 +393,7 @@ class Transcriber:
                 for win, lp in zip(pending, self._log_probs([p.wav for p in pending])):
                     parts.append(lp[win.keep_from: win.keep_to])
                 pending = []
+                trim_heap()
         return np.concatenate(parts) if parts else np.zeros((0, len(self.vocab)), np.float32)
 
     def _short_log_probs(self, items, batch) -> tuple[list[tuple[int, str]], list[tuple[int, np.ndarray]]]:
@@ -434,6 +436,7 @@ class _Pieces:
                 first, last, r0, _ = spans[k]
                 off = r0 // tr.hop
                 yield first, lp[first - off: last - off]
+            trim_heap()  # a long file's many batch shapes would otherwise leave the heap growing
 
 
 # ----------------------------------------------------------------------------- output

@@ -220,3 +220,14 @@ def test_others_meter_subtracts_this_process(tmp_path):
     write(200, 1001)
     assert meter.read() == pytest.approx(1.0)
     assert OthersMeter(tmp_path / "missing").read() is None
+
+
+def test_trim_heap_returns_memory_on_glibc():
+    import platform
+
+    from speechtl.core.memory import trim_heap
+
+    done = trim_heap()
+    assert isinstance(done, bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert done
