@@ -31,6 +31,14 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
         echo "setup: chromium and chromium-driver are missing: the browser test of speechtl serve will skip" >&2
     fi
 fi
+# the main job's transcript of speech from another synthesiser: festival's Czech diphone voice
+if ! command -v text2wave >/dev/null || [ ! -d /usr/share/festival/voices/czech/czech_ph ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt_install festival festival-czech festvox-czech-ph
+    else
+        echo "setup: festival and festvox-czech-ph are missing: the demo prints no transcript of festival's voice" >&2
+    fi
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi

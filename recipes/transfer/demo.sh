@@ -12,7 +12,8 @@
 #      frequent words, and tunes its weights on a dev set held out from the training
 #      clips); for a Whisper encoder, or whenever whisper-base has been fetched, also score
 #      Whisper's own decoder unadapted (zero-shot) on the same test; print the table, then
-#      transcribe one file as `speechtl transcribe` does by default
+#      transcribe one test sentence as `speechtl transcribe` does by default, from the
+#      espeak-ng test voice and (for Czech, with festival installed) from festival's voice
 # Nothing is selected on the test set.
 # Usage: recipes/transfer/demo.sh [--encoder default|whisper-base|DIR] [--out DIR] [--lang LANG]
 #            [--minutes M] [--steps N]
@@ -67,5 +68,13 @@ if zs and os.path.exists(f"{out}/zeroshot/summary.json"):
     print(f"{zs_name + ' zero-shot (its own decoder)':40s} {'-':>6s} {'-':>8s} {t['cer']:9.3f} {t['wer']:9.3f}")
 PYEOF
 wav=$(ls "$out"/test/wavs/*.wav | head -1)
-echo; echo "reference:  $(grep -h "\"$(basename "$wav" .wav)\"" "$out/test/manifest.jsonl" | "$PY" -c 'import json,sys; print(json.loads(sys.stdin.readline())["text"])')"
-echo "transcript: $(st transcribe "$out/frozen/model" "$wav" -q)"
+ref=$(grep -h "\"$(basename "$wav" .wav)\"" "$out/test/manifest.jsonl" | "$PY" -c 'import json,sys; print(json.loads(sys.stdin.readline())["text"])')
+echo; echo "reference:                          $ref"
+echo "transcript, espeak-ng's test voice: $(st transcribe "$out/frozen/model" "$wav" -q)"
+# the same sentence from another synthesiser: festival's Czech diphone voice (tools/setup.sh
+# installs it); festival-czech reads ISO-8859-2
+if [ "$lang" = cs ] && command -v text2wave >/dev/null && [ -d /usr/share/festival/voices/czech/czech_ph ]; then
+    printf '%s\n' "$ref" | iconv -f utf-8 -t iso-8859-2//TRANSLIT > "$out/festival.txt"
+    text2wave -eval "(voice_czech_ph)" "$out/festival.txt" -o "$out/festival.wav" 2>/dev/null
+    echo "transcript, festival's Czech voice: $(st transcribe "$out/frozen/model" "$out/festival.wav" -q)"
+fi
