@@ -63,6 +63,19 @@ def pause_recording(utts, seconds: float, out: Path, seed: int, silence_s: float
     return " ".join(texts), quiet
 
 
+def add_noise(path: Path, snr_db: float, seed: int) -> None:
+    """Add white noise to the whole recording, pauses included, ``snr_db`` below the level of
+    its speech (the RMS of its non-silent samples): pauses that are no longer digital
+    silence, as in a room or on a line."""
+    import soundfile as sf
+
+    wav, sr = sf.read(str(path), dtype="float32")
+    speech = wav[np.abs(wav) > 1e-4]
+    rms = float(np.sqrt(np.mean(speech ** 2))) if speech.size else 0.1
+    noise = np.random.default_rng(seed).standard_normal(wav.size).astype(np.float32) * rms / 10 ** (snr_db / 20)
+    sf.write(str(path), np.clip(wav + noise, -1, 1), sr, subtype="PCM_16")
+
+
 def wer(rec, hyp: str, ref: str) -> float:
     from speechtl.decoding.metrics import UtteranceResult, score
 
@@ -88,6 +101,7 @@ def main() -> None:
     ap.add_argument("--silences", default="0.1,0.3,0.6")
     ap.add_argument("--parts", default="grid,speed,memory")
     ap.add_argument("--memory-vad", default="on", help="on, off or on,off: the settings timed in the memory part")
+    ap.add_argument("--noise-snr-db", type=float, help="grid: add white noise this many dB below the speech")
     ap.add_argument("--json")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -107,6 +121,9 @@ def main() -> None:
     if "grid" in parts:
         dev_path = tmp / "dev.wav"
         dev_ref, _ = pause_recording(read_manifest(args.dev), args.dev_minutes * 60, dev_path, seed=1)
+        if args.noise_snr_db is not None:
+            add_noise(dev_path, args.noise_snr_db, seed=1)
+            print(f"white noise added to the dev recording, {args.noise_snr_db:g} dB below its speech")
         s, t = timed(rec, dev_path, None)
         grid = [{"vad": "off", "seconds": round(s, 2), "wer": round(wer(rec, t.text, dev_ref), 4)}]
         print(f"\ndev recording {args.dev_minutes:g} min: fixed windows WER {grid[0]['wer']:.4f} in {s:.1f} s")
