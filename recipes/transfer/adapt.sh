@@ -22,7 +22,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-lang=""; train=""; out=""; unlabelled=""; dev=""; encoder=whisper-base; steps=300
+lang=""; train=""; out=""; unlabelled=""; dev=""; encoder=whisper-base; steps=150
 . "$here/../parse_options.sh"
 for v in lang train out; do
     if [ -z "${!v}" ]; then echo "adapt.sh: --$v is required (see --help)" >&2; exit 2; fi

@@ -259,3 +259,47 @@ def test_the_unadapted_model_is_kept_when_no_update_beats_it_on_dev(tiny_whisper
                                                                                   "cer": 1.0 / len(calls), "looping": 0})[1])
     summary = train(_cfg(tiny_whisper, corpus, tmp_path / "moved", max_steps=20, eval_every=10), progress=False)
     assert summary["best_step"] == 20
+
+
+def test_adapt_recipe_chooses_by_encoder_and_leaves_a_model(tiny_whisper, corpus, tmp_path):
+    """recipes/transfer/adapt.sh: a Whisper with its decoder gets mode=seq2seq (with
+    self-training when unlabelled audio is given), another encoder the frozen CTC recipe;
+    both leave DIR/model for evaluate, and say what they chose. Bad options fail first."""
+    import os
+
+    from conftest import tiny_encoder_dir
+
+    from speechtl.data.manifest import read_manifest
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    train_m = tmp_path / "train.jsonl"  # absolute audio paths: the recipe runs from anywhere
+    train_m.write_text("".join(json.dumps({**json.loads(line), "audio": str(corpus["root"] / json.loads(line)["audio"])})
+                               + "\n" for line in corpus["train"].read_text().splitlines()))
+    unl = _unlabelled(tmp_path / "unl.jsonl", corpus["test"])
+
+    def adapt(*args):
+        return subprocess.run(["bash", str(root / "recipes/transfer/adapt.sh"), "--lang", "cs", "--train", str(train_m),
+                               *args], capture_output=True, text=True, env=env, timeout=300)
+
+    r = adapt("--encoder", str(tiny_whisper), "--unlabelled", str(unl), "--out", str(tmp_path / "s"), "--steps", "4",
+              "eval_every=2", "encoder_lr=1e-3", "pseudo_min_confidence=0.0")
+    assert r.returncode == 0, r.stderr
+    assert "mode=seq2seq" in r.stdout and "self-training" in r.stdout
+    summary = json.loads((tmp_path / "s" / "train_summary.json").read_text())
+    assert summary["mode"] == "seq2seq" and summary["self_train_rounds"] == 1 and summary["pseudo_labelled"] == 8
+    from speechtl import load
+
+    assert load(tmp_path / "s" / "model").evaluate(read_manifest(corpus["test"]))["utterances"] == 8
+
+    enc = tiny_encoder_dir(tmp_path, "wav2vec2")
+    r = adapt("--encoder", str(enc), "--out", str(tmp_path / "f"), "--steps", "2", "eval_every=2", "bilstm_hidden=8",
+              "bilstm_layers=1", "num_workers=0", "mask_time_prob=0.0", "mask_feature_prob=0.0", "lm=none")
+    assert r.returncode == 0, r.stderr
+    assert "mode=frozen" in r.stdout
+    assert json.loads((tmp_path / "f" / "train_summary.json").read_text())["mode"] == "frozen"
+    assert (tmp_path / "f" / "model" / "speechtl.json").is_file()
+
+    r = adapt("--out", str(tmp_path / "x"), "--unlabelled", str(tmp_path / "missing.jsonl"))
+    assert r.returncode == 2 and "--unlabelled" in r.stderr and "no such manifest" in r.stderr
+    assert not (tmp_path / "x").exists()
