@@ -198,7 +198,8 @@ class TrainConfig:
     log_every: int = _f(10, "updates between rows of metrics.csv")
     log: str = _f("csv", "where the training metrics go: csv (metrics.csv), or csv,tensorboard (also TensorBoard event "
                          "files beside it: losses, learning rates, audio hours, dev WER/CER and a few dev transcripts; "
-                         "needs the tensorboard package, the 'tensorboard' extra); metrics.csv is always written")
+                         "needs the tensorboard package, the 'tensorboard' extra; mode=seq2seq: loss, learning rate and dev "
+                         "WER/CER); metrics.csv is always written")
     trust_remote_code: bool = _f(False, "allow custom model code from the hub (off by default)")
 
     def __post_init__(self) -> None:
@@ -293,9 +294,6 @@ class TrainConfig:
             raise ValueError(f"config key 'log': {self.log!r} is not csv, tensorboard or csv,tensorboard")
         if "tensorboard" in parts:
             import importlib.util
-
-            if self.policy.seq2seq:
-                raise ValueError("config key 'log': mode=seq2seq writes metrics.csv only; use log=csv")
 
             if importlib.util.find_spec("tensorboard") is None:
                 raise ValueError("config key 'log': tensorboard needs the tensorboard package "

@@ -199,6 +199,7 @@ class _Run:
     carved: bool
     source: str
     unlabelled_hidden: dict | None = None
+    events: object | None = None  # TensorBoard's writer, with log=tensorboard
 
 
 def _build(cfg: TrainConfig, progress: bool) -> _Run:
@@ -387,6 +388,7 @@ def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_sto
                 stop_reason = "patience"
         if row is not None:
             _append_metrics(run.out / "metrics.csv", row)
+            _write_events(run, row)
         asked = should_stop is not None and should_stop(st["step"])
         if st["step"] % (cfg.save_every or cfg.eval_every) == 0 or asked or stop_reason or out_of_time:
             _save_checkpoint(run.out / CHECKPOINT, run.model, run.opt, run.sched, run.gen, st, best_state)
@@ -422,6 +424,21 @@ def _finish(run: _Run, st: dict, base: dict | None, stop_reason: str | None) -> 
                "trainable_parameters": sum(p.numel() for p in run.params)}
     write_json(run.out / "train_summary.json", summary)
     return summary
+
+
+def _write_events(run: _Run, row: dict) -> None:
+    """With ``log=tensorboard``, the row as TensorBoard events beside metrics.csv (on resume,
+    events after the checkpoint's update are purged, to be written again)."""
+    if "tensorboard" not in run.cfg.log_sinks:
+        return
+    if run.events is None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        run.events = SummaryWriter(str(run.out), purge_step=row["step"])
+    for tag, key in (("train/loss", "loss"), ("lr/decoder", "lr"), ("dev/wer", "dev_wer"), ("dev/cer", "dev_cer")):
+        if row.get(key) not in (None, ""):
+            run.events.add_scalar(tag, float(row[key]), row["step"])
+    run.events.flush()
 
 
 def _append_metrics(path: Path, row: dict) -> None:

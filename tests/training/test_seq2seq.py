@@ -303,3 +303,23 @@ def test_adapt_recipe_chooses_by_encoder_and_leaves_a_model(tiny_whisper, corpus
     r = adapt("--out", str(tmp_path / "x"), "--unlabelled", str(tmp_path / "missing.jsonl"))
     assert r.returncode == 2 and "--unlabelled" in r.stderr and "no such manifest" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_seq2seq_tensorboard_events_match_metrics_csv(tiny_whisper, corpus, tmp_path):
+    import csv
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from speechtl.training.train import train
+
+    out = tmp_path / "tb"
+    train(_cfg(tiny_whisper, corpus, out, max_steps=10, eval_every=5, log_every=5, log="csv,tensorboard"), progress=False)
+    rows = list(csv.DictReader(open(out / "metrics.csv", newline="")))
+    acc = EventAccumulator(str(out), size_guidance={"scalars": 0})
+    acc.Reload()
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [int(r["step"]) for r in rows] == [5, 10]
+    assert [e.value for e in loss] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-6)
+    assert [e.value for e in acc.Scalars("dev/cer")] == pytest.approx([float(r["dev_cer"]) for r in rows], rel=1e-6)
+    assert [e.value for e in acc.Scalars("lr/decoder")] == pytest.approx([float(r["lr"]) for r in rows], rel=1e-6)
