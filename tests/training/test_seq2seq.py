@@ -268,7 +268,6 @@ def test_adapt_recipe_chooses_by_encoder_and_leaves_a_model(tiny_whisper, corpus
     import os
 
     from conftest import tiny_encoder_dir
-
     from speechtl.data.manifest import read_manifest
 
     root = Path(__file__).resolve().parents[2]
