@@ -62,7 +62,7 @@ def main() -> None:
         wav, _ = sf.read(str(path), dtype="float32")
         for th in map(float, args.thresholds.split(",")):
             for ms in map(float, args.silences.split(",")):
-                pieces = find_pieces(lambda a, n: wav[a:a + n], len(wav), VadOptions(threshold=th, min_silence_s=ms),
+                pieces = find_pieces(lambda a, n, w=wav: w[a:a + n], len(wav), VadOptions(threshold=th, min_silence_s=ms),
                                      args.max_piece_s)
                 kept = np.zeros(len(speech), bool)
                 for p in pieces:
