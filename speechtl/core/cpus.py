@@ -241,15 +241,3 @@ class OthersMeter:
         others = ((now[1] - self.last[1]) - (now[2] - self.last[2])) / wall
         self.value, self.last = max(0.0, others), now
         return self.value
-
-    def probe(self, seconds: float = 0.2) -> float | None:
-        """Others' CPUs over ``seconds`` from now, this process sleeping meanwhile."""
-        import time
-
-        self.last = self._snap()
-        time.sleep(seconds)
-        window, self.min_window = self.min_window, 0.0
-        try:
-            return self.read()
-        finally:
-            self.min_window = window

@@ -26,6 +26,7 @@ from ..data.units import WORD_START, load_vocabulary
 from ..decoding.decoders import Decoders
 from ..decoding.metrics import UtteranceResult, score, write_results
 from ..decoding.options import DecodeOptions
+from .vad import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class OnnxRecognizer:
         o = self.decode_options(options, lm, beam_width, alpha, beta, hotwords, hotword_weight)
         return _transcriber_class()(self.model, self.vocab, self.device, self.decoder(o), chunk_length_s,
                                     stride_length_s, max_batch_seconds or CPU_BATCH_SECONDS, streams=1,
-                                    vad=_vad_here(vad))
+                                    vad=resolve(vad))
 
     def transcribe(self, inputs: str | os.PathLike | np.ndarray | Iterable, max_batch_seconds: float | None = None,
                    progress: bool = False, chunk_length_s: float = 30.0, stride_length_s: float | None = None,
@@ -208,13 +209,11 @@ class OnnxRecognizer:
                    hotword_weight: float = 10.0, return_timestamps: bool = False, options: DecodeOptions | None = None,
                    vad="default"):
         """As :meth:`speechtl.inference.recognizer.Recognizer.transcribe`."""
-        from .transcribe import gather_inputs, results_in_order
+        from .transcribe import transcribe_inputs
 
-        items, single = gather_inputs(inputs)
         options = self.decode_options(options, lm, beam_width, alpha, beta, hotwords, hotword_weight)
         tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, options=options, vad=vad)
-        out = results_in_order(tr, items, progress, return_timestamps)
-        return out[0] if single else out
+        return transcribe_inputs(tr, inputs, progress, return_timestamps)
 
     def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,
                  on_bad_audio: str = "error", lm=None, beam_width=None, alpha: float | None = None,
@@ -234,12 +233,6 @@ class OnnxRecognizer:
             return write_results(report, Path(out_dir), extra)
         return {**report.summary(), **extra}
 
-
-def _vad_here(vad):
-    """The VAD options a transcriber gets (the detector runs on onnxruntime, without torch)."""
-    from .vad import resolve
-
-    return resolve(vad)
 
 
 def load(model_dir: str | os.PathLike, device: str | None = None, lang: str | None = None):

@@ -245,13 +245,11 @@ class Recognizer:
         :class:`speechtl.AudioError` naming it. ``options`` gives the decoding settings at once,
         in place of ``lm`` .. ``hotword_weight``.
         """
-        from .transcribe import gather_inputs, results_in_order
+        from .transcribe import transcribe_inputs
 
-        items, single = gather_inputs(inputs)
         options = self.decode_options(options, lm, beam_width, alpha, beta, hotwords, hotword_weight)
         tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, options=options, vad=vad)
-        out = results_in_order(tr, items, progress, return_timestamps)
-        return out[0] if single else out
+        return transcribe_inputs(tr, inputs, progress, return_timestamps)
 
     def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,
                  on_bad_audio: str = "error", lm: str | os.PathLike | None = None, beam_width: int | None = None,

@@ -92,13 +92,11 @@ class Seq2SeqRecognizer:
                    hotwords: Sequence[str] | None = None, hotword_weight: float = 10.0, return_timestamps: bool = False,
                    options: DecodeOptions | None = None, vad="default"):
         """As :meth:`speechtl.Recognizer.transcribe`; segments carry times, words none."""
-        from .transcribe import gather_inputs, results_in_order
+        from .transcribe import transcribe_inputs
 
-        items, single = gather_inputs(inputs)
         tr = self.transcriber(chunk_length_s, stride_length_s, max_batch_seconds, lm, beam_width, alpha, beta, hotwords,
                               options=options, vad=vad)
-        out = results_in_order(tr, items, progress, return_timestamps)
-        return out[0] if single else out
+        return transcribe_inputs(tr, inputs, progress, return_timestamps)
 
     def evaluate(self, utterances: Sequence[Utterance], out_dir: str | os.PathLike | None = None, progress: bool = False,
                  on_bad_audio: str = "error", lm=None, beam_width: int | None = None, alpha: float | None = None,

@@ -142,6 +142,14 @@ def results_in_order(tr, items: Sequence[Item], progress: bool, return_timestamp
     return out
 
 
+def transcribe_inputs(tr, inputs, progress: bool, return_timestamps: bool):
+    """What ``Recognizer.transcribe`` returns for ``inputs`` (a path, array or several)
+    through the transcriber ``tr``: one result for one input, else a list in input order."""
+    items, single = gather_inputs(inputs)
+    out = results_in_order(tr, items, progress, return_timestamps)
+    return out[0] if single else out
+
+
 def hyps_by_id(tr, utterances, progress: bool = False) -> dict[str, str]:
     """A transcriber's texts of manifest ``utterances``, by id (as :func:`results_in_order`)."""
     items = [Item(u.id, u.audio) for u in utterances]
