@@ -74,7 +74,10 @@ echo "transcript, espeak-ng's test voice: $(st transcribe "$out/frozen/model" "$
 # the same sentence from another synthesiser: festival's Czech diphone voice (tools/setup.sh
 # installs it); festival-czech reads ISO-8859-2
 if [ "$lang" = cs ] && command -v text2wave >/dev/null && [ -d /usr/share/festival/voices/czech/czech_ph ]; then
-    printf '%s\n' "$ref" | iconv -f utf-8 -t iso-8859-2//TRANSLIT > "$out/festival.txt"
-    text2wave -eval "(voice_czech_ph)" "$out/festival.txt" -o "$out/festival.wav" 2>/dev/null
-    echo "transcript, festival's Czech voice: $(st transcribe "$out/frozen/model" "$out/festival.wav" -q)"
+    if printf '%s\n' "$ref" | iconv -f utf-8 -t iso-8859-2//TRANSLIT > "$out/festival.txt" \
+        && text2wave -eval "(voice_czech_ph)" "$out/festival.txt" -o "$out/festival.wav" 2>"$out/festival.log"; then
+        echo "transcript, festival's Czech voice: $(st transcribe "$out/frozen/model" "$out/festival.wav" -q)"
+    else
+        echo "festival could not speak the sentence (see $out/festival.log); the results above stand"
+    fi
 fi
