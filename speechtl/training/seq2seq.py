@@ -16,7 +16,10 @@ dev set is given, one is carved from the labelled set (``dev_fraction``) for sel
 the best update and early stopping; the unadapted model is scored on it first and is kept
 when no update beats it (small labelled sets can teach the decoder to write training
 sentences over unseen speech). Checkpoints hold the trainable weights, optimiser,
-schedule position and random state, loaded with ``weights_only=True``.
+schedule position and random state, loaded with ``weights_only=True``. With
+``average_last=K``, the trainable weights at each of the last K evaluations are kept in
+``out/checkpoints/eval-*.safetensors``; their mean is scored on dev and written to
+``out/model_avg`` (``train_summary.json``'s ``average``).
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ from pathlib import Path
 
 import torch
 
-from ..core.io import atomic_path, write_json
+from safetensors.torch import save_file
+
+from ..core.io import atomic_path, load_safetensors, write_json
 from ..data.audio import SAMPLE_RATE, check_readable, load_audio
 from ..data.manifest import Utterance, read_manifest
 from ..data.text import Normalizer, NormalizerConfig
 from ..decoding.metrics import UtteranceResult, score
 from ..models import seq2seq as s2s
+from ..models.average import average_state_dicts
 from .config import TrainConfig
 from .data import carve_dev
 
@@ -340,7 +346,11 @@ def train_seq2seq(cfg: TrainConfig, progress: bool = True, should_stop=None) -> 
         logger.warning("no update beat the unadapted model on the dev set (%s %.4f); the model keeps Whisper's own "
                        "weights", cfg.best_metric, st["best"][cfg.best_metric])
     run.model.eval()
-    return _finish(run, st, base, stop_reason)
+    summary = _finish(run, st, base, stop_reason)
+    if cfg.average_last:
+        summary["average"] = _average_snapshots(run, st)
+        write_json(run.out / "train_summary.json", summary)
+    return summary
 
 
 def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_stop):
@@ -377,6 +387,8 @@ def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_sto
             losses = []
         out_of_time = cfg.max_minutes is not None and st["wall"] > cfg.max_minutes * 60
         if st["step"] % cfg.eval_every == 0 or st["step"] == until or out_of_time:
+            if cfg.average_last:
+                _snapshot(run, st["step"])
             r = _score_dev(run.model, run.processor, run.dev, run.lang, run.normalizer, run.device)
             row = (row or {"step": st["step"]}) | {"dev_wer": round(r["wer"], 5), "dev_cer": round(r["cer"], 5)}
             if st["best"] is None or r[cfg.best_metric] < st["best"][cfg.best_metric]:
@@ -403,11 +415,13 @@ def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_sto
     return best_state, stop_reason
 
 
-def _save_model(run: _Run, st: dict, path: Path) -> Path:
+def _save_model(run: _Run, st: dict, path: Path, steps: list[int] | None = None) -> Path:
     from ..models.seq2seq import save_seq2seq
 
     meta = {"language": run.lang, "seq2seq_train": run.part, "base_source": run.source, "best_step": st["best_step"],
             "self_train_rounds": st["round"], "encoder": {"source": run.cfg.encoder}}
+    if steps is not None:  # the mean of these updates' weights
+        meta |= {"best_step": None, "averaged_steps": steps}
     return save_seq2seq(run.model, run.processor, run.normalizer, path, meta)
 
 
@@ -424,6 +438,36 @@ def _finish(run: _Run, st: dict, base: dict | None, stop_reason: str | None) -> 
                "trainable_parameters": sum(p.numel() for p in run.params)}
     write_json(run.out / "train_summary.json", summary)
     return summary
+
+
+def _snapshot(run: _Run, step: int) -> None:
+    """The trainable weights at this evaluation, for ``average_last``; the last K are kept."""
+    folder = run.out / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in _trainable_state(run.model).items()}
+    with atomic_path(folder / f"eval-{step:08d}.safetensors") as tmp:
+        save_file(state, str(tmp))
+    for old in sorted(folder.glob("eval-*.safetensors"))[: -run.cfg.average_last]:
+        old.unlink()
+
+
+def _average_snapshots(run: _Run, st: dict) -> dict | None:
+    """Score the mean of the kept snapshots on dev and write it to ``out/model_avg``; the
+    model is left holding the kept (best) weights, as ``out/model`` has them."""
+    files = sorted((run.out / "checkpoints").glob("eval-*.safetensors"))[-run.cfg.average_last:]
+    if len(files) < 2:
+        logger.warning("average_last=%d: only %d evaluation(s) to average; no model_avg written",
+                       run.cfg.average_last, len(files))
+        return None
+    kept = _trainable_state(run.model)
+    mean = average_state_dicts([load_safetensors(f) for f in files], [f.name for f in files])
+    _load_trainable(run.model, mean)
+    steps = [int(f.stem.split("-")[1]) for f in files]
+    r = _score_dev(run.model, run.processor, run.dev, run.lang, run.normalizer, run.device)
+    path = _save_model(run, st, run.out / "model_avg", steps)
+    _load_trainable(run.model, kept)
+    logger.info("mean of updates %s: dev WER %.4f CER %.4f", steps, r["wer"], r["cer"])
+    return {"steps": steps, "model_dir": str(path), "dev_wer": r["wer"], "dev_cer": r["cer"], "looping": r["looping"]}
 
 
 def _write_events(run: _Run, row: dict) -> None:

@@ -287,6 +287,11 @@ def test_adapt_recipe_chooses_by_encoder_and_leaves_a_model(tiny_whisper, corpus
     assert "mode=seq2seq" in r.stdout and "self-training" in r.stdout
     summary = json.loads((tmp_path / "s" / "train_summary.json").read_text())
     assert summary["mode"] == "seq2seq" and summary["self_train_rounds"] == 1 and summary["pseudo_labelled"] == 8
+    assert summary["average"]["steps"] == [4, 6, 8] and "the mean of updates 4, 6, 8 reads dev CER" in r.stdout
+    kept = "average" if summary.get("adapt_kept") == "average" else "single"
+    assert (summary["average"]["dev_cer"] <= summary["best_dev_cer"]) == (kept == "average")
+    meta = json.loads((tmp_path / "s" / "model" / "speechtl.json").read_text())
+    assert ("averaged_steps" in meta) == (kept == "average")
     from speechtl import load
 
     assert load(tmp_path / "s" / "model").evaluate(read_manifest(corpus["test"]))["utterances"] == 8
@@ -322,3 +327,32 @@ def test_seq2seq_tensorboard_events_match_metrics_csv(tiny_whisper, corpus, tmp_
     assert [e.value for e in loss] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-6)
     assert [e.value for e in acc.Scalars("dev/cer")] == pytest.approx([float(r["dev_cer"]) for r in rows], rel=1e-6)
     assert [e.value for e in acc.Scalars("lr/decoder")] == pytest.approx([float(r["lr"]) for r in rows], rel=1e-6)
+
+
+def test_average_last_writes_the_mean_of_the_last_evaluations(tiny_whisper, corpus, tmp_path):
+    """average_last=K: the last K evaluations' trainable weights are kept on disk, their
+    mean is scored on dev and written to out/model_avg; out/model keeps the best update."""
+    from safetensors.torch import load_file
+
+    from speechtl import load
+    from speechtl.data.manifest import read_manifest
+    from speechtl.training.train import train
+
+    out = tmp_path / "avg"
+    summary = train(_cfg(tiny_whisper, corpus, out, max_steps=30, eval_every=10, average_last=2), progress=False)
+    avg = summary["average"]
+    assert avg["steps"] == [20, 30] and set(avg) >= {"dev_cer", "dev_wer", "model_dir"}
+    snaps = sorted((out / "checkpoints").glob("eval-*.safetensors"))
+    assert [p.name for p in snaps] == ["eval-00000020.safetensors", "eval-00000030.safetensors"]
+    a, b = (load_file(p) for p in snaps)
+    written = load_file(out / "model_avg" / "whisper" / "model.safetensors")
+    moved = [k for k in a if not torch.equal(a[k], b[k])]
+    assert moved  # the two evaluations differ, so the mean is neither of them
+    for k in moved:
+        assert torch.allclose(written[k], (a[k].double() + b[k].double()).div(2).float(), atol=1e-6)
+    meta = json.loads((out / "model_avg" / "speechtl.json").read_text())
+    assert meta["averaged_steps"] == [20, 30]
+    best = load_file(out / "model" / "whisper" / "model.safetensors")
+    assert not all(torch.allclose(best[k], written[k]) for k in moved)  # out/model is not the mean
+    assert load(out / "model_avg").evaluate(read_manifest(corpus["test"]))["utterances"] == 8
+    assert json.loads((out / "train_summary.json").read_text())["average"]["steps"] == [20, 30]
