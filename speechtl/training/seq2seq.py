@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from safetensors.torch import save_file
 
 from ..core.io import atomic_path, load_safetensors, write_json
