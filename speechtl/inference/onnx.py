@@ -234,7 +234,6 @@ class OnnxRecognizer:
         return {**report.summary(), **extra}
 
 
-
 def load(model_dir: str | os.PathLike, device: str | None = None, lang: str | None = None):
     """An :class:`OnnxRecognizer` for an exported ONNX folder, else the torch
     :class:`~speechtl.inference.recognizer.Recognizer` (which imports torch)."""

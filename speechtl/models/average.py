@@ -9,6 +9,7 @@ in float64 and stored in their own dtype; integer buffers are taken from the las
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Sequence
 import torch
 from safetensors.torch import save_file
 
-from ..core.io import atomic_dir, load_safetensors
+from ..core.io import atomic_dir, atomic_path, load_safetensors
+
+logger = logging.getLogger(__name__)
 
 
 def average_state_dicts(states: Sequence[dict[str, torch.Tensor]], names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -82,3 +85,25 @@ def average_model_dirs(model_dirs: Sequence[str | os.PathLike], out_dir: str | o
         meta = dict(metas[0], averaged_from=[str(d) for d in dirs])
         (tmp / MODEL_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return Path(out_dir)
+
+
+def write_snapshot(folder: Path, step: int, state: dict[str, torch.Tensor], keep: int) -> None:
+    """Save ``state`` as ``folder/eval-{step}.safetensors`` and delete all but the last ``keep``
+    snapshots (for ``average_last``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    with atomic_path(folder / f"eval-{step:08d}.safetensors") as tmp:
+        save_file(state, str(tmp))
+    for old in sorted(folder.glob("eval-*.safetensors"))[:-keep]:
+        old.unlink()
+
+
+def mean_of_snapshots(folder: Path, keep: int) -> tuple[list[int], dict[str, torch.Tensor]] | None:
+    """The steps and mean weights of the last ``keep`` snapshots in ``folder``; None (with a
+    warning) when fewer than two were written."""
+    files = sorted(folder.glob("eval-*.safetensors"))[-keep:]
+    if len(files) < 2:
+        logger.warning("average_last=%d: only %d evaluation(s) to average; no model_avg written", keep, len(files))
+        return None
+    steps = [int(f.stem.split("-")[1]) for f in files]
+    return steps, average_state_dicts([load_safetensors(f) for f in files], [f.name for f in files])

@@ -6,13 +6,10 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
-from safetensors.torch import save_file
-
 from ..core import distributed as dist_util
-from ..core.io import atomic_path, load_safetensors
 from ..decoding.metrics import ScoreReport, write_results
 from ..inference.recognizer import decode_hyps, score_hyps
-from ..models.average import average_state_dicts
+from ..models.average import mean_of_snapshots, write_snapshot
 from ..models.model_dir import save_model_dir
 from .build import DEV_WINDOW_S
 from .checkpoint import trainable_state
@@ -68,29 +65,20 @@ def evaluate_and_keep(run: Run) -> dict:
 
 def snapshot(run: Run) -> None:
     """The trainable weights at this evaluation, for ``average_last``; the last K are kept."""
-    if not run.ctx.is_main:
-        return
-    folder = run.out / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in trainable_state(run.model).items()}
-    with atomic_path(folder / f"eval-{run.state.step:08d}.safetensors") as tmp:
-        save_file(state, str(tmp))
-    for old in sorted(folder.glob("eval-*.safetensors"))[: -run.cfg.average_last]:
-        old.unlink()
+    if run.ctx.is_main:
+        write_snapshot(run.out / "checkpoints", run.state.step, trainable_state(run.model), run.cfg.average_last)
 
 
 def average_snapshots(run: Run) -> dict | None:
     """Write the mean of the kept snapshots to ``out/model_avg`` and score it on dev (every
     rank takes part: dev scoring is gathered across ranks)."""
     dist_util.barrier(run.ctx)  # rank 0 wrote the snapshots
-    files = sorted((run.out / "checkpoints").glob("eval-*.safetensors"))[-run.cfg.average_last :]
-    if len(files) < 2:
-        logger.warning("average_last=%d: only %d evaluation(s) to average; no model_avg written", run.cfg.average_last,
-                       len(files))
+    found = mean_of_snapshots(run.out / "checkpoints", run.cfg.average_last)
+    if found is None:
         return None
-    mean = average_state_dicts([load_safetensors(f) for f in files], [f.name for f in files])
+    steps, mean = found
     run.model.load_state_dict(mean, strict=False)
-    data, steps = run.data, [int(f.stem.split("-")[1]) for f in files]
+    data = run.data
     if run.ctx.is_main:
         save_model_dir(run.model, data.vocab, data.normalizer, run.out / "model_avg",
                        extra={"averaged_steps": steps, "train_config": asdict(run.cfg)})

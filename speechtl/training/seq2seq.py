@@ -32,15 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from ..core.io import atomic_path, load_safetensors, write_json
+from ..core.io import atomic_path, write_json
 from ..data.audio import SAMPLE_RATE, check_readable, load_audio
 from ..data.manifest import Utterance, read_manifest
 from ..data.text import Normalizer, NormalizerConfig
 from ..decoding.metrics import UtteranceResult, score
 from ..models import seq2seq as s2s
-from ..models.average import average_state_dicts
+from ..models.average import mean_of_snapshots, write_snapshot
 from .config import TrainConfig
 from .data import carve_dev
 
@@ -387,7 +386,7 @@ def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_sto
         out_of_time = cfg.max_minutes is not None and st["wall"] > cfg.max_minutes * 60
         if st["step"] % cfg.eval_every == 0 or st["step"] == until or out_of_time:
             if cfg.average_last:
-                _snapshot(run, st["step"])
+                write_snapshot(run.out / "checkpoints", st["step"], _trainable_state(run.model), cfg.average_last)
             r = _score_dev(run.model, run.processor, run.dev, run.lang, run.normalizer, run.device)
             row = (row or {"step": st["step"]}) | {"dev_wer": round(r["wer"], 5), "dev_cer": round(r["cer"], 5)}
             if st["best"] is None or r[cfg.best_metric] < st["best"][cfg.best_metric]:
@@ -439,29 +438,15 @@ def _finish(run: _Run, st: dict, base: dict | None, stop_reason: str | None) -> 
     return summary
 
 
-def _snapshot(run: _Run, step: int) -> None:
-    """The trainable weights at this evaluation, for ``average_last``; the last K are kept."""
-    folder = run.out / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in _trainable_state(run.model).items()}
-    with atomic_path(folder / f"eval-{step:08d}.safetensors") as tmp:
-        save_file(state, str(tmp))
-    for old in sorted(folder.glob("eval-*.safetensors"))[: -run.cfg.average_last]:
-        old.unlink()
-
-
 def _average_snapshots(run: _Run, st: dict) -> dict | None:
     """Score the mean of the kept snapshots on dev and write it to ``out/model_avg``; the
     model is left holding the kept (best) weights, as ``out/model`` has them."""
-    files = sorted((run.out / "checkpoints").glob("eval-*.safetensors"))[-run.cfg.average_last:]
-    if len(files) < 2:
-        logger.warning("average_last=%d: only %d evaluation(s) to average; no model_avg written",
-                       run.cfg.average_last, len(files))
+    found = mean_of_snapshots(run.out / "checkpoints", run.cfg.average_last)
+    if found is None:
         return None
+    steps, mean = found
     kept = _trainable_state(run.model)
-    mean = average_state_dicts([load_safetensors(f) for f in files], [f.name for f in files])
     _load_trainable(run.model, mean)
-    steps = [int(f.stem.split("-")[1]) for f in files]
     r = _score_dev(run.model, run.processor, run.dev, run.lang, run.normalizer, run.device)
     path = _save_model(run, st, run.out / "model_avg", steps)
     _load_trainable(run.model, kept)
