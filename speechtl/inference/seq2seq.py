@@ -24,7 +24,10 @@ logger = logging.getLogger(__name__)
 class Seq2SeqRecognizer:
     """A loaded seq2seq model, with :class:`speechtl.Recognizer`'s ``transcribe``,
     ``evaluate`` and ``transcriber``. Decoding is Whisper's: greedy, or beam search with
-    ``beam_width`` beams; n-gram LMs and hotwords belong to CTC models and are refused."""
+    ``beam_width`` beams; n-gram LMs and hotwords belong to CTC models and are refused.
+    A folder with a CTC head (``seq2seq_ctc``) decodes hybrid CTC/attention at its own
+    ``ctc_weight`` (:mod:`speechtl.models.seq2seq_ctc`); set :attr:`ctc_weight` to None
+    for the decoder alone."""
 
     def __init__(self, model, processor, normalizer: Normalizer, meta: dict, device: str | None = None,
                  model_dir: str | os.PathLike | None = None):
@@ -39,6 +42,12 @@ class Seq2SeqRecognizer:
         self.meta = meta
         self.model_dir = None if model_dir is None else Path(model_dir)
         self.lang = meta.get("language")
+        from ..models.seq2seq_ctc import Companion
+
+        self.ctc = Companion.load(self.model_dir) if self.model_dir is not None else None
+        if self.ctc is not None:
+            self.ctc.head.to(self.device)
+        self.ctc_weight = meta.get("ctc_weight") if self.ctc is not None else None
         # the folder's own decoding (decoding.json: Whisper's beam width), used unless told otherwise
         self.default_options = DecodeOptions.read(self.model_dir) if self.model_dir is not None else DecodeOptions()
 
@@ -113,6 +122,7 @@ class Seq2SeqRecognizer:
         hyps = hyps_by_id(tr, good, progress)
         report = score([UtteranceResult(u.id, u.text, hyps[u.id], u.duration) for u in good], normalize=self.normalizer)
         extra = {"decoder": "whisper greedy" if tr.num_beams == 1 else "whisper beam", "beam_width": tr.num_beams,
+                 **({"ctc_weight": self.ctc_weight, "ctc_chosen": tr.ctc_chosen} if self.ctc_weight is not None else {}),
                  "looping": sum(s2s.looping(r.hyp) for r in report.results),
                  "hallucinated": sum(s2s.hallucinated(r.ref, r.hyp) for r in report.results),
                  **({"skipped": skipped} if skipped else {})}
@@ -132,6 +142,7 @@ class Seq2SeqTranscriber:
         self.chunk_s = chunk_length_s
         self.num_beams = num_beams
         self.batch_size = max(1, int((max_batch_seconds or 240.0) // s2s.WINDOW_S))
+        self.ctc_chosen = 0  # windows whose text came from the CTC head (hybrid decoding)
 
     def run(self, items, progress: bool = False) -> Iterator:
         for _, t in self.run_indexed(items, progress):
@@ -194,8 +205,25 @@ class Seq2SeqTranscriber:
         for k in range(0, len(wavs), self.batch_size):
             part = wavs[k:k + self.batch_size]
             hidden = s2s.encode(rec.model, rec.processor, part, rec.device)
-            out += s2s.generate(rec.model, rec.processor.tokenizer, hidden, [len(w) for w in part], rec.lang,
-                                self.num_beams, with_confidence=True)
+            samples = [len(w) for w in part]
+            res = s2s.generate(rec.model, rec.processor.tokenizer, hidden, samples, rec.lang, self.num_beams,
+                               with_confidence=True)
+            if rec.ctc is not None and rec.ctc_weight is not None:
+                res = self._hybrid(hidden, samples, res)
+            out += res
+        return out
+
+    def _hybrid(self, hidden, samples: list[int], res: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        """The decoder's or the CTC head's text per window, whichever the joint score prefers."""
+        from ..models.seq2seq_ctc import candidates
+
+        rec = self.rec
+        c = candidates(rec.model, rec.processor.tokenizer, rec.ctc, rec.normalizer, s2s.stack_hidden(hidden, samples),
+                       samples, s2s.prefix_ids(rec.processor.tokenizer, rec.lang), [t for t, _ in res])
+        out = []
+        for (text, from_ctc), (_, conf), ctc_conf in zip(c.pick(rec.ctc_weight), res, c.confidence):
+            self.ctc_chosen += from_ctc
+            out.append((text, ctc_conf) if from_ctc else (text, conf))
         return out
 
 

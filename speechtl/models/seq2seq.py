@@ -5,7 +5,8 @@ A seq2seq model folder holds ``speechtl.json`` (``"mode": "seq2seq"``, the langu
 was trained) and ``whisper/``, a complete transformers Whisper folder (weights, tokenizer,
 feature extractor, generation config) that ``WhisperForConditionalGeneration`` loads as
 it is. A LoRA model keeps its base in ``whisper/`` and its updates in ``lora/`` (a peft
-adapter folder, a few MB per language).
+adapter folder, a few MB per language). A model trained with ``seq2seq_ctc`` also has
+``ctc/``, the CTC head of hybrid decoding (:mod:`speechtl.models.seq2seq_ctc`).
 
 Decoding pads each clip to Whisper's 30 s window, as it was trained, and keeps the
 encoder frames of the clip itself plus ``CONTEXT_MARGIN_S`` of the padding after it:
@@ -187,9 +188,10 @@ def _clean(text: str) -> str:
 MODEL_FILE = "speechtl.json"
 
 
-def save_seq2seq(model, processor, normalizer: Normalizer, out_dir: str | os.PathLike, meta: dict) -> Path:
+def save_seq2seq(model, processor, normalizer: Normalizer, out_dir: str | os.PathLike, meta: dict, ctc=None) -> Path:
     """Write a seq2seq model folder atomically. A peft model (LoRA) writes its base to
-    ``whisper/`` and its adapter to ``lora/``; others write the whole model to ``whisper/``."""
+    ``whisper/`` and its adapter to ``lora/``; others write the whole model to ``whisper/``.
+    ``ctc``: a :class:`speechtl.models.seq2seq_ctc.Companion`, written to ``ctc/``."""
     from ..core.constants import __version__
 
     out_dir = Path(out_dir)
@@ -205,6 +207,10 @@ def save_seq2seq(model, processor, normalizer: Normalizer, out_dir: str | os.Pat
             model.save_pretrained(str(tmp / "whisper"), safe_serialization=True)
         processor.save_pretrained(str(tmp / "whisper"))
         save_normalizer(tmp / "normalizer.json", normalizer)
+        if ctc is not None:
+            from .seq2seq_ctc import CTC_DIR
+
+            ctc.save(tmp / CTC_DIR)
         write_json(tmp / MODEL_FILE, {"speechtl_version": __version__, "mode": "seq2seq", "sample_rate": SAMPLE_RATE,
                                       **meta})
     return out_dir

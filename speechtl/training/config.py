@@ -72,6 +72,10 @@ class TrainConfig:
                                       "the best model transcribes it, the transcripts its confidence trusts "
                                       "(pseudo_min_confidence) join the labelled ones, and training goes on "
                                       "(self_train_rounds times)")
+    seq2seq_ctc: bool = _f(False, "mode=seq2seq: also train a small CTC head (characters of the normalised text) on "
+                                  "the same encoder outputs, and decode hybrid CTC/attention: a clip's CTC hypothesis "
+                                  "replaces the decoder's where the two halves' joint score prefers it (loops, runaway "
+                                  "text); the CTC weight is chosen on the dev set")
     self_train_rounds: int = _f(1, "mode=seq2seq with unlabelled: rounds of pseudo-labelling and further training, each "
                                     "of max_steps updates")
     pseudo_min_confidence: float = _f(0.5, "mode=seq2seq with unlabelled: the least confidence (geometric mean of the "
@@ -360,6 +364,8 @@ def _check_seq2seq_keys(self: "TrainConfig") -> None:
         if self.unlabelled is not None:
             raise ValueError(f"config key 'unlabelled': self-training is for mode=seq2seq (this run is "
                              f"mode={self.mode})")
+        if self.seq2seq_ctc:
+            raise ValueError(f"config key 'seq2seq_ctc': for mode=seq2seq (this run is mode={self.mode})")
         return
     if not 0 < self.dev_fraction < 0.5:
         raise ValueError(f"config key 'dev_fraction': mode=seq2seq needs a dev set, so without dev=, it must be in "

@@ -19,7 +19,10 @@ sentences over unseen speech). Checkpoints hold the trainable weights, optimiser
 schedule position and random state, loaded with ``weights_only=True``. With
 ``average_last=K``, the trainable weights at each of the last K evaluations are kept in
 ``out/checkpoints/eval-*.safetensors``; their mean is scored on dev and written to
-``out/model_avg`` (``train_summary.json``'s ``average``).
+``out/model_avg`` (``train_summary.json``'s ``average``). With ``seq2seq_ctc``, a CTC
+head learns beside the decoder from the same batches (:mod:`speechtl.models.seq2seq_ctc`);
+its state goes with the decoder's in checkpoints, snapshots and the kept best, and its
+weight in hybrid decoding is chosen on dev at the end (``train_summary.json``'s ``ctc``).
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ import torch
 from ..core.io import atomic_path, write_json
 from ..data.audio import SAMPLE_RATE, check_readable, load_audio
 from ..data.manifest import Utterance, read_manifest
-from ..data.text import Normalizer, NormalizerConfig
+from ..data.text import Normalizer, NormalizerConfig, Vocabulary
 from ..decoding.metrics import UtteranceResult, score
 from ..models import seq2seq as s2s
 from ..models.average import mean_of_snapshots, write_snapshot
+from ..models.seq2seq_ctc import WEIGHTS, Companion, candidates, frame_lengths
 from .config import TrainConfig
 from .data import carve_dev
 
@@ -134,7 +138,8 @@ def _batches(utts: list[Utterance], max_seconds: float, gen: torch.Generator) ->
     return batches + ([cur] if cur else [])
 
 
-def _loss(model, part: str, processor, data: _Set, idx: list[int], prefix_len: int, device) -> torch.Tensor:
+def _loss(model, part: str, processor, data: _Set, idx: list[int], prefix_len: int, device,
+          ctc: tuple[Companion, Normalizer] | None = None) -> torch.Tensor:
     from transformers.modeling_outputs import BaseModelOutput
 
     if data.hidden is not None:
@@ -151,8 +156,13 @@ def _loss(model, part: str, processor, data: _Set, idx: list[int], prefix_len: i
         labels[k, prefix_len - 1: len(s) - 1] = torch.tensor(s[prefix_len:])  # the forced prefix is not scored
     out = model(encoder_outputs=BaseModelOutput(last_hidden_state=states), decoder_input_ids=inp.to(device))
     logits = out.logits.float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.to(device).reshape(-1),
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.to(device).reshape(-1),
                                              ignore_index=-100)
+    if ctc is not None:  # the companion head, on the same encoder outputs (its own parameters)
+        comp, normalizer = ctc
+        lengths = frame_lengths([data.samples[i] for i in idx], states.shape[1])
+        loss = loss + comp.loss(states, lengths, comp.targets(normalizer, [data.utts[i].text for i in idx]))
+    return loss
 
 
 def _score_dev(model, processor, dev: _Set, lang, normalizer: Normalizer, device) -> dict:
@@ -169,15 +179,63 @@ def _score_dev(model, processor, dev: _Set, lang, normalizer: Normalizer, device
             "looping": sum(s2s.looping(r.hyp) for r in report.results)}
 
 
-def _trainable_state(model) -> dict:
-    return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
+CTC_PREFIX = "ctc_head."  # the companion head's entries in a trainable state
 
 
-def _load_trainable(model, state: dict) -> None:
+def _choose_ctc_weight(run: _Run) -> dict:
+    """The CTC weight of hybrid decoding that reads the lowest dev CER with the current
+    weights (ties go to the decoder alone, then to the smaller weight), and what each read."""
+    from ..models.seq2seq_ctc import Candidates
+
+    was = run.model.training, run.ctc.head.training
+    run.model.eval()
+    run.ctc.head.eval()
+    all_c = Candidates([], [], [], [], [])
+    for k in range(0, len(run.dev.utts), 8):
+        idx = range(k, min(k + 8, len(run.dev.utts)))
+        hidden = [run.dev.hidden[i].to(run.device, torch.float32) for i in idx]
+        samples = [run.dev.samples[i] for i in idx]
+        att = s2s.generate(run.model, run.processor.tokenizer, hidden, samples, run.lang)
+        c = candidates(run.model, run.processor.tokenizer, run.ctc, run.normalizer, s2s.stack_hidden(hidden, samples),
+                       samples, run.prefix, att)
+        for field in ("attention", "ctc", "same", "scores", "confidence"):
+            getattr(all_c, field).extend(getattr(c, field))
+    run.model.train(was[0])
+    run.ctc.head.train(was[1])
+
+    def cer(texts: list[str]) -> float:
+        return score([UtteranceResult(u.id, u.text, h, u.duration) for u, h in zip(run.dev.utts, texts)],
+                     normalize=run.normalizer).cer
+
+    tried = {}
+    for w in (None, *WEIGHTS):
+        picks = all_c.pick(w)
+        tried["off" if w is None else str(w)] = {"dev_cer": round(cer([t for t, _ in picks]), 5),
+                                                 "ctc_chosen": sum(c for _, c in picks)}
+    best = min(tried, key=lambda k: tried[k]["dev_cer"])  # dicts keep order: off first, then rising weights
+    out = {"weight": None if best == "off" else float(best), "dev_cer_ctc_alone": round(cer(all_c.ctc), 5),
+           "tried": tried}
+    logger.info("hybrid CTC/attention decoding: weight %s on dev (CER %.4f; the decoder alone %.4f, the CTC head "
+                "alone %.4f)", best, tried[best]["dev_cer"], tried["off"]["dev_cer"], out["dev_cer_ctc_alone"])
+    return out
+
+
+def _trainable_state(model, comp: Companion | None = None) -> dict:
+    state = {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
+    if comp is not None:
+        state |= {CTC_PREFIX + k: v.detach().cpu().clone() for k, v in comp.head.state_dict().items()}
+    return state
+
+
+def _load_trainable(model, state: dict, comp: Companion | None = None) -> None:
     params = dict(model.named_parameters())
+    head = {k[len(CTC_PREFIX):]: v for k, v in state.items() if k.startswith(CTC_PREFIX)}
     with torch.no_grad():
         for k, v in state.items():
-            params[k].copy_(v)
+            if not k.startswith(CTC_PREFIX):
+                params[k].copy_(v)
+    if comp is not None and head:
+        comp.head.load_state_dict(head)
 
 
 @dataclass
@@ -204,6 +262,13 @@ class _Run:
     source: str
     unlabelled_hidden: dict | None = None
     events: object | None = None  # TensorBoard's writer, with log=tensorboard
+    ctc: Companion | None = None  # with seq2seq_ctc
+
+    def state(self) -> dict:
+        return _trainable_state(self.model, self.ctc)
+
+    def load(self, state: dict) -> None:
+        _load_trainable(self.model, state, self.ctc)
 
 
 def _build(cfg: TrainConfig, progress: bool) -> _Run:
@@ -231,12 +296,21 @@ def _build(cfg: TrainConfig, progress: bool) -> _Run:
     _encode_all(model, processor, dev, device, progress, keep=True)
     _encode_all(model, processor, train, device, progress, keep=cfg.seq2seq_train == "decoder")
     model, groups = _set_trainable(model, cfg.seq2seq_train, cfg)
+    comp = None
+    if cfg.seq2seq_ctc:
+        normalizer = Normalizer(NormalizerConfig(**cfg.normalizer))
+        vocab = Vocabulary.build(normalizer(u.text) for u in train_utts)
+        width = model.config.d_model
+        comp = Companion.build(width, vocab, cfg.bilstm_hidden, cfg.bilstm_layers)
+        comp.head.to(device).train()
+        groups.append({"params": list(comp.head.parameters()), "lr": cfg.lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     rounds = 1 + (cfg.self_train_rounds if unlabelled else 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, Horizon(cfg.max_steps * rounds)))
     return _Run(cfg, out, model, processor, lang, prefix, cfg.seq2seq_train, train, dev, unlabelled,
                 Normalizer(NormalizerConfig(**cfg.normalizer)), device, opt, sched,
-                torch.Generator().manual_seed(cfg.seed), [p for g in groups for p in g["params"]], carved, source)
+                torch.Generator().manual_seed(cfg.seed), [p for g in groups for p in g["params"]], carved, source,
+                ctc=comp)
 
 
 def _read_unlabelled(cfg: TrainConfig) -> list[Utterance]:
@@ -308,7 +382,7 @@ def train_seq2seq(cfg: TrainConfig, progress: bool = True, should_stop=None) -> 
     best_state = None
     if cfg.resume and ck_path.is_file():
         ck = load_checkpoint(ck_path)
-        _load_trainable(run.model, ck["trainable"])
+        run.load(ck["trainable"])
         run.opt.load_state_dict(ck["optimizer"])
         run.sched.load_state_dict(ck["scheduler"])
         run.gen.set_state(ck["generator"])
@@ -321,7 +395,7 @@ def train_seq2seq(cfg: TrainConfig, progress: bool = True, should_stop=None) -> 
     base = None
     if not st["step"]:  # the unadapted model is the first candidate: an update must beat it on dev to be kept
         base = _score_dev(run.model, run.processor, run.dev, run.lang, run.normalizer, run.device)
-        st["best"], st["best_step"], best_state = base, 0, _trainable_state(run.model)
+        st["best"], st["best_step"], best_state = base, 0, run.state()
     rounds = 1 + (cfg.self_train_rounds if run.unlabelled else 0)
     stop_reason = None
     while True:
@@ -329,8 +403,10 @@ def train_seq2seq(cfg: TrainConfig, progress: bool = True, should_stop=None) -> 
         if st["round"] + 1 >= rounds or stop_reason == "max_minutes":
             break
         if best_state is not None:
-            _load_trainable(run.model, best_state)
+            run.load(best_state)
         if st["round"] == 0:  # the model from labelled data alone, for comparison
+            if run.ctc is not None:
+                st["ctc"] = _choose_ctc_weight(run)
             _save_model(run, st, run.out / "model_labelled")
         st["round"] += 1
         st["pseudo"] = _pseudo_label(run, progress)
@@ -339,11 +415,14 @@ def train_seq2seq(cfg: TrainConfig, progress: bool = True, should_stop=None) -> 
         logger.info("self-training round %d: %d of %d pseudo-labels kept", st["round"], st["pseudo_kept"],
                     len(st["pseudo"]))
     if best_state is not None:
-        _load_trainable(run.model, best_state)
+        run.load(best_state)
     if st["best_step"] == 0 and st["best"] is not None:
         logger.warning("no update beat the unadapted model on the dev set (%s %.4f); the model keeps Whisper's own "
                        "weights", cfg.best_metric, st["best"][cfg.best_metric])
     run.model.eval()
+    if run.ctc is not None:
+        run.ctc.head.eval()
+        st["ctc"] = _choose_ctc_weight(run)
     summary = _finish(run, st, base, stop_reason)
     if cfg.average_last:
         summary["average"] = _average_snapshots(run, st)
@@ -365,7 +444,8 @@ def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_sto
     while st["step"] < until:
         if not st["perm"]:
             st["perm"] = _batches(run.train.utts, cfg.max_batch_seconds, run.gen)
-        loss = _loss(run.model, run.part, run.processor, run.train, st["perm"].pop(0), len(run.prefix), run.device)
+        loss = _loss(run.model, run.part, run.processor, run.train, st["perm"].pop(0), len(run.prefix), run.device,
+                     None if run.ctc is None else (run.ctc, run.normalizer))
         if not torch.isfinite(loss):
             raise RuntimeError(f"update {st['step'] + 1}: the loss is {loss.item()}; stopped before applying it (the last checkpoint and model are kept); lower encoder_lr/lr")
         loss.backward()
@@ -386,12 +466,12 @@ def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_sto
         out_of_time = cfg.max_minutes is not None and st["wall"] > cfg.max_minutes * 60
         if st["step"] % cfg.eval_every == 0 or st["step"] == until or out_of_time:
             if cfg.average_last:
-                write_snapshot(run.out / "checkpoints", st["step"], _trainable_state(run.model), cfg.average_last)
+                write_snapshot(run.out / "checkpoints", st["step"], run.state(), cfg.average_last)
             r = _score_dev(run.model, run.processor, run.dev, run.lang, run.normalizer, run.device)
             row = (row or {"step": st["step"]}) | {"dev_wer": round(r["wer"], 5), "dev_cer": round(r["cer"], 5)}
             if st["best"] is None or r[cfg.best_metric] < st["best"][cfg.best_metric]:
                 st["best"], st["best_step"], st["evals_since_best"] = r, st["step"], 0
-                best_state = _trainable_state(run.model)
+                best_state = run.state()
             else:
                 st["evals_since_best"] += 1
             if cfg.patience and st["evals_since_best"] >= cfg.patience:
@@ -401,7 +481,7 @@ def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_sto
             _write_events(run, row)
         asked = should_stop is not None and should_stop(st["step"])
         if st["step"] % (cfg.save_every or cfg.eval_every) == 0 or asked or stop_reason or out_of_time:
-            _save_checkpoint(run.out / CHECKPOINT, run.model, run.opt, run.sched, run.gen, st, best_state)
+            _save_checkpoint(run.out / CHECKPOINT, run, st, best_state)
         if asked:
             raise TrainingInterrupted(f"stopped after update {st['step']}")
         if out_of_time:
@@ -418,9 +498,11 @@ def _save_model(run: _Run, st: dict, path: Path, steps: list[int] | None = None)
 
     meta = {"language": run.lang, "seq2seq_train": run.part, "base_source": run.source, "best_step": st["best_step"],
             "self_train_rounds": st["round"], "encoder": {"source": run.cfg.encoder}}
+    if run.ctc is not None:
+        meta["ctc_weight"] = st["ctc"]["weight"]
     if steps is not None:  # the mean of these updates' weights
         meta |= {"best_step": None, "averaged_steps": steps}
-    return save_seq2seq(run.model, run.processor, run.normalizer, path, meta)
+    return save_seq2seq(run.model, run.processor, run.normalizer, path, meta, run.ctc)
 
 
 def _finish(run: _Run, st: dict, base: dict | None, stop_reason: str | None) -> dict:
@@ -434,6 +516,8 @@ def _finish(run: _Run, st: dict, base: dict | None, stop_reason: str | None) -> 
                "train_utterances": len(run.train.utts) - st["pseudo_kept"], "self_train_rounds": st["round"],
                "pseudo_labelled": len(st["pseudo"]), "pseudo_kept": st["pseudo_kept"], "stop_reason": stop_reason,
                "trainable_parameters": sum(p.numel() for p in run.params)}
+    if run.ctc is not None:
+        summary["ctc"] = st["ctc"]
     write_json(run.out / "train_summary.json", summary)
     return summary
 
@@ -445,11 +529,13 @@ def _average_snapshots(run: _Run, st: dict) -> dict | None:
     if found is None:
         return None
     steps, mean = found
-    kept = _trainable_state(run.model)
-    _load_trainable(run.model, mean)
+    kept = run.state()
+    run.load(mean)
     r = _score_dev(run.model, run.processor, run.dev, run.lang, run.normalizer, run.device)
+    if run.ctc is not None:  # the mean's own CTC weight, chosen on dev as the kept model's was
+        st = st | {"ctc": _choose_ctc_weight(run)}
     path = _save_model(run, st, run.out / "model_avg", steps)
-    _load_trainable(run.model, kept)
+    run.load(kept)
     logger.info("mean of updates %s: dev WER %.4f CER %.4f", steps, r["wer"], r["cer"])
     return {"steps": steps, "model_dir": str(path), "dev_wer": r["wer"], "dev_cer": r["cer"], "looping": r["looping"]}
 
@@ -479,9 +565,9 @@ def _append_metrics(path: Path, row: dict) -> None:
         w.writerow({k: row.get(k, "") for k in cols})
 
 
-def _save_checkpoint(path: Path, model, opt, sched, gen, st: dict, best_state) -> None:
-    ck = {"trainable": _trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-          "generator": gen.get_state(), "state": st, "best_state": best_state}
+def _save_checkpoint(path: Path, run: _Run, st: dict, best_state) -> None:
+    ck = {"trainable": run.state(), "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+          "generator": run.gen.get_state(), "state": st, "best_state": best_state}
     with atomic_path(path) as tmp:
         torch.save(ck, tmp)
 

@@ -356,3 +356,91 @@ def test_average_last_writes_the_mean_of_the_last_evaluations(tiny_whisper, corp
     assert not all(torch.allclose(best[k], written[k]) for k in moved)  # out/model is not the mean
     assert load(out / "model_avg").evaluate(read_manifest(corpus["test"]))["utterances"] == 8
     assert json.loads((out / "train_summary.json").read_text())["average"]["steps"] == [20, 30]
+
+
+def test_ctc_companion_trains_beside_the_decoder_and_is_saved(tiny_whisper, corpus, tmp_path):
+    """seq2seq_ctc=true: a CTC head learns the texts from the same encoder outputs; its
+    weight is chosen on dev among 'off' and the fixed weights; the folder keeps it."""
+    from speechtl import load
+    from speechtl.data.manifest import read_manifest
+    from speechtl.models.seq2seq_ctc import WEIGHTS, Companion
+    from speechtl.training.train import train
+
+    out = tmp_path / "hy"
+    summary = train(_cfg(tiny_whisper, corpus, out, max_steps=120, eval_every=60, dev=str(corpus["test"]),
+                         seq2seq_ctc=True, lr=1e-2), progress=False)
+    ctc = summary["ctc"]
+    assert set(ctc["tried"]) == {"off", *map(str, WEIGHTS)}
+    assert ctc["dev_cer_ctc_alone"] < 0.75, ctc  # the head learned (an untrained one writes nothing or noise: about 1)
+    chosen = "off" if ctc["weight"] is None else str(ctc["weight"])
+    assert ctc["tried"][chosen]["dev_cer"] == min(v["dev_cer"] for v in ctc["tried"].values())
+    model = Path(summary["model_dir"])
+    assert {p.name for p in (model / "ctc").iterdir()} == {"head.safetensors", "vocab.json", "config.json"}
+    assert json.loads((model / "speechtl.json").read_text())["ctc_weight"] == ctc["weight"]
+    comp = Companion.load(model)
+    assert set(comp.vocab.tokens[3:]) == set("".join(TEXTS).replace(" ", ""))
+    rec = load(model)
+    res = rec.evaluate(read_manifest(corpus["test"]))
+    assert res["utterances"] == 8
+    if ctc["weight"] is not None:
+        assert res["ctc_weight"] == ctc["weight"] and "ctc_chosen" in res
+
+
+def test_hybrid_decoding_replaces_a_looping_hypothesis(tiny_whisper, corpus, tmp_path, monkeypatch):
+    """A decoder that loops: the CTC candidate needs no more characters than the clip has
+    frames, so the joint score takes it instead; with ctc_weight=None the loop stays."""
+    from speechtl import load
+    from speechtl.data.manifest import read_manifest
+    from speechtl.models import seq2seq as s2s
+    from speechtl.training.train import train
+
+    summary = train(_cfg(tiny_whisper, corpus, tmp_path / "hy", max_steps=120, eval_every=120,
+                         dev=str(corpus["test"]), seq2seq_ctc=True, lr=1e-2), progress=False)
+    rec = load(summary["model_dir"])
+    rec.ctc_weight = 0.3
+    loop = " ".join(["nashledanou"] * 12)
+
+    def looping_generate(model, tokenizer, hidden, samples, lang, num_beams=1, with_confidence=False):
+        return [(loop, 0.9)] * len(hidden) if with_confidence else [loop] * len(hidden)
+
+    monkeypatch.setattr(s2s, "generate", looping_generate)
+    test = read_manifest(corpus["test"])
+    hybrid = rec.evaluate(test)
+    assert hybrid["ctc_chosen"] == 8 and hybrid["looping"] == 0
+    rec.ctc_weight = None
+    alone = rec.evaluate(test)
+    assert alone["looping"] == 8 and "ctc_chosen" not in alone
+    assert hybrid["cer"] < 0.5 * alone["cer"], (hybrid["cer"], alone["cer"])
+
+
+def test_candidates_pick_by_the_joint_score():
+    from speechtl.models.seq2seq_ctc import Candidates
+
+    c = Candidates(["Ano.", "la la la la", "ne"], ["ano", "la lettre", "ano"], [True, False, False],
+                   [(-1.0, -1.0, -1.0, -9.0), (float("-inf"), -2.0, -5.0, -8.0), (-4.0, -1.0, -3.0, -6.0)],
+                   [0.9, 0.8, 0.7])
+    assert c.pick(None) == [("Ano.", False), ("la la la la", False), ("ne", False)]
+    # agreeing candidates keep the decoder's text; an impossible CTC score loses; otherwise the mix decides
+    assert c.pick(0.3) == [("Ano.", False), ("la lettre", True), ("ne", False)]
+    assert c.pick(0.9) == [("Ano.", False), ("la lettre", True), ("ano", True)]
+
+
+def test_ctc_companion_bad_config_and_folder(tiny_whisper, corpus, tmp_path):
+    from safetensors.torch import save_file
+
+    from speechtl.models.seq2seq_ctc import Companion
+
+    with pytest.raises(ValueError, match="seq2seq_ctc"):
+        load_train_config(None, {"mode": "frozen", "train": str(corpus["train"]), "out": str(tmp_path / "x"),
+                                 "seq2seq_ctc": True})
+    summary = _train_small_hybrid(tiny_whisper, corpus, tmp_path / "m")
+    head = Path(summary["model_dir"]) / "ctc" / "head.safetensors"
+    save_file({"proj.weight": torch.zeros(3, 3)}, str(head))
+    with pytest.raises(ValueError, match="head.safetensors"):
+        Companion.load(summary["model_dir"])
+
+
+def _train_small_hybrid(tiny, corpus, out):
+    from speechtl.training.train import train
+
+    return train(_cfg(tiny, corpus, out, max_steps=4, eval_every=4, seq2seq_ctc=True), progress=False)

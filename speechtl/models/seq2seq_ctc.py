@@ -1,0 +1,197 @@
+"""A CTC companion for Whisper's decoder (``mode=seq2seq`` with ``seq2seq_ctc=true``):
+hybrid CTC/attention decoding in its simplest form.
+
+A small BiLSTM CTC head over characters learns from the same encoder outputs and the same
+batches as the decoder. It cannot loop or write text past the end of the audio: every
+character needs a frame. At decoding, each clip has two candidates, the decoder's own
+hypothesis and the CTC head's greedy one, and each is scored by both halves::
+
+    score(y) = w * log p_ctc(y | audio) + (1 - w) * log p_decoder(y | audio)
+
+The decoder's hypothesis is kept unless the CTC candidate scores higher. A looping or
+runaway hypothesis gets a very low CTC score (it needs more characters than the clip has
+frames, or far more than the audio supports), so the CTC candidate replaces it; where the
+two agree once normalised, the decoder's (cased, punctuated) text is kept. ``w`` is chosen
+on the dev set at the end of training, among fixed weights and "off" (the decoder alone),
+and written to the folder's ``speechtl.json`` (``ctc_weight``; ``null`` when off).
+
+The folder keeps the head in ``ctc/``: ``head.safetensors``, ``vocab.json`` (the characters
+of the normalised training text) and ``config.json`` (its sizes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data.text import Normalizer, Vocabulary
+from .heads import BiLSTMHead
+
+CTC_DIR = "ctc"
+WEIGHTS = (0.1, 0.3, 0.5, 0.7, 0.9)  # the weights dev chooses among (with "off")
+
+
+@dataclass
+class Companion:
+    """The CTC head and its vocabulary."""
+
+    head: BiLSTMHead
+    vocab: Vocabulary
+    config: dict
+
+    @classmethod
+    def build(cls, input_size: int, vocab: Vocabulary, hidden_size: int = 256, num_layers: int = 2) -> "Companion":
+        config = {"input_size": input_size, "hidden_size": hidden_size, "num_layers": num_layers}
+        return cls(BiLSTMHead(input_size, len(vocab), hidden_size, num_layers), vocab, config)
+
+    def targets(self, normalizer: Normalizer, texts: Sequence[str]) -> list[list[int]]:
+        """Character ids of the normalised texts; characters outside the vocabulary are left
+        out (pseudo-labels may hold some)."""
+        return [[i for i in self.vocab.encode(normalizer(t)) if i != self.vocab.unk_id] for t in texts]
+
+    def log_probs(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) log-probabilities over the encoder outputs ``states`` (B, T, D)."""
+        return F.log_softmax(self.head(states.float(), lengths).float(), dim=-1)
+
+    def loss(self, states: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+        """Mean CTC loss per target character; a clip too short for its text adds nothing."""
+        logp = self.log_probs(states, lengths)
+        flat = torch.tensor([i for t in targets for i in t], dtype=torch.long)
+        tl = torch.tensor([len(t) for t in targets], dtype=torch.long)
+        return F.ctc_loss(logp.transpose(0, 1), flat, lengths, tl, blank=0, reduction="mean", zero_infinity=True)
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                  str(folder / "head.safetensors"))
+        self.vocab.save(folder / "vocab.json")
+        (folder / "config.json").write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike) -> "Companion | None":
+        """The folder's CTC head, or None where it has none."""
+        from safetensors.torch import load_file
+
+        folder = Path(model_dir) / CTC_DIR
+        if not (folder / "head.safetensors").is_file():
+            return None
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        vocab = Vocabulary.load(folder / "vocab.json")
+        comp = cls.build(int(config["input_size"]), vocab, int(config["hidden_size"]), int(config["num_layers"]))
+        state = load_file(str(folder / "head.safetensors"))
+        want = comp.head.state_dict()
+        bad = [k for k in want if k not in state or state[k].shape != want[k].shape]
+        if bad or set(state) - set(want):
+            raise ValueError(f"{folder / 'head.safetensors'}: does not match its config.json (first mismatch: "
+                             f"{(bad or sorted(set(state) - set(want)))[0]})")
+        comp.head.load_state_dict(state)
+        comp.head.eval()
+        return comp
+
+
+def frame_lengths(samples: Sequence[int], total: int) -> torch.Tensor:
+    """Encoder frames of each clip itself (no margin), at least 1 and at most ``total``."""
+    from ..data.audio import SAMPLE_RATE
+    from .seq2seq import ENCODER_FRAME_S
+
+    return torch.tensor([max(1, min(total, math.ceil(n / SAMPLE_RATE / ENCODER_FRAME_S))) for n in samples])
+
+
+def greedy(logp: torch.Tensor, lengths: torch.Tensor, vocab: Vocabulary) -> list[str]:
+    """Best-path texts: repeats collapsed, blanks dropped."""
+    best = logp.argmax(-1)
+    out = []
+    for b in range(best.shape[0]):
+        ids = torch.unique_consecutive(best[b, : int(lengths[b])]).tolist()
+        out.append(" ".join(vocab.decode([i for i in ids if i != vocab.blank_id]).split()))
+    return out
+
+
+def ctc_scores(logp: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> list[float]:
+    """log p_ctc of each target (``-inf`` where the clip has too few frames for it)."""
+    flat = torch.tensor([i for t in targets for i in t], dtype=torch.long)
+    tl = torch.tensor([len(t) for t in targets], dtype=torch.long)
+    nll = F.ctc_loss(logp.transpose(0, 1), flat, lengths, tl, blank=0, reduction="none", zero_infinity=False)
+    return [-float(x) for x in nll]
+
+
+@torch.inference_mode()
+def decoder_scores(model, tokenizer, states: torch.Tensor, prefix: list[int], texts: Sequence[str]) -> list[float]:
+    """log p_decoder of each text (its tokens and the end of text; the forced prefix not
+    scored), row ``b`` of ``states`` being its clip's encoder outputs."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    limit = model.config.max_target_positions
+    seqs = [(prefix + tokenizer.encode(" " + t.strip(), add_special_tokens=False))[: limit - 1] + [eot] for t in texts]
+    t = max(len(s) for s in seqs) - 1
+    inp = torch.full((len(seqs), t), eot, dtype=torch.long)
+    labels = torch.full((len(seqs), t), -100, dtype=torch.long)
+    for k, s in enumerate(seqs):
+        inp[k, : len(s) - 1] = torch.tensor(s[:-1])
+        labels[k, len(prefix) - 1: len(s) - 1] = torch.tensor(s[len(prefix):])
+    logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=states.to(model.dtype)),
+                   decoder_input_ids=inp.to(states.device)).logits.float()
+    logp = F.log_softmax(logits, -1)
+    labels = labels.to(logp.device)
+    picked = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels >= 0)
+    return picked.sum(1).tolist()
+
+
+@dataclass
+class Candidates:
+    """Both halves' candidates for a batch of clips, and their scores."""
+
+    attention: list[str]
+    ctc: list[str]
+    same: list[bool]  # the two agree once normalised
+    scores: list[tuple[float, float, float, float]]  # (ctc of att, decoder of att, ctc of ctc, decoder of ctc)
+    confidence: list[float]  # the CTC candidate's: geometric mean of its frames' best probabilities
+
+    def pick(self, weight: float | None) -> list[tuple[str, bool]]:
+        """(text, from CTC) per clip at ``weight`` (None: the decoder's alone)."""
+        out = []
+        for a, c, same, (ca, da, cc, dc) in zip(self.attention, self.ctc, self.same, self.scores):
+            if weight is None or same:
+                out.append((a, False))
+                continue
+            joint_a = _mix(weight, ca, da)
+            joint_c = _mix(weight, cc, dc)
+            out.append((c, True) if joint_c > joint_a else (a, False))
+        return out
+
+
+def _mix(w: float, ctc: float, dec: float) -> float:
+    if ctc == -math.inf:
+        return -math.inf
+    return w * ctc + (1 - w) * dec
+
+
+def candidates(model, tokenizer, comp: Companion, normalizer: Normalizer, states: torch.Tensor,
+               samples: Sequence[int], prefix: list[int], attention: Sequence[str]) -> Candidates:
+    """Both candidates of each clip and their four scores; ``states`` (B, T, D) as the
+    decoder sees them (:func:`speechtl.models.seq2seq.stack_hidden`)."""
+    lengths = frame_lengths(samples, states.shape[1])
+    with torch.inference_mode():
+        logp = comp.log_probs(states, lengths)
+    ctc_texts = greedy(logp, lengths, comp.vocab)
+    same = [normalizer(a) == c for a, c in zip(attention, ctc_texts)]
+    att_ids = comp.targets(normalizer, attention)
+    ctc_ids = comp.targets(normalizer, ctc_texts)
+    with torch.inference_mode():
+        ca = ctc_scores(logp, lengths, att_ids)
+        cc = ctc_scores(logp, lengths, ctc_ids)
+        dec = decoder_scores(model, tokenizer, torch.cat([states, states]), prefix, list(attention) + ctc_texts)
+    n = len(attention)
+    best = logp.max(-1).values
+    conf = [math.exp(float(best[b, : int(lengths[b])].mean())) for b in range(n)]
+    return Candidates(list(attention), ctc_texts, same, list(zip(ca, dec[:n], cc, dec[n:])), conf)
