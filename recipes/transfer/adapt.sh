@@ -10,7 +10,8 @@
 #     its own decoder is fine-tuned on the labelled clips; a dev set is carved from them when
 #     --dev is not given, and the best update on it is kept (the unadapted model, when no
 #     update beats it); the mean of the last three evaluations' weights replaces it when it
-#     scores at least as well on dev;
+#     scores at least as well on dev; a CTC head trains beside the decoder (seq2seq_ctc=true)
+#     and decoding is hybrid CTC/attention at a weight chosen on dev;
 #   - with --unlabelled: one round of self-training (the adapted model transcribes the
 #     unlabelled audio; transcripts it is confident of join the labelled ones; training goes on).
 # An encoder that is not a Whisper encoder-decoder (the bundled one, wav2vec2-family folders)
@@ -44,13 +45,16 @@ case $encoder in
 esac
 if "$PY" -c "from speechtl.models.seq2seq import whisper_source as w; w('$encoder')" 2>/dev/null; then
     args=(mode=seq2seq seq2seq_train=decoder encoder="$encoder" lang="$lang" max_steps="$steps" eval_every=50 patience=3
-          encoder_lr=5e-5 max_batch_seconds=60 average_last=3)
+          encoder_lr=5e-5 max_batch_seconds=60 average_last=3 seq2seq_ctc=true lr=5e-3)
     echo "adapt.sh: $encoder has Whisper's decoder: fine-tuning the decoder on the labelled clips (mode=seq2seq,"
     echo "          seq2seq_train=decoder), the encoder fixed: on real Spanish telephone prompts it took Whisper's"
     echo "          unadapted CER to 0.47x and WER to 0.59x, on Tux Paint's Russian stamp names to 0.34x and 0.53x;"
     echo "          on Asterisk's Russian and French and on Romanian it helped less, on Bulgarian not at all"
     echo "          (recipes/transfer/README.md, 'Real speech'); the unadapted model is kept if no update beats it"
     echo "          on the dev set, and the mean of the last three evaluations if it does no worse there"
+    echo "adapt.sh: a CTC head trains beside the decoder (seq2seq_ctc=true) for hybrid decoding: its hypothesis"
+    echo "          replaces the decoder's where the joint score prefers it (loops, runaway text), at a weight"
+    echo "          chosen on the dev set ('off' among them); the head learns at lr=5e-3 and keeps its own best update"
     if [ -n "$unlabelled" ]; then
         args+=(unlabelled="$unlabelled" self_train_rounds=1)
         echo "adapt.sh: --unlabelled given: one round of self-training on its confident transcripts"

@@ -182,6 +182,33 @@ def _score_dev(model, processor, dev: _Set, lang, normalizer: Normalizer, device
 CTC_PREFIX = "ctc_head."  # the companion head's entries in a trainable state
 
 
+def _ctc_dev_cer(run: _Run) -> float:
+    """Dev CER of the CTC head alone (greedy)."""
+    from ..models.seq2seq_ctc import greedy
+
+    was = run.ctc.head.training
+    run.ctc.head.eval()
+    hyps = []
+    for k in range(0, len(run.dev.utts), 16):
+        idx = range(k, min(k + 16, len(run.dev.utts)))
+        samples = [run.dev.samples[i] for i in idx]
+        states = s2s.stack_hidden([run.dev.hidden[i].to(run.device, torch.float32) for i in idx], samples)
+        lengths = frame_lengths(samples, states.shape[1])
+        with torch.inference_mode():
+            hyps += greedy(run.ctc.log_probs(states, lengths), lengths, run.ctc.vocab)
+    run.ctc.head.train(was)
+    return score([UtteranceResult(u.id, u.text, h, u.duration) for u, h in zip(run.dev.utts, hyps)],
+                 normalize=run.normalizer).cer
+
+
+def _track_ctc_best(run: _Run, step: int) -> None:
+    cer = _ctc_dev_cer(run)
+    logger.info("update %d: the CTC head alone reads dev CER %.4f", step, cer)
+    if run.ctc_best is None or cer < run.ctc_best["cer"]:
+        run.ctc_best = {"step": step, "cer": cer,
+                        "state": {k: v.detach().cpu().clone() for k, v in run.ctc.head.state_dict().items()}}
+
+
 def _choose_ctc_weight(run: _Run) -> dict:
     """The CTC weight of hybrid decoding that reads the lowest dev CER with the current
     weights (ties go to the decoder alone, then to the smaller weight), and what each read."""
@@ -214,7 +241,7 @@ def _choose_ctc_weight(run: _Run) -> dict:
                                                  "ctc_chosen": sum(c for _, c in picks)}
     best = min(tried, key=lambda k: tried[k]["dev_cer"])  # dicts keep order: off first, then rising weights
     out = {"weight": None if best == "off" else float(best), "dev_cer_ctc_alone": round(cer(all_c.ctc), 5),
-           "tried": tried}
+           "tried": tried, **({"head_step": run.ctc_best["step"]} if run.ctc_best else {})}
     logger.info("hybrid CTC/attention decoding: weight %s on dev (CER %.4f; the decoder alone %.4f, the CTC head "
                 "alone %.4f)", best, tried[best]["dev_cer"], tried["off"]["dev_cer"], out["dev_cer_ctc_alone"])
     return out
@@ -263,12 +290,17 @@ class _Run:
     unlabelled_hidden: dict | None = None
     events: object | None = None  # TensorBoard's writer, with log=tensorboard
     ctc: Companion | None = None  # with seq2seq_ctc
+    ctc_best: dict | None = None  # decoder mode: the head's own best on dev, {"step", "cer", "state"}
 
     def state(self) -> dict:
         return _trainable_state(self.model, self.ctc)
 
     def load(self, state: dict) -> None:
+        """Load a trainable state. In decoder mode the encoder is fixed, so the CTC head is
+        independent of the decoder: it keeps its own best weights on dev."""
         _load_trainable(self.model, state, self.ctc)
+        if self.ctc_best is not None:
+            self.ctc.head.load_state_dict(self.ctc_best["state"])
 
 
 def _build(cfg: TrainConfig, progress: bool) -> _Run:
@@ -387,6 +419,7 @@ def train_seq2seq(cfg: TrainConfig, progress: bool = True, should_stop=None) -> 
         run.sched.load_state_dict(ck["scheduler"])
         run.gen.set_state(ck["generator"])
         st, best_state = ck["state"], ck.get("best_state")
+        run.ctc_best = ck.get("ctc_best") if run.ctc is not None else None
         if st["pseudo"]:
             _add_pseudo(run, st["pseudo"], progress)
         logger.info("resumed from %s at update %d", ck_path, st["step"])
@@ -469,6 +502,8 @@ def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_sto
                 write_snapshot(run.out / "checkpoints", st["step"], run.state(), cfg.average_last)
             r = _score_dev(run.model, run.processor, run.dev, run.lang, run.normalizer, run.device)
             row = (row or {"step": st["step"]}) | {"dev_wer": round(r["wer"], 5), "dev_cer": round(r["cer"], 5)}
+            if run.ctc is not None and run.part == "decoder":
+                _track_ctc_best(run, st["step"])
             if st["best"] is None or r[cfg.best_metric] < st["best"][cfg.best_metric]:
                 st["best"], st["best_step"], st["evals_since_best"] = r, st["step"], 0
                 best_state = run.state()
@@ -567,7 +602,7 @@ def _append_metrics(path: Path, row: dict) -> None:
 
 def _save_checkpoint(path: Path, run: _Run, st: dict, best_state) -> None:
     ck = {"trainable": run.state(), "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-          "generator": run.gen.get_state(), "state": st, "best_state": best_state}
+          "generator": run.gen.get_state(), "state": st, "best_state": best_state, "ctc_best": run.ctc_best}
     with atomic_path(path) as tmp:
         torch.save(ck, tmp)
 
