@@ -284,7 +284,7 @@ def test_adapt_recipe_chooses_by_encoder_and_leaves_a_model(tiny_whisper, corpus
     r = adapt("--encoder", str(tiny_whisper), "--unlabelled", str(unl), "--out", str(tmp_path / "s"), "--steps", "4",
               "eval_every=2", "encoder_lr=1e-3", "pseudo_min_confidence=0.0")
     assert r.returncode == 0, r.stderr
-    assert "mode=seq2seq" in r.stdout and "self-training" in r.stdout
+    assert "mode=seq2seq" in r.stdout and "self-training" in r.stdout and "seq2seq_ctc=true" in r.stdout
     summary = json.loads((tmp_path / "s" / "train_summary.json").read_text())
     assert summary["mode"] == "seq2seq" and summary["self_train_rounds"] == 1 and summary["pseudo_labelled"] == 8
     assert summary["average"]["steps"] == [4, 6, 8] and "the mean of updates 4, 6, 8 reads dev CER" in r.stdout
@@ -292,6 +292,7 @@ def test_adapt_recipe_chooses_by_encoder_and_leaves_a_model(tiny_whisper, corpus
     assert (summary["average"]["dev_cer"] <= summary["best_dev_cer"]) == (kept == "average")
     meta = json.loads((tmp_path / "s" / "model" / "speechtl.json").read_text())
     assert ("averaged_steps" in meta) == (kept == "average")
+    assert (tmp_path / "s" / "model" / "ctc" / "head.safetensors").is_file() and "ctc_weight" in meta
     from speechtl import load
 
     assert load(tmp_path / "s" / "model").evaluate(read_manifest(corpus["test"]))["utterances"] == 8
