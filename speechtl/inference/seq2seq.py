@@ -121,7 +121,8 @@ class Seq2SeqRecognizer:
         tr = self.transcriber(chunk_length_s, None, max_batch_seconds, lm, beam_width, options=options, vad=vad)
         hyps = hyps_by_id(tr, good, progress)
         report = score([UtteranceResult(u.id, u.text, hyps[u.id], u.duration) for u in good], normalize=self.normalizer)
-        extra = {"decoder": "whisper greedy" if tr.num_beams == 1 else "whisper beam", "beam_width": tr.num_beams,
+        hybrid = " + CTC (hybrid)" if self.ctc is not None and self.ctc_weight is not None else ""
+        extra = {"decoder": ("whisper greedy" if tr.num_beams == 1 else "whisper beam") + hybrid, "beam_width": tr.num_beams,
                  **({"ctc_weight": self.ctc_weight, "ctc_chosen": tr.ctc_chosen} if self.ctc_weight is not None else {}),
                  "looping": sum(s2s.looping(r.hyp) for r in report.results),
                  "hallucinated": sum(s2s.hallucinated(r.ref, r.hyp) for r in report.results),

@@ -408,7 +408,7 @@ def test_hybrid_decoding_replaces_a_looping_hypothesis(tiny_whisper, corpus, tmp
     monkeypatch.setattr(s2s, "generate", looping_generate)
     test = read_manifest(corpus["test"])
     hybrid = rec.evaluate(test)
-    assert hybrid["ctc_chosen"] == 8 and hybrid["looping"] == 0
+    assert hybrid["ctc_chosen"] == 8 and hybrid["looping"] == 0 and hybrid["decoder"] == "whisper greedy + CTC (hybrid)"
     rec.ctc_weight = None
     alone = rec.evaluate(test)
     assert alone["looping"] == 8 and "ctc_chosen" not in alone
