@@ -482,8 +482,11 @@ def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_sto
         if not torch.isfinite(loss):
             raise RuntimeError(f"update {st['step'] + 1}: the loss is {loss.item()}; stopped before applying it (the last checkpoint and model are kept); lower encoder_lr/lr")
         loss.backward()
-        if cfg.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(run.params, cfg.clip_norm)
+        if cfg.clip_norm > 0:  # the CTC head apart: its early gradients must not shrink the decoder's updates
+            head = set() if run.ctc is None else {id(p) for p in run.ctc.head.parameters()}
+            torch.nn.utils.clip_grad_norm_([p for p in run.params if id(p) not in head], cfg.clip_norm)
+            if run.ctc is not None:
+                torch.nn.utils.clip_grad_norm_(list(run.ctc.head.parameters()), cfg.clip_norm)
         run.opt.step()
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)
