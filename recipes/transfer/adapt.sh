@@ -48,8 +48,9 @@ if "$PY" -c "from speechtl.models.seq2seq import whisper_source as w; w('$encode
           encoder_lr=5e-5 max_batch_seconds=60 average_last=3 seq2seq_ctc=true lr=5e-3)
     echo "adapt.sh: $encoder has Whisper's decoder: fine-tuning the decoder on the labelled clips (mode=seq2seq,"
     echo "          seq2seq_train=decoder), the encoder fixed: on real Spanish telephone prompts it took Whisper's"
-    echo "          unadapted CER to 0.47x and WER to 0.59x, on Tux Paint's Russian stamp names to 0.34x and 0.53x;"
-    echo "          on Asterisk's Russian and French and on Romanian it helped less, on Bulgarian not at all"
+    echo "          unadapted CER to 0.47x and WER to 0.59x, on Tux Paint's Russian stamp names to 0.20x and 0.41x"
+    echo "          (with the CTC head below); on Tux Paint French to 0.59x and 0.61x; on Asterisk's Russian and"
+    echo "          French and on Romanian it helped less, on Bulgarian not at all"
     echo "          (recipes/transfer/README.md, 'Real speech'); the unadapted model is kept if no update beats it"
     echo "          on the dev set, and the mean of the last three evaluations if it does no worse there"
     echo "adapt.sh: a CTC head trains beside the decoder (seq2seq_ctc=true) for hybrid decoding: its hypothesis"
