@@ -135,15 +135,21 @@ def test_transcribe_cli_json_and_long_audio(tiny_whisper, corpus, tmp_path):
         load(summary["model_dir"]).transcribe(str(long), lm="x.arpa")
 
 
-def test_resume_continues_from_the_checkpoint(tiny_whisper, corpus, tmp_path):
+@pytest.mark.parametrize("ctc", [False, True])
+def test_resume_continues_from_the_checkpoint(tiny_whisper, corpus, tmp_path, ctc):
     from speechtl.training.train import TrainingInterrupted, train
 
     out = tmp_path / "run"
     with pytest.raises(TrainingInterrupted):
-        train(_cfg(tiny_whisper, corpus, out, max_steps=20, eval_every=10), progress=False,
+        train(_cfg(tiny_whisper, corpus, out, max_steps=20, eval_every=10, seq2seq_ctc=ctc), progress=False,
               should_stop=lambda step: step == 10)
-    summary = train(_cfg(tiny_whisper, corpus, out, max_steps=20, eval_every=10, resume=True), progress=False)
+    if ctc:  # the checkpoint keeps the head's own best, readable with weights_only=True
+        assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["ctc_best"]["step"] == 10
+    summary = train(_cfg(tiny_whisper, corpus, out, max_steps=20, eval_every=10, resume=True, seq2seq_ctc=ctc),
+                    progress=False)
     assert summary["steps"] == 20
+    if ctc:  # the head's own best on dev came back with the checkpoint
+        assert summary["ctc"]["head_step"] in (10, 20)
     steps = [int(r.split(",")[0]) for r in (out / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == sorted(set(steps)) and steps[-1] == 20
 
