@@ -25,14 +25,17 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..data.audio import SAMPLE_RATE
 from ..data.text import Normalizer, Vocabulary
+from .ctc import ctc_loss
 from .heads import BiLSTMHead
+from .seq2seq import ENCODER_FRAME_S
 
 CTC_DIR = "ctc"
 WEIGHTS = (0.1, 0.3, 0.5, 0.7, 0.9)  # the weights dev chooses among (with "off")
@@ -62,10 +65,15 @@ class Companion:
 
     def loss(self, states: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
         """Mean CTC loss per target character; a clip too short for its text adds nothing."""
-        logp = self.log_probs(states, lengths)
-        flat = torch.tensor([i for t in targets for i in t], dtype=torch.long)
-        tl = torch.tensor([len(t) for t in targets], dtype=torch.long)
-        return F.ctc_loss(logp.transpose(0, 1), flat, lengths, tl, blank=0, reduction="mean", zero_infinity=True)
+        return ctc_loss(self.head(states.float(), lengths), lengths, *_flat(targets))
+
+    def transcribe(self, states: torch.Tensor, samples: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(log-probabilities, frame lengths, greedy texts) of the clips whose decoder inputs
+        are ``states`` (B, T, D)."""
+        lengths = frame_lengths(samples, states.shape[1])
+        with torch.inference_mode():
+            logp = self.log_probs(states, lengths)
+        return logp, lengths, greedy(logp, lengths, self.vocab)
 
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
@@ -98,11 +106,14 @@ class Companion:
         return comp
 
 
+def _flat(targets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets concatenated, and their lengths, as CTC losses take them."""
+    return (torch.tensor([i for t in targets for i in t], dtype=torch.long),
+            torch.tensor([len(t) for t in targets], dtype=torch.long))
+
+
 def frame_lengths(samples: Sequence[int], total: int) -> torch.Tensor:
     """Encoder frames of each clip itself (no margin), at least 1 and at most ``total``."""
-    from ..data.audio import SAMPLE_RATE
-    from .seq2seq import ENCODER_FRAME_S
-
     return torch.tensor([max(1, min(total, math.ceil(n / SAMPLE_RATE / ENCODER_FRAME_S))) for n in samples])
 
 
@@ -118,8 +129,7 @@ def greedy(logp: torch.Tensor, lengths: torch.Tensor, vocab: Vocabulary) -> list
 
 def ctc_scores(logp: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> list[float]:
     """log p_ctc of each target (``-inf`` where the clip has too few frames for it)."""
-    flat = torch.tensor([i for t in targets for i in t], dtype=torch.long)
-    tl = torch.tensor([len(t) for t in targets], dtype=torch.long)
+    flat, tl = _flat(targets)
     nll = F.ctc_loss(logp.transpose(0, 1), flat, lengths, tl, blank=0, reduction="none", zero_infinity=False)
     return [-float(x) for x in nll]
 
@@ -157,6 +167,11 @@ class Candidates:
     scores: list[tuple[float, float, float, float]]  # (ctc of att, decoder of att, ctc of ctc, decoder of ctc)
     confidence: list[float]  # the CTC candidate's: geometric mean of its frames' best probabilities
 
+    @classmethod
+    def join(cls, parts: Sequence["Candidates"]) -> "Candidates":
+        """The candidates of several batches as one."""
+        return cls(*([x for p in parts for x in getattr(p, f.name)] for f in fields(cls)))
+
     def pick(self, weight: float | None) -> list[tuple[str, bool]]:
         """(text, from CTC) per clip at ``weight`` (None: the decoder's alone)."""
         out = []
@@ -180,10 +195,7 @@ def candidates(model, tokenizer, comp: Companion, normalizer: Normalizer, states
                samples: Sequence[int], prefix: list[int], attention: Sequence[str]) -> Candidates:
     """Both candidates of each clip and their four scores; ``states`` (B, T, D) as the
     decoder sees them (:func:`speechtl.models.seq2seq.stack_hidden`)."""
-    lengths = frame_lengths(samples, states.shape[1])
-    with torch.inference_mode():
-        logp = comp.log_probs(states, lengths)
-    ctc_texts = greedy(logp, lengths, comp.vocab)
+    logp, lengths, ctc_texts = comp.transcribe(states, samples)
     same = [normalizer(a) == c for a, c in zip(attention, ctc_texts)]
     att_ids = comp.targets(normalizer, attention)
     ctc_ids = comp.targets(normalizer, ctc_texts)

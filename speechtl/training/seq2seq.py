@@ -184,8 +184,6 @@ CTC_PREFIX = "ctc_head."  # the companion head's entries in a trainable state
 
 def _ctc_dev_cer(run: _Run) -> float:
     """Dev CER of the CTC head alone (greedy)."""
-    from ..models.seq2seq_ctc import greedy
-
     was = run.ctc.head.training
     run.ctc.head.eval()
     hyps = []
@@ -193,9 +191,7 @@ def _ctc_dev_cer(run: _Run) -> float:
         idx = range(k, min(k + 16, len(run.dev.utts)))
         samples = [run.dev.samples[i] for i in idx]
         states = s2s.stack_hidden([run.dev.hidden[i].to(run.device, torch.float32) for i in idx], samples)
-        lengths = frame_lengths(samples, states.shape[1])
-        with torch.inference_mode():
-            hyps += greedy(run.ctc.log_probs(states, lengths), lengths, run.ctc.vocab)
+        hyps += run.ctc.transcribe(states, samples)[2]
     run.ctc.head.train(was)
     return score([UtteranceResult(u.id, u.text, h, u.duration) for u, h in zip(run.dev.utts, hyps)],
                  normalize=run.normalizer).cer
@@ -217,16 +213,15 @@ def _choose_ctc_weight(run: _Run) -> dict:
     was = run.model.training, run.ctc.head.training
     run.model.eval()
     run.ctc.head.eval()
-    all_c = Candidates([], [], [], [], [])
+    parts = []
     for k in range(0, len(run.dev.utts), 8):
         idx = range(k, min(k + 8, len(run.dev.utts)))
         hidden = [run.dev.hidden[i].to(run.device, torch.float32) for i in idx]
         samples = [run.dev.samples[i] for i in idx]
         att = s2s.generate(run.model, run.processor.tokenizer, hidden, samples, run.lang)
-        c = candidates(run.model, run.processor.tokenizer, run.ctc, run.normalizer, s2s.stack_hidden(hidden, samples),
-                       samples, run.prefix, att)
-        for field in ("attention", "ctc", "same", "scores", "confidence"):
-            getattr(all_c, field).extend(getattr(c, field))
+        parts.append(candidates(run.model, run.processor.tokenizer, run.ctc, run.normalizer,
+                                s2s.stack_hidden(hidden, samples), samples, run.prefix, att))
+    all_c = Candidates.join(parts)
     run.model.train(was[0])
     run.ctc.head.train(was[1])
 
@@ -473,6 +468,9 @@ def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_sto
     cfg = run.cfg
     run.model.train()
     start, wall0, losses, stop_reason = time.time(), st["wall"], [], None
+    # the CTC head is clipped apart: its early gradients must not shrink the decoder's updates
+    head = [] if run.ctc is None else list(run.ctc.head.parameters())
+    clip_groups = [[p for p in run.params if all(p is not h for h in head)]] + ([head] if head else [])
     bar = tqdm(total=until, initial=st["step"], desc=f"train (round {st['round'] + 1})", disable=not progress)
     while st["step"] < until:
         if not st["perm"]:
@@ -482,11 +480,9 @@ def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_sto
         if not torch.isfinite(loss):
             raise RuntimeError(f"update {st['step'] + 1}: the loss is {loss.item()}; stopped before applying it (the last checkpoint and model are kept); lower encoder_lr/lr")
         loss.backward()
-        if cfg.clip_norm > 0:  # the CTC head apart: its early gradients must not shrink the decoder's updates
-            head = set() if run.ctc is None else {id(p) for p in run.ctc.head.parameters()}
-            torch.nn.utils.clip_grad_norm_([p for p in run.params if id(p) not in head], cfg.clip_norm)
-            if run.ctc is not None:
-                torch.nn.utils.clip_grad_norm_(list(run.ctc.head.parameters()), cfg.clip_norm)
+        if cfg.clip_norm > 0:
+            for group in clip_groups:
+                torch.nn.utils.clip_grad_norm_(group, cfg.clip_norm)
         run.opt.step()
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)
