@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 # the first line of the config.yaml a run writes into its folder
 RUN_CONFIG_HEADER = "# the resolved configuration of this run"
-SEQ2SEQ_PARTS = ("decoder", "full", "lora")
+SEQ2SEQ_PARTS = ("decoder", "full", "lora", "lora_decoder")
 HEADS = ("linear", "bilstm")
 SCHEDULES = ("tristage", "linear", "constant")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
@@ -65,8 +65,9 @@ class TrainConfig:
                               "one set per language) | seq2seq (Whisper's own encoder-decoder fine-tuned: see "
                               "seq2seq_train; encoder must be a Whisper model with its decoder, e.g. whisper-base)")
     seq2seq_train: str = _f("decoder", "mode=seq2seq: what trains: decoder (encoder fixed, run once per clip; the decoder "
-                                       "at encoder_lr) | lora (LoRA on both halves at lr; lora_rank, lora_alpha) | full "
-                                       "(all but the convolutions, at encoder_lr)")
+                                       "at encoder_lr) | lora (LoRA on both halves at lr; lora_rank, lora_alpha) | "
+                                       "lora_decoder (LoRA on the decoder at lr, the encoder fixed and run once per "
+                                       "clip) | full (all but the convolutions, at encoder_lr)")
     unlabelled: str | None = _f(None, "mode=seq2seq: a manifest of audio without transcripts (no 'text' field; clips "
                                       "of at most 30 s), used for self-training: after training on the labelled set, "
                                       "the best model transcribes it, the transcripts its confidence trusts "
@@ -377,8 +378,8 @@ def _check_seq2seq_keys(self: "TrainConfig") -> None:
             raise ValueError(f"config key {key!r}: not used by mode=seq2seq (Whisper's own tokenizer and decoder)")
     if parse_units(self.units)[0] != "char":
         raise ValueError(f"config key 'units': mode=seq2seq writes Whisper's own tokens (got units={self.units})")
-    if self.seq2seq_train != "lora" and (self.lora_rank is not None or self.lora_alpha is not None):
-        raise ValueError("config key 'lora_rank'/'lora_alpha': for seq2seq_train=lora")
+    if not self.seq2seq_train.startswith("lora") and (self.lora_rank is not None or self.lora_alpha is not None):
+        raise ValueError("config key 'lora_rank'/'lora_alpha': for seq2seq_train=lora or lora_decoder")
     if self.speed_perturb or self.augment:
         raise ValueError("config keys 'speed_perturb'/'augment': not available in mode=seq2seq")
     if not 0 <= self.pseudo_min_confidence <= 1:

@@ -8,7 +8,13 @@
   recordings while the decoder learns the language's words and spelling.
 - ``lora``: LoRA updates (peft) on every attention and feed-forward projection of both
   halves, at ``lr``; the base stays fixed and a language costs a few MB of disk.
+- ``lora_decoder``: LoRA on the decoder's projections only, at ``lr``; the encoder stays
+  fixed and runs once per clip, as with ``decoder``, so an update costs what a decoder
+  update costs and a language still costs a few MB.
 - ``full``: everything but the convolutional front end trains, at ``encoder_lr``.
+
+Where the encoder trains (``lora``, ``full``), the dev set is encoded again with the current
+weights at every evaluation; where it is fixed, every clip's encoder output is kept.
 
 Targets are Whisper's: start of transcript, language, transcribe, no timestamps, the
 text as the manifest writes it, end of text; the forced prefix is not scored. When no
@@ -50,6 +56,8 @@ from .data import carve_dev
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoints/last.pt"
+ENCODER_FIXED = ("decoder", "lora_decoder")  # seq2seq_train values that leave the encoder as it is
+LORA_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
 @dataclass
@@ -91,12 +99,13 @@ def _set_trainable(model, part: str, cfg: TrainConfig):
     parameter groups of its optimiser."""
     for p in model.parameters():
         p.requires_grad_(False)
-    if part == "lora":
+    if part in ("lora", "lora_decoder"):
         from peft import LoraConfig, get_peft_model
 
         rank = cfg.lora_rank or 8
-        lcfg = LoraConfig(r=rank, lora_alpha=cfg.lora_alpha or 2 * rank, lora_dropout=0.05,
-                          target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+        # lora_decoder: a full-match pattern over module names, the decoder's layers only
+        targets = LORA_MODULES if part == "lora" else rf".*decoder\.layers\.\d+\..*({'|'.join(LORA_MODULES)})"
+        lcfg = LoraConfig(r=rank, lora_alpha=cfg.lora_alpha or 2 * rank, lora_dropout=0.05, target_modules=targets)
         model = get_peft_model(model, lcfg)
         return model, [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
     halves = [model.model.decoder] + ([model.model.encoder] if part == "full" else [])
@@ -145,7 +154,7 @@ def _loss(model, part: str, processor, data: _Set, idx: list[int], prefix_len: i
     if data.hidden is not None:
         hidden = [data.hidden[i].to(device, torch.float32) for i in idx]
     else:
-        hidden = s2s.encode(model, processor, [load_audio(data.utts[i].audio) for i in idx], device, grad=part != "decoder")
+        hidden = s2s.encode(model, processor, [load_audio(data.utts[i].audio) for i in idx], device, grad=part not in ENCODER_FIXED)
     states = s2s.stack_hidden(hidden, [data.samples[i] for i in idx])
     seqs = [data.targets[i] for i in idx]
     t = max(len(s) for s in seqs) - 1
@@ -165,16 +174,27 @@ def _loss(model, part: str, processor, data: _Set, idx: list[int], prefix_len: i
     return loss
 
 
-def _score_dev(model, processor, dev: _Set, lang, normalizer: Normalizer, device) -> dict:
+def _dev_hidden(run: _Run, idx) -> list[torch.Tensor]:
+    """Encoder outputs of dev clips ``idx``: the kept ones where the encoder is fixed, else
+    encoded again with the current weights."""
+    if run.part in ENCODER_FIXED:
+        return [run.dev.hidden[i].to(run.device, torch.float32) for i in idx]
+    with torch.inference_mode():
+        return s2s.encode(run.model, run.processor, [load_audio(run.dev.utts[i].audio) for i in idx], run.device)
+
+
+def _score_dev(run: _Run) -> dict:
+    model, dev = run.model, run.dev
     was = model.training
     model.eval()
     hyps = []
     for k in range(0, len(dev.utts), 8):
         idx = range(k, min(k + 8, len(dev.utts)))
-        hidden = [dev.hidden[i].to(device, torch.float32) for i in idx]
-        hyps += s2s.generate(model, processor.tokenizer, hidden, [dev.samples[i] for i in idx], lang)
+        hyps += s2s.generate(model, run.processor.tokenizer, _dev_hidden(run, idx), [dev.samples[i] for i in idx],
+                             run.lang)
     model.train(was)
-    report = score([UtteranceResult(u.id, u.text, h, u.duration) for u, h in zip(dev.utts, hyps)], normalize=normalizer)
+    report = score([UtteranceResult(u.id, u.text, h, u.duration) for u, h in zip(dev.utts, hyps)],
+                   normalize=run.normalizer)
     return {"wer": report.wer, "cer": report.cer,
             "looping": sum(s2s.looping(r.hyp) for r in report.results)}
 
@@ -190,7 +210,7 @@ def _ctc_dev_cer(run: _Run) -> float:
     for k in range(0, len(run.dev.utts), 16):
         idx = range(k, min(k + 16, len(run.dev.utts)))
         samples = [run.dev.samples[i] for i in idx]
-        states = s2s.stack_hidden([run.dev.hidden[i].to(run.device, torch.float32) for i in idx], samples)
+        states = s2s.stack_hidden(_dev_hidden(run, idx), samples)
         hyps += run.ctc.transcribe(states, samples)[2]
     run.ctc.head.train(was)
     return score([UtteranceResult(u.id, u.text, h, u.duration) for u, h in zip(run.dev.utts, hyps)],
@@ -216,7 +236,7 @@ def _choose_ctc_weight(run: _Run) -> dict:
     parts = []
     for k in range(0, len(run.dev.utts), 8):
         idx = range(k, min(k + 8, len(run.dev.utts)))
-        hidden = [run.dev.hidden[i].to(run.device, torch.float32) for i in idx]
+        hidden = _dev_hidden(run, idx)
         samples = [run.dev.samples[i] for i in idx]
         att = s2s.generate(run.model, run.processor.tokenizer, hidden, samples, run.lang)
         parts.append(candidates(run.model, run.processor.tokenizer, run.ctc, run.normalizer,
@@ -320,8 +340,8 @@ def _build(cfg: TrainConfig, progress: bool) -> _Run:
     model.to(device).eval()
     torch.manual_seed(cfg.seed)
     dev = _Set(dev_utts, [])
-    _encode_all(model, processor, dev, device, progress, keep=True)
-    _encode_all(model, processor, train, device, progress, keep=cfg.seq2seq_train == "decoder")
+    _encode_all(model, processor, dev, device, progress, keep=cfg.seq2seq_train in ENCODER_FIXED)
+    _encode_all(model, processor, train, device, progress, keep=cfg.seq2seq_train in ENCODER_FIXED)
     model, groups = _set_trainable(model, cfg.seq2seq_train, cfg)
     comp = None
     if cfg.seq2seq_ctc:
@@ -422,7 +442,7 @@ def train_seq2seq(cfg: TrainConfig, progress: bool = True, should_stop=None) -> 
         (run.out / "metrics.csv").unlink(missing_ok=True)
     base = None
     if not st["step"]:  # the unadapted model is the first candidate: an update must beat it on dev to be kept
-        base = _score_dev(run.model, run.processor, run.dev, run.lang, run.normalizer, run.device)
+        base = _score_dev(run)
         st["best"], st["best_step"], best_state = base, 0, run.state()
     rounds = 1 + (cfg.self_train_rounds if run.unlabelled else 0)
     stop_reason = None
@@ -499,9 +519,9 @@ def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_sto
         if st["step"] % cfg.eval_every == 0 or st["step"] == until or out_of_time:
             if cfg.average_last:
                 write_snapshot(run.out / "checkpoints", st["step"], run.state(), cfg.average_last)
-            r = _score_dev(run.model, run.processor, run.dev, run.lang, run.normalizer, run.device)
+            r = _score_dev(run)
             row = (row or {"step": st["step"]}) | {"dev_wer": round(r["wer"], 5), "dev_cer": round(r["cer"], 5)}
-            if run.ctc is not None and run.part == "decoder":
+            if run.ctc is not None and run.part in ENCODER_FIXED:
                 _track_ctc_best(run, st["step"])
             if st["best"] is None or r[cfg.best_metric] < st["best"][cfg.best_metric]:
                 st["best"], st["best_step"], st["evals_since_best"] = r, st["step"], 0
@@ -565,7 +585,7 @@ def _average_snapshots(run: _Run, st: dict) -> dict | None:
     steps, mean = found
     kept = run.state()
     run.load(mean)
-    r = _score_dev(run.model, run.processor, run.dev, run.lang, run.normalizer, run.device)
+    r = _score_dev(run)
     if run.ctc is not None:  # the mean's own CTC weight, chosen on dev as the kept model's was
         st = st | {"ctc": _choose_ctc_weight(run)}
     path = _save_model(run, st, run.out / "model_avg", steps)

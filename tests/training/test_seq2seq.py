@@ -71,12 +71,14 @@ def _cfg(tiny, corpus, out, **kw):
     return load_train_config(None, {**base, **kw})
 
 
-@pytest.mark.parametrize("part", ["decoder", "lora", "full"])
+@pytest.mark.parametrize("part", ["decoder", "lora", "lora_decoder", "full"])
 def test_train_each_part_lowers_loss_and_reloads(tiny_whisper, corpus, tmp_path, part):
+    from safetensors import safe_open
+
     from speechtl import load
     from speechtl.training.train import train
 
-    lr = {"lr": 3e-2} if part == "lora" else {}  # LoRA starts from a zero update
+    lr = {"lr": 3e-2} if part.startswith("lora") else {}  # LoRA starts from a zero update
     summary = train(_cfg(tiny_whisper, corpus, tmp_path / part, seq2seq_train=part, max_steps=30, eval_every=30, **lr),
                     progress=False)
     assert summary["steps"] == 30 and summary["seq2seq_train"] == part
@@ -86,13 +88,39 @@ def test_train_each_part_lowers_loss_and_reloads(tiny_whisper, corpus, tmp_path,
     assert losses[-1] < 0.7 * losses[0], losses
     rec = load(summary["model_dir"])
     assert rec.language == "cs"
-    if part == "lora":
+    if part.startswith("lora"):
         assert (Path(summary["model_dir"]) / "lora" / "adapter_config.json").is_file()
+        with safe_open(str(Path(summary["model_dir"]) / "lora" / "adapter_model.safetensors"), "pt") as f:
+            keys = list(f.keys())
+        assert any(".decoder.layers." in k for k in keys)
+        # lora_decoder leaves the encoder as it is; lora adapts both halves
+        assert any(".encoder.layers." in k for k in keys) == (part == "lora"), keys[:4]
     from speechtl.data.manifest import read_manifest
 
     res = rec.evaluate(read_manifest(corpus["test"]))
     assert set(res) >= {"wer", "cer", "utterances", "audio_seconds", "looping", "hallucinated"}
     assert res["utterances"] == 8
+
+
+@pytest.mark.parametrize("part", ["full", "lora"])
+def test_dev_scores_use_the_trained_encoder(tiny_whisper, corpus, tmp_path, part):
+    """Where the encoder trains, dev clips go through the current encoder, not the outputs
+    it gave before training."""
+    from speechtl.data.audio import load_audio
+    from speechtl.models import seq2seq as s2s
+    from speechtl.training import seq2seq as trainer
+
+    run = trainer._build(_cfg(tiny_whisper, corpus, tmp_path / part, seq2seq_train=part), progress=False)
+    run.model.eval()  # as dev scoring has it: no dropout
+    before = trainer._dev_hidden(run, [0])[0].clone()
+    with torch.no_grad():  # what some updates would do to the encoder
+        for name, p in run.model.named_parameters():
+            if ".encoder.layers." in name and p.requires_grad:
+                p.add_(0.5)
+    now = trainer._dev_hidden(run, [0])[0]
+    fresh = s2s.encode(run.model, run.processor, [load_audio(run.dev.utts[0].audio)], run.device)[0]
+    assert not torch.allclose(now, before, atol=1e-3)
+    assert torch.allclose(now, fresh.detach(), atol=1e-5)
 
 
 def test_decoder_training_learns_the_texts(tiny_whisper, corpus, tmp_path):
