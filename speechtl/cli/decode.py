@@ -17,6 +17,7 @@ def cmd_evaluate(args) -> int:
         from ..inference.onnx import load
 
         rec = load(args.model_dir, device=args.device, lang=args.lang)  # an ONNX folder runs without torch
+    set_ctc_weight(args, rec)
     utts = read_manifest(args.manifest, check_files=False)
     # artefacts of `--json DIR/x.json` go to DIR/x/, so that two test sets scored into one folder keep theirs apart
     out_dir = Path(args.out_dir) if args.out_dir else (Path(args.json).with_suffix("") if args.json else Path(args.model_dir) / "eval")
@@ -45,6 +46,32 @@ def decode_options(args, rec):
         return DecodeOptions()
     return rec.decode_options(None, args.lm, args.beam_width, args.alpha, args.beta, hotwords,
                               getattr(args, "hotword_weight", 10.0))
+
+
+def ctc_weight(text: str) -> float | str:
+    """``--ctc-weight``: ``off``, or a number in [0, 1]."""
+    if text == "off":
+        return text
+    w = number(text)
+    if not 0 <= w <= 1:
+        raise argparse.ArgumentTypeError(f"must be 'off' or a number in [0, 1] (got {text})")
+    return w
+
+
+def set_ctc_weight(args, rec) -> None:
+    """``--ctc-weight`` over the folder's own weight of hybrid CTC/attention decoding."""
+    if args.ctc_weight is None:
+        return
+    if getattr(rec, "ctc", None) is None:
+        raise ValueError(f"--ctc-weight: {args.model_dir} has no CTC head for hybrid decoding (a mode=seq2seq folder "
+                         "trained with seq2seq_ctc=true has one)")
+    rec.ctc_weight = None if args.ctc_weight == "off" else float(args.ctc_weight)
+
+
+def add_ctc_weight(s) -> None:
+    s.add_argument("--ctc-weight", type=ctc_weight, default=None, metavar="W|off",
+                   help="seq2seq folders with a CTC head (seq2seq_ctc=true): the CTC weight of hybrid decoding, over "
+                        "the one chosen on dev at training (speechtl.json's ctc_weight); off = Whisper's decoder alone")
 
 
 def vad_options(args):
@@ -111,6 +138,7 @@ def cmd_transcribe(args) -> int:
             return 1
     with start_up(args):
         rec = load(args.model_dir, device=args.device, lang=args.lang)  # an ONNX folder runs without torch
+    set_ctc_weight(args, rec)
     tr = rec.transcriber(args.chunk_length_s, args.stride_length_s, args.batch_seconds, streams=args.streams,
                          options=decode_options(args, rec), vad=vad_options(args))
     failed = 0
@@ -239,6 +267,7 @@ def add_evaluate(sub) -> None:
                    "model folder's decoding; greedy, or 32 with --lm, for a folder without one)")
     s.add_argument("--alpha", type=float, default=None, help="LM weight (default: the folder's tuned one, or 0.5)")
     s.add_argument("--beta", type=float, default=None, help="word insertion bonus (default: the folder's tuned one, or 1.0)")
+    add_ctc_weight(s)
     s.add_argument("--chunk-length-s", type=positive_float, default=30.0, help="longer recordings are decoded in pieces of "
                    "at most this length")
     add_vad(s)
@@ -279,6 +308,7 @@ def add_transcribe(sub) -> None:
                    "model folder's decoding; greedy, or 32 with --lm, for a folder without one)")
     s.add_argument("--hotwords", help="comma-separated words to favour in beam search")
     s.add_argument("--hotword-weight", type=float, default=10.0)
+    add_ctc_weight(s)
     s.add_argument("--device", default="auto")
     s.add_argument("--lang", help="language of a model trained with mode=adapter (default: the one trained last); "
                    "an error lists the languages the model has")

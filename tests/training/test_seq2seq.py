@@ -163,6 +163,16 @@ def test_transcribe_cli_json_and_long_audio(tiny_whisper, corpus, tmp_path):
         load(summary["model_dir"]).transcribe(str(long), lm="x.arpa")
 
 
+def test_ctc_weight_flag_needs_a_ctc_head(tiny_whisper, corpus, tmp_path, capsys):
+    from speechtl.cli.app import main
+    from speechtl.training.train import train
+
+    summary = train(_cfg(tiny_whisper, corpus, tmp_path / "run", max_steps=2, eval_every=2), progress=False)
+    assert main(["transcribe", summary["model_dir"], str(corpus["root"] / "0.wav"), "--ctc-weight", "0.5", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "--ctc-weight" in err and "no CTC head" in err, err
+
+
 @pytest.mark.parametrize("ctc", [False, True])
 def test_resume_continues_from_the_checkpoint(tiny_whisper, corpus, tmp_path, ctc):
     from speechtl.training.train import TrainingInterrupted, train
@@ -420,6 +430,17 @@ def test_ctc_companion_trains_beside_the_decoder_and_is_saved(tiny_whisper, corp
     assert res["utterances"] == 8
     if ctc["weight"] is not None:
         assert res["ctc_weight"] == ctc["weight"] and "ctc_chosen" in res
+    # --ctc-weight over the folder's weight: a number, or off (the decoder alone)
+    from speechtl.cli.app import main
+
+    for flag, want in (("0.9", 0.9), ("off", None)):
+        assert main(["evaluate", str(model), str(corpus["test"]), "--ctc-weight", flag, "--json",
+                     str(tmp_path / f"{flag}.json"), "-q"]) == 0
+        got = json.loads((tmp_path / f"{flag}.json").read_text())
+        assert got.get("ctc_weight") == want
+        assert got["decoder"] == "whisper greedy" + ("" if want is None else " + CTC (hybrid)")
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(model), str(corpus["test"]), "--ctc-weight", "1.5", "-q"])
 
 
 def test_hybrid_decoding_replaces_a_looping_hypothesis(tiny_whisper, corpus, tmp_path, monkeypatch):
