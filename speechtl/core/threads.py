@@ -22,6 +22,14 @@ if TYPE_CHECKING:
 from .cpus import cpu_threads
 
 START_TIMEOUT_S = 5.0  # the first tasks wait this long at most for each other
+_stream = threading.local()
+
+
+def in_stream() -> bool:
+    """True on one of :func:`in_order`'s threads while it runs side by side with others: the
+    work there should use one intra-op thread (torch's is set so; an ONNX Runtime model
+    picks its one-thread session)."""
+    return getattr(_stream, "on", False)
 
 
 def in_order(fn: Callable, items: Iterable, streams: int) -> Iterator:
@@ -35,14 +43,16 @@ def in_order(fn: Callable, items: Iterable, streams: int) -> Iterator:
     share even on a busy machine, where a thread started late would otherwise find the
     work done. The caller's torch thread count is restored afterwards; on an error or an
     early close the waiting tasks are dropped, not run. ``streams <= 1`` runs everything on
-    this thread.
+    this thread. torch's thread count is only touched where torch is imported already (the
+    ONNX path runs without it; its threads see :func:`in_stream`).
     """
     if streams <= 1:
         for item in items:
             yield fn(item)
         return
-    import torch
+    import sys
 
+    torch = sys.modules.get("torch")
     source = iter(items)
     lock = threading.Lock()
     drawn = 0  # items taken from the source so far
@@ -61,10 +71,15 @@ def in_order(fn: Callable, items: Iterable, streams: int) -> Iterator:
             if item is end:
                 return n, end
             drawn += 1
-        torch.set_num_threads(1)
-        return n, fn(item)
+        if torch is not None:
+            torch.set_num_threads(1)
+        _stream.on = True
+        try:
+            return n, fn(item)
+        finally:
+            _stream.on = False
 
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads() if torch is not None else None
     pool = ThreadPoolExecutor(max_workers=streams)
     try:
         in_flight: deque = deque(pool.submit(draw_and_run) for _ in range(2 * streams))
@@ -84,7 +99,8 @@ def in_order(fn: Callable, items: Iterable, streams: int) -> Iterator:
     finally:
         together.abort()  # a first task cancelled before it started must not hold the others
         pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)
 
 
 def cpu_streams(device: torch.device | str) -> int:

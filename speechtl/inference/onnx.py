@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..core.cpus import cpu_threads
 from ..data.manifest import Utterance
 from ..data.text import UNK_TEXT, load_normalizer
 from ..data.units import WORD_START, load_vocabulary
@@ -87,24 +89,42 @@ class OnnxModel:
     ``(T, V)`` frame log-probabilities."""
 
     def __init__(self, path: str | os.PathLike, meta: dict, threads: int | None = None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # the default-lengths input draws a warning on every load
-        opts.enable_cpu_mem_arena = False  # an arena keeps each window's peak: 60 min peaked at 397 MiB with it
-        # threads that spin while waiting for work take the cores from everything else on a shared
-        # machine (the transfer demo's test set: 20x real time spinning, 73x not, at load 19 on 2 cores)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        out = self.session.get_outputs()[0].shape
+        self.path, self.threads = str(path), threads
+        self._sessions: dict[int | None, object] = {}
+        self._lock = threading.Lock()
+        out = self._session(threads).get_outputs()[0].shape
         if isinstance(out[-1], int) and out[-1] != len(meta["vocab"]):
             raise OnnxFolderError(f"{path}: the model has {out[-1]} output units but {ONNX_META_FILE} lists "
                                   f"{len(meta['vocab'])}")
         self.encoder = _EncoderInfo(float(meta["frame_rate"]), float(meta["max_seconds"]))
         self.rule = meta["frames"]
         self.one_clip = bool(meta.get("one_clip_per_batch"))
+
+    @property
+    def session(self):
+        """The session :meth:`log_probs` uses on this thread: one intra-op thread on one of
+        several streams side by side (:func:`speechtl.core.threads.in_stream`; on 2 cores two
+        short files at once read 1.22x one file at a time on two threads), else ``threads``
+        (default: onnxruntime's, all cores). Each is made when first needed."""
+        from ..core.threads import in_stream
+
+        return self._session(1 if in_stream() else self.threads)
+
+    def _session(self, threads: int | None):
+        with self._lock:
+            if threads not in self._sessions:
+                import onnxruntime as ort
+
+                opts = ort.SessionOptions()
+                opts.log_severity_level = 3  # the default-lengths input draws a warning on every load
+                opts.enable_cpu_mem_arena = False  # an arena keeps each window's peak: 60 min peaked at 397 MiB with it
+                # threads that spin while waiting for work take the cores from everything else on a shared
+                # machine (the transfer demo's test set: 20x real time spinning, 73x not, at load 19 on 2 cores)
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                if threads:
+                    opts.intra_op_num_threads = threads
+                self._sessions[threads] = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
+            return self._sessions[threads]
 
     def frame_lengths(self, samples: int) -> int:
         if self.rule["kind"] == "whisper":
@@ -194,13 +214,15 @@ class OnnxRecognizer:
                     max_batch_seconds: float | None = None, lm=None, beam_width=None, alpha: float | None = None,
                     beta: float | None = None, hotwords=None, hotword_weight: float = 10.0, streams: int | None = None,
                     options: DecodeOptions | None = None, vad="default"):
-        """A transcriber over this folder's model (``streams`` is accepted for the torch
-        path's signature; ONNX Runtime spreads one batch over its own threads). ``vad`` as
+        """A transcriber over this folder's model. Short files' batches run ``streams`` at a
+        time (default: one per core, at most 8), each on a one-thread session; a single batch,
+        and a long file's windows, on all of ONNX Runtime's threads. ``vad`` as
         :meth:`speechtl.inference.recognizer.Recognizer.transcriber`: long files are cut at
         pauses by Silero VAD's ONNX model, which needs no torch."""
         o = self.decode_options(options, lm, beam_width, alpha, beta, hotwords, hotword_weight)
         return _transcriber_class()(self.model, self.vocab, self.device, self.decoder(o), chunk_length_s,
-                                    stride_length_s, max_batch_seconds or CPU_BATCH_SECONDS, streams=1,
+                                    stride_length_s, max_batch_seconds or CPU_BATCH_SECONDS,
+                                    streams=streams or max(1, min(cpu_threads(), 8)),
                                     vad=resolve(vad))
 
     def transcribe(self, inputs: str | os.PathLike | np.ndarray | Iterable, max_batch_seconds: float | None = None,

@@ -115,6 +115,22 @@ def speechtl_load(path):
     return rec
 
 
+def test_short_files_run_side_by_side_on_one_thread_sessions(exported, clips):
+    """streams=2: each short file's batch on a one-thread session, two at a time; the
+    transcripts equal one batch at a time on the all-thread session."""
+    from speechtl.inference.transcribe import transcribe_inputs
+
+    rec = OnnxRecognizer(exported[1])
+    files = [*clips, *clips]
+    alone = transcribe_inputs(rec.transcriber(max_batch_seconds=1.0, streams=1), files, False, True)
+    assert set(rec.model._sessions) == {None}
+    together = transcribe_inputs(rec.transcriber(max_batch_seconds=1.0, streams=2), files, False, True)
+    assert set(rec.model._sessions) == {None, 1}  # the one-thread session, made when first needed
+    assert rec.model._sessions[1].get_session_options().intra_op_num_threads == 1
+    _same_transcripts(alone, together)
+    assert any(t.text for t in alone), "nothing decoded: the comparison would be empty"
+
+
 def test_clips_shorter_than_a_frame_decode(exported, tmp_path):
     rec = OnnxRecognizer.load(exported[1])
     for n in (1, 100, 399):
@@ -151,6 +167,8 @@ def test_the_runtime_imports_neither_torch_nor_transformers(exported, clips, tmp
     sf.write(long, np.concatenate([x for c in clips for x in (sf.read(c, dtype="float32")[0], pause)]), 16000)
     code = (f"import sys, json; from speechtl.cli.app import main;"
             f"rc = main(['transcribe', {str(exported[1])!r}, {str(clips[0])!r}, '--format', 'json', '-q']);"
+            # short files side by side (one batch each): streams without torch
+            f"rc |= main(['transcribe', {str(exported[1])!r}, *{[str(c) for c in clips]!r}, '--batch-seconds', '1', '--streams', '2', '-q']);"
             f"rc |= main(['transcribe', {str(exported[1])!r}, {str(long)!r}, '--chunk-length-s', '2', '--out', {str(tmp_path / 'l')!r}, '-q']);"
             "from speechtl.inference import vad; assert vad._detector.cache_info().currsize == 1, 'the VAD did not run';"
             f"rc |= main(['evaluate', {str(exported[1])!r}, {str(tmp_path / 'm.jsonl')!r}, '--out-dir', {str(tmp_path / 'e')!r}, '-q']);"
