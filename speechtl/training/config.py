@@ -81,6 +81,10 @@ class TrainConfig:
                                     "of max_steps updates")
     pseudo_min_confidence: float = _f(0.5, "mode=seq2seq with unlabelled: the least confidence (geometric mean of the "
                                             "token probabilities) of a pseudo-label that is kept")
+    pseudo_label_max_minutes: float | None = _f(None, "mode=seq2seq with unlabelled: stop pseudo-labelling after this "
+                                                      "many minutes in each round; the clips are taken in a random "
+                                                      "order (seed), so those labelled are a random part of them "
+                                                      "(unset: all)")
     dev_fraction: float = _f(0.1, "without dev: this fraction of the labelled clips (4 to 100; clips with the same text "
                                   "kept together) is held out as the dev set for best-update selection, early stopping "
                                   "and LM tuning; CTC modes carve one only from 40 clips up (0 = never); mode=seq2seq "
@@ -228,7 +232,8 @@ class TrainConfig:
             v = getattr(self, key)
             if v is not None and v < low:
                 raise ValueError(f"config key {key!r}: must be at least {low} (got {v!r})")
-        positive = ("max_minutes", "max_batch_seconds", "cache_max_gb", "max_duration", "lora_alpha")
+        positive = ("max_minutes", "max_batch_seconds", "cache_max_gb", "max_duration", "lora_alpha",
+                    "pseudo_label_max_minutes")
         for key in positive:
             v = getattr(self, key)
             if v is not None and not v > 0:
@@ -362,6 +367,9 @@ def _check_seq2seq_keys(self: "TrainConfig") -> None:
     if not self.policy.seq2seq:
         if self.seq2seq_train != "decoder":
             raise ValueError(f"config key 'seq2seq_train': for mode=seq2seq (this run is mode={self.mode})")
+        if self.pseudo_label_max_minutes is not None:
+            raise ValueError(f"config key 'pseudo_label_max_minutes': self-training is for mode=seq2seq (this run is "
+                             f"mode={self.mode})")
         if self.unlabelled is not None:
             raise ValueError(f"config key 'unlabelled': self-training is for mode=seq2seq (this run is "
                              f"mode={self.mode})")

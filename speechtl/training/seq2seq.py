@@ -56,6 +56,7 @@ from .data import carve_dev
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoints/last.pt"
+_clock = time.monotonic  # pseudo-labelling's time budget (a test replaces it)
 ENCODER_FIXED = ("decoder", "lora_decoder")  # seq2seq_train values that leave the encoder as it is
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -371,17 +372,29 @@ def _read_unlabelled(cfg: TrainConfig) -> list[Utterance]:
     return utts
 
 
-def _pseudo_label(run: _Run, progress: bool) -> list[list]:
-    """[id, text, confidence] for every unlabelled clip, from the current weights. In decoder
-    mode the encoder outputs are kept (``run.unlabelled_hidden``) for training on them."""
+def _pseudo_label(run: _Run, progress: bool, round_: int = 1) -> list[list]:
+    """[id, text, confidence] for the unlabelled clips, from the current weights. The clips
+    are taken in a random order (``seed`` and the round), in groups of 64 sorted by length
+    so that each batch of 8 pads little; with ``pseudo_label_max_minutes`` labelling stops
+    when that time has passed, leaving a random part of them. In decoder mode the encoder
+    outputs are kept (``run.unlabelled_hidden``) for training on them."""
     from tqdm.auto import tqdm
 
     run.model.eval()
     out = []
     keep = run.train.hidden is not None
     run.unlabelled_hidden = {}
-    for k in tqdm(range(0, len(run.unlabelled), 8), desc="pseudo-label", disable=not progress, leave=False):
-        utts = run.unlabelled[k:k + 8]
+    order = torch.randperm(len(run.unlabelled), generator=torch.Generator().manual_seed(run.cfg.seed + round_)).tolist()
+    order = [i for k in range(0, len(order), 64) for i in sorted(order[k:k + 64], key=lambda i: run.unlabelled[i].duration)]
+    limit = None if run.cfg.pseudo_label_max_minutes is None else run.cfg.pseudo_label_max_minutes * 60
+    start = _clock()
+    bar = tqdm(total=len(order), desc="pseudo-label", unit="clip", disable=not progress, leave=False)
+    for k in range(0, len(order), 8):
+        if limit is not None and (spent := _clock() - start) > limit:
+            logger.info("pseudo-labelling stopped after %.1f min (pseudo_label_max_minutes): %d of %d unlabelled "
+                        "clips labelled", spent / 60, len(out), len(order))
+            break
+        utts = [run.unlabelled[i] for i in order[k:k + 8]]
         wavs = [load_audio(u.audio) for u in utts]
         with torch.inference_mode():
             hidden = s2s.encode(run.model, run.processor, wavs, run.device)
@@ -390,6 +403,8 @@ def _pseudo_label(run: _Run, progress: bool) -> list[list]:
         out += [[u.id, text, round(conf, 4)] for u, (text, conf) in zip(utts, res)]
         if keep:
             run.unlabelled_hidden.update({u.id: h.to(torch.float16).cpu() for u, h in zip(utts, hidden)})
+        bar.update(len(utts))
+    bar.close()
     run.model.train()
     return out
 
@@ -457,7 +472,7 @@ def train_seq2seq(cfg: TrainConfig, progress: bool = True, should_stop=None) -> 
                 st["ctc"] = _choose_ctc_weight(run)
             _save_model(run, st, run.out / "model_labelled")
         st["round"] += 1
-        st["pseudo"] = _pseudo_label(run, progress)
+        st["pseudo"] = _pseudo_label(run, progress, st["round"])
         st["pseudo_kept"] = _add_pseudo(run, st["pseudo"], progress)
         st["perm"], st["evals_since_best"] = [], 0
         logger.info("self-training round %d: %d of %d pseudo-labels kept", st["round"], st["pseudo_kept"],
@@ -568,7 +583,8 @@ def _finish(run: _Run, st: dict, base: dict | None, stop_reason: str | None) -> 
                "dev_before": base, "dev_utterances": len(run.dev.utts),
                "dev_carved_from_train": len(run.dev.utts) if run.carved else 0,
                "train_utterances": len(run.train.utts) - st["pseudo_kept"], "self_train_rounds": st["round"],
-               "pseudo_labelled": len(st["pseudo"]), "pseudo_kept": st["pseudo_kept"], "stop_reason": stop_reason,
+               "unlabelled_clips": len(run.unlabelled), "pseudo_labelled": len(st["pseudo"]),
+               "pseudo_kept": st["pseudo_kept"], "stop_reason": stop_reason,
                "trainable_parameters": sum(p.numel() for p in run.params)}
     if run.ctc is not None:
         summary["ctc"] = st["ctc"]

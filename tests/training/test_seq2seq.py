@@ -239,6 +239,28 @@ def test_self_training_labels_the_unlabelled_audio_and_trains_on(tiny_whisper, c
     assert strict["pseudo_kept"] == 0  # no random model is sure of anything
 
 
+def test_pseudo_labelling_stops_at_its_time_budget(tiny_whisper, corpus, tmp_path, monkeypatch):
+    """pseudo_label_max_minutes: labelling stops once the budget has passed; the clips
+    labelled are a random part of the unlabelled ones, not the manifest's first."""
+    from speechtl.training import seq2seq as trainer
+    from speechtl.training.train import train
+
+    rows = [json.loads(line) for line in corpus["train"].read_text().splitlines()]  # 16 clips: two batches
+    unl = tmp_path / "unl.jsonl"
+    unl.write_text("".join(json.dumps({"id": r["id"], "audio": str(corpus["train"].parent / r["audio"]),
+                                       "duration": r["duration"]}) + "\n" for r in rows))
+    clock = iter(range(0, 10_000, 40))  # every reading of the clock is 40 s after the last
+    monkeypatch.setattr(trainer, "_clock", lambda: float(next(clock)))
+    summary = train(_cfg(tiny_whisper, corpus, tmp_path / "run", max_steps=2, eval_every=2, unlabelled=str(unl),
+                         pseudo_min_confidence=0.0, pseudo_label_max_minutes=1.0), progress=False)
+    assert summary["unlabelled_clips"] == 16 and summary["pseudo_labelled"] == 8  # the second batch came after 80 s
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    ids = [i for i, _, _ in ck["state"]["pseudo"]]
+    assert len(set(ids)) == 8 and set(ids) <= {r["id"] for r in rows}
+    with pytest.raises(ValueError, match="pseudo_label_max_minutes"):
+        load_train_config(None, {"train": str(corpus["train"]), "pseudo_label_max_minutes": 5})
+
+
 def test_bad_unlabelled_manifests_fail_before_any_work(tiny_whisper, corpus, tmp_path):
     from speechtl.data.manifest import ManifestError
     from speechtl.training.train import train
