@@ -13,7 +13,8 @@
 #     scores at least as well on dev; a CTC head trains beside the decoder (seq2seq_ctc=true)
 #     and decoding is hybrid CTC/attention at a weight chosen on dev;
 #   - with --unlabelled: one round of self-training (the adapted model transcribes the
-#     unlabelled audio; transcripts it is confident of join the labelled ones; training goes on).
+#     unlabelled audio, for at most 20 minutes; transcripts it is confident of join the
+#     labelled ones; training goes on).
 # An encoder that is not a Whisper encoder-decoder (the bundled one, wav2vec2-family folders)
 # gets the frozen-encoder BiLSTM CTC recipe instead, with a word LM in its folder (the
 # training text and the language's word list, weights tuned on dev) that evaluate and
@@ -57,8 +58,10 @@ if "$PY" -c "from speechtl.models.seq2seq import whisper_source as w; w('$encode
     echo "          replaces the decoder's where the joint score prefers it (loops, runaway text), at a weight"
     echo "          chosen on the dev set ('off' among them); the head learns at lr=5e-3 and keeps its own best update"
     if [ -n "$unlabelled" ]; then
-        args+=(unlabelled="$unlabelled" self_train_rounds=1)
-        echo "adapt.sh: --unlabelled given: one round of self-training on its confident transcripts"
+        args+=(unlabelled="$unlabelled" self_train_rounds=1 pseudo_label_max_minutes=20)
+        echo "adapt.sh: --unlabelled given: one round of self-training on its confident transcripts; pseudo-labelling"
+        echo "          stops after 20 minutes (pseudo_label_max_minutes=20: a random part of a set too large for that"
+        echo "          time), so that 10 labelled and 50 unlabelled minutes finish within 45 minutes on 2 CPU cores"
     fi
 else
     args=("$here/conf/frozen.yaml" encoder="$encoder" max_steps="$steps" eval_every=50)
