@@ -143,14 +143,17 @@ def joined_recording(utts, path: Path, seconds: float) -> Path:
     return path
 
 
-def wav2vec2_pipeline(out: Path, dims: str, utts, rounds: int) -> dict:
-    """A random wav2vec2 of ``layers x width`` (speed only): speechtl torch, ONNX int8 and fp32,
-    and transformers' pipeline unbatched, on the same files."""
+def wav2vec2_pipeline(out: Path, dims: str | None, utts, rounds: int, model: Path | None = None) -> dict:
+    """speechtl torch, ONNX int8 and fp32, and transformers' pipeline unbatched, on the same
+    files and model: a random wav2vec2 of ``LAYERSxWIDTH`` ``dims`` (speed only), or a trained
+    ``model`` folder (finetune or scratch mode, exported to transformers as well; then each
+    path's CER on the files too)."""
     import torch
     from transformers import pipeline
 
     from speechtl.data.audio import load_audio
     from speechtl.data.text import Normalizer, Vocabulary
+    from speechtl.decoding.metrics import UtteranceResult, score
     from speechtl.encoders.registry import save_encoder
     from speechtl.encoders.testing import encoder_from_config, tiny_config
     from speechtl.inference.onnx import OnnxRecognizer
@@ -158,15 +161,20 @@ def wav2vec2_pipeline(out: Path, dims: str, utts, rounds: int) -> dict:
     from speechtl.models.ctc import build_model
     from speechtl.models.model_dir import save_model_dir
 
-    layers, width = map(int, dims.split("x"))
-    enc_dir, model_dir = out / f"w2v-{dims}-enc", out / f"w2v-{dims}"
-    if not model_dir.exists():
-        cfg = tiny_config("wav2vec2", hidden_size=width, num_hidden_layers=layers, num_attention_heads=max(width // 64, 1),
-                          intermediate_size=4 * width, conv_dim=(512,) * 7, num_conv_pos_embeddings=128,
-                          num_conv_pos_embedding_groups=16)
-        save_encoder(encoder_from_config(cfg), enc_dir)
-        vocab = Vocabulary(["<pad>", "[UNK]", "|", *"abcdefghijklmnopqrstuvwxyz"])
-        save_model_dir(build_model(str(enc_dir), "finetune", len(vocab)), vocab, Normalizer(), model_dir)
+    if model is None:
+        layers, width = map(int, dims.split("x"))
+        enc_dir, model_dir = out / f"w2v-{dims}-enc", out / f"w2v-{dims}"
+        if not model_dir.exists():
+            cfg = tiny_config("wav2vec2", hidden_size=width, num_hidden_layers=layers,
+                              num_attention_heads=max(width // 64, 1), intermediate_size=4 * width,
+                              conv_dim=(512,) * 7, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16)
+            save_encoder(encoder_from_config(cfg), enc_dir)
+            vocab = Vocabulary(["<pad>", "[UNK]", "|", *"abcdefghijklmnopqrstuvwxyz"])
+            save_model_dir(build_model(str(enc_dir), "finetune", len(vocab)), vocab, Normalizer(), model_dir)
+    else:
+        model_dir = out / "trained"
+        if not model_dir.exists():
+            model_dir.symlink_to(model.resolve())
     for name, extra in (("onnx-int8", ["--quantize", "int8"]), ("onnx-fp32", []), ("hf", None)):
         if not (out / f"{model_dir.name}-{name}").exists():
             args = ["--format", "hf"] if extra is None else ["--format", "onnx", *extra]
@@ -179,14 +187,19 @@ def wav2vec2_pipeline(out: Path, dims: str, utts, rounds: int) -> dict:
     seconds = sum(u.duration for u in utts)
 
     def plain(fs):
-        for f in fs:
-            pipe(load_audio(f))
+        return [pipe(load_audio(f))["text"] for f in fs]
 
-    rows = speed({"pipeline batch_size=1": plain, "speechtl torch": torch_rec.transcribe, "speechtl onnx fp32": fp32.transcribe,
-                  "speechtl onnx int8": int8.transcribe}, files, seconds, rounds)
+    runs = {"pipeline batch_size=1": plain, "speechtl torch": torch_rec.transcribe, "speechtl onnx fp32": fp32.transcribe,
+            "speechtl onnx int8": int8.transcribe}
+    rows = speed(runs, files, seconds, rounds)
     base = rows["pipeline batch_size=1"]["x_real_time"]
     for r in rows.values():
         r["vs_pipeline"] = round(r["x_real_time"] / base, 2)
+    if model is not None:  # the same model on every path: its CER on the files
+        for name, run in runs.items():
+            hyps = [h if isinstance(h, str) else h.text for h in run(files)]
+            rows[name]["cer"] = round(score([UtteranceResult(u.id, u.text, h, u.duration) for u, h in zip(utts, hyps)],
+                                            normalize=torch_rec.normalizer).cer, 4)
     rows["torch_threads"] = torch.get_num_threads()
     return rows
 
@@ -201,6 +214,8 @@ def main() -> int:
     ap.add_argument("--command-runs", type=int, default=3)
     ap.add_argument("--long-minutes", type=float, default=60.0)
     ap.add_argument("--w2v-dims", help="LAYERSxWIDTH of a random wav2vec2 for the pipeline comparison, e.g. 12x768")
+    ap.add_argument("--pipeline-on-model", action="store_true", help="the pipeline comparison on --model itself (a "
+                    "finetune or scratch folder of a wav2vec2-family encoder, which exports to transformers)")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: quality,speed,commands,memory,pipeline")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -224,8 +239,9 @@ def main() -> int:
                 "onnx int8": OnnxRecognizer.load(out / "int8").transcribe}
         res["speed"] = speed(recs, [u.audio for u in utts], sum(u.duration for u in utts), args.rounds)
         print(json.dumps(res["speed"]), flush=True)
-    if args.w2v_dims and "pipeline" not in skip:
-        res["pipeline"] = wav2vec2_pipeline(out, args.w2v_dims, utts, args.rounds)
+    if (args.w2v_dims or args.pipeline_on_model) and "pipeline" not in skip:
+        res["pipeline"] = wav2vec2_pipeline(out, args.w2v_dims, utts, args.rounds,
+                                            Path(args.model) if args.pipeline_on_model else None)
         print(json.dumps(res["pipeline"]), flush=True)
     if "commands" not in skip:
         five = joined_recording(utts, out / "five_s.wav", 5.0)
