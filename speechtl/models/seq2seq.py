@@ -188,10 +188,12 @@ def _clean(text: str) -> str:
 MODEL_FILE = "speechtl.json"
 
 
-def save_seq2seq(model, processor, normalizer: Normalizer, out_dir: str | os.PathLike, meta: dict, ctc=None) -> Path:
+def save_seq2seq(model, processor, normalizer: Normalizer, out_dir: str | os.PathLike, meta: dict, ctc=None,
+                 decoding: dict | None = None) -> Path:
     """Write a seq2seq model folder atomically. A peft model (LoRA) writes its base to
     ``whisper/`` and its adapter to ``lora/``; others write the whole model to ``whisper/``.
-    ``ctc``: a :class:`speechtl.models.seq2seq_ctc.Companion`, written to ``ctc/``."""
+    ``ctc``: a :class:`speechtl.models.seq2seq_ctc.Companion`, written to ``ctc/``;
+    ``decoding``: the folder's own decoding record (``decoding.json``, e.g. its beam width)."""
     from ..core.constants import __version__
 
     out_dir = Path(out_dir)
@@ -211,6 +213,10 @@ def save_seq2seq(model, processor, normalizer: Normalizer, out_dir: str | os.Pat
             from .seq2seq_ctc import CTC_DIR
 
             ctc.save(tmp / CTC_DIR)
+        if decoding is not None:
+            from ..decoding.options import DECODING_FILE
+
+            write_json(tmp / DECODING_FILE, decoding)
         write_json(tmp / MODEL_FILE, {"speechtl_version": __version__, "mode": "seq2seq", "sample_rate": SAMPLE_RATE,
                                       **meta})
     return out_dir

@@ -77,6 +77,11 @@ class TrainConfig:
                                   "the same encoder outputs, and decode hybrid CTC/attention: a clip's CTC hypothesis "
                                   "replaces the decoder's where the two halves' joint score prefers it (loops, runaway "
                                   "text); the CTC weight is chosen on the dev set")
+    seq2seq_ctc_lr: float | None = _f(None, "mode=seq2seq with seq2seq_ctc: the CTC head's learning rate (unset: lr)")
+    seq2seq_beam_width: int = _f(1, "mode=seq2seq: at the end of training, beam search with this many beams is scored "
+                                    "on the dev set against greedy decoding; the model folder decodes with whichever "
+                                    "reads the lower dev CER (ties: greedy), written to its decoding.json (1: greedy, "
+                                    "nothing tried)")
     self_train_rounds: int = _f(1, "mode=seq2seq with unlabelled: rounds of pseudo-labelling and further training, each "
                                     "of max_steps updates")
     pseudo_min_confidence: float = _f(0.5, "mode=seq2seq with unlabelled: the least confidence (geometric mean of the "
@@ -227,13 +232,13 @@ class TrainConfig:
         at_least = {"max_steps": 1, "grad_accum": 1, "eval_every": 1, "log_every": 1, "bilstm_hidden": 1,
                     "bilstm_layers": 1, "mask_time_length": 1, "mask_feature_length": 1, "patience": 0,
                     "freeze_encoder_steps": 0, "num_workers": 0, "threads": 1, "save_every": 1, "freeze_layers": 0, "average_last": 0,
-                    "lora_rank": 1, "adapter_dim": 1}
+                    "lora_rank": 1, "adapter_dim": 1, "seq2seq_beam_width": 1}
         for key, low in at_least.items():
             v = getattr(self, key)
             if v is not None and v < low:
                 raise ValueError(f"config key {key!r}: must be at least {low} (got {v!r})")
         positive = ("max_minutes", "max_batch_seconds", "cache_max_gb", "max_duration", "lora_alpha",
-                    "pseudo_label_max_minutes")
+                    "pseudo_label_max_minutes", "seq2seq_ctc_lr")
         for key in positive:
             v = getattr(self, key)
             if v is not None and not v > 0:
@@ -367,6 +372,9 @@ def _check_seq2seq_keys(self: "TrainConfig") -> None:
     if not self.policy.seq2seq:
         if self.seq2seq_train != "decoder":
             raise ValueError(f"config key 'seq2seq_train': for mode=seq2seq (this run is mode={self.mode})")
+        if self.seq2seq_beam_width != 1 or self.seq2seq_ctc_lr is not None:
+            raise ValueError(f"config key 'seq2seq_beam_width'/'seq2seq_ctc_lr': for mode=seq2seq (this run is "
+                             f"mode={self.mode})")
         if self.pseudo_label_max_minutes is not None:
             raise ValueError(f"config key 'pseudo_label_max_minutes': self-training is for mode=seq2seq (this run is "
                              f"mode={self.mode})")

@@ -184,7 +184,7 @@ def _dev_hidden(run: _Run, idx) -> list[torch.Tensor]:
         return s2s.encode(run.model, run.processor, [load_audio(run.dev.utts[i].audio) for i in idx], run.device)
 
 
-def _score_dev(run: _Run) -> dict:
+def _score_dev(run: _Run, num_beams: int = 1) -> dict:
     model, dev = run.model, run.dev
     was = model.training
     model.eval()
@@ -192,7 +192,7 @@ def _score_dev(run: _Run) -> dict:
     for k in range(0, len(dev.utts), 8):
         idx = range(k, min(k + 8, len(dev.utts)))
         hyps += s2s.generate(model, run.processor.tokenizer, _dev_hidden(run, idx), [dev.samples[i] for i in idx],
-                             run.lang)
+                             run.lang, num_beams)
     model.train(was)
     report = score([UtteranceResult(u.id, u.text, h, u.duration) for u, h in zip(dev.utts, hyps)],
                    normalize=run.normalizer)
@@ -226,9 +226,23 @@ def _track_ctc_best(run: _Run, step: int) -> None:
                         "state": {k: v.detach().cpu().clone() for k, v in run.ctc.head.state_dict().items()}}
 
 
-def _choose_ctc_weight(run: _Run) -> dict:
+def _choose_beams(run: _Run) -> dict:
+    """Greedy or ``seq2seq_beam_width`` beams, whichever reads the lower dev CER with the
+    current weights (ties: greedy), and what each read."""
+    width = run.cfg.seq2seq_beam_width
+    if width <= 1:
+        return {"beam_width": 1}
+    greedy, beam = _score_dev(run)["cer"], _score_dev(run, width)["cer"]
+    chosen = width if beam < greedy else 1
+    logger.info("decoding: %s on dev (CER greedy %.4f, %d beams %.4f)", "greedy" if chosen == 1 else f"{width} beams",
+                greedy, width, beam)
+    return {"beam_width": chosen, "dev_cer_greedy": round(greedy, 5), "dev_cer_beams": round(beam, 5), "tried": width}
+
+
+def _choose_ctc_weight(run: _Run, num_beams: int = 1) -> dict:
     """The CTC weight of hybrid decoding that reads the lowest dev CER with the current
-    weights (ties go to the decoder alone, then to the smaller weight), and what each read."""
+    weights, the decoder's candidate from ``num_beams`` beams (ties go to the decoder alone,
+    then to the smaller weight), and what each read."""
     from ..models.seq2seq_ctc import Candidates
 
     was = run.model.training, run.ctc.head.training
@@ -239,7 +253,7 @@ def _choose_ctc_weight(run: _Run) -> dict:
         idx = range(k, min(k + 8, len(run.dev.utts)))
         hidden = _dev_hidden(run, idx)
         samples = [run.dev.samples[i] for i in idx]
-        att = s2s.generate(run.model, run.processor.tokenizer, hidden, samples, run.lang)
+        att = s2s.generate(run.model, run.processor.tokenizer, hidden, samples, run.lang, num_beams)
         parts.append(candidates(run.model, run.processor.tokenizer, run.ctc, run.normalizer,
                                 s2s.stack_hidden(hidden, samples), samples, run.prefix, att))
     all_c = Candidates.join(parts)
@@ -351,7 +365,7 @@ def _build(cfg: TrainConfig, progress: bool) -> _Run:
         width = model.config.d_model
         comp = Companion.build(width, vocab, cfg.bilstm_hidden, cfg.bilstm_layers)
         comp.head.to(device).train()
-        groups.append({"params": list(comp.head.parameters()), "lr": cfg.lr})
+        groups.append({"params": list(comp.head.parameters()), "lr": cfg.seq2seq_ctc_lr or cfg.lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     rounds = 1 + (cfg.self_train_rounds if unlabelled else 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, Horizon(cfg.max_steps * rounds)))
@@ -468,8 +482,9 @@ def train_seq2seq(cfg: TrainConfig, progress: bool = True, should_stop=None) -> 
         if best_state is not None:
             run.load(best_state)
         if st["round"] == 0:  # the model from labelled data alone, for comparison
+            st["beams"] = _choose_beams(run)
             if run.ctc is not None:
-                st["ctc"] = _choose_ctc_weight(run)
+                st["ctc"] = _choose_ctc_weight(run, st["beams"]["beam_width"])
             _save_model(run, st, run.out / "model_labelled")
         st["round"] += 1
         st["pseudo"] = _pseudo_label(run, progress, st["round"])
@@ -483,9 +498,10 @@ def train_seq2seq(cfg: TrainConfig, progress: bool = True, should_stop=None) -> 
         logger.warning("no update beat the unadapted model on the dev set (%s %.4f); the model keeps Whisper's own "
                        "weights", cfg.best_metric, st["best"][cfg.best_metric])
     run.model.eval()
+    st["beams"] = _choose_beams(run)
     if run.ctc is not None:
         run.ctc.head.eval()
-        st["ctc"] = _choose_ctc_weight(run)
+        st["ctc"] = _choose_ctc_weight(run, st["beams"]["beam_width"])
     summary = _finish(run, st, base, stop_reason)
     if cfg.average_last:
         summary["average"] = _average_snapshots(run, st)
@@ -571,7 +587,11 @@ def _save_model(run: _Run, st: dict, path: Path, steps: list[int] | None = None)
         meta["ctc_weight"] = st["ctc"]["weight"]
     if steps is not None:  # the mean of these updates' weights
         meta |= {"best_step": None, "averaged_steps": steps}
-    return save_seq2seq(run.model, run.processor, run.normalizer, path, meta, run.ctc)
+    beams = st.get("beams", {})
+    decoding = None  # greedy: no record
+    if beams.get("beam_width", 1) > 1:  # the folder's own decoding, chosen on dev
+        decoding = {"decoder": "beam", "chosen_on": "dev", **beams}
+    return save_seq2seq(run.model, run.processor, run.normalizer, path, meta, run.ctc, decoding)
 
 
 def _finish(run: _Run, st: dict, base: dict | None, stop_reason: str | None) -> dict:
@@ -586,6 +606,7 @@ def _finish(run: _Run, st: dict, base: dict | None, stop_reason: str | None) -> 
                "unlabelled_clips": len(run.unlabelled), "pseudo_labelled": len(st["pseudo"]),
                "pseudo_kept": st["pseudo_kept"], "stop_reason": stop_reason,
                "trainable_parameters": sum(p.numel() for p in run.params)}
+    summary["beams"] = st["beams"]
     if run.ctc is not None:
         summary["ctc"] = st["ctc"]
     write_json(run.out / "train_summary.json", summary)
@@ -602,8 +623,9 @@ def _average_snapshots(run: _Run, st: dict) -> dict | None:
     kept = run.state()
     run.load(mean)
     r = _score_dev(run)
-    if run.ctc is not None:  # the mean's own CTC weight, chosen on dev as the kept model's was
-        st = st | {"ctc": _choose_ctc_weight(run)}
+    st = st | {"beams": _choose_beams(run)}  # the mean's own decoding, chosen on dev as the kept model's was
+    if run.ctc is not None:
+        st |= {"ctc": _choose_ctc_weight(run, st["beams"]["beam_width"])}
     path = _save_model(run, st, run.out / "model_avg", steps)
     run.load(kept)
     logger.info("mean of updates %s: dev WER %.4f CER %.4f", steps, r["wer"], r["cer"])

@@ -493,6 +493,44 @@ def test_hybrid_decoding_replaces_a_looping_hypothesis(tiny_whisper, corpus, tmp
     assert hybrid["cer"] < 0.9, hybrid  # the CTC texts are words, not nothing (empty output reads 1.0)
 
 
+def test_beam_width_is_chosen_on_dev_and_kept_in_the_folder(tiny_whisper, corpus, tmp_path, monkeypatch):
+    """seq2seq_beam_width=2: beams are scored on dev against greedy at the end; where they
+    read lower, the folder's decoding.json says so and evaluate decodes with them. The CTC
+    head learns at seq2seq_ctc_lr."""
+    from speechtl import load
+    from speechtl.data.manifest import read_manifest
+    from speechtl.training import seq2seq as trainer
+    from speechtl.training.train import train
+
+    cfg = _cfg(tiny_whisper, corpus, tmp_path / "b", max_steps=4, eval_every=2, dev=str(corpus["test"]),
+               seq2seq_beam_width=2, seq2seq_ctc=True, seq2seq_ctc_lr=0.02)
+    run = trainer._build(cfg, progress=False)
+    assert [g["initial_lr"] for g in run.opt.param_groups] == [cfg.encoder_lr, 0.02]
+    real, widths = trainer._score_dev, []
+
+    def beams_read_better(run, num_beams=1):  # whatever the tiny model writes
+        widths.append(num_beams)
+        return real(run, num_beams) | {"cer": 0.1 if num_beams > 1 else 0.2}
+
+    monkeypatch.setattr(trainer, "_score_dev", beams_read_better)
+    summary = train(cfg, progress=False)
+    assert summary["beams"] == {"beam_width": 2, "dev_cer_greedy": 0.2, "dev_cer_beams": 0.1, "tried": 2}
+    assert 2 in widths
+    record = json.loads((Path(summary["model_dir"]) / "decoding.json").read_text())
+    assert record["decoder"] == "beam" and record["beam_width"] == 2
+    rec = load(summary["model_dir"])
+    assert rec.default_options.beam_width == 2
+    res = rec.evaluate(read_manifest(corpus["test"]))
+    assert res["beam_width"] == 2 and res["decoder"].startswith("whisper beam")
+    # greedy where beams read no better: no record, greedy decoding
+    monkeypatch.setattr(trainer, "_score_dev", lambda run, num_beams=1: real(run, num_beams) | {"cer": 0.2})
+    plain = train(_cfg(tiny_whisper, corpus, tmp_path / "g", max_steps=2, eval_every=2, dev=str(corpus["test"]),
+                       seq2seq_beam_width=2), progress=False)
+    assert plain["beams"]["beam_width"] == 1 and not (Path(plain["model_dir"]) / "decoding.json").exists()
+    with pytest.raises(ValueError, match="seq2seq_beam_width"):
+        load_train_config(None, {"train": str(corpus["train"]), "seq2seq_beam_width": 4})
+
+
 def test_candidates_pick_by_the_joint_score():
     from speechtl.models.seq2seq_ctc import Candidates
 
