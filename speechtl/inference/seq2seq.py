@@ -202,29 +202,30 @@ class Seq2SeqTranscriber:
 
     def _decode(self, wavs: list[np.ndarray]) -> list[str]:
         rec = self.rec
+        hybrid = rec.ctc is not None and rec.ctc_weight is not None
         out = []
         for k in range(0, len(wavs), self.batch_size):
             part = wavs[k:k + self.batch_size]
             hidden = s2s.encode(rec.model, rec.processor, part, rec.device)
             samples = [len(w) for w in part]
+            # hybrid: every beam is a candidate beside the CTC head's text
             res = s2s.generate(rec.model, rec.processor.tokenizer, hidden, samples, rec.lang, self.num_beams,
-                               with_confidence=True)
-            if rec.ctc is not None and rec.ctc_weight is not None:
-                res = self._hybrid(hidden, samples, res)
-            out += res
+                               with_confidence=True, nbest=hybrid)
+            out += self._hybrid(hidden, samples, res) if hybrid else res
         return out
 
-    def _hybrid(self, hidden, samples: list[int], res: list[tuple[str, float]]) -> list[tuple[str, float]]:
-        """The decoder's or the CTC head's text per window, whichever the joint score prefers."""
+    def _hybrid(self, hidden, samples: list[int], nbest: list[list[tuple[str, float]]]) -> list[tuple[str, float]]:
+        """Per window, the decoder's beam or the CTC head's text that the joint score prefers."""
         from ..models.seq2seq_ctc import candidates
 
         rec = self.rec
         c = candidates(rec.model, rec.processor.tokenizer, rec.ctc, rec.normalizer, s2s.stack_hidden(hidden, samples),
-                       samples, s2s.prefix_ids(rec.processor.tokenizer, rec.lang), [t for t, _ in res])
+                       samples, s2s.prefix_ids(rec.processor.tokenizer, rec.lang), [[t for t, _ in n] for n in nbest])
         out = []
-        for (text, from_ctc), (_, conf), ctc_conf in zip(c.pick(rec.ctc_weight), res, c.confidence):
+        for j, n, texts, ctc_conf in zip(c.choice(rec.ctc_weight), nbest, c.texts, c.confidence):
+            from_ctc = j == len(texts) - 1
             self.ctc_chosen += from_ctc
-            out.append((text, ctc_conf) if from_ctc else (text, conf))
+            out.append((texts[j], ctc_conf if from_ctc else n[j][1]))
         return out
 
 

@@ -133,10 +133,13 @@ def stack_hidden(hidden: Sequence[torch.Tensor], samples: Sequence[int]) -> torc
 
 @torch.inference_mode()
 def generate(model, tokenizer, hidden: Sequence[torch.Tensor], samples: Sequence[int], lang: str | None,
-             num_beams: int = 1, with_confidence: bool = False):
+             num_beams: int = 1, with_confidence: bool = False, nbest: bool = False):
     """Greedy (or beam) decoding from encoder outputs (see :func:`encode`), the prefix
     forced. Texts; with ``with_confidence``, (text, confidence) pairs, the confidence being
-    the geometric mean of the chosen tokens' probabilities (end of text included)."""
+    the geometric mean of the chosen tokens' probabilities (end of text included; with
+    beams, the beam's length-normalised probability). ``nbest``: each clip's beams, best
+    first, as lists of (text, confidence)."""
+    from transformers.generation.utils import GenerationMixin
     from transformers.modeling_outputs import BaseModelOutput
 
     states = stack_hidden(hidden, samples).to(model.dtype)
@@ -144,11 +147,20 @@ def generate(model, tokenizer, hidden: Sequence[torch.Tensor], samples: Sequence
     room = model.config.max_target_positions - start.shape[1]
     # a looping decoder stops where no speech could: at most TOKENS_PER_S per second of the longest clip
     cap = int(np.ceil(TOKENS_PER_S * max(samples) / SAMPLE_RATE)) + 10
-    out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), decoder_input_ids=start,
-                         max_new_tokens=min(MAX_NEW_TOKENS, room, cap), max_length=None, num_beams=num_beams,
-                         do_sample=False, return_dict_in_generate=True, output_scores=with_confidence)
+    kw = dict(encoder_outputs=BaseModelOutput(last_hidden_state=states), decoder_input_ids=start,
+              max_new_tokens=min(MAX_NEW_TOKENS, room, cap), max_length=None, num_beams=num_beams, do_sample=False,
+              return_dict_in_generate=True)
+    if nbest and num_beams > 1:
+        # Whisper's own generate expands only input features for several returned sequences;
+        # the generic one expands the encoder outputs given here
+        out = GenerationMixin.generate(model, **kw, num_return_sequences=num_beams, output_scores=True)
+        texts = [t.strip() for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
+        conf = out.sequences_scores.exp().tolist()
+        return [list(zip(texts[b * num_beams:(b + 1) * num_beams], conf[b * num_beams:(b + 1) * num_beams]))
+                for b in range(len(hidden))]
+    out = model.generate(**kw, output_scores=with_confidence or nbest)
     texts = [t.strip() for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
-    if not with_confidence:
+    if not (with_confidence or nbest):
         return texts
     if num_beams > 1:
         conf = out.sequences_scores.exp().tolist()
@@ -159,7 +171,7 @@ def generate(model, tokenizer, hidden: Sequence[torch.Tensor], samples: Sequence
         # tokens after the first end of text are padding
         keep = torch.cumsum((new == eot).long(), 1) - (new == eot).long() == 0
         conf = ((steps * keep).sum(1) / keep.sum(1).clamp(min=1)).exp().tolist()
-    return list(zip(texts, conf))
+    return [[p] for p in zip(texts, conf)] if nbest else list(zip(texts, conf))
 
 
 def looping(text: str, n: int = 3, times: int = 4) -> bool:

@@ -159,30 +159,41 @@ def decoder_scores(model, tokenizer, states: torch.Tensor, prefix: list[int], te
 
 @dataclass
 class Candidates:
-    """Both halves' candidates for a batch of clips, and their scores."""
+    """Each clip's candidates and their scores, for a batch of clips."""
 
-    attention: list[str]
-    ctc: list[str]
-    same: list[bool]  # the two agree once normalised
-    scores: list[tuple[float, float, float, float]]  # (ctc of att, decoder of att, ctc of ctc, decoder of ctc)
+    texts: list[list[str]]  # per clip: the decoder's hypotheses (its best first), then the CTC head's
+    scores: list[list[tuple[float, float]]]  # per clip and text: (log p_ctc, log p_decoder)
+    same: list[int | None]  # per clip: the decoder hypothesis equal to the CTC one once normalised
     confidence: list[float]  # the CTC candidate's: geometric mean of its frames' best probabilities
+
+    @property
+    def attention(self) -> list[str]:
+        return [t[0] for t in self.texts]
+
+    @property
+    def ctc(self) -> list[str]:
+        return [t[-1] for t in self.texts]
 
     @classmethod
     def join(cls, parts: Sequence["Candidates"]) -> "Candidates":
         """The candidates of several batches as one."""
         return cls(*([x for p in parts for x in getattr(p, f.name)] for f in fields(cls)))
 
-    def pick(self, weight: float | None) -> list[tuple[str, bool]]:
-        """(text, from CTC) per clip at ``weight`` (None: the decoder's alone)."""
+    def choice(self, weight: float | None) -> list[int]:
+        """The index of each clip's chosen text at ``weight`` (None: the decoder's best)."""
         out = []
-        for a, c, same, (ca, da, cc, dc) in zip(self.attention, self.ctc, self.same, self.scores):
-            if weight is None or same:
-                out.append((a, False))
+        for texts, scores, same in zip(self.texts, self.scores, self.same):
+            if weight is None:
+                out.append(0)
                 continue
-            joint_a = _mix(weight, ca, da)
-            joint_c = _mix(weight, cc, dc)
-            out.append((c, True) if joint_c > joint_a else (a, False))
+            best = max(range(len(texts)), key=lambda j: (_mix(weight, *scores[j]), -j))
+            # the CTC text, where a decoder hypothesis says the same: the decoder's cased, punctuated form
+            out.append(same if best == len(texts) - 1 and same is not None else best)
         return out
+
+    def pick(self, weight: float | None) -> list[tuple[str, bool]]:
+        """(text, from CTC) per clip at ``weight`` (None: the decoder's best)."""
+        return [(t[j], j == len(t) - 1) for t, j in zip(self.texts, self.choice(weight))]
 
 
 def _mix(w: float, ctc: float, dec: float) -> float:
@@ -192,18 +203,24 @@ def _mix(w: float, ctc: float, dec: float) -> float:
 
 
 def candidates(model, tokenizer, comp: Companion, normalizer: Normalizer, states: torch.Tensor,
-               samples: Sequence[int], prefix: list[int], attention: Sequence[str]) -> Candidates:
-    """Both candidates of each clip and their four scores; ``states`` (B, T, D) as the
-    decoder sees them (:func:`speechtl.models.seq2seq.stack_hidden`)."""
+               samples: Sequence[int], prefix: list[int], attention: Sequence[str] | Sequence[Sequence[str]]
+               ) -> Candidates:
+    """Each clip's candidates (``attention[b]``: the decoder's text, or its beams best first;
+    then the CTC head's greedy text) and their scores; ``states`` (B, T, D) as the decoder
+    sees them (:func:`speechtl.models.seq2seq.stack_hidden`)."""
     logp, lengths, ctc_texts = comp.transcribe(states, samples)
-    same = [normalizer(a) == c for a, c in zip(attention, ctc_texts)]
-    att_ids = comp.targets(normalizer, attention)
-    ctc_ids = comp.targets(normalizer, ctc_texts)
+    texts = [([a] if isinstance(a, str) else list(a)) + [c] for a, c in zip(attention, ctc_texts)]
+    counts = torch.tensor([len(t) for t in texts])
+    flat = [x for t in texts for x in t]
     with torch.inference_mode():
-        ca = ctc_scores(logp, lengths, att_ids)
-        cc = ctc_scores(logp, lengths, ctc_ids)
-        dec = decoder_scores(model, tokenizer, torch.cat([states, states]), prefix, list(attention) + ctc_texts)
-    n = len(attention)
+        cs = ctc_scores(logp.repeat_interleave(counts, 0), lengths.repeat_interleave(counts, 0),
+                        comp.targets(normalizer, flat))
+        ds = decoder_scores(model, tokenizer, states.repeat_interleave(counts, 0), prefix, flat)
+    scores, k = [], 0
+    for t in texts:
+        scores.append(list(zip(cs[k:k + len(t)], ds[k:k + len(t)])))
+        k += len(t)
+    same = [next((j for j, a in enumerate(t[:-1]) if normalizer(a) == t[-1]), None) for t in texts]
     best = logp.max(-1).values
-    conf = [math.exp(float(best[b, : int(lengths[b])].mean())) for b in range(n)]
-    return Candidates(list(attention), ctc_texts, same, list(zip(ca, dec[:n], cc, dec[n:])), conf)
+    conf = [math.exp(float(best[b, : int(lengths[b])].mean())) for b in range(len(texts))]
+    return Candidates(texts, scores, same, conf)

@@ -253,7 +253,8 @@ def _choose_ctc_weight(run: _Run, num_beams: int = 1) -> dict:
         idx = range(k, min(k + 8, len(run.dev.utts)))
         hidden = _dev_hidden(run, idx)
         samples = [run.dev.samples[i] for i in idx]
-        att = s2s.generate(run.model, run.processor.tokenizer, hidden, samples, run.lang, num_beams)
+        att = [[t for t, _ in n] for n in s2s.generate(run.model, run.processor.tokenizer, hidden, samples, run.lang,
+                                                        num_beams, with_confidence=True, nbest=True)]
         parts.append(candidates(run.model, run.processor.tokenizer, run.ctc, run.normalizer,
                                 s2s.stack_hidden(hidden, samples), samples, run.prefix, att))
     all_c = Candidates.join(parts)

@@ -479,7 +479,9 @@ def test_hybrid_decoding_replaces_a_looping_hypothesis(tiny_whisper, corpus, tmp
     rec.ctc_weight = 0.3
     loop = " ".join(["nashledanou"] * 12)
 
-    def looping_generate(model, tokenizer, hidden, samples, lang, num_beams=1, with_confidence=False):
+    def looping_generate(model, tokenizer, hidden, samples, lang, num_beams=1, with_confidence=False, nbest=False):
+        if nbest:
+            return [[(loop, 0.9)] * num_beams for _ in hidden]
         return [(loop, 0.9)] * len(hidden) if with_confidence else [loop] * len(hidden)
 
     monkeypatch.setattr(s2s, "generate", looping_generate)
@@ -534,13 +536,55 @@ def test_beam_width_is_chosen_on_dev_and_kept_in_the_folder(tiny_whisper, corpus
 def test_candidates_pick_by_the_joint_score():
     from speechtl.models.seq2seq_ctc import Candidates
 
-    c = Candidates(["Ano.", "la la la la", "ne"], ["ano", "la lettre", "ano"], [True, False, False],
-                   [(-1.0, -1.0, -1.0, -9.0), (float("-inf"), -2.0, -5.0, -8.0), (-4.0, -1.0, -3.0, -6.0)],
-                   [0.9, 0.8, 0.7])
+    inf = float("-inf")
+    c = Candidates([["Ano.", "ano"], ["la la la la", "la lettre"], ["ne", "ano"]],
+                   [[(-1.0, -1.0), (-1.0, -9.0)], [(inf, -2.0), (-5.0, -8.0)], [(-4.0, -1.0), (-3.0, -6.0)]],
+                   [0, None, None], [0.9, 0.8, 0.7])
+    assert c.attention == ["Ano.", "la la la la", "ne"] and c.ctc == ["ano", "la lettre", "ano"]
     assert c.pick(None) == [("Ano.", False), ("la la la la", False), ("ne", False)]
     # agreeing candidates keep the decoder's text; an impossible CTC score loses; otherwise the mix decides
     assert c.pick(0.3) == [("Ano.", False), ("la lettre", True), ("ne", False)]
     assert c.pick(0.9) == [("Ano.", False), ("la lettre", True), ("ano", True)]
+    # beams: a later beam the CTC head prefers wins over the best beam and over the CTC text itself
+    nb = Candidates([["dobry den", "dobry dne", "dobri dne"]], [[(-9.0, -1.0), (-2.0, -1.5), (-1.0, -6.0)]], [None],
+                    [0.5])
+    assert nb.pick(None) == [("dobry den", False)]
+    assert nb.pick(0.5) == [("dobry dne", False)] and nb.choice(0.5) == [1]
+    assert nb.pick(0.9) == [("dobri dne", True)]
+
+
+def test_hybrid_decoding_rescores_the_beams(tiny_whisper, corpus, tmp_path):
+    """With beams, hybrid decoding picks among every beam and the CTC text: the written
+    text is one of them, and at a CTC weight near 1 the CTC head's choice is a candidate
+    with the best CTC score."""
+    from speechtl import load
+    from speechtl.data.manifest import read_manifest
+    from speechtl.models import seq2seq as s2s
+    from speechtl.models.seq2seq_ctc import candidates
+    from speechtl.training.train import train
+
+    summary = train(_cfg(tiny_whisper, corpus, tmp_path / "hy", max_steps=60, eval_every=60,
+                         dev=str(corpus["test"]), seq2seq_ctc=True, lr=1e-2), progress=False)
+    rec = load(summary["model_dir"])
+    utts = read_manifest(corpus["test"])[:4]
+    from speechtl.data.audio import load_audio
+
+    wavs = [load_audio(u.audio) for u in utts]
+    samples = [len(w) for w in wavs]
+    hidden = s2s.encode(rec.model, rec.processor, wavs, rec.device)
+    nbest = s2s.generate(rec.model, rec.processor.tokenizer, hidden, samples, rec.lang, 3, with_confidence=True,
+                         nbest=True)
+    assert [len(n) for n in nbest] == [3] * 4
+    c = candidates(rec.model, rec.processor.tokenizer, rec.ctc, rec.normalizer, s2s.stack_hidden(hidden, samples),
+                   samples, s2s.prefix_ids(rec.processor.tokenizer, rec.lang), [[t for t, _ in n] for n in nbest])
+    assert all(len(t) == 4 for t in c.texts)
+    for j, sc in zip(c.choice(0.999), c.scores):
+        assert sc[j][0] == pytest.approx(max(x for x, _ in sc), abs=1e-3 * abs(sc[j][0]) + 1e-3)
+    rec.ctc_weight = 0.5
+    res = rec.evaluate(utts, out_dir=tmp_path / "ev", beam_width=3)
+    assert res["beam_width"] == 3 and res["decoder"] == "whisper beam + CTC (hybrid)" and res["utterances"] == 4
+    # each clip's text is its joint-score choice among the beams and the CTC text
+    assert res["ctc_chosen"] == sum(j == len(t) - 1 for t, j in zip(c.texts, c.choice(0.5)))
 
 
 def test_ctc_companion_bad_config_and_folder(tiny_whisper, corpus, tmp_path):
