@@ -46,7 +46,8 @@ case $encoder in
 esac
 if "$PY" -c "from speechtl.models.seq2seq import whisper_source as w; w('$encoder')" 2>/dev/null; then
     args=(mode=seq2seq seq2seq_train=decoder encoder="$encoder" lang="$lang" max_steps="$steps" eval_every=50 patience=3
-          encoder_lr=5e-5 max_batch_seconds=60 average_last=3 seq2seq_ctc=true lr=5e-3)
+          encoder_lr=5e-5 max_batch_seconds=60 average_last=3 seq2seq_ctc=true seq2seq_ctc_lr=5e-3
+          seq2seq_beam_width=4)
     echo "adapt.sh: $encoder has Whisper's decoder: fine-tuning the decoder on the labelled clips (mode=seq2seq,"
     echo "          seq2seq_train=decoder), the encoder fixed: on real Spanish telephone prompts it took Whisper's"
     echo "          unadapted CER to 0.47x and WER to 0.59x, on Tux Paint's Russian stamp names to 0.20x and 0.41x"
@@ -56,7 +57,11 @@ if "$PY" -c "from speechtl.models.seq2seq import whisper_source as w; w('$encode
     echo "          on the dev set, and the mean of the last three evaluations if it does no worse there"
     echo "adapt.sh: a CTC head trains beside the decoder (seq2seq_ctc=true) for hybrid decoding: its hypothesis"
     echo "          replaces the decoder's where the joint score prefers it (loops, runaway text), at a weight"
-    echo "          chosen on the dev set ('off' among them); the head learns at lr=5e-3 and keeps its own best update"
+    echo "          chosen on the dev set ('off' among them); the head learns at seq2seq_ctc_lr=5e-3 and keeps its"
+    echo "          own best update"
+    echo "adapt.sh: beam search with 4 beams is scored against greedy decoding on the dev set (seq2seq_beam_width=4);"
+    echo "          the folder decodes with the better (its decoding.json), and with beams every beam is a candidate"
+    echo "          of the hybrid choice"
     if [ -n "$unlabelled" ]; then
         args+=(unlabelled="$unlabelled" self_train_rounds=1 pseudo_label_max_minutes=20)
         echo "adapt.sh: --unlabelled given: one round of self-training on its confident transcripts; pseudo-labelling"
