@@ -630,7 +630,8 @@ def _average_snapshots(run: _Run, st: dict) -> dict | None:
     path = _save_model(run, st, run.out / "model_avg", steps)
     run.load(kept)
     logger.info("mean of updates %s: dev WER %.4f CER %.4f", steps, r["wer"], r["cer"])
-    return {"steps": steps, "model_dir": str(path), "dev_wer": r["wer"], "dev_cer": r["cer"], "looping": r["looping"]}
+    return {"steps": steps, "model_dir": str(path), "dev_wer": r["wer"], "dev_cer": r["cer"], "looping": r["looping"],
+            "beams": st["beams"]}
 
 
 def _write_events(run: _Run, row: dict) -> None:

@@ -353,6 +353,9 @@ def test_adapt_recipe_chooses_by_encoder_and_leaves_a_model(tiny_whisper, corpus
     assert "mode=seq2seq" in r.stdout and "self-training" in r.stdout and "seq2seq_ctc=true" in r.stdout
     summary = json.loads((tmp_path / "s" / "train_summary.json").read_text())
     assert summary["mode"] == "seq2seq" and summary["self_train_rounds"] == 1 and summary["pseudo_labelled"] == 8
+    assert "seq2seq_beam_width=4" in r.stdout and summary["beams"]["tried"] == 4
+    beams = (summary["average"] if summary.get("adapt_kept") == "average" else summary)["beams"]  # the kept model's
+    assert ((tmp_path / "s" / "model" / "decoding.json").is_file()) == (beams["beam_width"] == 4)
     assert summary["average"]["steps"] == [4, 6, 8] and "the mean of updates 4, 6, 8 reads dev CER" in r.stdout
     kept = "average" if summary.get("adapt_kept") == "average" else "single"
     assert (summary["average"]["dev_cer"] <= summary["best_dev_cer"]) == (kept == "average")
