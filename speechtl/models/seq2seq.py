@@ -153,7 +153,9 @@ def generate(model, tokenizer, hidden: Sequence[torch.Tensor], samples: Sequence
     if nbest and num_beams > 1:
         # Whisper's own generate expands only input features for several returned sequences;
         # the generic one expands the encoder outputs given here
-        out = GenerationMixin.generate(model, **kw, num_return_sequences=num_beams, output_scores=True)
+        # (a peft model's LoRA layers live in its base model, which generates with them)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        out = GenerationMixin.generate(base, **kw, num_return_sequences=num_beams, output_scores=True)
         texts = [t.strip() for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
         conf = out.sequences_scores.exp().tolist()
         return [list(zip(texts[b * num_beams:(b + 1) * num_beams], conf[b * num_beams:(b + 1) * num_beams]))

@@ -80,7 +80,7 @@ class TrainConfig:
     seq2seq_ctc_lr: float | None = _f(None, "mode=seq2seq with seq2seq_ctc: the CTC head's learning rate (unset: lr)")
     seq2seq_beam_width: int = _f(1, "mode=seq2seq: at the end of training, beam search with this many beams is scored "
                                     "on the dev set against greedy decoding; the model folder decodes with whichever "
-                                    "reads the lower dev CER (ties: greedy), written to its decoding.json (1: greedy, "
+                                    "reads the lower dev CER (ties: the beams), written to its decoding.json (1: greedy, "
                                     "nothing tried)")
     self_train_rounds: int = _f(1, "mode=seq2seq with unlabelled: rounds of pseudo-labelling and further training, each "
                                     "of max_steps updates")

@@ -228,12 +228,13 @@ def _track_ctc_best(run: _Run, step: int) -> None:
 
 def _choose_beams(run: _Run) -> dict:
     """Greedy or ``seq2seq_beam_width`` beams, whichever reads the lower dev CER with the
-    current weights (ties: greedy), and what each read."""
+    current weights, and what each read. Ties go to the beams: a small dev set often ties,
+    and beam search is the decoder's usual decoding (Whisper's own defaults to 5 beams)."""
     width = run.cfg.seq2seq_beam_width
     if width <= 1:
         return {"beam_width": 1}
     greedy, beam = _score_dev(run)["cer"], _score_dev(run, width)["cer"]
-    chosen = width if beam < greedy else 1
+    chosen = width if beam <= greedy else 1
     logger.info("decoding: %s on dev (CER greedy %.4f, %d beams %.4f)", "greedy" if chosen == 1 else f"{width} beams",
                 greedy, width, beam)
     return {"beam_width": chosen, "dev_cer_greedy": round(greedy, 5), "dev_cer_beams": round(beam, 5), "tried": width}

@@ -102,6 +102,18 @@ def test_train_each_part_lowers_loss_and_reloads(tiny_whisper, corpus, tmp_path,
     assert res["utterances"] == 8
 
 
+def test_a_lora_model_in_training_gives_its_beams(tiny_whisper, corpus, tmp_path):
+    """The N-best of hybrid decoding's dev choice, from a peft-wrapped (LoRA) model."""
+    from speechtl.models import seq2seq as s2s
+    from speechtl.training import seq2seq as trainer
+
+    run = trainer._build(_cfg(tiny_whisper, corpus, tmp_path / "l", seq2seq_train="lora_decoder"), progress=False)
+    assert hasattr(run.model, "peft_config")
+    nbest = s2s.generate(run.model, run.processor.tokenizer, trainer._dev_hidden(run, [0, 1]), run.dev.samples[:2],
+                         run.lang, 2, with_confidence=True, nbest=True)
+    assert [len(n) for n in nbest] == [2, 2] and all(isinstance(t, str) and 0 <= c <= 1 for n in nbest for t, c in n)
+
+
 @pytest.mark.parametrize("part", ["full", "lora"])
 def test_dev_scores_use_the_trained_encoder(tiny_whisper, corpus, tmp_path, part):
     """Where the encoder trains, dev clips go through the current encoder, not the outputs
@@ -527,8 +539,8 @@ def test_beam_width_is_chosen_on_dev_and_kept_in_the_folder(tiny_whisper, corpus
     assert rec.default_options.beam_width == 2
     res = rec.evaluate(read_manifest(corpus["test"]))
     assert res["beam_width"] == 2 and res["decoder"].startswith("whisper beam")
-    # greedy where beams read no better: no record, greedy decoding
-    monkeypatch.setattr(trainer, "_score_dev", lambda run, num_beams=1: real(run, num_beams) | {"cer": 0.2})
+    # greedy where beams read worse: no record, greedy decoding
+    monkeypatch.setattr(trainer, "_score_dev", lambda run, num_beams=1: real(run, num_beams) | {"cer": 0.1 * num_beams})
     plain = train(_cfg(tiny_whisper, corpus, tmp_path / "g", max_steps=2, eval_every=2, dev=str(corpus["test"]),
                        seq2seq_beam_width=2), progress=False)
     assert plain["beams"]["beam_width"] == 1 and not (Path(plain["model_dir"]) / "decoding.json").exists()
