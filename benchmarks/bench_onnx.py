@@ -189,8 +189,12 @@ def wav2vec2_pipeline(out: Path, dims: str | None, utts, rounds: int, model: Pat
     def plain(fs):
         return [pipe(load_audio(f))["text"] for f in fs]
 
-    runs = {"pipeline batch_size=1": plain, "speechtl torch": torch_rec.transcribe, "speechtl onnx fp32": fp32.transcribe,
-            "speechtl onnx int8": int8.transcribe}
+    from speechtl.decoding.options import DecodeOptions
+
+    greedy = DecodeOptions()  # as the pipeline decodes (a trained folder's own LM would beam-search)
+    runs = {"pipeline batch_size=1": plain, "speechtl torch": lambda fs: torch_rec.transcribe(fs, options=greedy),
+            "speechtl onnx fp32": lambda fs: fp32.transcribe(fs, options=greedy),
+            "speechtl onnx int8": lambda fs: int8.transcribe(fs, options=greedy)}
     rows = speed(runs, files, seconds, rounds)
     base = rows["pipeline batch_size=1"]["x_real_time"]
     for r in rows.values():
