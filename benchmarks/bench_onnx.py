@@ -93,7 +93,10 @@ def quality(model: Path, out: Path, utts, lm: str | None) -> dict:
             "onnx_int8": OnnxRecognizer.load(out / "int8")}
     files = [u.audio for u in utts]
     rows, texts = {}, {}
-    for decoding, kw in (("greedy", {}), ("lm", {"lm": lm}))[: 2 if lm else 1]:
+    from speechtl.decoding.options import DecodeOptions
+
+    # greedy even where the folder carries its own LM (its default decoding)
+    for decoding, kw in (("greedy", {"options": DecodeOptions()}), ("lm", {"lm": lm}))[: 2 if lm else 1]:
         for name, rec in recs.items():
             hyps = rec.transcribe(files, **kw)
             texts[(name, decoding)] = hyps
