@@ -42,6 +42,11 @@ class Seq2SeqRecognizer:
         self.meta = meta
         self.model_dir = None if model_dir is None else Path(model_dir)
         self.lang = meta.get("language")
+        # what the encoder sees of a clip: Whisper's 30 s window, or the batch's longest clip (seq2seq_window=clip)
+        self.window = str(meta.get("window", "30"))
+        if self.window not in s2s.WINDOWS:
+            raise ValueError(f"{model_dir or 'seq2seq model'}: speechtl.json: window {self.window!r} is not one of "
+                             f"{', '.join(s2s.WINDOWS)}")
         from ..models.seq2seq_ctc import Companion
 
         self.ctc = Companion.load(self.model_dir) if self.model_dir is not None else None
@@ -206,7 +211,7 @@ class Seq2SeqTranscriber:
         out = []
         for k in range(0, len(wavs), self.batch_size):
             part = wavs[k:k + self.batch_size]
-            hidden = s2s.encode(rec.model, rec.processor, part, rec.device)
+            hidden = s2s.encode(rec.model, rec.processor, part, rec.device, window=rec.window)
             samples = [len(w) for w in part]
             # hybrid: every beam is a candidate beside the CTC head's text
             res = s2s.generate(rec.model, rec.processor.tokenizer, hidden, samples, rec.lang, self.num_beams,

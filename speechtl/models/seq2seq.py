@@ -14,6 +14,12 @@ the decoder then attends to a few hundred frames instead of 1,500 (training does
 same, so the two match). Recordings longer than 30 s are decoded in consecutive 30 s
 windows, each a segment with its window's times. Unlike CTC, the decoder has no frame
 alignment: segments carry times, words do not.
+
+A model trained with ``seq2seq_window=clip`` (modes that train the encoder) instead runs
+the encoder on each batch's longest clip plus the margin, not the whole 30 s window, as
+ESPnet's Whisper encoder does without its pad-or-trim: the attention then covers a few
+hundred frames instead of 1,500, several times cheaper for short clips. Its folder says so
+(``"window": "clip"`` in ``speechtl.json``) and decodes the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ WINDOW_S = 30.0
 CONTEXT_MARGIN_S = 1.0  # padding frames kept after the clip: the decoder sees where speech ends
 ENCODER_FRAME_S = 0.02
 MAX_NEW_TOKENS = 224  # per 30 s window, as OpenAI's decoding options have it
+WINDOWS = ("30", "clip")  # seq2seq_window: Whisper's 30 s window, or each batch's longest clip plus the margin
 TOKENS_PER_S = 15  # fast speech is about 5 words a second, a word at most 2-3 of Whisper's tokens
 
 
@@ -115,13 +122,42 @@ def kept_frames(samples: int, total: int) -> int:
     return int(min(total, np.ceil((samples / SAMPLE_RATE + CONTEXT_MARGIN_S) / ENCODER_FRAME_S)))
 
 
-def encode(model, processor, waveforms: Sequence[np.ndarray], device, grad: bool = False) -> list[torch.Tensor]:
-    """Encoder outputs of clips of at most 30 s, each padded to the 30 s window as Whisper
-    was trained: (1500, D) per clip, float32. ``grad``: keep the graph (training the encoder)."""
+def encode(model, processor, waveforms: Sequence[np.ndarray], device, grad: bool = False,
+           window: str = "30") -> list[torch.Tensor]:
+    """Encoder outputs of clips of at most 30 s, float32. ``window="30"``: each clip padded
+    to the 30 s window as Whisper was trained, (1500, D) per clip; ``"clip"``: the batch's
+    longest clip plus the margin (see :func:`kept_frames`), (T, D) per clip. ``grad``: keep
+    the graph (training the encoder)."""
+    if window not in WINDOWS:
+        raise ValueError(f"seq2seq window {window!r} is not one of {', '.join(WINDOWS)}")
     feats = processor.feature_extractor(list(waveforms), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+    encoder = model.get_encoder()
     with torch.set_grad_enabled(grad):
-        hidden = model.get_encoder()(feats.to(device, model.dtype)).last_hidden_state
+        if window == "clip":
+            # the log-mel frames of the 30 s window, cut: the same as those of the clip padded less
+            t = max(kept_frames(len(w), encoder.config.max_source_positions) for w in waveforms)
+            hidden = encode_frames(encoder, feats[..., : 2 * t].to(device, model.dtype))
+        else:
+            hidden = encoder(feats.to(device, model.dtype)).last_hidden_state
     return list(hidden)
+
+
+def encode_frames(encoder, feats: torch.Tensor) -> torch.Tensor:
+    """Whisper's encoder on (B, mels, 2T) log-mel frames, T at most its 1,500 positions:
+    its own layers, the position table cut to T. transformers' forward takes the 30 s window
+    only."""
+    h = torch.nn.functional.gelu(encoder.conv1(feats))
+    h = torch.nn.functional.gelu(encoder.conv2(h)).permute(0, 2, 1)
+    if h.shape[1] > encoder.embed_positions.weight.shape[0]:
+        raise ValueError(f"{h.shape[1]} encoder frames: more than Whisper's {encoder.embed_positions.weight.shape[0]}")
+    h = h + encoder.embed_positions.weight[: h.shape[1]]
+    h = torch.nn.functional.dropout(h, p=encoder.dropout, training=encoder.training)
+    for layer in encoder.layers:
+        if encoder.training and encoder.layerdrop > 0 and torch.rand([]) < encoder.layerdrop:
+            continue
+        h = layer(h, None)
+        h = h[0] if isinstance(h, tuple) else h
+    return encoder.layer_norm(h)
 
 
 def stack_hidden(hidden: Sequence[torch.Tensor], samples: Sequence[int]) -> torch.Tensor:

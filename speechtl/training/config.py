@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 # the first line of the config.yaml a run writes into its folder
 RUN_CONFIG_HEADER = "# the resolved configuration of this run"
 SEQ2SEQ_PARTS = ("decoder", "full", "lora", "lora_decoder")
+SEQ2SEQ_WINDOWS = ("30", "clip")  # speechtl.models.seq2seq.WINDOWS (not imported here: it imports torch)
 HEADS = ("linear", "bilstm")
 SCHEDULES = ("tristage", "linear", "constant")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
@@ -68,6 +69,10 @@ class TrainConfig:
                                        "at encoder_lr) | lora (LoRA on both halves at lr; lora_rank, lora_alpha) | "
                                        "lora_decoder (LoRA on the decoder at lr, the encoder fixed and run once per "
                                        "clip) | full (all but the convolutions, at encoder_lr)")
+    seq2seq_window: str = _f("30", "mode=seq2seq: what the encoder sees of a clip: 30 (Whisper's 30 s window, as it "
+                                   "was trained) | clip (each batch's longest clip plus 1 s, several times cheaper "
+                                   "for short clips; only where the encoder trains, seq2seq_train=lora or full, so "
+                                   "that it learns the shorter window; the model folder decodes the same way)")
     unlabelled: str | None = _f(None, "mode=seq2seq: a manifest of audio without transcripts (no 'text' field; clips "
                                       "of at most 30 s), used for self-training: after training on the labelled set, "
                                       "the best model transcribes it, the transcripts its confidence trusts "
@@ -223,7 +228,7 @@ class TrainConfig:
             _check_type(f.name, getattr(self, f.name), f.type)
         for key, choices in (("mode", MODES), ("head", HEADS), ("schedule", SCHEDULES), ("best_metric", ("cer", "wer")),
                              ("on_bad_audio", ("error", "skip")), ("amp", AMP_CHOICES),
-                             ("seq2seq_train", SEQ2SEQ_PARTS)):
+                             ("seq2seq_train", SEQ2SEQ_PARTS), ("seq2seq_window", SEQ2SEQ_WINDOWS)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"config key {key!r}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
         self._check_log()
@@ -372,6 +377,8 @@ def _check_seq2seq_keys(self: "TrainConfig") -> None:
     if not self.policy.seq2seq:
         if self.seq2seq_train != "decoder":
             raise ValueError(f"config key 'seq2seq_train': for mode=seq2seq (this run is mode={self.mode})")
+        if self.seq2seq_window != "30":
+            raise ValueError(f"config key 'seq2seq_window': for mode=seq2seq (this run is mode={self.mode})")
         if self.seq2seq_beam_width != 1 or self.seq2seq_ctc_lr is not None:
             raise ValueError(f"config key 'seq2seq_beam_width'/'seq2seq_ctc_lr': for mode=seq2seq (this run is "
                              f"mode={self.mode})")
@@ -394,6 +401,10 @@ def _check_seq2seq_keys(self: "TrainConfig") -> None:
             raise ValueError(f"config key {key!r}: not used by mode=seq2seq (Whisper's own tokenizer and decoder)")
     if parse_units(self.units)[0] != "char":
         raise ValueError(f"config key 'units': mode=seq2seq writes Whisper's own tokens (got units={self.units})")
+    if self.seq2seq_window == "clip" and self.seq2seq_train not in ("lora", "full"):
+        raise ValueError(f"config key 'seq2seq_window': clip is for seq2seq_train=lora or full, which train the encoder "
+                         f"on the shorter window; with seq2seq_train={self.seq2seq_train} the encoder is fixed as "
+                         "Whisper was trained, on its 30 s window")
     if not self.seq2seq_train.startswith("lora") and (self.lora_rank is not None or self.lora_alpha is not None):
         raise ValueError("config key 'lora_rank'/'lora_alpha': for seq2seq_train=lora or lora_decoder")
     if self.speed_perturb or self.augment:
@@ -440,7 +451,7 @@ def _coerce(key: str, v: Any, t: type) -> Any:
 
 
 # keys whose values are names, taken as written: YAML would read lang=no (Norwegian) as false
-_VERBATIM = ("lang", "lm_wordlist")
+_VERBATIM = ("lang", "lm_wordlist", "seq2seq_window")  # strings even where they read as numbers
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -149,13 +149,14 @@ def _batches(utts: list[Utterance], max_seconds: float, gen: torch.Generator) ->
 
 
 def _loss(model, part: str, processor, data: _Set, idx: list[int], prefix_len: int, device,
-          ctc: tuple[Companion, Normalizer] | None = None) -> torch.Tensor:
+          ctc: tuple[Companion, Normalizer] | None = None, window: str = "30") -> torch.Tensor:
     from transformers.modeling_outputs import BaseModelOutput
 
     if data.hidden is not None:
         hidden = [data.hidden[i].to(device, torch.float32) for i in idx]
     else:
-        hidden = s2s.encode(model, processor, [load_audio(data.utts[i].audio) for i in idx], device, grad=part not in ENCODER_FIXED)
+        hidden = s2s.encode(model, processor, [load_audio(data.utts[i].audio) for i in idx], device,
+                            grad=part not in ENCODER_FIXED, window=window)
     states = s2s.stack_hidden(hidden, [data.samples[i] for i in idx])
     seqs = [data.targets[i] for i in idx]
     t = max(len(s) for s in seqs) - 1
@@ -181,7 +182,8 @@ def _dev_hidden(run: _Run, idx) -> list[torch.Tensor]:
     if run.part in ENCODER_FIXED:
         return [run.dev.hidden[i].to(run.device, torch.float32) for i in idx]
     with torch.inference_mode():
-        return s2s.encode(run.model, run.processor, [load_audio(run.dev.utts[i].audio) for i in idx], run.device)
+        return s2s.encode(run.model, run.processor, [load_audio(run.dev.utts[i].audio) for i in idx], run.device,
+                          window=run.cfg.seq2seq_window)
 
 
 def _score_dev(run: _Run, num_beams: int = 1) -> dict:
@@ -413,7 +415,7 @@ def _pseudo_label(run: _Run, progress: bool, round_: int = 1) -> list[list]:
         utts = [run.unlabelled[i] for i in order[k:k + 8]]
         wavs = [load_audio(u.audio) for u in utts]
         with torch.inference_mode():
-            hidden = s2s.encode(run.model, run.processor, wavs, run.device)
+            hidden = s2s.encode(run.model, run.processor, wavs, run.device, window=run.cfg.seq2seq_window)
         res = s2s.generate(run.model, run.processor.tokenizer, hidden, [len(w) for w in wavs], run.lang,
                            with_confidence=True)
         out += [[u.id, text, round(conf, 4)] for u, (text, conf) in zip(utts, res)]
@@ -529,7 +531,7 @@ def _fit(run: _Run, st: dict, best_state, until: int, progress: bool, should_sto
         if not st["perm"]:
             st["perm"] = _batches(run.train.utts, cfg.max_batch_seconds, run.gen)
         loss = _loss(run.model, run.part, run.processor, run.train, st["perm"].pop(0), len(run.prefix), run.device,
-                     None if run.ctc is None else (run.ctc, run.normalizer))
+                     None if run.ctc is None else (run.ctc, run.normalizer), cfg.seq2seq_window)
         if not torch.isfinite(loss):
             raise RuntimeError(f"update {st['step'] + 1}: the loss is {loss.item()}; stopped before applying it (the last checkpoint and model are kept); lower encoder_lr/lr")
         loss.backward()
@@ -584,7 +586,7 @@ def _save_model(run: _Run, st: dict, path: Path, steps: list[int] | None = None)
     from ..models.seq2seq import save_seq2seq
 
     meta = {"language": run.lang, "seq2seq_train": run.part, "base_source": run.source, "best_step": st["best_step"],
-            "self_train_rounds": st["round"], "encoder": {"source": run.cfg.encoder}}
+            "self_train_rounds": st["round"], "encoder": {"source": run.cfg.encoder}, "window": run.cfg.seq2seq_window}
     if run.ctc is not None:
         meta["ctc_weight"] = st["ctc"]["weight"]
     if steps is not None:  # the mean of these updates' weights

@@ -621,3 +621,78 @@ def _train_small_hybrid(tiny, corpus, out):
     from speechtl.training.train import train
 
     return train(_cfg(tiny, corpus, out, max_steps=4, eval_every=4, seq2seq_ctc=True), progress=False)
+
+
+def test_the_clip_window_runs_whispers_own_layers_on_fewer_frames(tiny_whisper):
+    """``window="clip"``: the encoder runs on the longest clip plus the margin. Its forward,
+    on the whole window, is transformers' own; on the cut window it gives one row a frame."""
+    import numpy as np
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from speechtl.models import seq2seq as s2s
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper).eval()
+    proc = WhisperProcessor.from_pretrained(tiny_whisper)
+    rng = np.random.default_rng(0)
+    wavs = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (8000, 24000)]  # 0.5 s and 1.5 s
+    feats = proc.feature_extractor(wavs, sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        whole = model.get_encoder()(feats).last_hidden_state
+        assert torch.allclose(s2s.encode_frames(model.get_encoder(), feats), whole, atol=1e-5)
+    full = s2s.encode(model, proc, wavs, "cpu")
+    cut = s2s.encode(model, proc, wavs, "cpu", window="clip")
+    frames = s2s.kept_frames(24000, model.config.max_source_positions)  # the longer clip: 1.5 s + 1 s margin
+    assert frames == 125
+    assert [h.shape for h in full] == [whole.shape[1:]] * 2
+    assert [h.shape for h in cut] == [torch.Size([frames, model.config.d_model])] * 2
+    with pytest.raises(ValueError, match="window 'tiny' is not one of 30, clip"):
+        s2s.encode(model, proc, wavs, "cpu", window="tiny")
+
+
+def test_lora_on_the_clip_window_trains_and_its_folder_decodes_the_same_way(tiny_whisper, corpus, tmp_path,
+                                                                            monkeypatch):
+    from speechtl import load
+    from speechtl.data.manifest import read_manifest
+    from speechtl.models import seq2seq as s2s
+    from speechtl.training.train import train
+
+    summary = train(_cfg(tiny_whisper, corpus, tmp_path / "w", seq2seq_train="lora", seq2seq_window="clip", lr=3e-2,
+                         max_steps=30, eval_every=30), progress=False)
+    rows = [r for r in (tmp_path / "w" / "metrics.csv").read_text().splitlines()[1:] if r.split(",")[1]]
+    losses = [float(r.split(",")[1]) for r in rows]
+    assert losses[-1] < 0.7 * losses[0], losses
+    meta = json.loads((Path(summary["model_dir"]) / "speechtl.json").read_text())
+    assert meta["window"] == "clip"
+    rec = load(summary["model_dir"])
+    seen = []
+    real = s2s.encode
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        seen.append((kw.get("window"), out[0].shape[0]))
+        return out
+
+    monkeypatch.setattr(s2s, "encode", spy)
+    res = rec.evaluate(read_manifest(corpus["test"]))
+    assert res["utterances"] == 8
+    # every batch on the cut window: at most 1.0 s clips plus the margin, 100 frames, not 1,500
+    assert seen and all(w == "clip" and t <= 100 for w, t in seen), seen
+    # a folder whose window is not one speechtl writes
+    meta["window"] = "10"
+    (Path(summary["model_dir"]) / "speechtl.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="window '10' is not one of 30, clip"):
+        load(summary["model_dir"])
+
+
+def test_the_clip_window_is_only_for_modes_that_train_the_encoder(tiny_whisper, corpus, tmp_path):
+    from speechtl.training.config import parse_overrides
+
+    assert parse_overrides(["seq2seq_window=30"]) == {"seq2seq_window": "30"}  # a string, as the key wants
+    for part in ("decoder", "lora_decoder"):
+        with pytest.raises(ValueError, match=f"'seq2seq_window': clip is for seq2seq_train=lora or full.*{part}"):
+            _cfg(tiny_whisper, corpus, tmp_path / "a", seq2seq_train=part, seq2seq_window="clip")
+    with pytest.raises(ValueError, match="'seq2seq_window': '10' is not one of 30, clip"):
+        _cfg(tiny_whisper, corpus, tmp_path / "a", seq2seq_window="10")
+    with pytest.raises(ValueError, match="'seq2seq_window': for mode=seq2seq"):
+        load_train_config(None, {"train": str(corpus["train"]), "seq2seq_window": "clip"})
+    assert not (tmp_path / "a").exists()
