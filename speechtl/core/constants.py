@@ -12,6 +12,8 @@ ADAPTER_KINDS = ("lora", "mms")
 # here so that `speechtl extract --help` can state them without importing torch
 SMALL_JOB_CLIPS = 200
 SMALL_JOB_SECONDS = 600.0
+# a model folder's own decoding (CTC: :mod:`speechtl.training.words`; seq2seq: its beams)
+DECODING_FILE = "decoding.json"
 _LANG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 

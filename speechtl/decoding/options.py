@@ -7,8 +7,9 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..core.constants import DECODING_FILE
+
 DEFAULT_BEAM_WIDTH = 32
-DECODING_FILE = "decoding.json"  # a model folder's own decoding (written by training: :mod:`speechtl.training.words`)
 LM_FILE = "lm.arpa"  # the LM that decoding.json names, beside it
 
 

@@ -264,7 +264,7 @@ def save_seq2seq(model, processor, normalizer: Normalizer, out_dir: str | os.Pat
 
             ctc.save(tmp / CTC_DIR)
         if decoding is not None:
-            from ..decoding.options import DECODING_FILE
+            from ..core.constants import DECODING_FILE
 
             write_json(tmp / DECODING_FILE, decoding)
         write_json(tmp / MODEL_FILE, {"speechtl_version": __version__, "mode": "seq2seq", "sample_rate": SAMPLE_RATE,
