@@ -360,11 +360,13 @@ def test_adapt_recipe_chooses_by_encoder_and_leaves_a_model(tiny_whisper, corpus
                                *args], capture_output=True, text=True, env=env, timeout=300)
 
     r = adapt("--encoder", str(tiny_whisper), "--unlabelled", str(unl), "--out", str(tmp_path / "s"), "--steps", "4",
-              "eval_every=2", "encoder_lr=1e-3", "pseudo_min_confidence=0.0")
+              "eval_every=2", "lr=3e-2", "pseudo_min_confidence=0.0")
     assert r.returncode == 0, r.stderr
-    assert "mode=seq2seq" in r.stdout and "self-training" in r.stdout and "seq2seq_ctc=true" in r.stdout
+    assert "mode=seq2seq" in r.stdout and "self-training" in r.stdout and "seq2seq_train=lora" in r.stdout
+    assert "seq2seq_window=clip" in r.stdout
     summary = json.loads((tmp_path / "s" / "train_summary.json").read_text())
     assert summary["mode"] == "seq2seq" and summary["self_train_rounds"] == 1 and summary["pseudo_labelled"] == 8
+    assert summary["seq2seq_train"] == "lora"
     assert "seq2seq_beam_width=4" in r.stdout and summary["beams"]["tried"] == 4
     beams = (summary["average"] if summary.get("adapt_kept") == "average" else summary)["beams"]  # the kept model's
     assert ((tmp_path / "s" / "model" / "decoding.json").is_file()) == (beams["beam_width"] == 4)
@@ -373,7 +375,7 @@ def test_adapt_recipe_chooses_by_encoder_and_leaves_a_model(tiny_whisper, corpus
     assert (summary["average"]["dev_cer"] <= summary["best_dev_cer"]) == (kept == "average")
     meta = json.loads((tmp_path / "s" / "model" / "speechtl.json").read_text())
     assert ("averaged_steps" in meta) == (kept == "average")
-    assert (tmp_path / "s" / "model" / "ctc" / "head.safetensors").is_file() and "ctc_weight" in meta
+    assert meta["window"] == "clip" and (tmp_path / "s" / "model" / "lora" / "adapter_config.json").is_file()
     from speechtl import load
 
     assert load(tmp_path / "s" / "model").evaluate(read_manifest(corpus["test"]))["utterances"] == 8
@@ -696,3 +698,24 @@ def test_the_clip_window_is_only_for_modes_that_train_the_encoder(tiny_whisper, 
     with pytest.raises(ValueError, match="'seq2seq_window': for mode=seq2seq"):
         load_train_config(None, {"train": str(corpus["train"]), "seq2seq_window": "clip"})
     assert not (tmp_path / "a").exists()
+
+
+def test_a_runaway_pseudo_label_is_left_out_not_an_error_half_way(tiny_whisper, corpus, tmp_path, caplog):
+    """A pseudo-label longer than the decoder's positions (a runaway transcript) is dropped
+    with a log line; the others join the training set."""
+    import logging
+
+    from speechtl.training import seq2seq as trainer
+
+    unl = _unlabelled(tmp_path / "unl.jsonl", corpus["test"])
+    run = trainer._build(_cfg(tiny_whisper, corpus, tmp_path / "r", unlabelled=str(unl), pseudo_min_confidence=0.0),
+                         progress=False)
+    before = len(run.train.utts)
+    ids = [u.id for u in run.unlabelled]
+    runaway = " ".join(TEXTS * 3)  # 200 bytes against 64 positions, and no word repeated running (not a loop)
+    labels = [[ids[0], runaway, 0.9], [ids[1], "ano", 0.9]]
+    with caplog.at_level(logging.INFO, logger="speechtl.training.seq2seq"):
+        assert trainer._add_pseudo(run, labels, progress=False) == 1
+    assert len(run.train.utts) == before + 1 and run.train.utts[-1].id == ids[1]
+    assert len(run.train.targets) == len(run.train.utts) == len(run.train.samples)
+    assert "1 pseudo-label(s) longer than the decoder's 64 positions left out" in caplog.text
