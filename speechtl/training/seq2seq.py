@@ -434,12 +434,13 @@ def _add_pseudo(run: _Run, labels: list[list], progress: bool) -> int:
             for i, text, conf in labels if text and conf >= run.cfg.pseudo_min_confidence and not s2s.looping(text)]
     limit = run.model.config.max_target_positions if hasattr(run.model, "config") else 448
     # a transcript longer than the decoder's positions is a runaway one: left out, not an error half-way
-    fits = [u for u in keep if len(_targets(run.processor.tokenizer, [u], run.prefix, 10**9)[0]) <= limit]
-    if len(fits) < len(keep):
+    pairs = [(u, ids) for u, ids in zip(keep, _targets(run.processor.tokenizer, keep, run.prefix, 10**9))
+             if len(ids) <= limit]
+    if len(pairs) < len(keep):
         logger.info("self-training: %d pseudo-label(s) longer than the decoder's %d positions left out",
-                    len(keep) - len(fits), limit)
-    keep = fits
-    added = _Set(keep, _targets(run.processor.tokenizer, keep, run.prefix, limit))
+                    len(keep) - len(pairs), limit)
+    keep = [u for u, _ in pairs]
+    added = _Set(keep, [ids for _, ids in pairs])
     if run.unlabelled_hidden:  # encoded while pseudo-labelling
         added.samples = [int(round(u.duration * SAMPLE_RATE)) for u in keep]
         added.hidden = [run.unlabelled_hidden[u.id] for u in keep]
