@@ -88,7 +88,14 @@ class TrainConfig:
                                     "reads the lower dev CER (ties: the beams), written to its decoding.json (1: greedy, "
                                     "nothing tried)")
     self_train_rounds: int = _f(1, "mode=seq2seq with unlabelled: rounds of pseudo-labelling and further training, each "
-                                    "of max_steps updates")
+                                    "of max_steps updates (0: none; the unlabelled audio then serves continue_steps only)")
+    continue_steps: int = _f(0, "mode=seq2seq with unlabelled, seq2seq_train=lora or full: before training on "
+                                "transcripts, this many updates of continued self-supervised training of the encoder on "
+                                "the unlabelled and labelled audio (masked self-distillation: the encoder, spans of its "
+                                "input masked, learns the unadapted encoder's outputs at those frames; 0: none)")
+    continue_lr: float | None = _f(None, "continue_steps: peak learning rate (unset: lr with lora, encoder_lr with full)")
+    continue_mask_prob: float = _f(0.65, "continue_steps: share of encoder frames masked (an upper bound: spans of "
+                                         "mask_time_length frames overlap)")
     pseudo_min_confidence: float = _f(0.5, "mode=seq2seq with unlabelled: the least confidence (geometric mean of the "
                                             "token probabilities) of a pseudo-label that is kept")
     pseudo_label_max_minutes: float | None = _f(None, "mode=seq2seq with unlabelled: stop pseudo-labelling after this "
@@ -237,13 +244,13 @@ class TrainConfig:
         at_least = {"max_steps": 1, "grad_accum": 1, "eval_every": 1, "log_every": 1, "bilstm_hidden": 1,
                     "bilstm_layers": 1, "mask_time_length": 1, "mask_feature_length": 1, "patience": 0,
                     "freeze_encoder_steps": 0, "num_workers": 0, "threads": 1, "save_every": 1, "freeze_layers": 0, "average_last": 0,
-                    "lora_rank": 1, "adapter_dim": 1, "seq2seq_beam_width": 1}
+                    "lora_rank": 1, "adapter_dim": 1, "seq2seq_beam_width": 1, "continue_steps": 0}
         for key, low in at_least.items():
             v = getattr(self, key)
             if v is not None and v < low:
                 raise ValueError(f"config key {key!r}: must be at least {low} (got {v!r})")
         positive = ("max_minutes", "max_batch_seconds", "cache_max_gb", "max_duration", "lora_alpha",
-                    "pseudo_label_max_minutes", "seq2seq_ctc_lr")
+                    "pseudo_label_max_minutes", "seq2seq_ctc_lr", "continue_lr")
         for key in positive:
             v = getattr(self, key)
             if v is not None and not v > 0:
@@ -390,6 +397,9 @@ def _check_seq2seq_keys(self: "TrainConfig") -> None:
                              f"mode={self.mode})")
         if self.seq2seq_ctc:
             raise ValueError(f"config key 'seq2seq_ctc': for mode=seq2seq (this run is mode={self.mode})")
+        if self.continue_steps:
+            raise ValueError(f"config key 'continue_steps': continued pretraining of Whisper's encoder is for "
+                             f"mode=seq2seq (this run is mode={self.mode})")
         return
     if not 0 < self.dev_fraction < 0.5:
         raise ValueError(f"config key 'dev_fraction': mode=seq2seq needs a dev set, so without dev=, it must be in "
@@ -411,8 +421,20 @@ def _check_seq2seq_keys(self: "TrainConfig") -> None:
         raise ValueError("config keys 'speed_perturb'/'augment': not available in mode=seq2seq")
     if not 0 <= self.pseudo_min_confidence <= 1:
         raise ValueError(f"config key 'pseudo_min_confidence': must be in [0, 1] (got {self.pseudo_min_confidence!r})")
-    if self.self_train_rounds < 1:
-        raise ValueError(f"config key 'self_train_rounds': must be at least 1 (got {self.self_train_rounds!r})")
+    if self.self_train_rounds < 0:
+        raise ValueError(f"config key 'self_train_rounds': must be at least 0 (got {self.self_train_rounds!r})")
+    if not 0 < self.continue_mask_prob < 1:
+        raise ValueError(f"config key 'continue_mask_prob': must be in (0, 1) (got {self.continue_mask_prob!r})")
+    if self.continue_steps:
+        if self.unlabelled is None:
+            raise ValueError("config key 'continue_steps': continued pretraining trains the encoder on the unlabelled "
+                             "audio; give unlabelled=AUDIO.jsonl")
+        if self.seq2seq_train not in ("lora", "full"):
+            raise ValueError(f"config key 'continue_steps': for seq2seq_train=lora or full, which train the encoder "
+                             f"(got seq2seq_train={self.seq2seq_train})")
+    elif self.unlabelled is not None and self.self_train_rounds == 0:
+        raise ValueError("config key 'self_train_rounds': 0 with unlabelled and no continue_steps leaves the unlabelled "
+                         "audio unused")
 
 
 def config_help() -> str:

@@ -29,6 +29,9 @@ schedule position and random state, loaded with ``weights_only=True``. With
 head learns beside the decoder from the same batches (:mod:`speechtl.models.seq2seq_ctc`);
 its state goes with the decoder's in checkpoints, snapshots and the kept best, and its
 weight in hybrid decoding is chosen on dev at the end (``train_summary.json``'s ``ctc``).
+With ``continue_steps`` (and ``unlabelled``), the encoder first continues self-supervised
+training on the target's audio (:mod:`speechtl.training.seq2seq_continue`), after the
+unadapted model has been scored on dev (``train_summary.json``'s ``continued``).
 """
 
 from __future__ import annotations
@@ -484,6 +487,14 @@ def train_seq2seq(cfg: TrainConfig, progress: bool = True, should_stop=None) -> 
     if not st["step"]:  # the unadapted model is the first candidate: an update must beat it on dev to be kept
         base = _score_dev(run)
         st["best"], st["best_step"], best_state = base, 0, run.state()
+        if cfg.continue_steps:
+            from .seq2seq_continue import continue_encoder
+
+            continued = continue_encoder(run, progress)
+            continued["dev_after"] = _score_dev(run)  # the unadapted decoder on the continued encoder
+            logger.info("after continued pretraining, before transcripts: dev WER %.4f CER %.4f",
+                        continued["dev_after"]["wer"], continued["dev_after"]["cer"])
+            st["continued"] = continued
     rounds = 1 + (cfg.self_train_rounds if run.unlabelled else 0)
     stop_reason = None
     while True:
@@ -618,6 +629,8 @@ def _finish(run: _Run, st: dict, base: dict | None, stop_reason: str | None) -> 
                "pseudo_kept": st["pseudo_kept"], "stop_reason": stop_reason,
                "trainable_parameters": sum(p.numel() for p in run.params)}
     summary["beams"] = st["beams"]
+    if st.get("continued"):
+        summary["continued"] = st["continued"]
     if run.ctc is not None:
         summary["ctc"] = st["ctc"]
     write_json(run.out / "train_summary.json", summary)
