@@ -47,7 +47,8 @@ def cmd_export(args) -> int:
             if own.lm is not None:
                 lm, alpha, beta, width = own.lm, own.alpha, own.beta, width or own.beam_width
         out = export_onnx(args.model_dir, args.out, quantize=args.quantize, lang=args.lang, lm=lm,
-                          alpha=alpha, beta=beta, beam_width=width, float_layers=args.float_layers)
+                          alpha=alpha, beta=beta, beam_width=width, float_layers=args.float_layers,
+                          int8_cnn=args.int8_cnn)
         print(f"exported {'an int8' if args.quantize else 'a float32'} ONNX model, tokens.txt and speechtl-onnx.json to {out}")
         return 0
     if args.quantize or args.lm:
@@ -94,6 +95,9 @@ def add_export(sub) -> None:
                    help="onnx with --quantize int8: transformer layers (0 = the first) to keep in float; '' keeps "
                         "none (default: 0 for Whisper encoders 512 wide or wider, whose int8 first layer cost "
                         "whisper-base 0.0035 of its 0.0104 CER; none for others)")
+    s.add_argument("--int8-cnn", action="store_true",
+                   help="onnx with --quantize int8, wav2vec2-family encoders: write the CNN feature encoder as matrix "
+                        "products and quantise it too, all but its first layer (default: the CNN stays in float)")
     s.add_argument("--lm", help="onnx: an n-gram LM (.arpa) to copy into the folder as its default decoder (default: "
                    "the model folder's own, with its tuned weights, when training wrote one)")
     s.add_argument("--alpha", type=float, default=0.5, help="onnx with --lm: LM weight")

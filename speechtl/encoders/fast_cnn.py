@@ -37,6 +37,12 @@ def time_major_supported(fe: nn.Module) -> bool:
     return True
 
 
+def time_major_weight(conv: nn.Conv1d) -> torch.Tensor:
+    """A convolution's weight as the (kernel × in-channels, out-channels) matrix that
+    multiplies time-major windows (window ``t`` is ``kernel`` frames of ``in-channels``)."""
+    return conv.weight.permute(2, 1, 0).reshape(conv.kernel_size[0] * conv.in_channels, conv.out_channels)
+
+
 def time_major_cnn(conv_layers: nn.ModuleList, input_values: torch.Tensor, chunk_values: int = 1 << 20) -> torch.Tensor:
     """The wav2vec2 feature encoder computed in (batch, time, channel) layout.
 
@@ -68,19 +74,19 @@ def time_major_cnn(conv_layers: nn.ModuleList, input_values: torch.Tensor, chunk
             frames = (t - k) // s + 1
             windows = h.as_strided((b, frames, k * c), (h.stride(0), s * c, 1))
             # the first layer (one input channel, raw samples) keeps the input's precision
-            weight = conv.weight.permute(2, 1, 0).reshape(k * c, n_out).to(h.dtype)
+            weight = time_major_weight(conv).to(h.dtype)
             out = torch.empty(b, frames, n_out, dtype=store, device=h.device)
             if isinstance(getattr(layer, "layer_norm", None), nn.GroupNorm):
                 step = max(frames, 1)  # statistics over the whole clip: one block
             else:
                 step = max(64, chunk_values // (n_out * b))
             for t0 in range(0, frames, step):
-                out[:, t0 : t0 + step] = _block(windows[:, t0 : t0 + step], weight, layer, exact)
+                out[:, t0 : t0 + step] = conv_block(windows[:, t0 : t0 + step], weight, layer, exact)
             h = out
     return h.transpose(1, 2)
 
 
-def _block(windows: torch.Tensor, weight: torch.Tensor, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+def conv_block(windows: torch.Tensor, weight: torch.Tensor, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """One block of a feature-encoder layer: product, bias, norm, activation (in ``dtype``)."""
     conv = layer.conv
     h = (windows @ weight).to(dtype)

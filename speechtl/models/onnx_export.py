@@ -98,6 +98,34 @@ class _WhisperFrontEnd(nn.Module):
         return (mel + 4.0) / 4.0 * valid[:, None, :], frames
 
 
+class _MatmulCNN(nn.Module):
+    """A wav2vec2-family CNN feature encoder written as matrix products, time-major as
+    :func:`speechtl.encoders.fast_cnn.time_major_cnn` computes it: each convolution is its
+    ``kernel`` strided slices side by side and one ``MatMul`` with a constant weight, which
+    dynamic int8 quantisation then covers (ONNX's ``Conv`` it leaves in float, and its
+    ``ConvInteger`` ran slower than float here: benchmarks/README.md). The weights are
+    buffers named ``w0``, ``w1``, ... so that the quantiser can be told which to leave."""
+
+    def __init__(self, conv_layers: nn.ModuleList):
+        super().__init__()
+        from ..encoders.fast_cnn import time_major_weight
+
+        self.layers = conv_layers
+        for i, layer in enumerate(conv_layers):
+            self.register_buffer(f"w{i}", time_major_weight(layer.conv).detach().clone())
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, C, T), as transformers' gives
+        from ..encoders.fast_cnn import conv_block
+
+        h = input_values[:, :, None]
+        for i, layer in enumerate(self.layers):
+            k, s = layer.conv.kernel_size[0], layer.conv.stride[0]
+            n = (h.shape[1] - k) // s + 1
+            windows = torch.cat([h[:, j : j + s * (n - 1) + 1 : s] for j in range(k)], dim=2)
+            h = conv_block(windows, getattr(self, f"w{i}"), layer, torch.float32)
+        return h.transpose(1, 2)
+
+
 class _Graph(nn.Module):
     """A loaded CTC model as one traceable function of ``(waveforms, lengths)``."""
 
@@ -198,12 +226,15 @@ def tokens_txt(vocab: Vocabulary) -> str:
 
 def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quantize: str | None = None,
                 lang: str | None = None, lm: str | os.PathLike | None = None, alpha: float = 0.5, beta: float = 1.0,
-                beam_width: int | None = None, float_layers: tuple[int, ...] | None = None) -> Path:
+                beam_width: int | None = None, float_layers: tuple[int, ...] | None = None,
+                int8_cnn: bool = False) -> Path:
     """Write ``out_dir`` with ``model.onnx`` (or ``model.int8.onnx`` with ``quantize="int8"``),
     ``tokens.txt``, ``speechtl-onnx.json`` and the vocabulary and normaliser files; ``lm``
     (an ARPA or kenlm file) is copied in and becomes the folder's default decoder;
     ``float_layers``: transformer layers (0 = the first) that int8 leaves in float; None
-    chooses by measurement (:func:`default_float_layers`)."""
+    chooses by measurement (:func:`default_float_layers`). ``int8_cnn``: a wav2vec2-family
+    CNN goes into the graph as matrix products (:class:`_MatmulCNN`), which int8 then
+    covers, all but its first layer (on the raw waveform)."""
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize {quantize!r}: only int8 is supported")
     if lm is not None and not Path(lm).is_file():
@@ -211,7 +242,11 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quanti
     model_dir, meta = check_exportable(model_dir, lang)
     if float_layers and quantize is None:
         raise ExportError("float_layers (--float-layers) is for --quantize int8")
+    if int8_cnn and quantize is None:
+        raise ExportError("int8_cnn (--int8-cnn) is for --quantize int8")
     model, vocab, normalizer, meta = load_model_dir(model_dir, lang=lang, inference=True)
+    if int8_cnn:
+        _use_matmul_cnn(model)
     if float_layers is None:
         float_layers = default_float_layers(model.encoder.config) if quantize else ()
         if float_layers:
@@ -234,12 +269,27 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quanti
         name = "model.onnx"
         if quantize == "int8":
             name = "model.int8.onnx"
-            _quantize(fp32, tmp / name, tuple(float_layers))
+            _quantize(fp32, tmp / name, tuple(float_layers), int8_cnn)
             fp32.unlink()
         _check(graph, tmp / name, per_clip, quantize)
         write_text(tmp / "tokens.txt", tokens_txt(vocab))
         _write_side_files(tmp, model_dir, vocab, normalizer, model, meta, name, per_clip, lm, alpha, beta, beam_width)
     return out_dir
+
+
+def _use_matmul_cnn(model) -> None:
+    """Trace the model's CNN as :class:`_MatmulCNN`, or say why it cannot be."""
+    from ..encoders.fast_cnn import time_major_supported
+
+    fe = getattr(getattr(model.encoder, "model", None), "feature_extractor", None)
+    if model.encoder.config.model_type == "whisper" or fe is None:
+        raise ExportError(f"--int8-cnn: for wav2vec2-family encoders (their CNN feature encoder); this one is "
+                          f"{model.encoder.config.model_type}, whose convolutions are two small layers on log-mels")
+    if not time_major_supported(fe):
+        raise ExportError("--int8-cnn: this encoder's CNN has padded, dilated or grouped convolutions or another "
+                          "norm, which the matrix-product form does not cover")
+    fe.matmul_cnn = _MatmulCNN(fe.conv_layers)
+    fe.forward = fe.matmul_cnn.__call__  # the instance's forward (speechtl already replaces it per instance)
 
 
 def default_float_layers(config) -> tuple[int, ...]:
@@ -285,24 +335,33 @@ def _add_length_default(path: Path, vocab: Vocabulary, meta: dict, model) -> Non
     onnx.save(m, str(path))
 
 
+FIRST_CNN_WEIGHT = "feature_extractor.matmul_cnn.w0"
+
+
 def _float_matmuls(path: Path) -> list[str]:
     """MatMul nodes that stay in float: the mel filter bank (the log after it would magnify
-    int8 rounding of small energies; it is one small product)."""
+    int8 rounding of small energies; it is one small product) and the first layer of a
+    matrix-product CNN (raw samples in, ten numbers a window: little to gain, much to lose)."""
     import onnx
 
     m = onnx.load(str(path))
-    return [n.name for n in m.graph.node if n.op_type == "MatMul" and "front_end.mel_filters" in n.input]
+    return [n.name for n in m.graph.node if n.op_type == "MatMul"
+            and any(i.endswith("front_end.mel_filters") or i.endswith(FIRST_CNN_WEIGHT) for i in n.input)]
 
 
-def _quantize(fp32: Path, int8: Path, float_layers: tuple[int, ...] = ()) -> None:
+def _quantize(fp32: Path, int8: Path, float_layers: tuple[int, ...] = (), int8_cnn: bool = False) -> None:
     """Dynamic int8 for the products with constant weights, but the mel filter bank and the
     transformer layers ``float_layers`` (whisper-base's first layer in int8 cost 0.0035 CER
-    of the 0.0104 that all of them cost: benchmarks/README.md)."""
+    of the 0.0104 that all of them cost: benchmarks/README.md). A matrix-product CNN
+    (``int8_cnn``) is quantised but its first layer; otherwise nothing of it is."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    names = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "MatMul"]
+    graph = onnx.load(str(fp32)).graph
+    names = [n.name for n in graph.node if n.op_type == "MatMul"]
     keep = _float_matmuls(fp32) + [n for n in names if any(f"layers.{i}/" in n for i in float_layers)]
+    if int8_cnn and not any(FIRST_CNN_WEIGHT in i for n in graph.node for i in n.input):
+        raise ExportError("int8_cnn: the exported graph has no matrix-product CNN to quantise")
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs every tensor on the root logger
     try:
