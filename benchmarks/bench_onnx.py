@@ -147,7 +147,7 @@ def joined_recording(utts, path: Path, seconds: float) -> Path:
 
 
 def wav2vec2_pipeline(out: Path, dims: str | None, utts, rounds: int, model: Path | None = None) -> dict:
-    """speechtl torch, ONNX int8 and fp32, and transformers' pipeline unbatched, on the same
+    """speechtl torch, ONNX int8 (with and without ``--int8-cnn``) and fp32, and transformers' pipeline unbatched, on the same
     files and model: a random wav2vec2 of ``LAYERSxWIDTH`` ``dims`` (speed only), or a trained
     ``model`` folder (finetune or scratch mode, exported to transformers as well; then each
     path's CER on the files too)."""
@@ -178,13 +178,15 @@ def wav2vec2_pipeline(out: Path, dims: str | None, utts, rounds: int, model: Pat
         model_dir = out / "trained"
         if not model_dir.exists():
             model_dir.symlink_to(model.resolve())
-    for name, extra in (("onnx-int8", ["--quantize", "int8"]), ("onnx-fp32", []), ("hf", None)):
+    for name, extra in (("onnx-int8", ["--quantize", "int8"]), ("onnx-int8-cnn", ["--quantize", "int8", "--int8-cnn"]),
+                        ("onnx-fp32", []), ("hf", None)):
         if not (out / f"{model_dir.name}-{name}").exists():
             args = ["--format", "hf"] if extra is None else ["--format", "onnx", *extra]
             st("export", str(model_dir), "--out", str(out / f"{model_dir.name}-{name}"), *args)
     pipe = pipeline("automatic-speech-recognition", model=str(out / f"{model_dir.name}-hf"), device="cpu")
     torch_rec = Recognizer.load(model_dir)
     int8 = OnnxRecognizer.load(out / f"{model_dir.name}-onnx-int8")
+    int8_cnn = OnnxRecognizer.load(out / f"{model_dir.name}-onnx-int8-cnn")
     fp32 = OnnxRecognizer.load(out / f"{model_dir.name}-onnx-fp32")
     files = [u.audio for u in utts]
     seconds = sum(u.duration for u in utts)
@@ -197,7 +199,8 @@ def wav2vec2_pipeline(out: Path, dims: str | None, utts, rounds: int, model: Pat
     greedy = DecodeOptions()  # as the pipeline decodes (a trained folder's own LM would beam-search)
     runs = {"pipeline batch_size=1": plain, "speechtl torch": lambda fs: torch_rec.transcribe(fs, options=greedy),
             "speechtl onnx fp32": lambda fs: fp32.transcribe(fs, options=greedy),
-            "speechtl onnx int8": lambda fs: int8.transcribe(fs, options=greedy)}
+            "speechtl onnx int8": lambda fs: int8.transcribe(fs, options=greedy),
+            "speechtl onnx int8, CNN too (--int8-cnn)": lambda fs: int8_cnn.transcribe(fs, options=greedy)}
     rows = speed(runs, files, seconds, rounds)
     base = rows["pipeline batch_size=1"]["x_real_time"]
     for r in rows.values():
