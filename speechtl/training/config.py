@@ -94,6 +94,8 @@ class TrainConfig:
                                 "the unlabelled and labelled audio (masked self-distillation: the encoder, spans of its "
                                 "input masked, learns the unadapted encoder's outputs at those frames; 0: none)")
     continue_lr: float | None = _f(None, "continue_steps: peak learning rate (unset: lr with lora, encoder_lr with full)")
+    continue_frames: str = _f("masked", "continue_steps: where the loss is taken: masked (the masked frames, as "
+                                        "data2vec) | all (every frame of the clip, masked or not)")
     continue_mask_prob: float = _f(0.65, "continue_steps: share of encoder frames masked (an upper bound: spans of "
                                          "mask_time_length frames overlap)")
     pseudo_min_confidence: float = _f(0.5, "mode=seq2seq with unlabelled: the least confidence (geometric mean of the "
@@ -235,7 +237,8 @@ class TrainConfig:
             _check_type(f.name, getattr(self, f.name), f.type)
         for key, choices in (("mode", MODES), ("head", HEADS), ("schedule", SCHEDULES), ("best_metric", ("cer", "wer")),
                              ("on_bad_audio", ("error", "skip")), ("amp", AMP_CHOICES),
-                             ("seq2seq_train", SEQ2SEQ_PARTS), ("seq2seq_window", SEQ2SEQ_WINDOWS)):
+                             ("seq2seq_train", SEQ2SEQ_PARTS), ("seq2seq_window", SEQ2SEQ_WINDOWS),
+                             ("continue_frames", ("masked", "all"))):
             if getattr(self, key) not in choices:
                 raise ValueError(f"config key {key!r}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
         self._check_log()

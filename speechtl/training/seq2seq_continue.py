@@ -5,7 +5,9 @@ Masked self-distillation, as data2vec trains its student but with the teacher he
 the unadapted encoder, a frozen copy taken before any update, encodes each clip as it is;
 the encoder being trained (its LoRA updates with ``seq2seq_train=lora``, all but the
 convolutions with ``full``) sees the same clip with spans of its input masked, and learns
-to give the teacher's outputs at the masked frames. It learns to fill in the target's
+to give the teacher's outputs at the masked frames (``continue_frames=all``: at every frame
+of the clip, masked or not, which also holds the unmasked frames where the decoder reads
+them). It learns to fill in the target's
 speech from context on the target's own recordings (the unlabelled audio, and the labelled
 clips' audio; never the dev set's), while the outputs it aims at stay those the decoder
 already reads.
@@ -74,6 +76,9 @@ def _batch_loss(run: _Run, student, teacher, wavs: list[np.ndarray], rng: np.ran
     mel_mask = mask.repeat_interleave(2, dim=1)[:, None, :]  # each encoder frame is two log-mel frames
     mean = torch.stack([f[:, : 2 * n].mean() for f, n in zip(feats, own)])[:, None, None]
     pred = s2s.encode_frames(student, torch.where(mel_mask, mean, feats))
+    if run.cfg.continue_frames == "all":  # every frame of the clip, masked or not
+        own_frames = torch.arange(t, device=run.device)[None, :] < torch.tensor(own, device=run.device)[:, None]
+        return torch.nn.functional.mse_loss(pred[own_frames], target[own_frames])
     return torch.nn.functional.mse_loss(pred[mask], target[mask])
 
 

@@ -32,13 +32,15 @@ def test_masks_stay_inside_each_clip_and_leave_numpys_generator_alone():
     assert 0.3 < a[0, :40].float().mean() < 0.8  # about the asked share where the clip is long enough
 
 
-def test_continued_pretraining_trains_the_encoder_towards_the_unmasked_teacher(tiny_whisper, corpus, tmp_path):
+@pytest.mark.parametrize("frames", ["masked", "all"])
+def test_continued_pretraining_trains_the_encoder_towards_the_unmasked_teacher(tiny_whisper, corpus, tmp_path, frames):
     from speechtl.training import seq2seq as trainer
     from speechtl.training.seq2seq_continue import CONTINUED, continue_encoder, encoder_params
 
     unl = _unlabelled(tmp_path / "unl.jsonl", corpus["test"])
     run = trainer._build(_cfg(tiny_whisper, corpus, tmp_path / "r", seq2seq_train="lora", seq2seq_window="clip",
-                              unlabelled=str(unl), continue_steps=30, continue_lr=1e-2), progress=False)
+                              unlabelled=str(unl), continue_steps=30, continue_lr=1e-2, continue_frames=frames),
+                         progress=False)
     enc = {k: v.detach().clone() for k, v in encoder_params(run.model).items()}
     others = {k: p.detach().clone() for k, p in run.model.named_parameters() if k not in enc}
     assert enc and all("lora_" in k for k in enc)
@@ -89,6 +91,8 @@ def test_bad_continued_pretraining_configurations_fail_before_any_work(tiny_whis
         _cfg(tiny_whisper, corpus, out, seq2seq_train="lora", unlabelled=unl, self_train_rounds=0)
     with pytest.raises(ValueError, match="'continue_mask_prob': must be in"):
         _cfg(tiny_whisper, corpus, out, seq2seq_train="lora", unlabelled=unl, continue_steps=5, continue_mask_prob=1.0)
+    with pytest.raises(ValueError, match="'continue_frames': 'some' is not one of masked, all"):
+        _cfg(tiny_whisper, corpus, out, seq2seq_train="lora", unlabelled=unl, continue_steps=5, continue_frames="some")
     with pytest.raises(ValueError, match="'continue_lr': must be greater than 0"):
         _cfg(tiny_whisper, corpus, out, seq2seq_train="lora", unlabelled=unl, continue_steps=5, continue_lr=0)
     assert not out.exists()
