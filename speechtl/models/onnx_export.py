@@ -23,7 +23,8 @@ zero mean and unit variance first; without ``lengths`` the graph therefore bring
 clip to an RMS of ``SHERPA_LEVEL`` (0.1), which a Whisper front end needs (it reads the
 signal's level) and a normalising wav2vec2 ignores. ``--quantize int8`` adds
 ``model.int8.onnx``: ONNX Runtime's dynamic int8 quantisation of the matrix products
-with constant weights; the front end's DFT and mel filters stay in float.
+with constant weights; the front end's DFT and mel filters stay in float, and so does a
+wav2vec2-family CNN unless ``--int8-cnn`` writes it as matrix products.
 """
 
 from __future__ import annotations
