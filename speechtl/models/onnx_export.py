@@ -339,14 +339,12 @@ def _add_length_default(path: Path, vocab: Vocabulary, meta: dict, model) -> Non
 FIRST_CNN_WEIGHT = "feature_extractor.matmul_cnn.w0"
 
 
-def _float_matmuls(path: Path) -> list[str]:
-    """MatMul nodes that stay in float: the mel filter bank (the log after it would magnify
-    int8 rounding of small energies; it is one small product) and the first layer of a
-    matrix-product CNN (raw samples in, ten numbers a window: little to gain, much to lose)."""
-    import onnx
-
-    m = onnx.load(str(path))
-    return [n.name for n in m.graph.node if n.op_type == "MatMul"
+def _float_matmuls(graph) -> list[str]:
+    """MatMul nodes of ``graph`` (an ONNX GraphProto) that stay in float: the mel filter bank
+    (the log after it would magnify int8 rounding of small energies; it is one small
+    product) and the first layer of a matrix-product CNN (raw samples in, ten numbers a
+    window: little to gain, much to lose)."""
+    return [n.name for n in graph.node if n.op_type == "MatMul"
             and any(i.endswith("front_end.mel_filters") or i.endswith(FIRST_CNN_WEIGHT) for i in n.input)]
 
 
@@ -360,7 +358,7 @@ def _quantize(fp32: Path, int8: Path, float_layers: tuple[int, ...] = (), int8_c
 
     graph = onnx.load(str(fp32)).graph
     names = [n.name for n in graph.node if n.op_type == "MatMul"]
-    keep = _float_matmuls(fp32) + [n for n in names if any(f"layers.{i}/" in n for i in float_layers)]
+    keep = _float_matmuls(graph) + [n for n in names if any(f"layers.{i}/" in n for i in float_layers)]
     if int8_cnn and not any(FIRST_CNN_WEIGHT in i for n in graph.node for i in n.input):
         raise ExportError("int8_cnn: the exported graph has no matrix-product CNN to quantise")
     quiet = logging.getLogger().level
