@@ -86,10 +86,16 @@ class _EncoderInfo:
 
 class OnnxModel:
     """An ONNX Runtime session over padded batches: ``log_probs(wavs)`` gives each clip's
-    ``(T, V)`` frame log-probabilities."""
+    ``(T, V)`` frame log-probabilities.
 
-    def __init__(self, path: str | os.PathLike, meta: dict, threads: int | None = None):
-        self.path, self.threads = str(path), threads
+    ``arena``: onnxruntime's memory arena (its default), which keeps the memory of one run
+    for the next instead of asking the system for it again. On the transfer demo's test
+    clips it made an int8 wav2vec2 1.3x as fast (benchmarks/README.md); a 60-minute file
+    through the bundled encoder's int8 folder peaked at 300 MiB with it and 286 MiB
+    without. ``False`` gives each run's memory back when it ends."""
+
+    def __init__(self, path: str | os.PathLike, meta: dict, threads: int | None = None, arena: bool = True):
+        self.path, self.threads, self.arena = str(path), threads, bool(arena)
         self._sessions: dict[int | None, object] = {}
         self._lock = threading.Lock()
         out = self._session(threads).get_outputs()[0].shape
@@ -117,7 +123,7 @@ class OnnxModel:
 
                 opts = ort.SessionOptions()
                 opts.log_severity_level = 3  # the default-lengths input draws a warning on every load
-                opts.enable_cpu_mem_arena = False  # an arena keeps each window's peak: 60 min peaked at 397 MiB with it
+                opts.enable_cpu_mem_arena = self.arena
                 # threads that spin while waiting for work take the cores from everything else on a shared
                 # machine (the transfer demo's test set: 20x real time spinning, 73x not, at load 19 on 2 cores)
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -161,7 +167,7 @@ def _transcriber_class():
 class OnnxRecognizer:
     """:class:`~speechtl.inference.recognizer.Recognizer`'s interface over an exported ONNX folder."""
 
-    def __init__(self, folder: str | os.PathLike, threads: int | None = None):
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None, arena: bool = True):
         self.model_dir = Path(folder)
         self.meta = read_onnx_meta(folder)
         units_meta = {"units": self.meta.get("units", "char")}
@@ -169,7 +175,7 @@ class OnnxRecognizer:
         if list(self.vocab.tokens) != list(self.meta["vocab"]):
             raise OnnxFolderError(f"{folder}: the vocabulary files disagree with {ONNX_META_FILE}'s vocab")
         self.normalizer = load_normalizer(self.model_dir / "normalizer.json")
-        self.model = OnnxModel(self.model_dir / self.meta["model"], self.meta, threads)
+        self.model = OnnxModel(self.model_dir / self.meta["model"], self.meta, threads, arena)
         self.device = _Device()
         self._decoders = Decoders(self.vocab)
 

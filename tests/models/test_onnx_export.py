@@ -132,6 +132,19 @@ def test_short_files_run_side_by_side_on_one_thread_sessions(exported, clips):
     assert any(t.text for t in alone), "nothing decoded: the comparison would be empty"
 
 
+def test_the_memory_arena_is_on_by_default_and_off_when_asked_same_log_probs(exported, clips):
+    from speechtl.data.audio import load_audio
+
+    on, off = OnnxRecognizer(exported[0]), OnnxRecognizer(exported[0], arena=False)
+    assert on.model.session.get_session_options().enable_cpu_mem_arena is True
+    assert off.model.session.get_session_options().enable_cpu_mem_arena is False
+    wavs = [load_audio(c) for c in clips]
+    for _ in range(2):  # the second run reuses the arena's memory
+        for a, b in zip(on.model.log_probs(wavs), off.model.log_probs(wavs)):
+            assert a.shape == b.shape and a.shape[0] > 0
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
 def test_clips_shorter_than_a_frame_decode(exported, tmp_path):
     rec = OnnxRecognizer.load(exported[1])
     for n in (1, 100, 399):
