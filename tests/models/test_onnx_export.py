@@ -324,7 +324,9 @@ def test_int8_cnn_writes_the_cnn_as_products_and_quantises_all_but_its_first_lay
     plain_nodes = onnx.load(str(plain / "model.int8.onnx")).graph.node
     assert any(n.op_type == "Conv" and "feature_extractor" in n.name for n in plain_nodes)  # without the option
     before = [n for n in plain_nodes if n.op_type == "MatMulInteger"]
-    assert len(integer) == len(before) + layers - 1
+    # the block form: a layer of kernel k and stride s is ceil(k / s) products, all but the first layer's in int8
+    products = sum(-(-layer.conv.kernel_size[0] // layer.conv.stride[0]) for layer in _feature_encoder(tiny_encoder).conv_layers[1:])
+    assert layers > 2 and len(integer) == len(before) + products
     f, q = OnnxRecognizer.load(export_onnx(model_dir, tmp_path / "f32")), OnnxRecognizer.load(cnn)
     for c in clips:
         a, b = f.model.log_probs([load_audio(c)])[0], q.model.log_probs([load_audio(c)])[0]
@@ -336,16 +338,37 @@ def test_int8_cnn_writes_the_cnn_as_products_and_quantises_all_but_its_first_lay
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_the_product_form_of_the_cnn_equals_its_convolutions(tiny_encoder):
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_the_product_form_of_the_cnn_equals_its_convolutions_at_every_length(tmp_path, norm):
+    """Block form (LayerNorm CNNs) and slice form (GroupNorm), in torch at lengths of every
+    remainder, and as a traced ONNX graph at lengths it was not traced at."""
+    import onnxruntime as ort
+
+    from conftest import tiny_encoder_dir
     from speechtl.encoders.fast_cnn import time_major_supported
     from speechtl.models.onnx_export import _MatmulCNN
 
-    fe = _feature_encoder(tiny_encoder)
+    fe = _feature_encoder(tiny_encoder_dir(tmp_path, "wav2vec2", feat_extract_norm=norm))
     assert time_major_supported(fe)
-    x = torch.randn(2, 7_777) * 0.1
+    cnn = _MatmulCNN(fe.conv_layers).eval()
+    assert cnn.blocks is (norm == "layer")
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        ref = type(fe).forward(fe, x)
-        assert ref.abs().max() > 0.1 and torch.allclose(_MatmulCNN(fe.conv_layers)(x), ref, atol=1e-4)
+        for n in [400, 401, *range(405, 725, 7), 7_777, 16_000]:
+            x = torch.randn(2, n, generator=gen) * 0.1
+            ref = type(fe).forward(fe, x)
+            got = cnn(x)
+            assert got.shape == ref.shape, n
+            assert ref.abs().max() > 0.1 and torch.allclose(got, ref, atol=1e-4), n
+        path = tmp_path / "cnn.onnx"
+        torch.onnx.export(cnn, (torch.randn(1, 5_000, generator=gen),), str(path), input_names=["x"], output_names=["y"],
+                          dynamo=False, dynamic_axes={"x": {0: "b", 1: "s"}, "y": {0: "b", 2: "t"}})
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for n in (400, 401, 409, 3_331, 12_345):
+            x = torch.randn(3, n, generator=gen) * 0.1
+            ref = type(fe).forward(fe, x).numpy()
+            got = sess.run(None, {"x": x.numpy()})[0]
+            assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-4, n
 
 
 def _feature_encoder(encoder_dir):
