@@ -84,15 +84,19 @@ class _EncoderInfo:
     max_seconds: float
 
 
+ARENA_KEEP_SECONDS = 10.0  # runs on longer input give the arena's memory back when they end
+
+
 class OnnxModel:
     """An ONNX Runtime session over padded batches: ``log_probs(wavs)`` gives each clip's
     ``(T, V)`` frame log-probabilities.
 
     ``arena``: onnxruntime's memory arena (its default), which keeps the memory of one run
-    for the next instead of asking the system for it again. On the transfer demo's test
-    clips it made an int8 wav2vec2 1.3x as fast (benchmarks/README.md); a 60-minute file
-    through the bundled encoder's int8 folder peaked at 300 MiB with it and 286 MiB
-    without. ``False`` gives each run's memory back when it ends."""
+    for the next instead of asking the system for it again: on the transfer demo's test
+    clips an int8 wav2vec2 ran 1.3x as fast with it. A run on more than
+    ``ARENA_KEEP_SECONDS`` of input (a long file's windows) gives the memory back when it
+    ends, so that one 30 s window's peak is not kept for good; with that, a 60-minute file
+    peaks no higher than without an arena (benchmarks/README.md). ``False``: no arena."""
 
     def __init__(self, path: str | os.PathLike, meta: dict, threads: int | None = None, arena: bool = True):
         self.path, self.threads, self.arena = str(path), threads, bool(arena)
@@ -132,6 +136,17 @@ class OnnxModel:
                 self._sessions[threads] = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
             return self._sessions[threads]
 
+    def _run_options(self, samples: int):
+        """Runs on more than ``ARENA_KEEP_SECONDS`` of input give the arena's memory back when
+        they end: a long file's 30 s windows would otherwise keep their peak for good."""
+        if not self.arena or samples <= ARENA_KEEP_SECONDS * 16_000:
+            return None
+        import onnxruntime as ort
+
+        opts = ort.RunOptions()
+        opts.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        return opts
+
     def frame_lengths(self, samples: int) -> int:
         if self.rule["kind"] == "whisper":
             mel = max(int(samples), 160) // 160
@@ -150,7 +165,7 @@ class OnnxModel:
         values = np.zeros((len(wavs), max(int(lengths.max()), 400)), np.float32)
         for k, w in enumerate(wavs):
             values[k, : w.size] = w
-        lp, frames = self.session.run(None, {"waveforms": values, "lengths": lengths})
+        lp, frames = self.session.run(None, {"waveforms": values, "lengths": lengths}, self._run_options(values.size))
         return [lp[i, : int(n)] for i, n in enumerate(frames)]
 
 

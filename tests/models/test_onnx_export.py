@@ -11,7 +11,7 @@ import torch
 from conftest import make_wav
 from speechtl.cli.app import main
 from speechtl.data.text import Normalizer, Vocabulary
-from speechtl.inference.onnx import OnnxFolderError, OnnxRecognizer, is_onnx_dir
+from speechtl.inference.onnx import ARENA_KEEP_SECONDS, OnnxFolderError, OnnxRecognizer, is_onnx_dir
 from speechtl.inference.recognizer import Recognizer
 from speechtl.models.adapters import AdapterConfig
 from speechtl.models.ctc import HeadConfig, build_model
@@ -139,10 +139,16 @@ def test_the_memory_arena_is_on_by_default_and_off_when_asked_same_log_probs(exp
     assert on.model.session.get_session_options().enable_cpu_mem_arena is True
     assert off.model.session.get_session_options().enable_cpu_mem_arena is False
     wavs = [load_audio(c) for c in clips]
-    for _ in range(2):  # the second run reuses the arena's memory
-        for a, b in zip(on.model.log_probs(wavs), off.model.log_probs(wavs)):
-            assert a.shape == b.shape and a.shape[0] > 0
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert on.model._run_options(16_000) is None  # short runs keep the arena's memory for the next
+    shrink = on.model._run_options(int(ARENA_KEEP_SECONDS * 16_000) + 1)  # long ones give it back
+    assert shrink.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    assert off.model._run_options(10**9) is None
+    long = np.resize(wavs[0], int((ARENA_KEEP_SECONDS + 1) * 16_000))  # a run that shrinks the arena after
+    for _ in range(2):  # the second round reuses the arena's memory
+        for batch in (wavs, [long], wavs):
+            for a, b in zip(on.model.log_probs(batch), off.model.log_probs(batch)):
+                assert a.shape == b.shape and a.shape[0] > 0
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
 def test_clips_shorter_than_a_frame_decode(exported, tmp_path):
