@@ -147,7 +147,8 @@ def joined_recording(utts, path: Path, seconds: float) -> Path:
 
 
 def wav2vec2_pipeline(out: Path, dims: str | None, utts, rounds: int, model: Path | None = None) -> dict:
-    """speechtl torch, ONNX int8 (with and without ``--int8-cnn``) and fp32, and transformers' pipeline unbatched, on the same
+    """speechtl torch, ONNX int8 (the CNN in int8, the default, and in float: ``--float-cnn``) and fp32,
+    and transformers' pipeline unbatched, on the same
     files and model: a random wav2vec2 of ``LAYERSxWIDTH`` ``dims`` (speed only), or a trained
     ``model`` folder (finetune or scratch mode, exported to transformers as well; then each
     path's CER on the files too)."""
@@ -178,7 +179,7 @@ def wav2vec2_pipeline(out: Path, dims: str | None, utts, rounds: int, model: Pat
         model_dir = out / "trained"
         if not model_dir.exists():
             model_dir.symlink_to(model.resolve())
-    for name, extra in (("onnx-int8", ["--quantize", "int8"]), ("onnx-int8-cnn", ["--quantize", "int8", "--int8-cnn"]),
+    for name, extra in (("onnx-int8", ["--quantize", "int8"]), ("onnx-int8-float-cnn", ["--quantize", "int8", "--float-cnn"]),
                         ("onnx-fp32", []), ("hf", None)):
         if not (out / f"{model_dir.name}-{name}").exists():
             args = ["--format", "hf"] if extra is None else ["--format", "onnx", *extra]
@@ -186,7 +187,7 @@ def wav2vec2_pipeline(out: Path, dims: str | None, utts, rounds: int, model: Pat
     pipe = pipeline("automatic-speech-recognition", model=str(out / f"{model_dir.name}-hf"), device="cpu")
     torch_rec = Recognizer.load(model_dir)
     int8 = OnnxRecognizer.load(out / f"{model_dir.name}-onnx-int8")
-    int8_cnn = OnnxRecognizer.load(out / f"{model_dir.name}-onnx-int8-cnn")
+    int8_float_cnn = OnnxRecognizer.load(out / f"{model_dir.name}-onnx-int8-float-cnn")
     fp32 = OnnxRecognizer.load(out / f"{model_dir.name}-onnx-fp32")
     files = [u.audio for u in utts]
     seconds = sum(u.duration for u in utts)
@@ -199,8 +200,8 @@ def wav2vec2_pipeline(out: Path, dims: str | None, utts, rounds: int, model: Pat
     greedy = DecodeOptions()  # as the pipeline decodes (a trained folder's own LM would beam-search)
     runs = {"pipeline batch_size=1": plain, "speechtl torch": lambda fs: torch_rec.transcribe(fs, options=greedy),
             "speechtl onnx fp32": lambda fs: fp32.transcribe(fs, options=greedy),
-            "speechtl onnx int8": lambda fs: int8.transcribe(fs, options=greedy),
-            "speechtl onnx int8, CNN too (--int8-cnn)": lambda fs: int8_cnn.transcribe(fs, options=greedy)}
+            "speechtl onnx int8, CNN in float (--float-cnn)": lambda fs: int8_float_cnn.transcribe(fs, options=greedy),
+            "speechtl onnx int8": lambda fs: int8.transcribe(fs, options=greedy)}
     rows = speed(runs, files, seconds, rounds)
     base = rows["pipeline batch_size=1"]["x_real_time"]
     for r in rows.values():

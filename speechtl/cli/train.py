@@ -95,9 +95,13 @@ def add_export(sub) -> None:
                    help="onnx with --quantize int8: transformer layers (0 = the first) to keep in float; '' keeps "
                         "none (default: 0 for Whisper encoders 512 wide or wider, whose int8 first layer cost "
                         "whisper-base 0.0035 of its 0.0104 CER; none for others)")
-    s.add_argument("--int8-cnn", action="store_true",
-                   help="onnx with --quantize int8, wav2vec2-family encoders: write the CNN feature encoder as matrix "
-                        "products and quantise it too, all but its first layer (default: the CNN stays in float)")
+    cnn = s.add_mutually_exclusive_group()
+    cnn.add_argument("--int8-cnn", dest="int8_cnn", action="store_const", const=True, default=None,
+                     help="onnx with --quantize int8: write a wav2vec2-family CNN feature encoder as matrix products "
+                          "and quantise it, all but its first layer; an error where it cannot be (the default does "
+                          "this wherever it can)")
+    cnn.add_argument("--float-cnn", dest="int8_cnn", action="store_const", const=False,
+                     help="onnx with --quantize int8: keep the CNN feature encoder in float (ONNX Conv)")
     s.add_argument("--lm", help="onnx: an n-gram LM (.arpa) to copy into the folder as its default decoder (default: "
                    "the model folder's own, with its tuned weights, when training wrote one)")
     s.add_argument("--alpha", type=float, default=0.5, help="onnx with --lm: LM weight")

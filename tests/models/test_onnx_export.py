@@ -311,15 +311,20 @@ def test_a_group_norm_cnn_runs_one_clip_per_batch_and_equals_torch(tmp_path, cli
                       OnnxRecognizer.load(out).transcribe(clips, return_timestamps=True))
 
 
-def test_int8_cnn_writes_the_cnn_as_products_and_quantises_all_but_its_first_layer(tmp_path, tiny_encoder, clips,
-                                                                                    whisper_frozen):
+def test_int8_writes_the_cnn_as_products_and_quantises_all_but_its_first_layer(tmp_path, tiny_encoder, clips,
+                                                                                whisper_frozen, exported):
+    """The default for a wav2vec2-family int8 export; --float-cnn (int8_cnn=False) keeps the
+    CNN's convolutions in float; Whisper encoders keep theirs, and insisting is an error."""
     import onnx
 
     from speechtl.data.audio import load_audio
 
     model_dir = _model_dir(tmp_path, str(tiny_encoder), "finetune")
-    plain = export_onnx(model_dir, tmp_path / "plain", quantize="int8")
-    cnn = export_onnx(model_dir, tmp_path / "cnn", quantize="int8", int8_cnn=True)
+    plain = export_onnx(model_dir, tmp_path / "plain", quantize="int8", int8_cnn=False)
+    cnn = export_onnx(model_dir, tmp_path / "cnn", quantize="int8")
+    meta = lambda d: json.loads((d / "speechtl-onnx.json").read_text())  # noqa: E731
+    assert meta(cnn)["int8_cnn"] is True and meta(plain)["int8_cnn"] is False
+    assert meta(exported[1])["int8_cnn"] is False  # the Whisper-shaped fixture, int8 by default
     nodes = onnx.load(str(cnn / "model.int8.onnx")).graph.node
     convs = [n.name for n in nodes if n.op_type == "Conv"]
     assert convs and not any("feature_extractor" in n for n in convs), convs  # the CNN's are products now
@@ -337,6 +342,12 @@ def test_int8_cnn_writes_the_cnn_as_products_and_quantises_all_but_its_first_lay
     for c in clips:
         a, b = f.model.log_probs([load_audio(c)])[0], q.model.log_probs([load_audio(c)])[0]
         assert a.shape == b.shape and (a.argmax(-1) == b.argmax(-1)).mean() > 0.8
+    assert main(["export", str(model_dir), "--format", "onnx", "--quantize", "int8", "--float-cnn", "--out",
+                 str(tmp_path / "cli"), "-q"]) == 0
+    assert meta(tmp_path / "cli")["int8_cnn"] is False
+    with pytest.raises(SystemExit):  # one or the other
+        main(["export", str(model_dir), "--format", "onnx", "--quantize", "int8", "--float-cnn", "--int8-cnn",
+              "--out", str(tmp_path / "both")])
     with pytest.raises(ExportError, match="is for --quantize int8"):
         export_onnx(model_dir, tmp_path / "x", int8_cnn=True)
     with pytest.raises(ExportError, match="--int8-cnn: for wav2vec2-family encoders"):
