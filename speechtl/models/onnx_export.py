@@ -106,22 +106,20 @@ class _MatmulCNN(nn.Module):
     float, and its ``ConvInteger`` ran slower than float here: benchmarks/README.md).
     Results equal transformers' CNN to float rounding (a test), in (batch, channel, time).
 
-    **Block form**, for CNNs without a GroupNorm. A layer of kernel ``k`` and stride ``s``
-    reads its input as rows of ``s`` frames side by side (a reshape, once the time axis is
-    padded to a multiple of ``s``) and is ``ceil(k / s)`` products of those rows with the
-    kernel's blocks of ``s`` taps (taps past ``k`` zero), each shifted by its block number
-    and added. The products of a layer share one quantised input, and no window is copied.
-    The first layer writes its output straight in the second's rows: each row is ``s1``
-    frames computed from one window of ``s0 * (s1 - 1) + k0`` samples with a banded weight.
-    Padding only reaches frames past the input's last whole one, which are cut at the end.
-    On the demo's test clips this ran the int8 CNN of a 256-channel wav2vec2 1.3x as fast as
-    the slice form (benchmarks/README.md).
+    A layer of kernel ``k`` and stride ``s`` reads its input as rows of ``s`` frames side by
+    side (a reshape, once the time axis is padded to a multiple of ``s``) and is
+    ``ceil(k / s)`` products of those rows with the kernel's blocks of ``s`` taps (taps past
+    ``k`` zero), each shifted by its block number and added. The products of a layer share
+    one quantised input, and no window is copied. The first layer writes its output
+    straight in the second's rows: each row is ``s1`` frames computed from one window of
+    ``s0 * (s1 - 1) + k0`` samples with a banded weight. Padding only reaches frames past
+    the input's last whole one, which are cut at the end, and a GroupNorm (over time)
+    counts only the whole ones. On the demo's test clips this ran the int8 CNN of a
+    256-channel wav2vec2 1.3x as fast as strided slices side by side did
+    (benchmarks/README.md).
 
-    **Slice form**, where a layer has a GroupNorm (it normalises over time, so padded frames
-    would count): each convolution is its ``k`` strided slices side by side and one product.
-
-    The first layer's weight is ``w0`` either way, so that the quantiser can leave it in
-    float (ten raw samples a window: little to gain, much to lose)."""
+    The first layer's weight is ``w0``, so that the quantiser can leave it in float (ten
+    raw samples a window: little to gain, much to lose)."""
 
     def __init__(self, conv_layers: nn.ModuleList):
         super().__init__()
@@ -130,15 +128,9 @@ class _MatmulCNN(nn.Module):
         self.layers = conv_layers
         self.shape = [(layer.conv.kernel_size[0], layer.conv.stride[0], layer.conv.in_channels,
                        layer.conv.out_channels) for layer in conv_layers]
-        self.blocks = len(conv_layers) > 1 and not any(isinstance(getattr(layer, "layer_norm", None), nn.GroupNorm)
-                                                       for layer in conv_layers)
         weights = [time_major_weight(layer.conv).detach() for layer in conv_layers]
-        if not self.blocks:
-            for i, w in enumerate(weights):
-                self.register_buffer(f"w{i}", w.clone())
-            return
         k0, s0, c0, o0 = self.shape[0]
-        s1 = self.shape[1][1]
+        s1 = self.shape[1][1] if len(self.shape) > 1 else 1
         band = torch.zeros((s0 * (s1 - 1) + k0) * c0, s1 * o0)
         for f in range(s1):  # frame f of a row starts f * s0 samples into its window
             band[f * s0 * c0: (f * s0 + k0) * c0, f * o0: (f + 1) * o0] = weights[0]
@@ -150,25 +142,12 @@ class _MatmulCNN(nn.Module):
             for q in range(m):
                 self.register_buffer(f"w{i}_{q}", padded[q * s * c: (q + 1) * s * c].clone())
 
-    def forward(self, input_values: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, C, T), as transformers' gives
-        if self.blocks:
-            return self._blocks(input_values)
-        from ..encoders.fast_cnn import conv_block
-
-        h = input_values[:, :, None]
-        for i, layer in enumerate(self.layers):
-            k, s = layer.conv.kernel_size[0], layer.conv.stride[0]
-            n = (h.shape[1] - k) // s + 1
-            windows = torch.cat([h[:, j : j + s * (n - 1) + 1 : s] for j in range(k)], dim=2)
-            h = conv_block(windows, getattr(self, f"w{i}"), layer, torch.float32)
-        return h.transpose(1, 2)
-
-    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
-        b, frames = x.shape[0], x.shape[1]
-        for k, s, _, _ in self.shape:
-            frames = (frames - k) // s + 1
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, C, T), as transformers' gives
+        b, whole = x.shape[0], [x.shape[1]]
+        for k, s, _, _ in self.shape:  # each layer's whole output frames
+            whole.append((whole[-1] - k) // s + 1)
         k0, s0, _, o0 = self.shape[0]
-        s1 = self.shape[1][1]
+        s1 = self.shape[1][1] if len(self.shape) > 1 else 1
         step, width = s0 * s1, s0 * (s1 - 1) + k0
         # whole rows of `step` samples, and enough after the last for its window
         spill = max(width - step, 0)
@@ -179,7 +158,7 @@ class _MatmulCNN(nn.Module):
         parts = [rows[:, q : q + count] for q in range(reach - 1)]
         parts.append(rows[:, reach - 1 : reach - 1 + count, : width - (reach - 1) * step])
         windows = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-        h = self._finish(0, (windows @ self.w0).reshape(b, count, s1, o0)).reshape(b, count, s1 * o0)
+        h = self._finish(0, (windows @ self.w0).reshape(b, count, s1, o0), whole[1]).reshape(b, count, s1 * o0)
         for i, (k, s, c, _) in enumerate(self.shape[1:], start=1):
             if i > 1:  # rows of s frames
                 h = F.pad(h, (0, 0, 0, (s - h.shape[1] % s) % s)).reshape(b, -1, s * c)
@@ -188,16 +167,27 @@ class _MatmulCNN(nn.Module):
             for q in range(-(-k // s)):
                 part = (h @ getattr(self, f"w{i}_{q}"))[:, q : q + n]
                 y = part if y is None else y + part
-            h = self._finish(i, y)
-        return h[:, :frames].transpose(1, 2)
+            h = self._finish(i, y, whole[i + 1])
+        return h[:, : whole[-1]].transpose(1, 2)
 
-    def _finish(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """Bias, LayerNorm and activation of layer ``i`` over the last (channel) axis."""
+    def _finish(self, i: int, h: torch.Tensor, whole) -> torch.Tensor:
+        """Bias, norm and activation of layer ``i`` on ``h`` (batch, time..., channel), whose
+        first ``whole`` frames in time order are the input's whole ones."""
         layer = self.layers[i]
         if layer.conv.bias is not None:
             h = h + layer.conv.bias
         norm = getattr(layer, "layer_norm", None)
-        if norm is not None:
+        if isinstance(norm, nn.GroupNorm):  # one group per channel: each channel over the whole frames
+            axes = tuple(range(1, h.dim() - 1))
+            order = torch.arange(h.shape[1] * (h.shape[2] if h.dim() == 4 else 1), device=h.device)
+            keep = (order < whole).to(h.dtype).reshape(1, *h.shape[1:-1], 1)
+            total = torch.as_tensor(whole, dtype=h.dtype)
+            mean = (h * keep).sum(axes, keepdim=True) / total
+            var = (((h - mean) * keep) ** 2).sum(axes, keepdim=True) / total
+            h = (h - mean) * torch.rsqrt(var + norm.eps)
+            if norm.affine:
+                h = h * norm.weight + norm.bias
+        elif norm is not None:
             h = norm(h)
         return layer.activation(h)
 
