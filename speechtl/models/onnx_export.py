@@ -149,8 +149,9 @@ class _MatmulCNN(nn.Module):
         k0, s0, _, o0 = self.shape[0]
         s1 = self.shape[1][1] if len(self.shape) > 1 else 1
         step, width = s0 * s1, s0 * (s1 - 1) + k0
-        # whole rows of `step` samples, and enough after the last for its window
-        spill = max(width - step, 0)
+        # whole rows of `step` samples, and enough after them that the row of the last whole
+        # frame (it starts at most k0 samples before the end) has its whole window
+        spill = width - k0
         x = F.pad(x, (0, spill + (step - (x.shape[1] + spill) % step) % step))
         rows = x.reshape(b, -1, step)
         reach = -(-width // step)  # rows one window spans
@@ -373,9 +374,17 @@ def _matmul_cnn_problem(model) -> str | None:
 
 
 def _use_matmul_cnn(model) -> None:
-    """Trace the model's CNN as :class:`_MatmulCNN` (:func:`_matmul_cnn_problem` says None)."""
+    """Trace the model's CNN as :class:`_MatmulCNN` (:func:`_matmul_cnn_problem` says None),
+    once it has matched the convolutions on two clips of odd lengths."""
     fe = model.encoder.model.feature_extractor
-    fe.matmul_cnn = _MatmulCNN(fe.conv_layers)
+    cnn = _MatmulCNN(fe.conv_layers)
+    x = torch.randn(2, 16_001, generator=torch.Generator().manual_seed(0)) * 0.1
+    with torch.no_grad():
+        ref, got = type(fe).forward(fe, x), cnn(x)
+    if got.shape != ref.shape or not torch.allclose(got, ref, atol=1e-3, rtol=1e-3):
+        raise ExportError("the CNN as matrix products does not match its convolutions on this encoder; "
+                          "export with --float-cnn")
+    fe.matmul_cnn = cnn
     fe.forward = fe.matmul_cnn.__call__  # the instance's forward (speechtl already replaces it per instance)
 
 

@@ -363,17 +363,21 @@ def test_int8_writes_the_cnn_as_products_and_quantises_all_but_its_first_layer(t
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-@pytest.mark.parametrize("norm", ["layer", "group"])
-def test_the_product_form_of_the_cnn_equals_its_convolutions_at_every_length(tmp_path, norm):
-    """LayerNorm CNNs and GroupNorm ones (over time: padded frames must not count), in torch
-    at lengths of every remainder, and as a traced ONNX graph at lengths it was not traced at."""
+@pytest.mark.parametrize("norm,stack", [("layer", None), ("group", None), ("layer", ((4, 5), (3, 2))),
+                                        ("group", ((6, 5, 2), (4, 5, 3))), ("layer", ((2, 3, 3), (5, 4, 2)))])
+def test_the_product_form_of_the_cnn_equals_its_convolutions_at_every_length(tmp_path, norm, stack):
+    """LayerNorm CNNs and GroupNorm ones (over time: padded frames must not count), wav2vec2's
+    kernels and strides and others (a product of the first two strides above the first
+    kernel, a kernel below its stride), in torch at lengths of every remainder, and as a
+    traced ONNX graph at lengths it was not traced at."""
     import onnxruntime as ort
 
     from conftest import tiny_encoder_dir
     from speechtl.encoders.fast_cnn import time_major_supported
     from speechtl.models.onnx_export import _MatmulCNN
 
-    fe = _feature_encoder(tiny_encoder_dir(tmp_path, "wav2vec2", feat_extract_norm=norm))
+    shape = {} if stack is None else dict(conv_kernel=stack[0], conv_stride=stack[1], conv_dim=(32,) * len(stack[0]))
+    fe = _feature_encoder(tiny_encoder_dir(tmp_path, "wav2vec2", feat_extract_norm=norm, **shape))
     assert time_major_supported(fe)
     cnn = _MatmulCNN(fe.conv_layers).eval()
     gen = torch.Generator().manual_seed(0)
@@ -411,3 +415,15 @@ def test_int8_keeps_the_first_layer_of_wide_whisper_encoders_in_float():
     assert default_float_layers(SimpleNamespace(model_type="whisper", d_model=384)) == ()  # the bundled encoder
     assert default_float_layers(SimpleNamespace(model_type="wav2vec2", hidden_size=1024)) == ()
     assert _layer_list("") == () and _layer_list("0,3") == (0, 3)
+
+
+def test_a_product_form_that_misses_the_convolutions_stops_the_export(tmp_path, tiny_encoder, monkeypatch):
+    from speechtl.models import onnx_export
+
+    model_dir = _model_dir(tmp_path, str(tiny_encoder), "finetune")
+    right = onnx_export._MatmulCNN.forward
+    monkeypatch.setattr(onnx_export._MatmulCNN, "forward", lambda self, x: right(self, x)[..., :-1])  # a frame short
+    with pytest.raises(ExportError, match="--float-cnn"):
+        export_onnx(model_dir, tmp_path / "q", quantize="int8")
+    assert not (tmp_path / "q").exists()
+    assert export_onnx(model_dir, tmp_path / "f", quantize="int8", int8_cnn=False).is_dir()
