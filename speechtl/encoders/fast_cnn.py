@@ -81,12 +81,12 @@ def time_major_cnn(conv_layers: nn.ModuleList, input_values: torch.Tensor, chunk
             else:
                 step = max(64, chunk_values // (n_out * b))
             for t0 in range(0, frames, step):
-                out[:, t0 : t0 + step] = conv_block(windows[:, t0 : t0 + step], weight, layer, exact)
+                out[:, t0 : t0 + step] = _block(windows[:, t0 : t0 + step], weight, layer, exact)
             h = out
     return h.transpose(1, 2)
 
 
-def conv_block(windows: torch.Tensor, weight: torch.Tensor, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+def _block(windows: torch.Tensor, weight: torch.Tensor, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """One block of a feature-encoder layer: product, bias, norm, activation (in ``dtype``)."""
     conv = layer.conv
     h = (windows @ weight).to(dtype)

@@ -130,7 +130,7 @@ class _MatmulCNN(nn.Module):
                        layer.conv.out_channels) for layer in conv_layers]
         weights = [time_major_weight(layer.conv).detach() for layer in conv_layers]
         k0, s0, c0, o0 = self.shape[0]
-        s1 = self.shape[1][1] if len(self.shape) > 1 else 1
+        self.s1 = s1 = self.shape[1][1] if len(self.shape) > 1 else 1  # frames in a row of the first layer's output
         band = torch.zeros((s0 * (s1 - 1) + k0) * c0, s1 * o0)
         for f in range(s1):  # frame f of a row starts f * s0 samples into its window
             band[f * s0 * c0: (f * s0 + k0) * c0, f * o0: (f + 1) * o0] = weights[0]
@@ -147,7 +147,7 @@ class _MatmulCNN(nn.Module):
         for k, s, _, _ in self.shape:  # each layer's whole output frames
             whole.append((whole[-1] - k) // s + 1)
         k0, s0, _, o0 = self.shape[0]
-        s1 = self.shape[1][1] if len(self.shape) > 1 else 1
+        s1 = self.s1
         step, width = s0 * s1, s0 * (s1 - 1) + k0
         # whole rows of `step` samples, and enough after them that the row of the last whole
         # frame (it starts at most k0 samples before the end) has its whole window
@@ -350,7 +350,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quanti
         name = "model.onnx"
         if quantize == "int8":
             name = "model.int8.onnx"
-            _quantize(fp32, tmp / name, tuple(float_layers), int8_cnn)
+            _quantize(fp32, tmp / name, tuple(float_layers))
             fp32.unlink()
         _check(graph, tmp / name, per_clip, quantize)
         write_text(tmp / "tokens.txt", tokens_txt(vocab))
@@ -443,19 +443,17 @@ def _float_matmuls(graph) -> list[str]:
             and any(i.endswith("front_end.mel_filters") or i.endswith(FIRST_CNN_WEIGHT) for i in n.input)]
 
 
-def _quantize(fp32: Path, int8: Path, float_layers: tuple[int, ...] = (), int8_cnn: bool = False) -> None:
+def _quantize(fp32: Path, int8: Path, float_layers: tuple[int, ...] = ()) -> None:
     """Dynamic int8 for the products with constant weights, but the mel filter bank and the
     transformer layers ``float_layers`` (whisper-base's first layer in int8 cost 0.0035 CER
-    of the 0.0104 that all of them cost: benchmarks/README.md). A matrix-product CNN
-    (``int8_cnn``) is quantised but its first layer; otherwise nothing of it is."""
+    of the 0.0104 that all of them cost: benchmarks/README.md). A matrix-product CNN is
+    quantised but its first layer; a CNN of ONNX ``Conv`` stays in float."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = onnx.load(str(fp32)).graph
     names = [n.name for n in graph.node if n.op_type == "MatMul"]
     keep = _float_matmuls(graph) + [n for n in names if any(f"layers.{i}/" in n for i in float_layers)]
-    if int8_cnn and not any(FIRST_CNN_WEIGHT in i for n in graph.node for i in n.input):
-        raise ExportError("int8_cnn: the exported graph has no matrix-product CNN to quantise")
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs every tensor on the root logger
     try:
