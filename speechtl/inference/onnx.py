@@ -92,11 +92,12 @@ class OnnxModel:
     ``(T, V)`` frame log-probabilities.
 
     ``arena``: onnxruntime's memory arena (its default), which keeps the memory of one run
-    for the next instead of asking the system for it again: on the transfer demo's test
-    clips an int8 wav2vec2 ran 1.3x as fast with it. A run on more than
-    ``ARENA_KEEP_SECONDS`` of input (a long file's windows) gives the memory back when it
-    ends, so that one 30 s window's peak is not kept for good; with that, a 60-minute file
-    peaks no higher than without an arena (benchmarks/README.md). ``False``: no arena."""
+    for the next instead of asking the system for it again: short files on side-by-side
+    streams ran 1.15x as fast with it through an int8 wav2vec2 (0.93x through the bundled
+    encoder, whose tensors are small). A run on more than ``ARENA_KEEP_SECONDS`` of input
+    (a long file's windows) gives the memory back when it ends, so that one 30 s window's
+    peak is not kept for good; with that, a 60-minute file peaked lower than without an
+    arena (benchmarks/README.md). ``False``: no arena."""
 
     def __init__(self, path: str | os.PathLike, meta: dict, threads: int | None = None, arena: bool = True):
         self.path, self.threads, self.arena = str(path), threads, bool(arena)
