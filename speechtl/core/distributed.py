@@ -81,6 +81,19 @@ def teardown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+def finish(ctx: DistContext) -> None:
+    """End a run's collectives: every rank meets here once more, then the group this process
+    owns is destroyed, on all ranks together.
+
+    Call it on the success path, after the last collective and before work one rank does
+    alone (rank 0 writing a model's decoding set-up, say). Without it, the other ranks would
+    close their end of the group and exit while rank 0 still holds it open.
+    """
+    if ctx.enabled and dist.is_initialized():
+        dist.barrier()
+    teardown(ctx)
+
+
 def _device_for_collectives(device: torch.device) -> torch.device:
     return device if dist.get_backend() == "nccl" else torch.device("cpu")
 

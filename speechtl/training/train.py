@@ -14,6 +14,7 @@ Outputs in ``cfg.out``: ``checkpoints/last.pt`` (full training state, for
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 from dataclasses import asdict
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 from ..core import distributed as dist_util
 from ..core.cpus import apply_budget
@@ -159,7 +161,17 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
     run = build_run(cfg, ctx, device, data, ck, progress)
     reason, wall_s = train_loop(run, should_stop, complete)
     averaged = average_snapshots(run) if cfg.average_last else None
+    _leave_group(run)
     return summary(run, reason, wall_s, averaged, _words(run, progress))
+
+
+def _leave_group(run: Run) -> None:
+    """After the last collective: DistributedDataParallel lets go of the group (its reducer
+    holds it), and the ranks close the group together before rank 0 works on alone."""
+    if isinstance(run.step_module, nn.parallel.DistributedDataParallel):
+        run.step_module = run.step_module.module
+        gc.collect()  # the wrapper's hooks form cycles: free it while the group is still open
+    dist_util.finish(run.ctx)
 
 
 def _words(run: Run, progress: bool) -> dict | None:
