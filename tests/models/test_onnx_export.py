@@ -405,14 +405,14 @@ def _feature_encoder(encoder_dir):
     return AutoModel.from_pretrained(str(encoder_dir)).feature_extractor
 
 
-def test_int8_keeps_the_first_layer_of_wide_whisper_encoders_in_float():
+def test_int8_keeps_the_first_layer_of_whisper_encoders_in_float():
     from types import SimpleNamespace
 
     from speechtl.cli.train import _layer_list
     from speechtl.models.onnx_export import default_float_layers
 
     assert default_float_layers(SimpleNamespace(model_type="whisper", d_model=512)) == (0,)  # whisper-base
-    assert default_float_layers(SimpleNamespace(model_type="whisper", d_model=384)) == ()  # the bundled encoder
+    assert default_float_layers(SimpleNamespace(model_type="whisper", d_model=384)) == (0,)  # the bundled encoder
     assert default_float_layers(SimpleNamespace(model_type="wav2vec2", hidden_size=1024)) == ()
     assert _layer_list("") == () and _layer_list("0,3") == (0, 3)
 
