@@ -82,8 +82,8 @@ def teardown(ctx: DistContext) -> None:
 
 
 def finish(ctx: DistContext) -> None:
-    """End a run's collectives: every rank meets here once more, then the group this process
-    owns is destroyed, on all ranks together.
+    """End a run's collectives: every rank meets here once more, then each destroys the group
+    if this process owns it, so that the ranks close it together.
 
     Call it on the success path, after the last collective and before work one rank does
     alone (rank 0 writing a model's decoding set-up, say). Without it, the other ranks would

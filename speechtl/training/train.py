@@ -159,7 +159,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, device: torch.device, progress: b
                        "or start afresh without resume=true", out, ck["state"]["finished"], ck["state"]["step"])
         return json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
     run = build_run(cfg, ctx, device, data, ck, progress)
-    reason, wall_s = train_loop(run, should_stop, complete)
+    try:
+        reason, wall_s = train_loop(run, should_stop, complete)
+    except TrainingInterrupted:  # every rank stops at the same update (the stop votes are summed)
+        _leave_group(run)  # rank 0 has saved the checkpoint; the ranks close the group together
+        raise
     averaged = average_snapshots(run) if cfg.average_last else None
     _leave_group(run)
     return summary(run, reason, wall_s, averaged, _words(run, progress))
