@@ -163,9 +163,10 @@ class _MatmulCNN(nn.Module):
         for i, (k, s, c, _) in enumerate(self.shape[1:], start=1):
             if i > 1:  # rows of s frames
                 h = F.pad(h, (0, 0, 0, (s - h.shape[1] % s) % s)).reshape(b, -1, s * c)
-            n = h.shape[1] - (-(-k // s)) + 1
+            m = -(-k // s)  # blocks of s taps
+            n = h.shape[1] - m + 1
             y = None
-            for q in range(-(-k // s)):
+            for q in range(m):
                 part = (h @ getattr(self, f"w{i}_{q}"))[:, q : q + n]
                 y = part if y is None else y + part
             h = self._finish(i, y, whole[i + 1])
